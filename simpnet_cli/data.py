@@ -1,0 +1,209 @@
+"""Datasets as tensors on the training device, cut into batches and augmented there with tensor ops.
+
+torchvision's dataset classes read (and, with ``download=true``, fetch) the files once; the images then
+live on the device as uint8 and every batch is gathered, cropped, mirrored and normalised by batched
+tensor ops, with no PIL and no worker processes (a 15-worker PIL pipeline feeds an H100 only ~15K img/s).
+
+The data order is a pure function of (seed, iteration): each epoch draws its permutation, crop offsets
+and mirror flags from a generator seeded by (seed, epoch), and iteration i takes images i*B .. (i+1)*B
+of the endless stream of epochs, wrapping across epoch ends as Caffe's data layer does. A resumed run
+therefore needs only its iteration to continue the exact same order.
+"""
+from __future__ import annotations
+
+import gzip
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from simpnet_cli.errors import UserError
+
+PAD = 4  # the authors zero-pad CIFAR images by 4 px before the random 32x32 crop
+
+
+class DatasetError(UserError):
+    pass
+
+
+def _torchvision_split(cfg: dict, root: Path, train: bool, download: bool):
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, cfg["torchvision"])
+    if cfg["torchvision"] == "SVHN":
+        splits = (["train", "extra"] if cfg.get("extra") else ["train"]) if train else ["test"]
+        parts = [cls(str(root), split=s, download=download) for s in splits]
+        x = torch.cat([torch.as_tensor(p.data) for p in parts])  # already N,C,H,W
+        y = torch.cat([torch.as_tensor(p.labels) for p in parts])
+        return x, y
+    ds = cls(str(root), train=train, download=download)
+    x = torch.as_tensor(ds.data)
+    if x.ndim == 3:            # MNIST-like: N,H,W
+        x = x[:, None]
+    elif x.shape[-1] in (1, 3):  # CIFAR: N,H,W,C
+        x = x.permute(0, 3, 1, 2)
+    return x.contiguous(), torch.as_tensor(ds.targets)
+
+
+def import_idx_gz(src: Path, root: Path, folder: str) -> None:
+    """Unpack MNIST-format ``*-idx?-ubyte.gz`` files (e.g. Debian's dataset-fashion-mnist) where torchvision
+    looks for them: ``root/<folder>/raw/``."""
+    raw = Path(root) / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for gz in Path(src).glob("*-ubyte.gz"):
+        target = raw / gz.name[:-3]
+        if not target.exists():
+            with gzip.open(gz) as fin, open(target, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+
+
+def load_split(cfg: dict, data_dir: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images N,C,H,W; int64 labels) for one split, from torchvision or synthesised."""
+    if cfg.get("source") == "synthetic":
+        return synthetic(cfg, train)
+    root = Path(data_dir)
+    system_copy = cfg.get("system_copy")
+    if system_copy and not download and Path(system_copy).is_dir():
+        try:
+            import_idx_gz(Path(system_copy), root, cfg["torchvision"])
+        except OSError:
+            pass  # fall through to torchvision, which reports what is missing
+    try:
+        x, y = _torchvision_split(cfg, root, train, download)
+    except RuntimeError as err:
+        if "not found" in str(err).lower() or "download=true" in str(err).lower():
+            if download:
+                raise DatasetError(f"dataset {cfg['name']} could not be downloaded to {root} (no network?): "
+                                   f"fetch it on a connected machine and pass data_dir=PATH") from None
+            raise DatasetError(f"dataset {cfg['name']} not found or corrupt under {root}: "
+                               f"pass download=true to fetch it, or data_dir=PATH to use another copy") from None
+        raise DatasetError(f"cannot read dataset {cfg['name']} under {root}: {err}") from None
+    except (OSError, ValueError, EOFError, IndexError) as err:
+        raise DatasetError(f"dataset {cfg['name']} under {root} is corrupt ({type(err).__name__}: {err}); "
+                           f"delete it and pass download=true") from None
+    if x.shape[1:] != (cfg["channels"], cfg["size"], cfg["size"]) or len(x) != len(y) or len(x) == 0:
+        raise DatasetError(f"dataset {cfg['name']} under {root} has images of shape {tuple(x.shape[1:])} "
+                           f"({len(x)} images, {len(y)} labels), expected "
+                           f"{(cfg['channels'], cfg['size'], cfg['size'])}: the files are corrupt")
+    y = y.long()
+    if int(y.min()) < 0 or int(y.max()) >= cfg["classes"]:
+        raise DatasetError(f"dataset {cfg['name']} under {root} has labels outside 0..{cfg['classes'] - 1}: "
+                           f"the files are corrupt")
+    return x, y
+
+
+def synthetic(cfg: dict, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data shaped like the dataset, for smoke runs without a download: one smooth random prototype per class
+    plus noise, so a network can (slowly) learn it. The same prototypes for both splits."""
+    n = int(cfg.get("train_size" if train else "test_size") or (512 if train else 256))
+    c, s, k = cfg["channels"], cfg["size"], cfg["classes"]
+    g = torch.Generator().manual_seed(12345)
+    protos = torch.nn.functional.interpolate(torch.rand(k, c, 4, 4, generator=g) * 255, size=(s, s),
+                                             mode="bilinear", align_corners=False)
+    g.manual_seed(1 if train else 2)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = protos[y] + 40 * torch.randn(n, c, s, s, generator=g)
+    return x.clamp(0, 255).to(torch.uint8), y
+
+
+def _subset(x, y, n: int | None, seed: int):
+    if not n or n >= len(x):
+        return x, y
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
+
+
+@dataclass
+class DeviceData:
+    """Train and test sets on one device, with the batch recipe of one dataset config."""
+    train_x: torch.Tensor   # uint8 N,C,H,W
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor      # float C,H,W subtracted from raw pixels (zeros for "unit")
+    scale: float            # raw pixels are divided by this after the mean (255 for "unit", 1 otherwise)
+    augment: bool
+    batch_size: int
+    seed: int
+
+    def __post_init__(self):
+        self._epoch, self._order = -1, None
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    def _epoch_plan(self, epoch: int):
+        """The permutation, crop offsets and mirror flags of one epoch (cached for the current one)."""
+        if epoch != self._epoch:
+            n = len(self.train_x)
+            g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=g)
+            offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
+            flips = torch.rand(n, generator=g) < 0.5
+            self._order = tuple(t.to(self.device) for t in (perm, offsets, flips))
+            self._epoch = epoch
+        return self._order
+
+    def batch_plan(self, iteration: int):
+        """(image indices, crop offsets, mirror flags) for one iteration."""
+        n, b = len(self.train_x), self.batch_size
+        start = iteration * b
+        parts, taken = [], 0
+        while taken < b:
+            epoch, pos = divmod(start + taken, n)
+            k = min(b - taken, n - pos)
+            perm, off, flip = self._epoch_plan(epoch)
+            parts.append((perm[pos:pos + k], off[pos:pos + k], flip[pos:pos + k]))
+            taken += k
+        return tuple(torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
+
+    def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
+        return (x_u8.float() - self.mean) / self.scale
+
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, offsets, flips = self.batch_plan(iteration)
+        x = self.normalize(self.train_x[idx])
+        if self.augment:
+            x = crop_and_flip(x, offsets, flips)
+        return x, self.train_y[idx]
+
+    def test_batches(self, size: int = 1000):
+        for i in range(0, len(self.test_x), size):
+            yield self.normalize(self.test_x[i:i + size]), self.test_y[i:i + size]
+
+    @property
+    def epoch_len(self) -> int:
+        return len(self.train_x)
+
+
+def crop_and_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Zero-pad by PAD, crop each image at its own offset back to HxW, mirror where ``flips``: one gather."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD))
+    rows = offsets[:, 0, None] + torch.arange(h, device=x.device)          # B,H
+    cols = offsets[:, 1, None] + torch.arange(w, device=x.device)          # B,W
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def load(cfg: dict, data_dir: Path, download: bool, device: torch.device, batch_size: int, seed: int) -> DeviceData:
+    """Both splits of a dataset config on ``device``, subset as the config says (``train_size``/``test_size``)."""
+    train_x, train_y = load_split(cfg, data_dir, True, download)
+    test_x, test_y = load_split(cfg, data_dir, False, download)
+    if cfg.get("source") != "synthetic":
+        train_x, train_y = _subset(train_x, train_y, cfg.get("train_size"), 0)
+        test_x, test_y = _subset(test_x, test_y, cfg.get("test_size"), 1)
+    if cfg["normalize"] == "mean_pixel":
+        mean, scale = train_x.float().mean(0), 1.0
+    elif cfg["normalize"] == "unit":
+        mean, scale = torch.zeros(train_x.shape[1:]), 255.0
+    else:
+        raise UserError(f"dataset {cfg['name']}: normalize must be mean_pixel or unit, got {cfg['normalize']!r}")
+    if len(train_x) < batch_size:
+        raise UserError(f"dataset {cfg['name']}: {len(train_x)} training images is fewer than one batch of {batch_size}")
+    return DeviceData(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device),
+                      mean.to(device), scale, bool(cfg.get("augment")), batch_size, seed)

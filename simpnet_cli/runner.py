@@ -1,0 +1,186 @@
+"""Plan the runs a command asks for and execute them: skip finished ones, resume interrupted ones, record each.
+
+A run's identity is the hash of its resolved config and seed (tables.RunSpec.config_hash), its folder is
+``runs_dir/<hash>`` and its record is one line in ``results/table<N>.csv``. Rows that are the same network
+trained the same way in two tables (Table 2's 8-layer net is Table 7's 3x3 300K and Table 9's first row)
+share one run and get one line in each table's CSV.
+"""
+from __future__ import annotations
+
+import fcntl
+import multiprocessing as mp
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from simpnet_cli import results, tables, train
+from simpnet_cli.errors import UserError
+
+
+@dataclass(frozen=True)
+class Options:
+    """Where and how runs execute; none of it changes what a run computes."""
+    data_dir: Path
+    download: bool
+    results_dir: Path
+    runs_dir: Path
+    device: str
+    jobs_per_device: int
+    profile: str
+    quiet: bool = False
+
+
+def seeds_of(value) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise UserError(f"seeds={value}: give a count of at least 1 or a list such as [0,1,2]")
+        return list(range(value))
+    try:
+        return [int(s) for s in value]
+    except (TypeError, ValueError):
+        raise UserError(f"seeds={value!r}: give a count (seeds=3) or a list of integers (seeds=[0,7])") from None
+
+
+def plan(table_sel, row_sel, seeds, profile: dict, run_opts: dict | None = None) -> list[tables.RunSpec]:
+    """Every (table, row, seed) the selectors name, resolved and checked, before anything trains."""
+    if table_sel is None:
+        raise UserError("say which table: table=4, table=14b, table=[2,3] or table=all")
+    chosen = tables.load_tables(table_sel)
+    if row_sel is not None and len(chosen) > 1:
+        raise UserError("row= needs a single table (table=N)")
+    runs = []
+    for table in chosen:
+        if row_sel is None:
+            rows = table.rows
+        else:
+            sel = list(row_sel) if isinstance(row_sel, (list, tuple)) else [row_sel]
+            rows = [table.row(s) for s in sel]
+        for row in rows:
+            for seed in seeds_of(seeds):
+                runs.append(tables.resolve(table, row, seed, profile, run_opts))
+    return runs
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name}: no CUDA device is visible here; use device=cpu")
+    return dev
+
+
+def csv_row(run: tables.RunSpec, result: dict, run_dir: Path, profile: str) -> dict:
+    return {
+        "table": run.table, "row": run.label, "row_id": run.row_id, "seed": run.seed,
+        "dataset": run.dataset["name"], "params_paper": result["params_paper"],
+        "params_total": result["params_total"], "paper_params": run.paper.get("params", "-"),
+        "paper_acc": run.paper.get("acc", "-"), "final_acc": result["final_acc"], "best_acc": result["best_acc"],
+        "best_iter": result["best_iter"], "iterations": result["iterations"], "epochs": result["epochs"],
+        "wall_s": result["wall_s"], "img_per_s": result["img_per_s"], "device": result["device"],
+        "precision": result["precision"], "profile": profile, "status": result["status"],
+        "config_hash": run.config_hash, "run_dir": str(run_dir),
+        "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a run folder, so two processes never train the same run."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.close()
+            return False
+        return True
+
+    def __exit__(self, *exc):
+        if not self.fh.closed:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+
+
+def execute_one(run: tables.RunSpec, opts: Options, device: str) -> tuple[str, str]:
+    """Train (or resume, or just record) one run; returns (outcome, message)."""
+    log = (lambda s: None) if opts.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    run_dir = opts.runs_dir / run.config_hash
+    name = f"table {run.table} row {run.row_id} seed {run.seed}"
+    if (run.row_id, run.config_hash, run.seed) in results.recorded(opts.results_dir, run.table):
+        return "skipped", f"{name}: already recorded"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create run folder {run_dir}: {err.strerror or err}") from None
+    with RunLock(run_dir) as locked:
+        if not locked:
+            return "busy", f"{name}: being trained by another process ({run_dir})"
+        dev = pick_device(device)
+        if dev.type == "cpu" and opts.jobs_per_device > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs_per_device))
+        result = train.train_run(run, run_dir, dev, opts.data_dir, opts.download, log)
+        # A second check under the run lock: another process may have recorded it meanwhile.
+        if (run.row_id, run.config_hash, run.seed) not in results.recorded(opts.results_dir, run.table):
+            results.append(opts.results_dir, run.table, csv_row(run, result, run_dir, opts.profile))
+    metric = f"final {result['final_acc']:.2f}%, best {result['best_acc']:.2f}% @ {result['best_iter']}"
+    return result["status"], f"{name}: {result['status']} ({metric}, {result['img_per_s']:.0f} img/s)"
+
+
+def _worker(run, opts, device):
+    try:
+        return execute_one(run, opts, device)
+    except UserError as err:
+        return "error", f"table {run.table} row {run.row_id} seed {run.seed}: {err}"
+
+
+def devices_for(opts: Options) -> list[str]:
+    if opts.device != "auto":
+        return [opts.device]
+    n = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
+
+
+def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
+    """Run everything in ``runs``: one after another, or ``jobs_per_device`` at once on every visible device."""
+    counts: dict[str, int] = {}
+    say = (lambda s: None) if opts.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+
+    def tally(outcome: str, msg: str) -> None:
+        counts[outcome] = counts.get(outcome, 0) + 1
+        say(msg)
+
+    # Train each distinct run once; its twins in other tables are recorded from its result afterwards.
+    seen: set[str] = set()
+    first = [r for r in runs if not (r.config_hash in seen or seen.add(r.config_hash))]
+    twins = [r for r in runs if not any(r is f for f in first)]
+    slots = devices_for(opts)
+    workers = min(len(slots) * max(1, opts.jobs_per_device), len(first))
+    if workers <= 1:
+        for run in first + twins:
+            tally(*execute_one(run, opts, slots[0]))
+        return counts
+    # Processes, not threads: each packed run has its own CUDA context and Python interpreter, so one
+    # run's host overhead never stalls another's kernel launches.
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_worker, run, opts, slots[i % len(slots)]) for i, run in enumerate(first)]
+        for fut in as_completed(futures):
+            tally(*fut.result())
+    for run in twins:
+        tally(*_worker(run, opts, slots[0]))
+    if counts.get("error"):
+        raise UserError(f"{counts['error']} run(s) failed; see the messages above")
+    return counts

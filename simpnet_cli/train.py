@@ -1,0 +1,257 @@
+"""One run: the authors' solver and schedule, test evaluation at a fixed interval, checkpoints, resume.
+
+A run directory holds ``config.yaml`` (the resolved run), ``checkpoint.pt`` (written atomically every
+``checkpoint_every`` iterations), ``curve.csv`` (one line per evaluation), ``model.pt`` (final weights) and,
+last of all, ``result.json``: a run is finished exactly when that file exists. Re-running the same run
+continues from its checkpoint; the data order, augmentation and learning rate are functions of the
+iteration, and the RNG states (dropout) are restored, so a resumed CPU run equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import OmegaConf
+
+from simpnet_cli import data as D
+from simpnet_cli import model as M
+from simpnet_cli import network
+from simpnet_cli.errors import UserError
+from simpnet_cli.tables import RunSpec
+
+CURVE_COLUMNS = ["iter", "test_acc", "test_loss", "train_loss", "lr", "wall_s"]
+
+
+# --------------------------------------------------------------------------- solver
+
+def lr_at(solver: dict, iteration: int) -> float:
+    """The learning rate Caffe uses at ``iteration``: multistep walks its step list in order (as Caffe does,
+    even when the list is unsorted); piecewise reads {iteration: lr} points."""
+    sched = solver["schedule"]
+    if sched["kind"] == "multistep":
+        n = 0
+        for step in sched["steps"]:
+            if iteration < step:
+                break
+            n += 1
+        return solver["lr"] * sched["gamma"] ** n
+    if sched["kind"] == "piecewise":
+        lr = solver["lr"]
+        for start, value in sorted((int(k), float(v)) for k, v in sched["points"].items()):
+            if iteration >= start:
+                lr = value
+        return lr
+    raise UserError(f"unknown schedule kind {sched['kind']!r} (multistep or piecewise)")
+
+
+def make_optimizer(solver: dict, params, capturable: bool = False) -> torch.optim.Optimizer:
+    kind = solver["type"]
+    if kind == "adadelta":  # Caffe's AdaDelta: rho = momentum, eps = delta; update scaled by lr
+        return torch.optim.Adadelta(params, lr=solver["lr"], rho=solver["rho"], eps=solver["eps"],
+                                    weight_decay=solver["weight_decay"], capturable=capturable)
+    if kind == "nesterov":
+        return torch.optim.SGD(params, lr=solver["lr"], momentum=solver["momentum"], nesterov=True,
+                               weight_decay=solver["weight_decay"])
+    raise UserError(f"unknown solver type {kind!r} (adadelta or nesterov)")
+
+
+# --------------------------------------------------------------------------- files
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temporary file in the same folder, fsync, rename: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise UserError(f"cannot write {path}: {why}; the previous checkpoint and all recorded results are kept") \
+            from None
+
+
+def write_curve(path: Path, curve: list[dict]) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, CURVE_COLUMNS)
+            w.writeheader()
+            w.writerows(curve)
+    atomic_write(path, write)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str)))
+
+
+def read_result(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: D.DeviceData, autocast) -> tuple[float, float]:
+    """(accuracy %, mean loss) on the whole test set."""
+    model.eval()
+    correct = torch.zeros((), device=data.device)
+    loss = torch.zeros((), device=data.device)
+    for x, y in data.test_batches():
+        with autocast():
+            out = model(x).float()
+        correct += (out.argmax(1) == y).sum()
+        loss += torch.nn.functional.cross_entropy(out, y, reduction="sum")
+    model.train()
+    n = len(data.test_y)
+    return 100.0 * correct.item() / n, loss.item() / n
+
+
+# --------------------------------------------------------------------------- the run
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path, download: bool,
+              log: Callable[[str], None] = lambda s: None) -> dict:
+    """Train ``run`` to its last iteration (resuming from ``run_dir/checkpoint.pt`` if present); return its result."""
+    run_dir = Path(run_dir)
+    done = read_result(run_dir)
+    if done:
+        return done
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run.to_dict())))
+    except OSError as err:
+        raise UserError(f"cannot write the run directory {run_dir}: {err.strerror or err}") from None
+    tr = run.train
+    iterations, batch_size = int(tr["iterations"]), int(tr["batch_size"])
+    eval_every = int(tr.get("eval_every", 500))
+    ckpt_every = int(tr.get("checkpoint_every", 5000))
+    precision = tr.get("precision", "fp32")
+
+    torch.manual_seed(run.seed)
+    data = D.load(run.dataset, data_dir, download, device, batch_size, run.seed)
+    model = M.build_model(run.spec, run.in_shape).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    paper_params, total_params = network.count_params(run.spec, run.in_shape)
+    assert total_params == M.count_trainable(model), "spec and module disagree on parameter count"
+    optimizer = make_optimizer(run.solver, model.parameters())
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+    start, curve, best, train_time = 0, [], (-1.0, 0), 0.0
+    ckpt_path = run_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        except Exception as err:  # a checkpoint that does not load: say so, keep it for inspection
+            raise UserError(f"checkpoint {ckpt_path} is unreadable ({type(err).__name__}); "
+                            f"move it away to restart this run from iteration 0") from None
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, curve, train_time = ckpt["iteration"], ckpt["curve"], ckpt["train_time"]
+        best = tuple(ckpt["best"])
+        _set_rng_state(ckpt["rng"], device)
+        log(f"resuming {run_dir.name} at iteration {start}")
+
+    def save_checkpoint(it: int) -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
+                 "curve": curve, "best": best, "train_time": train_time, "rng": _rng_state(device),
+                 "data_position": {"epoch": it * batch_size // data.epoch_len,
+                                   "offset": it * batch_size % data.epoch_len},
+                 "config_hash": run.config_hash}
+        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+
+    model.train()
+    status, bad = "ok", torch.zeros((), dtype=torch.bool, device=device)
+    loss_sum = torch.zeros((), device=device)
+    loss_n, it = 0, start
+    check_every = min(eval_every, 50)
+    t0 = time.perf_counter()
+    while it < iterations:
+        lr = lr_at(run.solver, it)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = data.batch(it)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bad |= ~torch.isfinite(loss.detach())
+        loss_sum += loss.detach()
+        loss_n += 1
+        it += 1
+        if it % check_every == 0 or it == iterations:
+            if bad.item():
+                status = "diverged"
+                log(f"{run_dir.name}: loss became NaN or infinite by iteration {it}; stopping this run")
+                break
+        if it % eval_every == 0 or it == iterations:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - t0
+            acc, test_loss = evaluate(model, data, autocast)
+            curve.append({"iter": it, "test_acc": round(acc, 4), "test_loss": round(test_loss, 6),
+                          "train_loss": round(loss_sum.item() / max(loss_n, 1), 6), "lr": lr,
+                          "wall_s": round(train_time, 3)})
+            if acc > best[0]:
+                best = (acc, it)
+            loss_sum.zero_()
+            loss_n = 0
+            log(f"{run_dir.name}: iter {it}/{iterations} test acc {acc:.2f}% (best {best[0]:.2f}% @ {best[1]}) "
+                f"train loss {curve[-1]['train_loss']:.4f} lr {lr:g}")
+            t0 = time.perf_counter()
+        if it % ckpt_every == 0 and it < iterations:
+            save_checkpoint(it)
+    if status == "ok" and not curve:
+        raise UserError("the run has no evaluation; iterations must be at least 1")
+    images = it * batch_size
+    result = {
+        "status": status,
+        "final_acc": curve[-1]["test_acc"] if curve and status == "ok" else float("nan"),
+        "best_acc": best[0] if best[0] >= 0 else float("nan"),
+        "best_iter": best[1],
+        "iterations": it,
+        "epochs": round(images / data.epoch_len, 3),
+        "wall_s": round(train_time, 2),
+        "img_per_s": round(images / max(train_time, 1e-9), 1),  # training steps only, evaluation excluded
+        "device": device_name(device),
+        "precision": precision,
+        "params_paper": paper_params,
+        "params_total": total_params,
+    }
+    write_curve(run_dir / "curve.csv", curve)
+    atomic_write(run_dir / "model.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+    write_json(run_dir / "result.json", result)
+    ckpt_path.unlink(missing_ok=True)
+    return result

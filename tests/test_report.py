@@ -1,0 +1,304 @@
+"""simpnet report: tables, claims, plots and skipped lines from a hand-made results directory (CPU, fast)."""
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from simpnet_cli import report, results, tables
+
+T2 = tables.load_table("2")
+LABEL = {r["id"]: r["label"] for r in T2.rows}
+
+
+def run_row(tmp: Path, row_id: str, seed: int, best: float, final: float, *, table: str = "2",
+            status: str = "ok", profile: str = "full", wall_s: float = 600.0, label: str | None = None) -> dict:
+    run_dir = tmp / "experiments" / f"{table}-{row_id}-{profile}-{seed}"
+    return {
+        "table": table, "row": label or LABEL.get(row_id, row_id), "row_id": row_id, "seed": seed,
+        "dataset": "cifar10", "params_paper": 300213, "params_total": 301291, "paper_params": "300K",
+        "paper_acc": 90.21, "final_acc": final, "best_acc": best, "best_iter": 900, "iterations": 1000,
+        "epochs": 2.0, "wall_s": wall_s, "img_per_s": 1000.0, "device": "cpu", "precision": "fp32",
+        "profile": profile, "status": status, "config_hash": f"h{row_id}{seed}{profile}", "run_dir": str(run_dir),
+        "finished_at": "2025-01-01T00:00:00",
+    }
+
+
+def write_curve(row: dict, accs: list[float]) -> None:
+    d = Path(row["run_dir"])
+    d.mkdir(parents=True, exist_ok=True)
+    lines = ["iter,test_acc,test_loss,train_loss,lr,wall_s"]
+    lines += [f"{(i + 1) * 100},{a},1.0,1.0,0.1,{i}" for i, a in enumerate(accs)]
+    (d / "curve.csv").write_text("\n".join(lines) + "\n")
+
+
+def row_line(md: str, row_id: str) -> str:
+    """The markdown table line of one row (its first cell is the row id)."""
+    lines = [ln for ln in md.splitlines() if re.match(rf"^\|\s*{re.escape(row_id)}\s*\|", ln)]
+    assert len(lines) == 1, (row_id, lines)
+    return lines[0]
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def mean_std(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+
+
+# --------------------------------------------------------------------------- the main fixture
+
+BEST_8L, FINAL_8L = [90.0, 90.3, 90.5], [89.6, 89.9, 89.7]
+BEST_10L, FINAL_10L = [91.5, 91.7, 91.6], [91.0, 91.2, 91.1]
+BEST_9L, FINAL_9L = [90.9], [90.4]
+
+
+@pytest.fixture
+def results_dir(tmp_path: Path) -> Path:
+    rdir = tmp_path / "results"
+    for seed, (b, f) in enumerate(zip(BEST_8L, FINAL_8L)):
+        row = run_row(tmp_path, "8L", seed, b, f)
+        results.append(rdir, "2", row)
+        write_curve(row, [40.0, 80.0, b, f])
+    results.append(rdir, "2", run_row(tmp_path, "8L", 3, 10.0, float("nan"), status="diverged"))
+    for seed, (b, f) in enumerate(zip(BEST_10L, FINAL_10L)):
+        row = run_row(tmp_path, "10L", seed, b, f)
+        results.append(rdir, "2", row)
+        if seed == 0:
+            write_curve(row, [45.0, 85.0, b, f])  # the other 10L runs have no curve.csv
+    results.append(rdir, "2", run_row(tmp_path, "9L", 0, BEST_9L[0], FINAL_9L[0]))
+    results.append(rdir, "2", run_row(tmp_path, "8L", 0, 55.0, 50.0, profile="smoke", wall_s=5))
+    with open(results.csv_path(rdir, "2"), "a") as fh:
+        fh.write("2,Arch1 8 layers,8L,7,cifar10\n")  # torn: 5 fields
+    results.append(rdir, "2", run_row(tmp_path, "99L", 0, 91.0, 90.0, label="no such row"))
+    results.append(rdir, "77", run_row(tmp_path, "8L", 0, 91.0, 90.0, table="77"))
+    return rdir
+
+
+def test_render_table2(results_dir: Path):
+    path = report.render(results_dir, tables="2", latex=True)
+    assert path == results_dir / "REPORT.md"
+    md = path.read_text()
+    t2 = (results_dir / "report" / "table2.md").read_text()
+    assert (results_dir / "report" / "table2.tex").stat().st_size > 0
+
+    # header: both metrics defined, the claim test named
+    assert report.BEST_LABEL in md and report.FINAL_LABEL in md
+    assert "Welch's t-test" in md and "one-sided" in md and "alpha = 0.05" in md
+
+    for text in (md, t2):
+        head = cells([ln for ln in text.splitlines() if ln.startswith("| Row")][0])
+        line = cells(row_line(text, "8L"))
+        col = dict(zip(head, line))
+        assert col["n (ok seeds)"] == "3"
+        assert col[f"Best acc (%), {report.BEST_LABEL}"] == mean_std(BEST_8L)
+        assert col[f"Final acc (%), {report.FINAL_LABEL}"] == mean_std(FINAL_8L)
+        assert col["Paper acc (%)"] == "90.21"
+        assert col["Best - paper"] == f"{statistics.mean(BEST_8L) - 90.21:+.2f}"
+        assert col["Params (paper)"] == "300K" and col["Params (counted)"] == "300.2K"
+        assert col["Time (mean)"] == "10.0 min"
+        assert "1 diverged" in col["Status"] and "3 ok" in col["Status"]
+
+        col9 = dict(zip(head, cells(row_line(text, "9L"))))
+        assert col9["n (ok seeds)"] == "1"
+        assert col9[f"Best acc (%), {report.BEST_LABEL}"] == f"{BEST_9L[0]:.2f}"
+        assert "config now counts 299.7K" in col9["Status"]  # the fixture records 8L's count for every row
+
+        col13 = dict(zip(head, cells(row_line(text, "13L"))))
+        assert col13["Status"] == "not run"
+        assert col13[f"Best acc (%), {report.BEST_LABEL}"] == ""
+        assert col13["Params (counted)"].endswith("K")  # counted from the config: no run to take it from
+
+    # smoke runs are never mixed into the full table
+    assert "1 smoke run(s)" in t2
+    assert report.SMOKE_BANNER not in t2
+
+    # skipped lines: the torn line (line number included), the unknown row id and the unknown table
+    skipped = md.split("## Skipped lines", 1)[1]
+    csv2 = str(results.csv_path(results_dir, "2"))
+    assert re.search(re.escape(csv2) + r":\d+: 5 fields", skipped)
+    assert "99L" in skipped and "unknown table '77'" in skipped
+
+    # plots exist, are non-empty and linked
+    for name in ("table2_params.png", "table2_curves.png"):
+        png = results_dir / "report" / name
+        assert png.is_file() and png.stat().st_size > 1000
+        assert f"report/{name}" in md and f"]({name})" in t2
+    assert "Curves: 4 of 8 run(s) have a readable curve.csv." in t2  # 3 (8L) + 1 (10L) of 7 ok + 1 diverged
+
+
+def test_claims_table2(results_dir: Path):
+    rep = report.collect(results_dir, "2")
+    (tr,) = rep.tables
+    by_cmp = {tuple(c.comparisons): c for c in tr.claims}
+    depth = by_cmp[("9L > 8L", "10L > 9L")]
+    for metric in ("best", "final"):
+        overall, (v98, v109) = depth.per_metric[metric]
+        assert v98.verdict == "holds" and v98.p is None and "no noise estimate" in v98.note  # 1 run vs 3
+        assert v109.verdict == "holds" and v109.note == report.NO_NOISE_SIDE  # 3 runs vs 1
+        assert overall == "holds"
+    assert "no noise estimate" in depth.cell("best")
+    deep = by_cmp[("10L > 13L",)]
+    assert deep.verdict("best") == "not run" and deep.verdict("final") == "not run"
+    assert deep.cell("final") == "**not run**: 13L not run"
+    md = report.render(results_dir, "2").read_text()
+    claim_line = [ln for ln in md.splitlines() if ln.startswith(f"| {depth.text}")][0]
+    assert "**holds** (one run on one side, no noise estimate)" in claim_line
+
+
+def test_claims_significant_hold_and_fail(tmp_path: Path):
+    rdir = tmp_path / "results"
+    accs = {"8L": [90.0, 90.1, 90.2], "9L": [91.0, 91.1, 91.2], "10L": [92.0, 92.1, 92.2], "13L": [93.0, 93.2, 93.1]}
+    for rid, xs in accs.items():
+        for seed, a in enumerate(xs):
+            results.append(rdir, "2", run_row(tmp_path, rid, seed, a, a - 0.5))
+    md = report.render(rdir, "2", plots=False).read_text()
+    (tr,) = report.collect(rdir, "2").tables
+    by_cmp = {tuple(c.comparisons): c for c in tr.claims}
+    for metric in ("best", "final"):
+        overall, parts = by_cmp[("9L > 8L", "10L > 9L")].per_metric[metric]
+        assert overall == "holds" and all(v.p < 0.05 for v in parts)
+        overall, (v,) = by_cmp[("10L > 13L",)].per_metric[metric]
+        assert overall == "fails" and v.p > 0.95
+    assert "**holds**" in md and "**fails**" in md and "no noise estimate" not in md.split("## Table 2")[1]
+    assert not list((rdir / "report").glob("*.png"))  # plots=False
+
+
+def test_claims_inconclusive_and_one_run_each(tmp_path: Path):
+    rdir = tmp_path / "results"
+    for seed, (a, b) in enumerate([(90.0, 90.2), (90.4, 89.9), (90.1, 90.3)]):  # 9L vs 8L: within noise
+        results.append(rdir, "2", run_row(tmp_path, "9L", seed, a, a))
+        results.append(rdir, "2", run_row(tmp_path, "8L", seed, b, b))
+    results.append(rdir, "2", run_row(tmp_path, "10L", 0, 91.0, 91.0))
+    results.append(rdir, "2", run_row(tmp_path, "13L", 0, 90.0, 90.0))
+    (tr,) = report.collect(rdir, "2").tables
+    by_cmp = {tuple(c.comparisons): c for c in tr.claims}
+    overall, (v98, v109) = by_cmp[("9L > 8L", "10L > 9L")].per_metric["best"]
+    assert v98.verdict == "inconclusive" and 0.05 <= v98.p <= 0.95
+    assert overall == "inconclusive"
+    overall, (v,) = by_cmp[("10L > 13L",)].per_metric["best"]
+    assert overall == "holds" and v.note == report.NO_NOISE_EACH
+    assert report.NO_NOISE_EACH in by_cmp[("10L > 13L",)].cell("best")
+
+
+def test_smoke_only_table_is_labelled(tmp_path: Path):
+    rdir = tmp_path / "results"
+    results.append(rdir, "2", run_row(tmp_path, "8L", 0, 30.0, 28.0, profile="smoke", wall_s=3))
+    results.append(rdir, "2", run_row(tmp_path, "8L", 1, 32.0, 29.0, profile="smoke", wall_s=3))
+    md = report.render(rdir, "2").read_text()
+    assert report.SMOKE_BANNER in md
+    assert "Profile shown: **smoke**" in md
+    assert mean_std([30.0, 32.0]) in row_line(md, "8L")
+    # asking for the smoke profile when full runs exist shows smoke, still labelled
+    results.append(rdir, "2", run_row(tmp_path, "8L", 0, 90.0, 89.0))
+    md_full = report.render(rdir, "2").read_text()
+    assert report.SMOKE_BANNER not in md_full and "90.00" in row_line(md_full, "8L")
+    md_smoke = report.render(rdir, "2", profile="smoke").read_text()
+    assert report.SMOKE_BANNER in md_smoke and "1 full run(s)" in md_smoke
+
+
+def test_empty_results_render_every_table(tmp_path: Path):
+    rdir = tmp_path / "results"
+    rdir.mkdir()
+    md = report.render(rdir, latex=True).read_text()
+    for t in tables.load_tables("all"):
+        assert f"## Table {t.name}:" in md
+        section = (rdir / "report" / f"table{t.name}.md").read_text()
+        assert (rdir / "report" / f"table{t.name}.tex").is_file()
+        assert (rdir / "report" / f"table{t.name}_params.png").stat().st_size > 0
+        for r in t.rows:
+            assert cells(row_line(section, r["id"]))[-1] == "not run"
+    assert md.split("## Skipped lines", 1)[1].strip().startswith("None.")
+    assert not list((rdir / "report").glob("*_curves.png"))
+
+
+def test_error_display_tables(tmp_path: Path):
+    err_tables = [t for t in tables.load_tables("all") if t.display == "error" and t.rows]
+    if not err_tables:
+        pytest.skip("no error-display table configured yet")
+    t = err_tables[0]
+    row = t.rows[0]
+    rdir = tmp_path / "results"
+    for seed, acc in enumerate([99.70, 99.74]):
+        rec = run_row(tmp_path, row["id"], seed, acc, acc - 0.02, table=t.name, label=row["label"])
+        results.append(rdir, t.name, rec)
+    md = report.render(rdir, t.name).read_text()
+    head = cells([ln for ln in md.splitlines() if ln.startswith("| Row")][0])
+    col = dict(zip(head, cells(row_line(md, row["id"]))))
+    best_err = [100 - 99.70, 100 - 99.74]
+    assert col[f"Best error (%) = 100 - acc, {report.BEST_LABEL}"] == mean_std(best_err)
+    assert "error = 100 - accuracy" in md
+
+
+# --------------------------------------------------------------------------- statistics
+
+WELCH_CASES = [  # (a, b, scipy.stats.ttest_ind(a, b, equal_var=False, alternative="greater").pvalue)
+    ([90.1, 90.3, 90.2], [90.0, 89.9, 90.05], 0.02211806724354657),
+    ([1, 2, 3, 4], [1.5, 2.5, 2.8], 0.38539629195806047),
+    ([90.0, 92.0], [91.0, 91.1, 91.2, 90.9], 0.5158947551881371),
+    ([5.0, 5.1, 4.9, 5.3, 5.2], [5.0, 5.05, 5.1], 0.27037885978850296),
+]
+
+
+@pytest.mark.parametrize("a,b,expected", WELCH_CASES)
+def test_welch_p_matches_scipy(a, b, expected):
+    p = report.welch_p_greater(a, b)
+    assert p == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert report.welch_p_greater(b, a) == pytest.approx(1 - expected, rel=1e-9, abs=1e-12)
+    try:
+        from scipy import stats
+    except ImportError:
+        return
+    assert p == pytest.approx(stats.ttest_ind(a, b, equal_var=False, alternative="greater").pvalue, rel=1e-9)
+
+
+@pytest.mark.parametrize("t,df,expected", [(2.0, 3.0, 0.06966298427942152), (-1.3, 7.5, 0.8839366105921956),
+                                           (0.1, 1.0, 0.4682744825694465), (5.0, 40.2, 5.8553507164364535e-06)])
+def test_student_t_sf(t, df, expected):
+    assert report.student_t_sf(t, df) == pytest.approx(expected, rel=1e-9)
+
+
+def test_welch_degenerate():
+    assert report.welch_p_greater([1.0, 1.0], [0.0, 0.0]) == 0.0
+    assert report.welch_p_greater([0.0, 0.0], [1.0, 1.0]) == 1.0
+    assert report.welch_p_greater([1.0, 1.0], [1.0, 1.0]) == 0.5
+    with pytest.raises(ValueError):
+        report.welch_p_greater([1.0], [1.0, 2.0])
+
+
+def test_compare_rules():
+    hi, lo, mid = [92.0, 92.1, 92.2], [90.0, 90.1, 90.2], [91.0, 93.0, 89.0]
+    assert report.compare(hi, lo, ">").verdict == "holds"
+    assert report.compare(lo, hi, ">").verdict == "fails"
+    assert report.compare(mid, lo, ">").verdict == "inconclusive"
+    assert report.compare(hi, lo, ">=").verdict == "holds"
+    assert report.compare(lo, hi, ">=").verdict == "fails"
+    assert report.compare([90.0, 90.2, 90.1], [90.1, 90.3, 89.95], ">=").verdict == "inconclusive"  # lower, in noise
+    assert report.compare([90.2, 90.3, 90.1], [90.1, 90.3, 89.95], ">=").verdict == "holds"  # higher, in noise
+    assert report.compare(lo, hi, "<").verdict == "holds"
+    assert report.compare(hi, lo, "<=").verdict == "fails"
+    one = report.compare([91.0], [90.0], ">")
+    assert (one.verdict, one.note, one.p) == ("holds", report.NO_NOISE_EACH, None)
+    assert report.compare([90.0], [90.0], ">").verdict == "fails"
+    assert report.compare([90.0], [90.0], ">=").verdict == "holds"
+    side = report.compare([90.0], hi, ">")
+    assert (side.verdict, side.note) == ("fails", report.NO_NOISE_SIDE)
+    assert report.compare([], hi, ">").verdict == "not run"
+    assert report.combine(["holds", "holds"]) == "holds"
+    assert report.combine(["holds", "fails", "not run"]) == "fails"
+    assert report.combine(["holds", "not run"]) == "not run"
+    assert report.combine(["holds", "inconclusive"]) == "inconclusive"
+
+
+def test_bad_claims_are_reported_not_fatal():
+    samples = {"best": {"8L": [90.0], "9L": [91.0]}, "final": {"8L": [90.0], "9L": [91.0]}}
+    bad = report.evaluate_claim({"text": "x", "holds_if": ["9L ~ 8L"]}, samples)
+    assert bad.error and "cannot read comparison" in bad.cell("best")
+    unknown = report.evaluate_claim({"text": "y", "holds_if": ["9L > 14L"]}, samples)
+    assert "unknown row id(s) 14L" in unknown.error
+    ok = report.evaluate_claim({"text": "z", "holds_if": "9L > 8L"}, samples)
+    assert ok.verdict("best") == "holds" and not math.isnan(ok.per_metric["best"][1][0].mean_a)
