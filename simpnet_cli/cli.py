@@ -123,10 +123,13 @@ def run_job(cfg, flags) -> int:
     return 0
 
 
-def cmd_run(cfg, flags, overrides) -> int:
-    if not ({"-m", "--multirun"} & flags or any(o.startswith("hydra/launcher=") for o in overrides)):
-        return run_job(cfg, flags)
-    # Multirun (sweeps, SLURM through hydra-submitit-launcher): Hydra launches one job per combination.
+def is_multirun(flags, overrides) -> bool:
+    return bool({"-m", "--multirun"} & flags) or any(o.startswith("hydra/launcher=") for o in overrides)
+
+
+def multirun(flags, overrides) -> int:
+    """Sweeps and clusters: Hydra launches one job per combination (``row=WE10,BW10``), locally or through
+    a launcher plugin such as hydra-submitit-launcher (``hydra/launcher=submitit_slurm``)."""
     import hydra
 
     from simpnet_cli.tables import CONF_DIR
@@ -135,8 +138,12 @@ def cmd_run(cfg, flags, overrides) -> int:
     def job(job_cfg):
         return guarded(lambda: run_job(job_cfg, flags), "--debug" in flags, exit_on_error=True)
 
-    sys.argv = [sys.argv[0], "--multirun", *overrides]
-    job()
+    argv = sys.argv
+    sys.argv = [argv[0], "--multirun", *overrides]
+    try:
+        job()
+    finally:
+        sys.argv = argv
     return 0
 
 
@@ -202,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unknown flag(s) {', '.join(sorted(unknown))}; flags: {', '.join(sorted(FLAGS))}")
         if cmd != "run" and cmd not in COMMANDS:
             raise UserError(f"unknown command {cmd!r}; commands: list, show, run, report, bench")
+        if cmd == "run" and is_multirun(flags, overrides):
+            return multirun(flags, overrides)  # Hydra composes each job's config itself
         cfg = compose(overrides)
         if cmd == "run":
-            return cmd_run(cfg, flags, overrides)
+            return run_job(cfg, flags)
         return COMMANDS[cmd](cfg, flags)
 
     return guarded(dispatch, debug)

@@ -165,7 +165,7 @@ class RunSpec:
 
 
 # Keys that change how a run is executed or recorded but not what it computes.
-NON_IDENTITY_TRAIN_KEYS = {"checkpoint_every", "device", "data_dir", "download", "compile", "log_every"}
+NON_IDENTITY_TRAIN_KEYS = {"checkpoint_every", "graphs"}
 
 
 def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | None = None) -> RunSpec:

@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from simpnet_cli import data as D
+from simpnet_cli import fast
 from simpnet_cli import model as M
 from simpnet_cli import network
 from simpnet_cli.errors import UserError
@@ -162,7 +163,8 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
         model = model.to(memory_format=torch.channels_last)
     paper_params, total_params = network.count_params(run.spec, run.in_shape)
     assert total_params == M.count_trainable(model), "spec and module disagree on parameter count"
-    optimizer = make_optimizer(run.solver, model.parameters())
+    graphs = bool(tr.get("graphs", True)) and device.type == "cuda"  # CUDA graphs: GPU only
+    optimizer = make_optimizer(run.solver, model.parameters(), capturable=graphs)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
@@ -186,33 +188,23 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
                  "curve": curve, "best": best, "train_time": train_time, "rng": _rng_state(device),
                  "data_position": {"epoch": it * batch_size // data.epoch_len,
                                    "offset": it * batch_size % data.epoch_len},
-                 "config_hash": run.config_hash}
+                 "loss_sum": step.loss_sum.item(), "config_hash": run.config_hash}
         atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     model.train()
-    status, bad = "ok", torch.zeros((), dtype=torch.bool, device=device)
-    loss_sum = torch.zeros((), device=device)
-    loss_n, it = 0, start
+    step = fast.Step(model, optimizer, data, autocast, graphs)
+    if ckpt_path.exists():  # the partial training-loss sum since the last evaluation, for an equal curve
+        step.loss_sum.fill_(ckpt.get("loss_sum", 0.0))
+    status, loss_n, it = "ok", (start % eval_every), start
     check_every = min(eval_every, 50)
     t0 = time.perf_counter()
     while it < iterations:
         lr = lr_at(run.solver, it)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = data.batch(it)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bad |= ~torch.isfinite(loss.detach())
-        loss_sum += loss.detach()
+        step(it, lr)
         loss_n += 1
         it += 1
         if it % check_every == 0 or it == iterations:
-            if bad.item():
+            if step.bad.item():
                 status = "diverged"
                 log(f"{run_dir.name}: loss became NaN or infinite by iteration {it}; stopping this run")
                 break
@@ -222,11 +214,11 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
             train_time += time.perf_counter() - t0
             acc, test_loss = evaluate(model, data, autocast)
             curve.append({"iter": it, "test_acc": round(acc, 4), "test_loss": round(test_loss, 6),
-                          "train_loss": round(loss_sum.item() / max(loss_n, 1), 6), "lr": lr,
+                          "train_loss": round(step.loss_sum.item() / max(loss_n, 1), 6), "lr": lr,
                           "wall_s": round(train_time, 3)})
             if acc > best[0]:
                 best = (acc, it)
-            loss_sum.zero_()
+            step.reset_loss()
             loss_n = 0
             log(f"{run_dir.name}: iter {it}/{iterations} test acc {acc:.2f}% (best {best[0]:.2f}% @ {best[1]}) "
                 f"train loss {curve[-1]['train_loss']:.4f} lr {lr:g}")

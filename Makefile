@@ -1,0 +1,45 @@
+# simpnet: common jobs. `make smoke` on a fresh machine installs into .venv and runs a smoke table.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+SIMPNET := $(BIN)/simpnet
+# Everything the paper trained, in the order of the paper. Override on the command line, e.g.
+#   make reproduce-all RUN_ARGS="seeds=3 jobs_per_device=4"
+RUN_ARGS ?=
+
+.PHONY: install smoke test report reproduce-all bench dry-run clean-smoke
+
+$(BIN)/simpnet: pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/simpnet
+
+# Trains every row of Table 2 for a few iterations on synthetic CIFAR-shaped data (CPU, no download,
+# about ten seconds), then renders its report: results/smoke/table2.csv and results/smoke/REPORT.md.
+smoke: install
+	$(SIMPNET) run table=2 profile=smoke results_dir=results/smoke runs_dir=experiments/smoke
+	$(SIMPNET) report table=2 results_dir=results/smoke
+
+test: install
+	$(BIN)/python -m pytest -q
+
+report: install
+	$(SIMPNET) report
+
+# The paper's schedules for every table, on every visible GPU, then the report. Finished runs are
+# skipped and interrupted ones resume, so this can be re-run after a crash or preemption.
+reproduce-all: install
+	$(SIMPNET) run table=all download=true $(RUN_ARGS)
+	$(SIMPNET) report
+
+# How long reproduce-all would take here, from a short measured warm-up of each distinct network.
+dry-run: install
+	$(SIMPNET) run table=all --dry-run $(RUN_ARGS)
+
+bench: install
+	$(SIMPNET) bench
+
+clean-smoke:
+	rm -rf results/smoke experiments/smoke

@@ -1,0 +1,81 @@
+"""The speed issue's code paths: the benchmark and the dry-run estimate (CPU), the launcher (submitit's
+local executor), and the CUDA-graph step (GPU only; skipped here with the reason)."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simpnet_cli import data as D
+from simpnet_cli import fast, results, tables, train
+from simpnet_cli import model as M
+from simpnet_cli.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_writes_markdown_with_device_and_rates(tmp_path, capsys):
+    out = tmp_path / "bench.md"
+    code = main(["bench", "bench.rows=[5/P5]", "bench.iters=2", "bench.warmup=1", "bench.s1=false",
+                 "bench.batch_size=8", "bench.pack=[1]", f"bench.out={out}", "device=cpu"])
+    assert code == 0
+    text = out.read_text()
+    assert train.device_name(torch.device("cpu")) in text
+    rows = [line for line in text.splitlines() if line.startswith("| 5/P5 |")]
+    assert len(rows) == 1 and "eager fp32" in rows[0]
+    rate = float(rows[0].split("|")[4].replace(",", ""))
+    assert rate > 0
+
+
+def test_dry_run_counts_runs_and_iterations_without_training(tmp_path, capsys):
+    code = main(["run", "table=5", "profile=smoke", "seeds=2", "--dry-run", f"results_dir={tmp_path}/r",
+                 f"runs_dir={tmp_path}/e"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "6 run(s) asked for, 6 still to train" in out
+    assert "| 5 | 6 | 24 |" in out  # 3 rows x 2 seeds x 4 smoke iterations
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+                    reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
+def test_submitit_local_launcher_runs_one_job_per_row_into_one_csv(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "simpnet_cli.cli", "run", "-m", "table=5", "row=P5,P3", "profile=smoke",
+         "quiet=true", "hydra/launcher=submitit_local", f"results_dir={tmp_path}/results",
+         f"runs_dir={tmp_path}/experiments", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows, bad = results.read(tmp_path / "results" / "table5.csv")
+    assert not bad
+    assert sorted(r["row_id"] for r in rows) == ["P3", "P5"]
+    assert list((tmp_path / "sweep").glob(".submitit/*/*_log.out")), "jobs did not go through submitit"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step needs a CUDA device")
+def test_graphed_step_matches_eager_step_on_gpu():
+    t = tables.load_table("2")
+    run = tables.resolve(t, t.row("8L"), 0, {"train": {"batch_size": 100, "iterations": 1},
+                                             "data": {"source": "synthetic", "train_size": 1000, "test_size": 100}})
+    losses = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        dev = torch.device("cuda")
+        data = D.load(run.dataset, Path("."), False, dev, 100, 0)
+        model = M.build_model(run.spec, run.in_shape).to(dev).to(memory_format=torch.channels_last)
+        opt = train.make_optimizer(run.solver, model.parameters(), capturable=graphs)
+        step = fast.Step(model, opt, data, contextlib.nullcontext, graphs)
+        trace = []
+        for it in range(12):
+            step.reset_loss()
+            step(it, train.lr_at(run.solver, it) if it < 6 else 0.01)  # an lr change forces a re-capture
+            trace.append(step.loss_sum.item())
+        losses[graphs] = trace
+    assert torch.allclose(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-4)
