@@ -12,6 +12,7 @@ Bad input gets one line on stderr and exit code 2; --debug shows the traceback i
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def compose(overrides: list[str]):
 
     from simpnet_cli.tables import CONF_DIR
 
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise UserError(f"no config.yaml in the config directory {CONF_DIR} (set by SIMPNET_CONF_DIR, or conf/ "
+                        f"beside the package); point SIMPNET_CONF_DIR at a copy of conf/ or unset it")
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=overrides)
@@ -45,8 +49,8 @@ def options(cfg) -> "runner.Options":  # noqa: F821 - imported lazily to keep `s
 
     return runner.Options(
         data_dir=Path(cfg.data_dir), download=bool(cfg.download), results_dir=Path(cfg.results_dir),
-        runs_dir=Path(cfg.runs_dir), device=str(cfg.profile.get("device") or cfg.device)
-        if cfg.device == "auto" else str(cfg.device),
+        runs_dir=Path(cfg.runs_dir),
+        device=str(cfg.profile.get("device", "auto") if cfg.device == "auto" else cfg.device),
         jobs_per_device=int(cfg.jobs_per_device), profile=str(cfg.profile.name), quiet=bool(cfg.quiet))
 
 
@@ -67,7 +71,8 @@ def cmd_list(cfg, flags) -> int:
     for t in tables.load_tables("all" if cfg.table is None else tables.to_plain(cfg.table)):
         print(f"Table {t.name}: {t.title}")
         for r in t.rows:
-            print(f"  {r['id']:<14} {r['label']}  [{r.get('dataset') if isinstance(r.get('dataset'), str) else r['dataset']['base']}]")
+            dataset = r["dataset"] if isinstance(r["dataset"], str) else r["dataset"]["base"]
+            print(f"  {r['id']:<14} {r['label']}  [{dataset}]")
         if t.cited:
             print(f"  ({len(t.cited)} cited rows of other papers, not trained)")
     return 0
@@ -78,9 +83,7 @@ def show_records(cfg) -> list[dict]:
 
     records = []
     for t in tables.load_tables("all" if cfg.table is None else tables.to_plain(cfg.table)):
-        rows = t.rows if cfg.row is None else [t.row(s) for s in (
-            tables.to_plain(cfg.row) if isinstance(tables.to_plain(cfg.row), list) else [cfg.row])]
-        for r in rows:
+        for r in t.select(tables.to_plain(cfg.row)):
             run = tables.resolve(t, r, 0, {})
             paper_p, total_p = network.count_params(run.spec, run.in_shape)
             records.append({
@@ -178,6 +181,9 @@ def guarded(fn, debug: bool, exit_on_error: bool = False) -> int:
             raise
         print(f"simpnet: error: {one_line(err)}", file=sys.stderr)
         code = err.exit_code
+    except BrokenPipeError:  # `simpnet show | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     except KeyboardInterrupt:
         print("simpnet: interrupted; finished runs are recorded and unfinished ones resume from their "
               "last checkpoint", file=sys.stderr)

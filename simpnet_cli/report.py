@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
+from scipy import stats
 from tabulate import tabulate
 
 from simpnet_cli import network, results, tables
@@ -63,54 +64,7 @@ VERDICTS = ("holds", "fails", "inconclusive", "not run")
 REPO_DIR = Path(__file__).resolve().parent.parent
 
 
-# --------------------------------------------------------------------------- statistics (no scipy)
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes' betacf)."""
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b), for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def student_t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with ``df`` (real, > 0) degrees of freedom."""
-    if math.isinf(t):
-        return 0.0 if t > 0 else 1.0
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
-    return tail if t > 0 else 1.0 - tail
-
+# --------------------------------------------------------------------------- statistics
 
 def _mean_var(xs: Sequence[float]) -> tuple[float, float]:
     n = len(xs)
@@ -118,33 +72,18 @@ def _mean_var(xs: Sequence[float]) -> tuple[float, float]:
     return m, (sum((x - m) ** 2 for x in xs) / (n - 1) if n > 1 else float("nan"))
 
 
-def welch_t(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Welch's t statistic and Welch-Satterthwaite degrees of freedom for mean(a) - mean(b)."""
+def welch_p_greater(a: Sequence[float], b: Sequence[float]) -> float:
+    """One-sided p-value of Welch's t-test for H1: mean(a) > mean(b) (scipy's ttest_ind, unequal variances).
+
+    With no spread on either side the test is undefined; then it is 0 or 1 when the means differ and 0.5
+    when they are equal.
+    """
     if len(a) < 2 or len(b) < 2:
         raise ValueError("Welch's t-test needs at least two values on each side")
-    ma, va = _mean_var(a)
-    mb, vb = _mean_var(b)
-    sa, sb = va / len(a), vb / len(b)
-    se2 = sa + sb
-    if se2 == 0.0:
-        diff = ma - mb
-        return (math.copysign(math.inf, diff) if diff else 0.0), float("nan")
-    df = se2 ** 2 / (sa ** 2 / (len(a) - 1) + sb ** 2 / (len(b) - 1))
-    return (ma - mb) / math.sqrt(se2), df
-
-
-def welch_p_greater(a: Sequence[float], b: Sequence[float]) -> float:
-    """One-sided p-value of Welch's t-test for H1: mean(a) > mean(b).
-
-    Matches ``scipy.stats.ttest_ind(a, b, equal_var=False, alternative="greater").pvalue``. With no spread
-    on either side it is 0 or 1 when the means differ and 0.5 when they are equal.
-    """
-    t, df = welch_t(a, b)
-    if math.isinf(t):
-        return 0.0 if t > 0 else 1.0
-    if math.isnan(df):  # equal means, zero variance
-        return 0.5
-    return student_t_sf(t, df)
+    (ma, va), (mb, vb) = _mean_var(a), _mean_var(b)
+    if va == 0.0 and vb == 0.0:
+        return 0.0 if ma > mb else 1.0 if ma < mb else 0.5
+    return float(stats.ttest_ind(a, b, equal_var=False, alternative="greater").pvalue)
 
 
 @dataclass(frozen=True)

@@ -55,12 +55,7 @@ def plan(table_sel, row_sel, seeds, profile: dict, run_opts: dict | None = None)
         raise UserError("row= needs a single table (table=N)")
     runs = []
     for table in chosen:
-        if row_sel is None:
-            rows = table.rows
-        else:
-            sel = list(row_sel) if isinstance(row_sel, (list, tuple)) else [row_sel]
-            rows = [table.row(s) for s in sel]
-        for row in rows:
+        for row in table.select(row_sel):
             for seed in seeds_of(seeds):
                 runs.append(tables.resolve(table, row, seed, profile, run_opts))
     return runs
@@ -114,6 +109,29 @@ class RunLock:
             self.fh.close()
 
 
+def check_writable(path: Path, what: str) -> None:
+    """Fail before anything trains if ``path`` cannot hold files: no compute is spent on a run whose
+    result could not be recorded."""
+    path = Path(path)
+    probe = path / f".simpnet-write-test.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{what} {path} is not writable: {err.strerror or err}") from None
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Half-written ``.<name>.tmp<pid>`` files of a process that was killed mid-write (the files they were
+    to replace are intact: writes go through a temporary and a rename). Called under the run lock."""
+    for tmp in run_dir.glob(".*.tmp*"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
 def execute_one(run: tables.RunSpec, opts: Options, device: str) -> tuple[str, str]:
     """Train (or resume, or just record) one run; returns (outcome, message)."""
     log = (lambda s: None) if opts.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -128,6 +146,7 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str) -> tuple[str, s
     with RunLock(run_dir) as locked:
         if not locked:
             return "busy", f"{name}: being trained by another process ({run_dir})"
+        remove_stale_temporaries(run_dir)
         dev = pick_device(device)
         if dev.type == "cpu" and opts.jobs_per_device > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs_per_device))
@@ -155,6 +174,8 @@ def devices_for(opts: Options) -> list[str]:
 
 def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
     """Run everything in ``runs``: one after another, or ``jobs_per_device`` at once on every visible device."""
+    check_writable(opts.results_dir, "results_dir")
+    check_writable(opts.runs_dir, "runs_dir")
     counts: dict[str, int] = {}
     say = (lambda s: None) if opts.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,7 +22,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from simpnet_cli import network
 from simpnet_cli.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The config tree: conf/ beside the package, or the folder named by SIMPNET_CONF_DIR (a copy of conf/ with
+# tables, rows or solvers of one's own; the CLI's Hydra config is read from there as well).
+DEFAULT_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(os.environ.get("SIMPNET_CONF_DIR") or DEFAULT_CONF_DIR).expanduser().resolve()
 ROW_KEYS = {"id", "label", "arch", "net", "dataset", "solver", "iterations", "paper", "note"}
 TABLE_KEYS = {"table", "title", "row_defaults", "rows", "cited", "claims", "display", "note"}
 
@@ -75,6 +79,12 @@ class Table:
     claims: list[dict] = field(default_factory=list)
     display: str = "accuracy"  # "error" for Tables 13-14, which print 100 - accuracy
     path: Path | None = None
+
+    def select(self, selector: Any = None) -> list[dict]:
+        """Every row (``None``), or the rows one selector or a list of selectors name."""
+        if selector is None:
+            return list(self.rows)
+        return [self.row(s) for s in (selector if isinstance(selector, (list, tuple)) else [selector])]
 
     def row(self, selector: Any) -> dict:
         """A row by id, by the paper's label, or by 0-based index."""
