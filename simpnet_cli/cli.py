@@ -59,8 +59,9 @@ def plan_runs(cfg):
 
     profile = tables.to_plain(cfg.profile)
     run_opts = {"precision": cfg.precision} if cfg.precision else None
+    data_opts = {"svhn": {"extra": True}} if cfg.svhn_extra else None
     return runner.plan(tables.to_plain(cfg.table), tables.to_plain(cfg.row), tables.to_plain(cfg.seeds),
-                       profile, run_opts)
+                       profile, run_opts, data_opts)
 
 
 # --------------------------------------------------------------------------- subcommands

@@ -12,6 +12,7 @@ therefore needs only its iteration to continue the exact same order.
 from __future__ import annotations
 
 import gzip
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,8 +80,10 @@ def load_split(cfg: dict, data_dir: Path, train: bool, download: bool) -> tuple[
             raise DatasetError(f"dataset {cfg['name']} not found or corrupt under {root}: "
                                f"pass download=true to fetch it, or data_dir=PATH to use another copy") from None
         raise DatasetError(f"cannot read dataset {cfg['name']} under {root}: {err}") from None
-    except (OSError, ValueError, EOFError, IndexError) as err:
-        raise DatasetError(f"dataset {cfg['name']} under {root} is corrupt ({type(err).__name__}: {err}); "
+    except (OSError, ValueError, EOFError, IndexError, KeyError, AssertionError, pickle.UnpicklingError) as err:
+        # torchvision's MNIST reader asserts on a bad header; CIFAR's unpickler raises KeyError/UnpicklingError
+        why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise DatasetError(f"dataset {cfg['name']} under {root} is corrupt ({why}); "
                            f"delete it and pass download=true") from None
     if x.shape[1:] != (cfg["channels"], cfg["size"], cfg["size"]) or len(x) != len(y) or len(x) == 0:
         raise DatasetError(f"dataset {cfg['name']} under {root} has images of shape {tuple(x.shape[1:])} "

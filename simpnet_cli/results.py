@@ -9,11 +9,13 @@ return it as a ``BadLine`` and the next append starts on a fresh line so it cann
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import io
 import math
 import os
-from contextlib import contextmanager
+import re
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,9 @@ COLUMNS = [
 NUMERIC = {"seed", "params_paper", "params_total", "final_acc", "best_acc", "best_iter", "iterations",
            "epochs", "wall_s", "img_per_s"}
 STATUSES = {"ok", "diverged"}
+# The last column: a line torn inside it still has every field, so its form is checked (an ISO 8601 time
+# to the second; the writer adds a Z).
+FINISHED_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:?\d\d)?")
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,15 @@ def append(results_dir: Path, table: str, row: dict) -> Path:
                         if fh.read(1) != b"\n":
                             prefix = "\n"  # an older torn line: keep it (reported by read), start afresh
                 data = (prefix + line).encode()
-                if os.write(fd, data) != len(data):
-                    raise OSError("short write")
-                os.fsync(fd)
+                try:
+                    written = os.write(fd, data)
+                    if written != len(data):  # a full disk takes part of a line: take it back
+                        raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+                    os.fsync(fd)
+                except OSError:
+                    with suppress(OSError):  # under the lock, so the file still ends where we found it
+                        os.ftruncate(fd, size)
+                    raise
             finally:
                 os.close(fd)
     except OSError as err:
@@ -105,6 +116,8 @@ def _check(rec: dict) -> str | None:
             return f"column {c} is not finite"
     if rec["status"] not in STATUSES:
         return f"unknown status {rec['status']!r}"
+    if "finished_at" in rec and not FINISHED_AT.fullmatch(rec["finished_at"]):
+        return f"column finished_at is not a time ({rec['finished_at']!r}): torn or edited line"
     return None
 
 

@@ -46,7 +46,8 @@ def seeds_of(value) -> list[int]:
         raise UserError(f"seeds={value!r}: give a count (seeds=3) or a list of integers (seeds=[0,7])") from None
 
 
-def plan(table_sel, row_sel, seeds, profile: dict, run_opts: dict | None = None) -> list[tables.RunSpec]:
+def plan(table_sel, row_sel, seeds, profile: dict, run_opts: dict | None = None,
+         data_opts: dict | None = None) -> list[tables.RunSpec]:
     """Every (table, row, seed) the selectors name, resolved and checked, before anything trains."""
     if table_sel is None:
         raise UserError("say which table: table=4, table=14b, table=[2,3] or table=all")
@@ -57,7 +58,7 @@ def plan(table_sel, row_sel, seeds, profile: dict, run_opts: dict | None = None)
     for table in chosen:
         for row in table.select(row_sel):
             for seed in seeds_of(seeds):
-                runs.append(tables.resolve(table, row, seed, profile, run_opts))
+                runs.append(tables.resolve(table, row, seed, profile, run_opts, data_opts))
     return runs
 
 
@@ -172,10 +173,20 @@ def devices_for(opts: Options) -> list[str]:
     return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
 
 
+def warn_bad_lines(results_dir: Path, table_names: list[str]) -> None:
+    """Say which lines of the CSVs we are about to append to are torn or malformed. They are kept as they
+    are and do not count as recorded, so a run whose line was torn is recorded again (from its result.json
+    when it finished, without training again)."""
+    for name in table_names:
+        for bad in results.read(results.csv_path(results_dir, name))[1]:
+            print(f"simpnet: warning: {bad} (kept, not counted as a recorded run)", file=sys.stderr, flush=True)
+
+
 def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
     """Run everything in ``runs``: one after another, or ``jobs_per_device`` at once on every visible device."""
     check_writable(opts.results_dir, "results_dir")
     check_writable(opts.runs_dir, "runs_dir")
+    warn_bad_lines(opts.results_dir, sorted({r.table for r in runs}))
     counts: dict[str, int] = {}
     say = (lambda s: None) if opts.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
 

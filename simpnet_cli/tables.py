@@ -178,8 +178,12 @@ class RunSpec:
 NON_IDENTITY_TRAIN_KEYS = {"checkpoint_every", "graphs"}
 
 
-def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | None = None) -> RunSpec:
-    """Merge template, row, dataset, solver and profile into a RunSpec, and check the network builds."""
+def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | None = None,
+            data_opts: dict | None = None) -> RunSpec:
+    """Merge template, row, dataset, solver and profile into a RunSpec, and check the network builds.
+
+    ``run_opts`` override training keys (precision); ``data_opts`` maps a dataset name to keys that
+    override its config (``{"svhn": {"extra": True}}``)."""
     where = f"table {table.name}, row {row['id']}"
     try:
         arch = load_named("arch", row["arch"])
@@ -191,14 +195,14 @@ def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | 
     profile_train = dict(profile.get("train") or {})
     iterations = int(profile_train.pop("iterations", None) or row["iterations"])
     train = {"iterations": iterations, **profile_train, **(run_opts or {})}
-    if "data" in profile:
-        dataset = {**dataset, **profile["data"]}
+    dataset = {**dataset, **(data_opts or {}).get(dataset["name"], {}), **(profile.get("data") or {})}
     spec = RunSpec(table.name, row["id"], row["label"], int(seed), net, dataset, solver, train,
                    dict(row.get("paper") or {}))
     try:
         network.check(spec.spec, spec.in_shape)
-    except UserError as err:
-        raise type(err)(f"{where}: {err}") from None
+    except UserError as err:  # NotationError, NetworkError, ...: keep the type, say which row
+        err.args = (f"{where}: {err}",)  # (re-creating it would need each subclass's own arguments)
+        raise
     return spec
 
 

@@ -38,9 +38,12 @@ def lr_at(solver: dict, iteration: int) -> float:
     even when the list is unsorted); piecewise reads {iteration: lr} points."""
     sched = solver["schedule"]
     if sched["kind"] == "multistep":
-        n = 0
+        # Caffe's counter moves at most one step per iteration: the k-th step takes effect at
+        # max(steps[k], iteration of the (k-1)-th + 1).
+        n, last = 0, -1
         for step in sched["steps"]:
-            if iteration < step:
+            last = max(step, last + 1)
+            if iteration < last:
                 break
             n += 1
         return solver["lr"] * sched["gamma"] ** n
@@ -79,6 +82,16 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
         raise UserError(f"cannot write {path}: {why}; the previous checkpoint and all recorded results are kept") \
             from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_pt(obj, path: Path) -> None:
+    """torch.save through a Python file object: a full disk then raises OSError(ENOSPC), which atomic_write
+    reports, where torch's own writer (given a file name) raises an opaque RuntimeError."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def write_curve(path: Path, curve: list[dict]) -> None:
@@ -189,7 +202,7 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
                  "data_position": {"epoch": it * batch_size // data.epoch_len,
                                    "offset": it * batch_size % data.epoch_len},
                  "loss_sum": step.loss_sum.item(), "config_hash": run.config_hash}
-        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+        atomic_write(ckpt_path, lambda tmp: save_pt(state, tmp))
 
     model.train()
     step = fast.Step(model, optimizer, data, autocast, graphs)
@@ -243,7 +256,7 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
         "params_total": total_params,
     }
     write_curve(run_dir / "curve.csv", curve)
-    atomic_write(run_dir / "model.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+    atomic_write(run_dir / "model.pt", lambda tmp: save_pt(model.state_dict(), tmp))
     write_json(run_dir / "result.json", result)
     ckpt_path.unlink(missing_ok=True)
     return result

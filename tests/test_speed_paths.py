@@ -79,3 +79,18 @@ def test_graphed_step_matches_eager_step_on_gpu():
             trace.append(step.loss_sum.item())
         losses[graphs] = trace
     assert torch.allclose(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Fashion-MNIST is not installed (Debian package dataset-fashion-mnist)")
+def test_bench_precision_check_trains_both_precisions_on_fashion_mnist(tmp_path):
+    out = tmp_path / "bench.md"
+    code = main(["bench", "bench.rows=[]", "bench.s1=false", "bench.precision.rows=[13/slim-300K]",
+                 "bench.precision.seeds=2", "bench.precision.iterations=3", "bench.precision.batch_size=20",
+                 "bench.precision.train_size=200", "bench.precision.test_size=100", f"bench.out={out}",
+                 f"data_dir={tmp_path}/data", "device=cpu"])
+    assert code == 0
+    lines = [line for line in out.read_text().splitlines() if line.startswith("| 13/slim-300K |")]
+    assert [line.split("|")[2].strip() for line in lines] == ["fp32", "bf16"]
+    for line in lines:
+        assert line.split("|")[4].strip() == "2"  # two seeds each

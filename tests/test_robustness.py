@@ -1,0 +1,562 @@
+"""Runs survive interruption, concurrency and bad input without losing a result.
+
+* A training process killed with SIGKILL mid-run resumes from its last checkpoint when the same command is
+  run again, finished runs are skipped, the CSV holds one row per run, and the figures equal those of an
+  uninterrupted run with the same seed (CPU, smoke-sized runs).
+* Several processes appending to one results CSV at once leave every row intact; a line torn by an older
+  crash is reported (by ``results.read`` and in ``simpnet report``), never dropped or duplicated.
+* A NaN loss stops its run with status ``diverged``; the table's other rows go on.
+* Each kind of bad input gets one line on stderr, a non-zero exit and no traceback, and leaves what was
+  already recorded untouched.
+
+The bad tables (unparsable C_x{y} notation, networks that cannot be built, a solver that diverges) live
+in a copy of conf/ that the real ``simpnet`` command reads through SIMPNET_CONF_DIR.
+"""
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from simpnet_cli import cli, results, tables, train
+
+SCRIPT = Path(sys.executable).with_name("simpnet")
+SIMPNET = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "simpnet_cli.cli"]
+
+# Smoke-sized overrides (synthetic CIFAR-shaped data on the CPU) long enough to be killed part-way.
+RESUME_ARGS = ["run", "table=5", "row=[P5,P3]", "profile=smoke", "profile.train.iterations=60",
+               "profile.train.eval_every=10", "profile.train.checkpoint_every=3"]
+CURVE_FIGURES = ["iter", "test_acc", "test_loss", "train_loss", "lr"]  # wall_s is a time, not a figure
+CSV_FIGURES = ["final_acc", "best_acc", "best_iter", "iterations", "epochs", "params_paper", "params_total",
+               "status", "config_hash"]
+
+BAD_TABLE = """\
+table: "90"
+title: Broken rows for the robustness tests
+row_defaults:
+  arch: arch3
+  dataset: cifar10
+  solver: nesterov_50k
+  iterations: 4
+rows:
+  - id: NOTATION
+    label: an unbalanced brace in the widths
+    net: {widths: "C6, C12{3, C19{5}", pools_after: [5, 10]}
+  - id: KERNEL
+    label: a 35x35 kernel, no padding, on a 32x32 image
+    net: {widths: "C6, C12{3}, C19{5}, C28{2}, C35, C43", pools_after: [5, 10], kernels: {"1": 35}, paddings: {"1": 0}}
+  - id: POOLING
+    label: seven poolings of a 32x32 image
+    net: {widths: "C8{8}", pools_after: [1, 2, 3, 4, 5, 6, 7]}
+  - id: BOOM
+    label: learning rate 1e30
+    net: {widths: "C6, C12{3}, C19{5}, C28{2}, C35, C43", pools_after: [5, 10]}
+    solver: {base: nesterov_50k, lr: 1.0e+30}
+  - id: FINE
+    label: the same network with the usual solver
+    net: {widths: "C6, C12{3}, C19{5}, C28{2}, C35, C43", pools_after: [5, 10]}
+"""
+
+
+# --------------------------------------------------------------------------- helpers
+
+def subprocess_env(conf_dir: Path | None = None) -> dict:
+    """One CPU thread per training process: two processes with a thread per core each (or any other load on
+    a small machine) make OpenMP's spinning threads run many times slower. Runs compared with each other
+    must use the same thread count, which this fixes as well."""
+    env = {k: v for k, v in os.environ.items() if k != "SIMPNET_CONF_DIR"}
+    env["OMP_NUM_THREADS"] = "1"
+    if conf_dir is not None:
+        env["SIMPNET_CONF_DIR"] = str(conf_dir)
+    return env
+
+
+def simpnet(*args: str, cwd: Path, conf_dir: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The real console script in a subprocess, so exit code and stderr are what a user sees."""
+    return subprocess.run([*SIMPNET, *args], cwd=cwd, env=subprocess_env(conf_dir), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(proc_or_rc, stderr: str | None = None, *needles: str) -> str:
+    rc, err = (proc_or_rc.returncode, proc_or_rc.stderr) if stderr is None else (proc_or_rc, stderr)
+    assert rc != 0, f"expected a failure, got exit 0; stderr: {err!r}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert "Traceback" not in err and lines[0].startswith("simpnet: error: "), err
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def fake_row(row_id: str = "P7", table: str = "5", seed: int = 0, config_hash: str = "0123456789abcdef",
+             **over) -> dict:
+    row = {"table": table, "row": f"row {row_id}", "row_id": row_id, "seed": seed, "dataset": "cifar10",
+           "params_paper": 53370, "params_total": 53912, "paper_params": "53K", "paper_acc": 79.44,
+           "final_acc": 61.5, "best_acc": 62.25, "best_iter": 4, "iterations": 4, "epochs": 0.5, "wall_s": 1.25,
+           "img_per_s": 100.0, "device": "cpu (2 threads)", "precision": "fp32", "profile": "smoke",
+           "status": "ok", "config_hash": config_hash, "run_dir": "experiments/x",
+           "finished_at": "2025-01-01T00:00:00Z"}
+    return {**row, **over}
+
+
+def record_earlier(results_dir: Path, *tables_: str) -> dict[Path, bytes]:
+    """Results recorded before the failing command: one row in each table's CSV. Returns their bytes."""
+    for t in tables_:
+        results.append(results_dir, t, fake_row(table=t, row_id="EARLIER"))
+    return {p: p.read_bytes() for p in sorted(results_dir.glob("table*.csv"))}
+
+
+def assert_untouched(snapshot: dict[Path, bytes]) -> None:
+    assert snapshot
+    for path, data in snapshot.items():
+        assert path.read_bytes() == data, f"{path} changed"
+    for path in snapshot:
+        assert sorted(p.name for p in path.parent.glob("table*.csv")) == sorted(p.name for p in snapshot)
+
+
+def planned(args: list[str], **dirs: Path):
+    """The RunSpecs a `simpnet run` command line plans (hashes name the run folders)."""
+    cfg = cli.compose(args[1:] + [f"{k}={v}" for k, v in dirs.items()])
+    return cli.plan_runs(cfg)
+
+
+def read_curve(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in r.items() if k in CURVE_FIGURES} for r in csv.DictReader(fh)]
+
+
+def close(a, b, tol: float = 1e-6) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return a == b or abs(float(a) - float(b)) <= tol * max(1.0, abs(float(a)))
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one CPU thread (see subprocess_env), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def conf_dir(tmp_path_factory) -> Path:
+    """A copy of conf/ with a table of broken rows, for SIMPNET_CONF_DIR."""
+    root = tmp_path_factory.mktemp("conf") / "conf"
+    shutil.copytree(tables.CONF_DIR, root)
+    (root / "tables" / "table90.yaml").write_text(BAD_TABLE)
+    return root
+
+
+# --------------------------------------------------------------------------- interruption and resume
+
+def _checkpoint_iteration(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["iteration"])
+    except Exception:  # not there yet, or replaced while we read it
+        return None
+
+
+def test_sigkill_mid_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    killed.mkdir(), clean.mkdir()
+    dirs = dict(results_dir=Path("results"), runs_dir=Path("experiments"))
+    args = RESUME_ARGS + [f"{k}={v}" for k, v in dirs.items()]
+    runs = planned(RESUME_ARGS, **dirs)
+    assert [r.row_id for r in runs] == ["P5", "P3"]
+    p5, p3 = runs
+    ckpt = killed / "experiments" / p3.config_hash / "checkpoint.pt"
+
+    env = subprocess_env()
+    # The uninterrupted run trains beside the one we kill (same seed, its own folders).
+    reference = subprocess.Popen([*SIMPNET, *args], cwd=clean, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen([*SIMPNET, *args], cwd=killed, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # P5 is finished and recorded; P3 is part-way, past a checkpoint off the eval grid
+            it = _checkpoint_iteration(ckpt) if ckpt.exists() else None
+            if it is not None and it >= 9:
+                break
+            assert victim.poll() is None, "the run finished before it could be killed: make it longer"
+            assert time.monotonic() < deadline, "no checkpoint of the second run appeared"
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(30) == -signal.SIGKILL
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    resume_at = _checkpoint_iteration(ckpt)
+    assert resume_at is not None and 0 < resume_at < 60, resume_at
+    assert not (ckpt.parent / "result.json").exists()
+    rows, bad = results.read(killed / "results" / "table5.csv")
+    assert [r["row_id"] for r in rows] == ["P5"] and not bad
+
+    again = simpnet(*args, cwd=killed)
+    assert again.returncode == 0, again.stderr
+    log = again.stderr
+    assert "Traceback" not in log
+    assert "table 5 row P5 seed 0: already recorded" in log
+    assert f"resuming {p3.config_hash} at iteration {resume_at}" in log, log
+    first_eval = next(int(line.split("iter ")[1].split("/")[0]) for line in log.splitlines()
+                      if line.startswith(f"{p3.config_hash}: iter "))
+    assert first_eval > resume_at, "the resumed run evaluated an iteration it had already passed"
+    assert not ckpt.exists(), "a finished run keeps no checkpoint"
+    assert not list(ckpt.parent.glob(".*.tmp*"))
+
+    out, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err
+    got, _ = results.read(killed / "results" / "table5.csv")
+    want, _ = results.read(clean / "results" / "table5.csv")
+    assert sorted((r["row_id"], r["seed"]) for r in got) == [("P3", 0), ("P5", 0)], "one row per run"
+    for run in runs:
+        g = next(r for r in got if r["row_id"] == run.row_id)
+        w = next(r for r in want if r["row_id"] == run.row_id)
+        for col in CSV_FIGURES:
+            assert close(g[col], w[col]), (run.row_id, col, g[col], w[col])
+        gc = read_curve(killed / "experiments" / run.config_hash / "curve.csv")
+        wc = read_curve(clean / "experiments" / run.config_hash / "curve.csv")
+        assert len(gc) == len(wc) == 6
+        for a, b in zip(gc, wc):
+            assert all(close(a[k], b[k]) for k in CURVE_FIGURES), (run.row_id, a, b)
+        gm = torch.load(killed / "experiments" / run.config_hash / "model.pt", weights_only=True)
+        wm = torch.load(clean / "experiments" / run.config_hash / "model.pt", weights_only=True)
+        assert gm.keys() == wm.keys()
+        for k in gm:
+            assert torch.allclose(gm[k].float(), wm[k].float(), rtol=1e-5, atol=1e-6), (run.row_id, k)
+
+
+def test_resume_restores_dropout_rng_and_the_partial_training_loss(tmp_path, one_thread, monkeypatch):
+    """A network with dropout (so the restored RNG state matters), interrupted right after a checkpoint
+    that falls between two evaluations (so the training-loss sum since the last one matters)."""
+    table = tables.load_table("5")
+    row = table.row("P5")
+    row = {**row, "net": {**row["net"], "dropout": {"conv": {"1-12": 0.3}, "pool": {"1-2": 0.3}}}}
+    profile = {"train": {"iterations": 20, "batch_size": 8, "eval_every": 5, "checkpoint_every": 4,
+                         "precision": "fp32"},
+               "data": {"source": "synthetic", "train_size": 40, "test_size": 16}}
+    run = tables.resolve(table, row, 1, profile)
+    assert any(type(layer).__name__ == "Dropout" for layer in run.spec)
+    cpu = torch.device("cpu")
+    want = train.train_run(run, tmp_path / "clean", cpu, tmp_path, False)
+
+    real_atomic_write = train.atomic_write
+
+    def die_after_checkpoint_12(path, write):
+        real_atomic_write(path, write)
+        if path.name == "checkpoint.pt" and _checkpoint_iteration(path) == 12:
+            raise KeyboardInterrupt  # the process dies somewhere between iterations 12 and 16
+
+    monkeypatch.setattr(train, "atomic_write", die_after_checkpoint_12)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run(run, tmp_path / "killed", cpu, tmp_path, False)
+    monkeypatch.undo()
+    assert _checkpoint_iteration(tmp_path / "killed" / "checkpoint.pt") == 12
+    log: list[str] = []
+    got = train.train_run(run, tmp_path / "killed", cpu, tmp_path, False, log.append)
+    assert "resuming killed at iteration 12" in log
+    for key in ("final_acc", "best_acc", "best_iter", "iterations", "epochs", "status"):
+        assert close(got[key], want[key]), (key, got[key], want[key])
+    gc, wc = read_curve(tmp_path / "killed" / "curve.csv"), read_curve(tmp_path / "clean" / "curve.csv")
+    assert [c["iter"] for c in gc] == [5, 10, 15, 20]
+    for a, b in zip(gc, wc):
+        assert all(close(a[k], b[k]) for k in CURVE_FIGURES), (a, b)
+    gm = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    wm = torch.load(tmp_path / "clean" / "model.pt", weights_only=True)
+    assert all(torch.allclose(gm[k].float(), wm[k].float(), rtol=1e-5, atol=1e-6) for k in wm)
+
+
+def test_checkpoint_holds_the_whole_training_state(tmp_path, one_thread):
+    """Model, optimizer, RNG, data position and partial curve; the LR schedule and data order are pure
+    functions of the iteration, so the iteration is the scheduler's whole state."""
+    run = tables.resolve(tables.load_table("5"), tables.load_table("5").row("P5"), 3,
+                         {"train": {"iterations": 9, "batch_size": 8, "eval_every": 4, "checkpoint_every": 3,
+                                    "precision": "fp32"},
+                          "data": {"source": "synthetic", "train_size": 20, "test_size": 16}})
+    real_save, saved = torch.save, []
+
+    def spy(obj, f, *a, **k):
+        if isinstance(obj, dict) and "iteration" in obj:
+            saved.append({**obj, "curve": list(obj["curve"])})
+        return real_save(obj, f, *a, **k)
+
+    torch.save = spy
+    try:
+        train.train_run(run, tmp_path / "run", torch.device("cpu"), tmp_path / "data", False)
+    finally:
+        torch.save = real_save
+    assert [s["iteration"] for s in saved] == [3, 6]
+    last = saved[-1]
+    for key in ("model", "optimizer", "rng", "curve", "best", "data_position", "iteration"):
+        assert key in last, key
+    assert last["optimizer"]["state"], "the momentum buffers are part of the optimizer state"
+    assert [c["iter"] for c in last["curve"]] == [4]
+    assert last["data_position"] == {"epoch": 6 * 8 // 20, "offset": 6 * 8 % 20}
+    from simpnet_cli import data as D
+
+    a = D.load(run.dataset, tmp_path, False, torch.device("cpu"), 8, run.seed)
+    b = D.load(run.dataset, tmp_path, False, torch.device("cpu"), 8, run.seed)
+    for _ in range(3):
+        a.batch(0)  # walking one stream does not change what another returns for an iteration
+    for i in (7, 2, 5):
+        assert all(torch.equal(x, y) for x, y in zip(a.batch_plan(i), b.batch_plan(i)))
+
+
+# --------------------------------------------------------------------------- results files
+
+WRITER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from simpnet_cli import results  # light: no torch, so every writer is at the gate quickly
+    w, n, go, out, base = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
+    while not go.exists():
+        time.sleep(0.001)
+    for i in range(n):
+        row = {**json.loads(base), "row_id": f"W{w}", "seed": i, "config_hash": f"{w:02x}{i:014x}",
+               "run_dir": "x" * (50 + 37 * w)}
+        results.append(out, "5", row)
+""")
+
+
+def test_concurrent_writers_leave_every_row_intact(tmp_path):
+    writers, n = 3, 100
+    go, out = tmp_path / "go", tmp_path / "results"
+    base = json.dumps(fake_row())
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(w), str(n), str(go), str(out), base])
+             for w in range(writers)]
+    time.sleep(1.0)  # let them all import and wait at the gate
+    go.touch()
+    assert [p.wait(120) for p in procs] == [0] * writers
+    path = results.csv_path(out, "5")
+    rows, bad = results.read(path)
+    assert bad == []
+    assert len(rows) == writers * n
+    for w in range(writers):
+        mine = [r for r in rows if r["row_id"] == f"W{w}"]
+        assert [r["seed"] for r in mine] == list(range(n))
+        assert all(r["run_dir"] == "x" * (50 + 37 * w) and r["config_hash"] == f"{w:02x}{r['seed']:014x}"
+                   for r in mine)
+    lines = path.read_text().split("\n")
+    assert lines[-1] == "" and lines.count(",".join(results.COLUMNS)) == 1 and lines[0] == ",".join(results.COLUMNS)
+    switches = sum(a["row_id"] != b["row_id"] for a, b in zip(rows, rows[1:]))
+    assert switches > 0, "the writers did not overlap; the test proved nothing"
+
+
+@pytest.mark.parametrize("cut", ["middle", "in_last_field", "after_last_comma"])
+def test_torn_line_is_reported_and_the_next_append_is_intact(tmp_path, cut):
+    out = tmp_path / "results"
+    results.append(out, "5", fake_row("P5"))
+    path = results.csv_path(out, "5")
+    torn_full = results._format(fake_row("P3", config_hash="fedcba9876543210"))
+    at = {"middle": len(torn_full) // 2, "in_last_field": len(torn_full) - 6,
+          "after_last_comma": torn_full.rindex(",") + 1}[cut]
+    with open(path, "a") as fh:
+        fh.write(torn_full[:at])  # an older crash: no newline
+    results.append(out, "5", fake_row("P7"))
+    rows, bad = results.read(path)
+    assert [r["row_id"] for r in rows] == ["P5", "P7"]
+    assert len(bad) == 1 and bad[0].lineno == 3 and bad[0].text == torn_full[:at]
+    assert results.recorded(out, "5") == {("P5", "0123456789abcdef", 0), ("P7", "0123456789abcdef", 0)}
+    assert path.read_text().count(torn_full[:at]) == 1  # kept for inspection, not duplicated
+
+
+def test_run_warns_about_a_torn_line_and_records_that_run_again_without_training(tmp_path, capsys, one_thread):
+    """A crash tore the line of a finished run: the next `simpnet run` says so, keeps the torn line, and
+    records the run once more from its result.json instead of training it again."""
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    args = ["run", "table=5", "row=P5", "profile=smoke", f"results_dir={out}", f"runs_dir={runs}"]
+    assert cli.main(args) == 0
+    path = results.csv_path(out, "5")
+    text = path.read_text()
+    torn = text[: len(text) - 30]  # the row lost its last 30 characters and its newline
+    path.write_text(torn)
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"simpnet: warning: {path}:2:" in err and "torn" in err
+    assert " iter " not in err, "a finished run is not trained again"
+    rows, bad = results.read(path)
+    assert [r["row_id"] for r in rows] == ["P5"] and [b.lineno for b in bad] == [2]
+    assert path.read_text().startswith(torn + "\n")
+    assert cli.main(args) == 0  # and now it is recorded: skipped, nothing appended
+    assert "already recorded" in capsys.readouterr().err
+    assert results.read(path)[0] == rows
+
+
+def test_report_lists_a_torn_line_as_skipped(tmp_path):
+    out = tmp_path / "results"
+    results.append(out, "5", fake_row("P5"))
+    torn = results._format(fake_row("P3"))[:40]
+    with open(results.csv_path(out, "5"), "a") as fh:
+        fh.write(torn)
+    proc = simpnet("report", "table=5", f"results_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    report = (out / "REPORT.md").read_text()
+    assert "table5.csv:3" in report and torn[:20] in report
+    assert "table5.csv:3" in proc.stderr  # and warned about
+
+
+def test_full_disk_while_appending_leaves_the_csv_as_it_was(tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    snapshot = record_earlier(out, "5")
+    real_write = os.write
+
+    def half_write(fd, data):  # the disk fills part-way through the line
+        return real_write(fd, data[: len(data) // 2])
+
+    monkeypatch.setattr(results.os, "write", half_write)
+    with pytest.raises(results.UserError, match="cannot write results"):
+        results.append(out, "5", fake_row("P5"))
+    monkeypatch.undo()
+    assert_untouched(snapshot)
+    results.append(out, "5", fake_row("P5"))
+    rows, bad = results.read(results.csv_path(out, "5"))
+    assert [r["row_id"] for r in rows] == ["EARLIER", "P5"] and not bad
+
+
+# --------------------------------------------------------------------------- divergence
+
+def test_nan_loss_marks_the_run_diverged_and_the_table_goes_on(tmp_path, conf_dir):
+    out = tmp_path / "results"
+    snapshot = record_earlier(out, "90")
+    proc = simpnet("run", "table=90", "row=[BOOM,FINE]", "profile=smoke", f"results_dir={out}",
+                   f"runs_dir={tmp_path / 'runs'}", cwd=tmp_path, conf_dir=conf_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "NaN or infinite" in proc.stderr
+    rows, bad = results.read(results.csv_path(out, "90"))
+    assert not bad
+    assert [(r["row_id"], r["status"]) for r in rows] == [("EARLIER", "ok"), ("BOOM", "diverged"), ("FINE", "ok")]
+    fine = rows[2]
+    assert fine["iterations"] == 4 and 0 <= fine["final_acc"] <= 100
+    assert rows[1]["iterations"] <= 4
+    path = results.csv_path(out, "90")
+    assert path.read_bytes().startswith(snapshot[path])
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args, needles", [
+    (["table=90", "row=NOTATION"], ["table 90, row NOTATION", "C_x{y}", "C12{3"]),
+    (["table=90", "row=KERNEL"], ["row KERNEL", "35x35 kernel", "32x32"]),
+    (["table=90", "row=POOLING"], ["row POOLING", "pooling a 1x1 map"]),
+    (["table=99"], ["unknown table '99'"]),
+    (["table=5", "row=P9"], ["table 5 has no row 'P9'"]),
+    (["table=5", "row=P5", "no_such_key=1"], ["no_such_key", "unknown config key"]),
+    (["table=5", "row=P5", "profile.train.no_such_key=1"], ["profile.train.no_such_key"]),
+], ids=["notation", "kernel-too-large", "pooling-past-1x1", "unknown-table", "unknown-row", "unknown-key",
+        "unknown-profile-key"])
+def test_bad_config_is_one_line_and_keeps_results(tmp_path, conf_dir, args, needles):
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    snapshot = record_earlier(out, "5", "90")
+    proc = simpnet("run", *args, "profile=smoke", f"results_dir={out}", f"runs_dir={runs}", cwd=tmp_path,
+                   conf_dir=conf_dir)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, None, *needles)
+    assert_untouched(snapshot)
+    assert not runs.exists() or not any(runs.iterdir()), "nothing may train"
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, conf_dir):
+    proc = simpnet("run", "table=90", "row=NOTATION", "--debug", cwd=tmp_path, conf_dir=conf_dir)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "NotationError" in proc.stderr
+
+
+def test_missing_dataset(tmp_path):
+    out = tmp_path / "results"
+    snapshot = record_earlier(out, "5")
+    proc = simpnet("run", "table=5", "row=P5", "device=cpu", f"data_dir={tmp_path / 'nodata'}",
+                   f"results_dir={out}", f"runs_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, None, "dataset cifar10 not found", "download=true")
+    assert_untouched(snapshot)
+
+
+@pytest.mark.parametrize("content", [b"\x00" * 16, b"this is not an idx file at all" * 40], ids=["zeros", "text"])
+def test_corrupt_dataset(tmp_path, content):
+    out, data = tmp_path / "results", tmp_path / "data"
+    snapshot = record_earlier(out, "13")
+    raw = data / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(content)
+    proc = simpnet("run", "table=13", "row=slim-300K", "device=cpu", f"data_dir={data}", f"results_dir={out}",
+                   f"runs_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, None, "dataset mnist", "corrupt")
+    assert_untouched(snapshot)
+
+
+@pytest.mark.parametrize("which", ["results_dir", "runs_dir"])
+def test_unwritable_output_directory_fails_before_training(tmp_path, which):
+    # Tests may run as root, which writes through any mode bits: a folder under a regular file is unwritable
+    # for everyone (ENOTDIR).
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    dirs = {"results_dir": tmp_path / "results", "runs_dir": tmp_path / "runs"}
+    snapshot = record_earlier(dirs["results_dir"], "5")
+    dirs[which] = tmp_path / "afile" / which
+    t0 = time.monotonic()
+    proc = simpnet("run", "table=5", "row=[P5,P3]", "profile=smoke", *(f"{k}={v}" for k, v in dirs.items()),
+                   cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, None, which, "not writable", str(dirs[which]))
+    assert time.monotonic() - t0 < 60
+    if which == "results_dir":
+        runs = dirs["runs_dir"]
+        assert not runs.exists() or not any(runs.iterdir()), "nothing may train"
+    else:
+        assert_untouched(snapshot)
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, one_thread):
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    snapshot = record_earlier(out, "5")
+    args = ["run", "table=5", "row=P5", "profile=smoke", "profile.train.iterations=8",
+            "profile.train.checkpoint_every=2", "profile.train.eval_every=2", f"results_dir={out}",
+            f"runs_dir={runs}"]
+    run_dir = runs / planned(args, results_dir=out, runs_dir=runs)[0].config_hash
+    real_save = torch.save
+
+    def filling_disk(obj, f, *a, **k):
+        """torch.save as it behaves when the disk fills during the second checkpoint: through a Python file
+        the write raises OSError(ENOSPC); given a file name, torch's C++ writer raises a RuntimeError."""
+        if isinstance(obj, dict) and obj.get("iteration", 0) >= 4:
+            if hasattr(f, "write"):
+                f.write(b"PK\x03\x04 half a checkpoint")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", filling_disk)
+    rc = cli.main([*args, "quiet=true"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert_one_line_error(rc, err, "disk is full", "checkpoint")
+    assert _checkpoint_iteration(run_dir / "checkpoint.pt") == 2, "the previous checkpoint must survive"
+    assert not list(run_dir.glob(".*.tmp*")), "no half-written file is left behind"
+    assert not (run_dir / "result.json").exists()
+    assert_untouched(snapshot)
+
+    assert cli.main(args) == 0  # space again: the same command continues from iteration 2
+    err = capsys.readouterr().err
+    assert f"resuming {run_dir.name} at iteration 2" in err
+    rows, bad = results.read(results.csv_path(out, "5"))
+    assert [r["row_id"] for r in rows] == ["EARLIER", "P5"] and not bad
+    assert rows[1]["iterations"] == 8
