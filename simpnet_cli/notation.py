@@ -37,6 +37,9 @@ def parse_widths(text: str) -> list[int]:
     """Expand a C_x{y} string into one width per convolution layer."""
     if not isinstance(text, str):
         raise NotationError(str(text), 0, "expected a string such as 'C41, C70{4}'")
+    split = re.search(r"\d\s+\d", text)
+    if split:  # "C4 1" is not C41: spaces are allowed between terms only
+        raise NotationError(text, split.start() + 1, "space inside a number")
     clean, where = _strip_latex(text)
     orig = lambda j: where[j] if j < len(where) else len(text)  # noqa: E731 - position in the user's text
     if not clean:

@@ -244,7 +244,7 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
     result = {
         "status": status,
         "final_acc": curve[-1]["test_acc"] if curve and status == "ok" else float("nan"),
-        "best_acc": best[0] if best[0] >= 0 else float("nan"),
+        "best_acc": round(best[0], 4) if best[0] >= 0 else float("nan"),
         "best_iter": best[1],
         "iterations": it,
         "epochs": round(images / data.epoch_len, 3),
