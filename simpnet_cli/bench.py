@@ -7,7 +7,6 @@ results/benchmarks.md with the device name; figures from a CPU are labelled as s
 """
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import time
 from datetime import datetime, timezone
@@ -43,8 +42,7 @@ def _setup(run: tables.RunSpec, device: torch.device, graphs: bool, precision: s
         model = model.to(memory_format=torch.channels_last)
     graphs = graphs and device.type == "cuda"
     optimizer = train.make_optimizer(run.solver, model.parameters(), capturable=graphs)
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    autocast = train.autocast_for(precision, device)
     return fast.Step(model, optimizer, data, autocast, graphs, channels_last), model, data, batch
 
 

@@ -67,6 +67,17 @@ def make_optimizer(solver: dict, params, capturable: bool = False) -> torch.opti
     raise UserError(f"unknown solver type {kind!r} (adadelta or nesterov)")
 
 
+def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context factory for the forward pass: fp32 (none), or bf16/fp16 autocast (mixed precision)."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise UserError(f"precision must be one of {', '.join(dtypes)}, got {precision!r}")
+    dtype = dtypes[precision]
+    # No cast cache: a cached bf16 copy of a weight must not outlive one step inside a captured CUDA graph.
+    return (lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=False)) if dtype \
+        else contextlib.nullcontext
+
+
 # --------------------------------------------------------------------------- files
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -178,8 +189,7 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
     assert total_params == M.count_trainable(model), "spec and module disagree on parameter count"
     graphs = bool(tr.get("graphs", True)) and device.type == "cuda"  # CUDA graphs: GPU only
     optimizer = make_optimizer(run.solver, model.parameters(), capturable=graphs)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    autocast = autocast_for(precision, device)
 
     start, curve, best, train_time = 0, [], (-1.0, 0), 0.0
     ckpt_path = run_dir / "checkpoint.pt"
