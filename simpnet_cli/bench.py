@@ -8,6 +8,7 @@ results/benchmarks.md with the device name; figures from a CPU are labelled as s
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -85,13 +86,20 @@ def _packed_worker(run, device, iters, warmup, barrier, out):
 def measure_packed(run: tables.RunSpec, device: str, n: int, iters: int, warmup: int) -> float:
     """Total images per second of ``n`` processes training the same row at once on one device."""
     ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(n), ctx.Queue()
+    barrier, out = ctx.Barrier(n, timeout=600), ctx.Queue()
     procs = [ctx.Process(target=_packed_worker, args=(run, device, iters, warmup, barrier, out)) for _ in range(n)]
     for p in procs:
         p.start()
-    rates = [out.get() for _ in procs]
-    for p in procs:
-        p.join()
+    try:
+        rates = [out.get(timeout=1800) for _ in procs]  # a worker that died (OOM, CUDA error) never answers
+    except queue.Empty:
+        raise UserError(f"a packed benchmark process of {n} did not report (exit codes "
+                        f"{[p.exitcode for p in procs]}); run with fewer packed runs or check GPU memory") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
     return sum(rates)
 
 

@@ -138,9 +138,13 @@ def multirun(flags, overrides) -> int:
 
     from simpnet_cli.tables import CONF_DIR
 
+    codes: list[int] = []  # exit codes of the jobs run in this process (a cluster's jobs report in their logs)
+
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def job(job_cfg):
-        return guarded(lambda: run_job(job_cfg, flags), "--debug" in flags, exit_on_error=True)
+        # A failed job prints its one line and returns its code: Hydra goes on with the other jobs.
+        codes.append(guarded(lambda: run_job(job_cfg, flags), "--debug" in flags))
+        return codes[-1]
 
     argv = sys.argv
     sys.argv = [argv[0], "--multirun", *overrides]
@@ -148,7 +152,7 @@ def multirun(flags, overrides) -> int:
         job()
     finally:
         sys.argv = argv
-    return 0
+    return max(codes, default=0)
 
 
 def cmd_report(cfg, flags) -> int:
@@ -173,7 +177,7 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def guarded(fn, debug: bool, exit_on_error: bool = False) -> int:
+def guarded(fn, debug: bool) -> int:
     """Run ``fn``; a UserError or an unexpected failure becomes one line on stderr and an exit code."""
     try:
         return fn()
@@ -195,8 +199,6 @@ def guarded(fn, debug: bool, exit_on_error: bool = False) -> int:
         print(f"simpnet: internal error: {type(err).__name__}: {one_line(err)} (run with --debug for the traceback)",
               file=sys.stderr)
         code = 1
-    if exit_on_error:
-        sys.exit(code)
     return code
 
 

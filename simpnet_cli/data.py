@@ -165,12 +165,14 @@ class DeviceData:
     def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
         return (x_u8.float() - self.mean) / self.scale
 
+    def images(self, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """The training images ``idx``, normalised, and cropped and mirrored if the dataset augments."""
+        x = self.normalize(self.train_x[idx])
+        return crop_and_flip(x, offsets, flips) if self.augment else x
+
     def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx, offsets, flips = self.batch_plan(iteration)
-        x = self.normalize(self.train_x[idx])
-        if self.augment:
-            x = crop_and_flip(x, offsets, flips)
-        return x, self.train_y[idx]
+        return self.images(idx, offsets, flips), self.train_y[idx]
 
     def test_batches(self, size: int = 1000):
         for i in range(0, len(self.test_x), size):

@@ -2,8 +2,8 @@
 
 On the CPU it runs eagerly. On a GPU the batch-100 step of these small networks is bound by kernel-launch
 overhead, not arithmetic, so the whole step (gather + crop + flip + normalise, forward, loss, backward,
-optimizer update, loss bookkeeping) is captured once into a CUDA graph and replayed: one launch per
-iteration. The learning rate enters the captured optimizer kernels as a constant, so the graph is
+optimizer update, loss bookkeeping) is captured once into a CUDA graph and replayed: per iteration, three
+small copies of the batch plan into the graph's inputs and one replay. The learning rate enters the captured optimizer kernels as a constant, so the graph is
 captured again whenever the schedule changes the rate (a handful of times per run).
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from simpnet_cli import data as D
 
 
 class Step:
-    """``step(iteration, lr)`` trains one batch; ``loss_sum``/``count``/``bad`` accumulate on the device
-    so that nothing waits for the GPU until the caller reads them (at evaluations)."""
+    """``step(iteration, lr)`` trains one batch; ``loss_sum`` and ``bad`` (a non-finite loss was seen)
+    accumulate on the device, so nothing waits for the GPU until the caller reads them."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: D.DeviceData,
                  autocast: Callable[[], contextlib.AbstractContextManager], graphs: bool,
@@ -36,9 +36,7 @@ class Step:
         self.loss_sum.zero_()
 
     def _body(self, idx, offsets, flips) -> None:
-        x = self.data.normalize(self.data.train_x[idx])
-        if self.data.augment:
-            x = D.crop_and_flip(x, offsets, flips)
+        x = self.data.images(idx, offsets, flips)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
@@ -73,16 +71,16 @@ class Step:
         The warm-up and the capture both consume this iteration's batch: the warm-up steps are real
         updates, so we run exactly one of them (it trains this iteration) and capture without replaying.
         """
+        dev = self.data.device
         self._set_lr(lr)
         self._graph = None
         self.optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
         self._static = tuple(t.clone() for t in plan)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             self._body(*self._static)  # the real update of this iteration
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(dev).wait_stream(side)
         # Capturing records kernels without running them, so the model is not updated twice.
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()

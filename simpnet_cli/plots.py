@@ -18,7 +18,6 @@ from matplotlib.figure import Figure
 if TYPE_CHECKING:
     from simpnet_cli.report import TableReport
 
-CURVE_COLUMNS = ["iter", "test_acc", "test_loss", "train_loss", "lr", "wall_s"]
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
 
 

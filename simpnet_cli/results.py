@@ -159,15 +159,6 @@ def read(path: Path) -> tuple[list[dict], list[BadLine]]:
     return rows, bad
 
 
-def read_all(results_dir: Path) -> tuple[list[dict], list[BadLine]]:
-    rows, bad = [], []
-    for path in sorted(Path(results_dir).glob("table*.csv")):
-        r, b = read(path)
-        rows += r
-        bad += b
-    return rows, bad
-
-
 def recorded(results_dir: Path, table: str) -> set[tuple[str, str, int]]:
     """(row_id, config_hash, seed) of every run already in the table's CSV: these are not recorded twice."""
     rows, _ = read(csv_path(results_dir, table))

@@ -149,6 +149,8 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str) -> tuple[str, s
             return "busy", f"{name}: being trained by another process ({run_dir})"
         remove_stale_temporaries(run_dir)
         dev = pick_device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)  # streams, graphs and synchronize default to the current device
         if dev.type == "cpu" and opts.jobs_per_device > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs_per_device))
         result = train.train_run(run, run_dir, dev, opts.data_dir, opts.download, log)
@@ -159,11 +161,16 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str) -> tuple[str, s
     return result["status"], f"{name}: {result['status']} ({metric}, {result['img_per_s']:.0f} img/s)"
 
 
-def _worker(run, opts, device):
+def _worker(run, opts, device_slots):
+    """One packed run in a pool process: it borrows a device slot for as long as it trains, so a device
+    never holds more than ``jobs_per_device`` runs whatever order the runs finish in."""
+    device = device_slots.get()
     try:
         return execute_one(run, opts, device)
-    except UserError as err:
-        return "error", f"table {run.table} row {run.row_id} seed {run.seed}: {err}"
+    except Exception as err:  # one run's failure (bad input, CUDA out of memory) must not stop the others
+        return "error", f"table {run.table} row {run.row_id} seed {run.seed}: {type(err).__name__}: {err}"
+    finally:
+        device_slots.put(device)
 
 
 def devices_for(opts: Options) -> list[str]:
@@ -195,24 +202,28 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
         say(msg)
 
     # Train each distinct run once; its twins in other tables are recorded from its result afterwards.
-    seen: set[str] = set()
-    first = [r for r in runs if not (r.config_hash in seen or seen.add(r.config_hash))]
-    twins = [r for r in runs if not any(r is f for f in first)]
+    first, twins, seen = [], [], set()
+    for run in runs:
+        (twins if run.config_hash in seen else first).append(run)
+        seen.add(run.config_hash)
     slots = devices_for(opts)
     workers = min(len(slots) * max(1, opts.jobs_per_device), len(first))
-    if workers <= 1:
+    if workers <= 1:  # in this process; the first bad input stops everything, with its own message
         for run in first + twins:
             tally(*execute_one(run, opts, slots[0]))
         return counts
     # Processes, not threads: each packed run has its own CUDA context and Python interpreter, so one
     # run's host overhead never stalls another's kernel launches.
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(_worker, run, opts, slots[i % len(slots)]) for i, run in enumerate(first)]
+    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        device_slots = manager.Queue()
+        for device in slots * max(1, opts.jobs_per_device):
+            device_slots.put(device)
+        futures = [pool.submit(_worker, run, opts, device_slots) for run in first]
         for fut in as_completed(futures):
             tally(*fut.result())
-    for run in twins:
-        tally(*_worker(run, opts, slots[0]))
+        for run in twins:  # recorded from their first run's result.json (or trained if that one failed)
+            tally(*_worker(run, opts, device_slots))
     if counts.get("error"):
         raise UserError(f"{counts['error']} run(s) failed; see the messages above")
     return counts

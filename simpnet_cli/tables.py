@@ -13,7 +13,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,7 @@ class RunSpec:
     train: dict        # iterations, batch_size, eval_every, checkpoint_every, precision, data subset...
     paper: dict
 
-    @property
+    @cached_property  # frozen dataclass: cached_property writes the instance's __dict__ directly
     def spec(self) -> tuple:
         return network.build_spec(self.net, self.dataset["classes"])
 
@@ -163,7 +163,7 @@ class RunSpec:
                 "train": {k: v for k, v in self.train.items() if k not in NON_IDENTITY_TRAIN_KEYS},
                 "seed": self.seed}
 
-    @property
+    @cached_property
     def config_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -12,7 +12,6 @@ import contextlib
 import csv
 import errno
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -191,7 +190,7 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
     optimizer = make_optimizer(run.solver, model.parameters(), capturable=graphs)
     autocast = autocast_for(precision, device)
 
-    start, curve, best, train_time = 0, [], (-1.0, 0), 0.0
+    start, curve, best, train_time, ckpt = 0, [], (-1.0, 0), 0.0, None
     ckpt_path = run_dir / "checkpoint.pt"
     if ckpt_path.exists():
         try:
@@ -201,12 +200,19 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
                             f"move it away to restart this run from iteration 0") from None
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # the checkpoint may come from a run with(out) CUDA graphs
+            if "capturable" in group:
+                group["capturable"] = graphs
+        if graphs:  # capturable optimizers keep their step counts on the parameters' device
+            for param, state in optimizer.state.items():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(param.device, torch.float32)
         start, curve, train_time = ckpt["iteration"], ckpt["curve"], ckpt["train_time"]
         best = tuple(ckpt["best"])
         _set_rng_state(ckpt["rng"], device)
         log(f"resuming {run_dir.name} at iteration {start}")
 
-    def save_checkpoint(it: int) -> None:
+    def save_checkpoint(it: int, train_time: float) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
                  "curve": curve, "best": best, "train_time": train_time, "rng": _rng_state(device),
                  "data_position": {"epoch": it * batch_size // data.epoch_len,
@@ -216,7 +222,7 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
 
     model.train()
     step = fast.Step(model, optimizer, data, autocast, graphs)
-    if ckpt_path.exists():  # the partial training-loss sum since the last evaluation, for an equal curve
+    if ckpt:  # the partial training-loss sum since the last evaluation, for an equal curve
         step.loss_sum.fill_(ckpt.get("loss_sum", 0.0))
     status, loss_n, it = "ok", (start % eval_every), start
     check_every = min(eval_every, 50)
@@ -247,7 +253,11 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
                 f"train loss {curve[-1]['train_loss']:.4f} lr {lr:g}")
             t0 = time.perf_counter()
         if it % ckpt_every == 0 and it < iterations:
-            save_checkpoint(it)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - t0  # the steps so far count; writing the checkpoint does not
+            save_checkpoint(it, train_time)
+            t0 = time.perf_counter()
     if status == "ok" and not curve:
         raise UserError("the run has no evaluation; iterations must be at least 1")
     images = it * batch_size

@@ -94,3 +94,19 @@ def test_bench_precision_check_trains_both_precisions_on_fashion_mnist(tmp_path)
     assert [line.split("|")[2].strip() for line in lines] == ["fp32", "bf16"]
     for line in lines:
         assert line.split("|")[4].strip() == "2"  # two seeds each
+
+
+def test_packed_runs_share_a_device_and_record_every_row_once(tmp_path):
+    """jobs_per_device=2 on the CPU: the runs go through the process pool and its device slots; a twin row
+    of another table (Table 9's first row is Table 2's 8L) is recorded from the shared run."""
+    code = main(["run", "table=[2,9]", "profile=smoke", "quiet=true", "device=cpu", "jobs_per_device=2",
+                 f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/experiments"])
+    assert code == 0
+    rows2, bad2 = results.read(tmp_path / "results" / "table2.csv")
+    rows9, bad9 = results.read(tmp_path / "results" / "table9.csv")
+    assert not bad2 and not bad9
+    assert sorted(r["row_id"] for r in rows2) == ["10L", "13L", "8L", "9L"]
+    assert len(rows9) == 2 and all(r["status"] == "ok" for r in rows2 + rows9)
+    twin = {r["config_hash"] for r in rows2} & {r["config_hash"] for r in rows9}
+    assert len(twin) == 1  # one network trained once, recorded in both tables
+    assert len(list((tmp_path / "experiments").iterdir())) == 5  # 4 + 2 rows, one of them shared
