@@ -216,10 +216,10 @@ def dry_run_summary(runs: list[tables.RunSpec], opts) -> str:
     from simpnet_cli.runner import devices_for, pick_device
 
     device = pick_device(devices_for(opts)[0])
+    recorded = {name: results.recorded(opts.results_dir, name) for name in {r.table for r in runs}}
     todo, seen = [], set()
     for run in runs:
-        if run.config_hash in seen or (run.row_id, run.config_hash, run.seed) in results.recorded(
-                opts.results_dir, run.table):
+        if run.config_hash in seen or (run.row_id, run.config_hash, run.seed) in recorded[run.table]:
             continue
         seen.add(run.config_hash)
         todo.append(run)

@@ -64,12 +64,19 @@ def plan_runs(cfg):
                        profile, run_opts, data_opts)
 
 
+def table_selector(cfg):
+    """``table=`` as given, or every table when it is not given (list, show, report)."""
+    from simpnet_cli import tables
+
+    return "all" if cfg.table is None else tables.to_plain(cfg.table)
+
+
 # --------------------------------------------------------------------------- subcommands
 
 def cmd_list(cfg, flags) -> int:
     from simpnet_cli import tables
 
-    for t in tables.load_tables("all" if cfg.table is None else tables.to_plain(cfg.table)):
+    for t in tables.load_tables(table_selector(cfg)):
         print(f"Table {t.name}: {t.title}")
         for r in t.rows:
             dataset = r["dataset"] if isinstance(r["dataset"], str) else r["dataset"]["base"]
@@ -83,7 +90,7 @@ def show_records(cfg) -> list[dict]:
     from simpnet_cli import network, tables
 
     records = []
-    for t in tables.load_tables("all" if cfg.table is None else tables.to_plain(cfg.table)):
+    for t in tables.load_tables(table_selector(cfg)):
         for r in t.select(tables.to_plain(cfg.row)):
             run = tables.resolve(t, r, 0, {})
             paper_p, total_p = network.count_params(run.spec, run.in_shape)
@@ -156,9 +163,9 @@ def multirun(flags, overrides) -> int:
 
 
 def cmd_report(cfg, flags) -> int:
-    from simpnet_cli import report, tables
+    from simpnet_cli import report
 
-    out = report.render(Path(cfg.results_dir), tables="all" if cfg.table is None else tables.to_plain(cfg.table),
+    out = report.render(Path(cfg.results_dir), tables=table_selector(cfg),
                         latex="--latex" in flags)
     print(f"wrote {out}", file=sys.stderr)
     return 0
