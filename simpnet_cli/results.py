@@ -22,13 +22,17 @@ from pathlib import Path
 from simpnet_cli.errors import UserError
 
 COLUMNS = [
-    "table", "row", "row_id", "seed", "dataset", "params_paper", "params_total", "paper_params", "paper_acc",
+    "table", "row", "row_id", "variant", "seed", "dataset", "params_paper", "params_total", "paper_params", "paper_acc",
     "final_acc", "best_acc", "best_iter", "iterations", "epochs", "wall_s", "img_per_s", "device", "precision",
-    "profile", "status", "config_hash", "run_dir", "finished_at",
+    "step_mode", "profile", "status", "config_hash", "run_dir", "finished_at",
 ]
 NUMERIC = {"seed", "params_paper", "params_total", "final_acc", "best_acc", "best_iter", "iterations",
            "epochs", "wall_s", "img_per_s"}
 STATUSES = {"ok", "diverged"}
+# Columns that may be empty: ``variant`` is empty for a paper's row as printed (no overrides).
+MAY_BE_EMPTY = {"variant"}
+# Columns added after the first release: a file written before them reads them as these values.
+LATER_COLUMNS = {"variant": "", "step_mode": "eager"}
 # The last column: a line torn inside it still has every field, so its form is checked (an ISO 8601 time
 # to the second; the writer adds a Z).
 FINISHED_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:?\d\d)?")
@@ -61,7 +65,7 @@ def _locked(path: Path):
 
 
 def _format(row: dict) -> str:
-    missing = [c for c in COLUMNS if row.get(c) is None or row.get(c) == ""]
+    missing = [c for c in COLUMNS if row.get(c) is None or (row.get(c) == "" and c not in MAY_BE_EMPTY)]
     if missing:
         raise ValueError(f"result row lacks {missing}")
     buf = io.StringIO()
@@ -134,7 +138,7 @@ def read(path: Path) -> tuple[list[dict], list[BadLine]]:
     if not lines:
         return [], []
     header = next(csv.reader([lines[0]]))
-    if header != COLUMNS and not set(COLUMNS) <= set(header):
+    if header != COLUMNS and not set(COLUMNS) - set(LATER_COLUMNS) <= set(header):
         return [], [BadLine(path, 1, lines[0], "header does not have the expected columns")]
     for n, line in enumerate(lines[1:], 2):
         if not line.strip():
@@ -147,7 +151,7 @@ def read(path: Path) -> tuple[list[dict], list[BadLine]]:
         if len(fields) != len(header):
             bad.append(BadLine(path, n, line, f"{len(fields)} fields, expected {len(header)} (torn or edited line)"))
             continue
-        rec = dict(zip(header, fields))
+        rec = {**LATER_COLUMNS, **dict(zip(header, fields))}
         why = _check(rec)
         if why:
             bad.append(BadLine(path, n, line, why))

@@ -76,13 +76,13 @@ def pick_device(name: str) -> torch.device:
 
 def csv_row(run: tables.RunSpec, result: dict, run_dir: Path, profile: str) -> dict:
     return {
-        "table": run.table, "row": run.label, "row_id": run.row_id, "seed": run.seed,
+        "table": run.table, "row": run.label, "row_id": run.row_id, "variant": run.variant, "seed": run.seed,
         "dataset": run.dataset["name"], "params_paper": result["params_paper"],
         "params_total": result["params_total"], "paper_params": run.paper.get("params", "-"),
         "paper_acc": run.paper.get("acc", "-"), "final_acc": result["final_acc"], "best_acc": result["best_acc"],
         "best_iter": result["best_iter"], "iterations": result["iterations"], "epochs": result["epochs"],
         "wall_s": result["wall_s"], "img_per_s": result["img_per_s"], "device": result["device"],
-        "precision": result["precision"], "profile": profile, "status": result["status"],
+        "precision": result["precision"], "step_mode": result.get("step_mode", "eager"), "profile": profile, "status": result["status"],
         "config_hash": run.config_hash, "run_dir": str(run_dir),
         "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

@@ -148,6 +148,7 @@ class RunSpec:
     solver: dict
     train: dict        # iterations, batch_size, eval_every, checkpoint_every, precision, data subset...
     paper: dict
+    variant: str = ""  # the overrides that made this run differ from the paper's row ("" = the row as printed)
 
     @cached_property  # frozen dataclass: cached_property writes the instance's __dict__ directly
     def spec(self) -> tuple:
@@ -171,7 +172,7 @@ class RunSpec:
     def to_dict(self) -> dict:
         return {"table": self.table, "row_id": self.row_id, "label": self.label, "seed": self.seed,
                 "net": self.net, "dataset": self.dataset, "solver": self.solver, "train": self.train,
-                "paper": self.paper, "config_hash": self.config_hash}
+                "paper": self.paper, "variant": self.variant, "config_hash": self.config_hash}
 
 
 # Keys that change how a run is executed or recorded but not what it computes.
