@@ -18,11 +18,11 @@ def run_row(tmp: Path, row_id: str, seed: int, best: float, final: float, *, tab
             status: str = "ok", profile: str = "full", wall_s: float = 600.0, label: str | None = None) -> dict:
     run_dir = tmp / "experiments" / f"{table}-{row_id}-{profile}-{seed}"
     return {
-        "table": table, "row": label or LABEL.get(row_id, row_id), "row_id": row_id, "seed": seed,
+        "table": table, "row": label or LABEL.get(row_id, row_id), "row_id": row_id, "variant": "", "seed": seed,
         "dataset": "cifar10", "params_paper": 300213, "params_total": 301291, "paper_params": "300K",
         "paper_acc": 90.21, "final_acc": final, "best_acc": best, "best_iter": 900, "iterations": 1000,
         "epochs": 2.0, "wall_s": wall_s, "img_per_s": 1000.0, "device": "cpu", "precision": "fp32",
-        "profile": profile, "status": status, "config_hash": f"h{row_id}{seed}{profile}", "run_dir": str(run_dir),
+        "step_mode": "eager", "profile": profile, "status": status, "config_hash": f"h{row_id}{seed}{profile}", "run_dir": str(run_dir),
         "finished_at": "2025-01-01T00:00:00",
     }
 

@@ -101,11 +101,11 @@ def assert_one_line_error(proc_or_rc, stderr: str | None = None, *needles: str) 
 
 def fake_row(row_id: str = "P7", table: str = "5", seed: int = 0, config_hash: str = "0123456789abcdef",
              **over) -> dict:
-    row = {"table": table, "row": f"row {row_id}", "row_id": row_id, "seed": seed, "dataset": "cifar10",
+    row = {"table": table, "row": f"row {row_id}", "row_id": row_id, "variant": "", "seed": seed, "dataset": "cifar10",
            "params_paper": 53370, "params_total": 53912, "paper_params": "53K", "paper_acc": 79.44,
            "final_acc": 61.5, "best_acc": 62.25, "best_iter": 4, "iterations": 4, "epochs": 0.5, "wall_s": 1.25,
-           "img_per_s": 100.0, "device": "cpu (2 threads)", "precision": "fp32", "profile": "smoke",
-           "status": "ok", "config_hash": config_hash, "run_dir": "experiments/x",
+           "img_per_s": 100.0, "device": "cpu (2 threads)", "precision": "fp32", "step_mode": "eager",
+           "profile": "smoke", "status": "ok", "config_hash": config_hash, "run_dir": "experiments/x",
            "finished_at": "2025-01-01T00:00:00Z"}
     return {**row, **over}
 
