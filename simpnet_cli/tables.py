@@ -27,7 +27,7 @@ from simpnet_cli.errors import UserError
 DEFAULT_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONF_DIR = Path(os.environ.get("SIMPNET_CONF_DIR") or DEFAULT_CONF_DIR).expanduser().resolve()
 ROW_KEYS = {"id", "label", "arch", "net", "dataset", "solver", "iterations", "paper", "note"}
-TABLE_KEYS = {"table", "title", "row_defaults", "rows", "cited", "claims", "display", "note"}
+TABLE_KEYS = {"table", "title", "row_defaults", "rows", "cited", "claims", "display", "axis", "note"}
 
 
 def _yaml(path: Path) -> dict:
@@ -79,6 +79,7 @@ class Table:
     claims: list[dict] = field(default_factory=list)
     display: str = "accuracy"  # "error" for Tables 13-14, which print 100 - accuracy
     path: Path | None = None
+    axis: dict | None = None   # the table's ablation axis for the report's figure (see report)
 
     def select(self, selector: Any = None) -> list[dict]:
         """Every row (``None``), or the rows one selector or a list of selectors name."""
@@ -122,7 +123,7 @@ def load_table(name: str, conf_dir: Path = CONF_DIR) -> Table:
     if len(set(ids)) != len(ids):
         raise UserError(f"{path}: duplicate row ids {ids}")
     return Table(name, raw.get("title", ""), rows, raw.get("cited") or [], raw.get("claims") or [],
-                 raw.get("display", "accuracy"), path)
+                 raw.get("display", "accuracy"), path, raw.get("axis"))
 
 
 def load_tables(selector: Any = "all", conf_dir: Path = CONF_DIR) -> list[Table]:
