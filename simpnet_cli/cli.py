@@ -22,31 +22,74 @@ USAGE = __doc__.split("\n\n")[1]
 FLAGS = {"--json", "--debug", "--dry-run", "--latex", "-m", "--multirun", "--help", "-h"}
 
 
+def config_dirs(overrides: list[str]) -> tuple[Path, list[str]]:
+    """Hydra's primary config folder and the search-path override that adds the other one.
+
+    A folder of one's own (``conf_dir=PATH`` or SIMPNET_CONF_DIR) is searched before the built-in conf/ for
+    tables and named configs; if it holds a whole copy of conf/ (with config.yaml) Hydra reads that copy."""
+    from simpnet_cli import tables
+
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("conf_dir=")]
+    user = tables.user_conf_dir(given[-1] if given else None)
+    tables.use_conf_dir(user)
+    if user is None:
+        return tables.DEFAULT_CONF_DIR, []
+    primary, other = (user, tables.DEFAULT_CONF_DIR) if (user / "config.yaml").is_file() \
+        else (tables.DEFAULT_CONF_DIR, user)
+    return primary, [f"hydra.searchpath=[file://{other}]"]
+
+
+def hydra_error(err: Exception) -> UserError:
+    """Hydra's and OmegaConf's multi-line errors as one line."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    hint = ""
+    if "not in struct" in str(err) or "Could not override" in str(err) or "Key '" in str(err):
+        hint = " (unknown config key; see conf/config.yaml for the keys, and net.KEY, solver.KEY, dataset.KEY " \
+               "for a row's own)"
+    if "Could not find '" in first:
+        hint = " (no such config file; see conf/ for the names)"
+    return UserError(f"bad override: {first}{hint}")
+
+
 def compose(overrides: list[str]):
-    """The config for ``overrides``, with Hydra's errors turned into one line each."""
+    """(the config for ``overrides``, their row overrides), with Hydra's errors turned into one line each."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from simpnet_cli.tables import CONF_DIR
+    from simpnet_cli import variants
 
-    if not (CONF_DIR / "config.yaml").is_file():
-        raise UserError(f"no config.yaml in the config directory {CONF_DIR} (set by SIMPNET_CONF_DIR, or conf/ "
-                        f"beside the package); point SIMPNET_CONF_DIR at a copy of conf/ or unset it")
+    primary, search = config_dirs(overrides)
+    if not (primary / "config.yaml").is_file():
+        raise UserError(f"no config.yaml in the config directory {primary}")
+    prepared = variants.prepare(overrides)
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=overrides)
+        with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=prepared + search)
+        return cfg, variants.from_overrides(prepared)
     except (HydraException, OmegaConfBaseException) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hint = ""
-        if "not in struct" in str(err) or "Could not override" in str(err) or "Key '" in str(err):
-            hint = " (unknown config key; see conf/config.yaml for the keys)"
-        raise UserError(f"bad override: {first}{hint}") from None
+        raise hydra_error(err) from None
+
+
+def check_options(cfg) -> None:
+    """Top-level keys that no row validates: checked before anything trains."""
+    jobs = cfg.jobs_per_device
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UserError(f"jobs_per_device={jobs!r}: give a whole number of at least 1")
+    for key in ("results_dir", "runs_dir", "data_dir"):
+        value = cfg.get(key)
+        if value is None or not str(value).strip():
+            raise UserError(f"{key} is empty: give a folder ({key}=PATH)")
+    if cfg.precision is not None and cfg.precision not in ("fp32", "bf16"):
+        raise UserError(f"precision={cfg.precision}: use fp32 or bf16"
+                        + (" (fp16 would need loss scaling, which cannot run in a CUDA graph)"
+                           if cfg.precision == "fp16" else ""))
 
 
 def options(cfg) -> "runner.Options":  # noqa: F821 - imported lazily to keep `simpnet list` quick
     from simpnet_cli import runner
 
+    check_options(cfg)
     return runner.Options(
         data_dir=Path(cfg.data_dir), download=bool(cfg.download), results_dir=Path(cfg.results_dir),
         runs_dir=Path(cfg.runs_dir),
@@ -54,30 +97,55 @@ def options(cfg) -> "runner.Options":  # noqa: F821 - imported lazily to keep `s
         jobs_per_device=int(cfg.jobs_per_device), profile=str(cfg.profile.name), quiet=bool(cfg.quiet))
 
 
-def plan_runs(cfg):
+def chosen_tables(cfg, variant) -> list:
+    """The tables a command names; a network in no table (``arch=`` without ``table=``) is a table of one row."""
+    from simpnet_cli import tables
+
+    tables.use_conf_dir(tables.user_conf_dir(cfg.conf_dir))  # (again: a cluster job starts in a new process)
+    if cfg.table is None and "arch" in variant.choices:
+        return [tables.custom_table(str(cfg.custom.table), variant.choices["arch"], tables.to_plain(cfg.custom))]
+    if cfg.table is None:
+        raise UserError("say which table: table=4, table=14b, table=[2,3] or table=all "
+                        "(or arch=NAME 'net.widths=...' for a network of your own)")
+    return tables.load_tables(tables.to_plain(cfg.table))
+
+
+def plan_runs(cfg, variant):
     from simpnet_cli import runner, tables
 
     profile = tables.to_plain(cfg.profile)
     run_opts = {"precision": cfg.precision} if cfg.precision else None
     data_opts = {"svhn": {"extra": True}} if cfg.svhn_extra else None
-    return runner.plan(tables.to_plain(cfg.table), tables.to_plain(cfg.row), tables.to_plain(cfg.seeds),
-                       profile, run_opts, data_opts)
+    return runner.plan(chosen_tables(cfg, variant), tables.to_plain(cfg.row), tables.to_plain(cfg.seeds),
+                       profile, run_opts, data_opts, variant)
 
 
 def table_selector(cfg):
     """``table=`` as given, or every table when it is not given (list, show, report)."""
     from simpnet_cli import tables
 
+    tables.use_conf_dir(tables.user_conf_dir(cfg.conf_dir))
     return "all" if cfg.table is None else tables.to_plain(cfg.table)
 
 
 # --------------------------------------------------------------------------- subcommands
 
-def cmd_list(cfg, flags) -> int:
+def _origin(table) -> str:
+    from simpnet_cli import tables
+
+    if table.path is None:
+        return "command line"
+    try:
+        return f"built-in: conf/tables/{table.path.relative_to(tables.DEFAULT_CONF_DIR / 'tables')}"
+    except ValueError:
+        return str(table.path)
+
+
+def cmd_list(cfg, flags, variant) -> int:
     from simpnet_cli import tables
 
     for t in tables.load_tables(table_selector(cfg)):
-        print(f"Table {t.name}: {t.title}")
+        print(f"Table {t.name}: {t.title}  [{_origin(t)}]")
         for r in t.rows:
             dataset = r["dataset"] if isinstance(r["dataset"], str) else r["dataset"]["base"]
             print(f"  {r['id']:<14} {r['label']}  [{dataset}]")
@@ -86,43 +154,51 @@ def cmd_list(cfg, flags) -> int:
     return 0
 
 
-def show_records(cfg) -> list[dict]:
-    from simpnet_cli import network, tables
+def show_records(cfg, variant=None) -> list[dict]:
+    """Each chosen row's resolved network (a variant's, with its overrides), validated as a run would be."""
+    from simpnet_cli import network, runner, tables, variants
 
+    variant = variant or variants.RowOverrides()
+    if cfg.table is None and "arch" not in variant.choices:
+        chosen = tables.load_tables("all")
+    else:
+        chosen = chosen_tables(cfg, variant)
     records = []
-    for t in tables.load_tables(table_selector(cfg)):
-        for r in t.select(tables.to_plain(cfg.row)):
-            run = tables.resolve(t, r, 0, {})
-            paper_p, total_p = network.count_params(run.spec, run.in_shape)
-            records.append({
-                "table": t.name, "row": r["label"], "row_id": r["id"], "dataset": run.dataset["name"],
-                "notation": run.net.get("widths"), "layers": network.tokens(run.spec),
-                "params_paper": paper_p, "params_total": total_p,
-                "paper_params": run.paper.get("params"), "paper_acc": run.paper.get("acc"),
-                "solver": run.solver["type"], "iterations": run.train["iterations"],
-            })
+    for run in runner.plan(chosen, tables.to_plain(cfg.row), [0], tables.to_plain(cfg.profile),
+                           {"precision": cfg.precision} if cfg.precision else None, None, variant):
+        paper_p, total_p = network.count_params(run.spec, run.in_shape)
+        records.append({
+            "table": run.table, "row": run.label, "row_id": run.row_id, "variant": run.variant,
+            "dataset": run.dataset["name"], "notation": run.net.get("widths"), "layers": network.tokens(run.spec),
+            "params_paper": paper_p, "params_total": total_p,
+            "paper_params": run.paper.get("params"), "paper_acc": run.paper.get("acc"),
+            "solver": run.solver["type"], "iterations": run.train["iterations"], "config_hash": run.config_hash,
+        })
     return records
 
 
-def cmd_show(cfg, flags) -> int:
-    records = show_records(cfg)
+def cmd_show(cfg, flags, variant) -> int:
+    records = show_records(cfg, variant)
     if "--json" in flags:
         print(json.dumps(records, indent=1))
         return 0
     for rec in records:
         print(f"Table {rec['table']} / {rec['row_id']}: {rec['row']}  ({rec['dataset']}, {rec['solver']}, "
               f"{rec['iterations']} iterations)")
+        if rec["variant"]:
+            print(f"  variant: {rec['variant']}")
         print(f"  {' '.join(rec['layers'])}")
-        print(f"  params: {rec['params_paper']:,} conv+fc (paper: {rec['paper_params']}), "
+        print(f"  params: {rec['params_paper']:,} conv+fc (paper: {rec['paper_params'] or '-'}), "
               f"{rec['params_total']:,} trainable with BatchNorm")
     return 0
 
 
-def run_job(cfg, flags) -> int:
+def run_job(cfg, flags, variant) -> int:
     from simpnet_cli import runner
 
-    runs = plan_runs(cfg)
+    runs = plan_runs(cfg, variant)
     opts = options(cfg)
+    runner.pick_device(opts.device)  # device=cuda on a machine without one: say so before anything trains
     if "--dry-run" in flags:
         from simpnet_cli import bench
 
@@ -138,23 +214,72 @@ def is_multirun(flags, overrides) -> bool:
     return bool({"-m", "--multirun"} & flags) or any(o.startswith("hydra/launcher=") for o in overrides)
 
 
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """Every combination a sweep will launch (``row=WE10,BW10 dataset=cifar10,cifar100``: four), as the override
+    lists Hydra's basic sweeper gives its jobs; Hydra's own keys (launcher, sweep folder) left out."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise hydra_error(err) from None
+    choices = []
+    for o in parsed:
+        if o.key_or_group.startswith("hydra"):
+            continue
+        prefix = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~"}.get(o.type.name, "")
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        key = f"{prefix}{o.key_or_group}" + (f"@{o.package}" if o.package else "")
+        choices.append([f"{key}={v}" if not (o.is_delete() and v is None) else key for v in values])
+    return [list(combo) for combo in itertools.product(*choices)]
+
+
+def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
+    """Compose and plan every job of a sweep before the first one starts: a bad key or value in any
+    combination is one line and exit 2, never Hydra's multi-line error after some jobs have trained."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from simpnet_cli import variants
+
+    jobs = sweep_jobs(prepared)
+    with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
+        for job in jobs:
+            try:
+                cfg = hydra_compose(config_name="config", overrides=job + search)
+            except (HydraException, OmegaConfBaseException) as err:
+                raise hydra_error(err) from None
+            check_options(cfg)
+            plan_runs(cfg, variants.from_overrides(job))
+    return len(jobs)
+
+
 def multirun(flags, overrides) -> int:
     """Sweeps and clusters: Hydra launches one job per combination (``row=WE10,BW10``), locally or through
     a launcher plugin such as hydra-submitit-launcher (``hydra/launcher=submitit_slurm``)."""
     import hydra
+    from hydra.core.hydra_config import HydraConfig
 
-    from simpnet_cli.tables import CONF_DIR
+    from simpnet_cli import variants
 
+    primary, search = config_dirs(overrides)
+    prepared = variants.prepare(overrides)
+    check_sweep(prepared, search, primary)
     codes: list[int] = []  # exit codes of the jobs run in this process (a cluster's jobs report in their logs)
 
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    @hydra.main(config_path=str(primary), config_name="config", version_base="1.3")
     def job(job_cfg):
         # A failed job prints its one line and returns its code: Hydra goes on with the other jobs.
-        codes.append(guarded(lambda: run_job(job_cfg, flags), "--debug" in flags))
+        variant = variants.from_overrides(HydraConfig.get().overrides.task)
+        codes.append(guarded(lambda: run_job(job_cfg, flags, variant), "--debug" in flags))
         return codes[-1]
 
     argv = sys.argv
-    sys.argv = [argv[0], "--multirun", *overrides]
+    sys.argv = [argv[0], "--multirun", *prepared, *search]
     try:
         job()
     finally:
@@ -162,7 +287,7 @@ def multirun(flags, overrides) -> int:
     return max(codes, default=0)
 
 
-def cmd_report(cfg, flags) -> int:
+def cmd_report(cfg, flags, variant) -> int:
     from simpnet_cli import report
 
     out = report.render(Path(cfg.results_dir), tables=table_selector(cfg),
@@ -171,7 +296,7 @@ def cmd_report(cfg, flags) -> int:
     return 0
 
 
-def cmd_bench(cfg, flags) -> int:
+def cmd_bench(cfg, flags, variant) -> int:
     from simpnet_cli import bench
 
     return bench.main(cfg, flags)
@@ -227,10 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unknown command {cmd!r}; commands: list, show, run, report, bench")
         if cmd == "run" and is_multirun(flags, overrides):
             return multirun(flags, overrides)  # Hydra composes each job's config itself
-        cfg = compose(overrides)
+        cfg, variant = compose(overrides)
         if cmd == "run":
-            return run_job(cfg, flags)
-        return COMMANDS[cmd](cfg, flags)
+            return run_job(cfg, flags, variant)
+        return COMMANDS[cmd](cfg, flags, variant)
 
     return guarded(dispatch, debug)
 

@@ -219,7 +219,8 @@ def plain(arch: Mapping, num_classes: int) -> list:
     drop_conv = _per_layer(drop.get("conv"), n, None, "dropout.conv")
     pools_after = list(arch.get("pools_after") or [])
     if any(not 1 <= i <= n for i in pools_after) or len(set(pools_after)) != len(pools_after):
-        raise UserError(f"pools_after {pools_after} must name distinct conv layers in 1-{n}")
+        raise UserError(f"pools_after {pools_after} must name distinct conv layers in 1-{n} (the widths give {n} "
+                        f"conv layers; place the pools with net.pools_after=[...])")
     drop_pool = _per_layer(drop.get("pool"), len(pools_after), None, "dropout.pool") if pools_after else []
     pool_cfg = arch.get("pool") or {"k": 2, "s": 2}
     strided = arch.get("downsample", "max_pool") == "strided_conv"

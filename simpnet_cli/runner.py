@@ -20,6 +20,7 @@ import torch
 
 from simpnet_cli import results, tables, train
 from simpnet_cli.errors import UserError
+from simpnet_cli.variants import RowOverrides
 
 
 @dataclass(frozen=True)
@@ -46,19 +47,17 @@ def seeds_of(value) -> list[int]:
         raise UserError(f"seeds={value!r}: give a count (seeds=3) or a list of integers (seeds=[0,7])") from None
 
 
-def plan(table_sel, row_sel, seeds, profile: dict, run_opts: dict | None = None,
-         data_opts: dict | None = None) -> list[tables.RunSpec]:
-    """Every (table, row, seed) the selectors name, resolved and checked, before anything trains."""
-    if table_sel is None:
-        raise UserError("say which table: table=4, table=14b, table=[2,3] or table=all")
-    chosen = tables.load_tables(table_sel)
+def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: dict | None = None,
+         data_opts: dict | None = None, overrides: RowOverrides | None = None) -> list[tables.RunSpec]:
+    """Every (table, row, seed) the selectors name, resolved and validated, before anything trains: a bad key in
+    the last row of ``table=all`` stops the command before the first run starts."""
     if row_sel is not None and len(chosen) > 1:
         raise UserError("row= needs a single table (table=N)")
     runs = []
     for table in chosen:
         for row in table.select(row_sel):
             for seed in seeds_of(seeds):
-                runs.append(tables.resolve(table, row, seed, profile, run_opts, data_opts))
+                runs.append(tables.resolve(table, row, seed, profile, run_opts, data_opts, overrides))
     return runs
 
 

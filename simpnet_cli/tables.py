@@ -8,6 +8,7 @@ run's identity.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,15 +20,60 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from simpnet_cli import network
+from simpnet_cli import network, schema
 from simpnet_cli.errors import UserError
+from simpnet_cli.notation import parse_widths
+from simpnet_cli.variants import RowOverrides, assign
 
-# The config tree: conf/ beside the package, or the folder named by SIMPNET_CONF_DIR (a copy of conf/ with
-# tables, rows or solvers of one's own; the CLI's Hydra config is read from there as well).
+# The config tree: conf/ beside the package, searched after a folder of one's own (``conf_dir=PATH`` on the
+# command line, or SIMPNET_CONF_DIR) holding any of tables/, arch/, solver/, dataset/ with files of one's own.
 DEFAULT_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-CONF_DIR = Path(os.environ.get("SIMPNET_CONF_DIR") or DEFAULT_CONF_DIR).expanduser().resolve()
+CONF_DIR = DEFAULT_CONF_DIR
+CONF_KINDS = ("tables", "arch", "solver", "dataset", "profile")
 ROW_KEYS = {"id", "label", "arch", "net", "dataset", "solver", "iterations", "paper", "note"}
 TABLE_KEYS = {"table", "title", "row_defaults", "rows", "cited", "claims", "display", "axis", "note"}
+_search: list[Path] = [DEFAULT_CONF_DIR]
+
+
+def user_conf_dir(value: Any = None) -> Path | None:
+    """The folder of one's own: ``value`` (conf_dir=), else SIMPNET_CONF_DIR, else none."""
+    raw = value if value not in (None, "") else os.environ.get("SIMPNET_CONF_DIR")
+    if not raw:
+        return None
+    path = Path(str(raw)).expanduser().resolve()
+    if not path.is_dir():
+        raise UserError(f"conf_dir {path} is not a folder (conf_dir=PATH or SIMPNET_CONF_DIR names a folder "
+                        f"with tables/ and optionally arch/, solver/, dataset/)")
+    if path != DEFAULT_CONF_DIR and not any((path / kind).is_dir() for kind in CONF_KINDS):
+        raise UserError(f"conf_dir {path} has none of the folders {', '.join(CONF_KINDS)}; put your table files "
+                        f"in {path / 'tables'}/")
+    return path
+
+
+def use_conf_dir(path: Path | None) -> None:
+    """Search ``path`` before the built-in conf/ for tables and named configs."""
+    global _search
+    wanted = [path] if path is not None and path != DEFAULT_CONF_DIR else []
+    if wanted + [DEFAULT_CONF_DIR] != _search:
+        _search = wanted + [DEFAULT_CONF_DIR]
+        load_table.cache_clear()
+
+
+def conf_dirs() -> list[Path]:
+    return list(_search)
+
+
+def find_config(kind: str, name: str) -> Path | None:
+    """``<dir>/<kind>/<name>.yaml`` in the first folder of the search path that has it."""
+    for root in _search:
+        path = root / kind / f"{name}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
+def known_names(kind: str) -> list[str]:
+    return sorted({p.stem for root in _search for p in (root / kind).glob("*.yaml")})
 
 
 def _yaml(path: Path) -> dict:
@@ -39,13 +85,33 @@ def _yaml(path: Path) -> dict:
         raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
 
 
-def table_names(conf_dir: Path = CONF_DIR) -> list[str]:
-    """Table names in the paper's order: 2, 3, ..., 14, 14b."""
-    names = [p.stem.removeprefix("table") for p in (conf_dir / "tables").glob("table*.yaml")]
-    return sorted(names, key=lambda n: (int(re.match(r"\d+", n)[0]), n))
+def _table_name(path: Path) -> str:
+    return path.stem.removeprefix("table") or path.stem
 
 
-def load_named(kind: str, value: Any, conf_dir: Path = CONF_DIR) -> dict:
+def _paper_order(name: str) -> tuple:
+    """The paper's tables in its order (2, 3, ..., 14, 14b), then tables of one's own by name."""
+    number = re.match(r"\d+", name)
+    return (0, int(number[0]), name) if number else (1, 0, name)
+
+
+def table_names(conf_dir: Path | None = None) -> list[str]:
+    """Every table name on the search path (or in one ``conf_dir``), in the paper's order."""
+    roots = [conf_dir] if conf_dir is not None else _search
+    names = {_table_name(p) for root in roots for p in (root / "tables").glob("*.yaml")}
+    return sorted(names, key=_paper_order)
+
+
+def table_path(name: str) -> Path | None:
+    """A table's file: ``tables/table<name>.yaml`` or ``tables/<name>.yaml``, a folder of one's own first."""
+    for root in _search:
+        for path in (root / "tables" / f"table{name}.yaml", root / "tables" / f"{name}.yaml"):
+            if path.is_file():
+                return path
+    return None
+
+
+def load_named(kind: str, value: Any, conf_dir: Path | None = None) -> dict:
     """A config-group entry: a name (``adadelta_30k``) or a mapping ``{base: name, **overrides}``.
 
     Overrides replace whole top-level values (a row's ``schedule`` replaces the base's, points and all),
@@ -56,11 +122,13 @@ def load_named(kind: str, value: Any, conf_dir: Path = CONF_DIR) -> dict:
         base, overrides = value["base"], {k: v for k, v in value.items() if k != "base"}
     else:
         raise UserError(f"{kind} must be a name from conf/{kind}/ or a mapping with 'base', got {value!r}")
-    path = conf_dir / kind / f"{base}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in (conf_dir / kind).glob("*.yaml")))
-        raise UserError(f"unknown {kind} {base!r}; known: {known}")
-    return {**_yaml(path), **overrides}
+    path = (conf_dir / kind / f"{base}.yaml") if conf_dir is not None else find_config(kind, str(base))
+    if path is None or not path.is_file():
+        raise UserError(f"unknown {kind} {base!r}; known: {', '.join(known_names(kind))}")
+    loaded = _yaml(path)
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: expected a mapping of keys, got {type(loaded).__name__}")
+    return {**loaded, **overrides}
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -97,21 +165,31 @@ class Table:
 
 
 @lru_cache(maxsize=None)
-def load_table(name: str, conf_dir: Path = CONF_DIR) -> Table:
-    name = str(name).removeprefix("table")
-    path = conf_dir / "tables" / f"table{name}.yaml"
-    if not path.exists():
-        raise UserError(f"unknown table {name!r}; known: {', '.join(table_names(conf_dir))}, all")
+def load_table(name: str) -> Table:
+    name = str(name).removeprefix("table") if str(name) != "table" else str(name)
+    path = table_path(name)
+    if path is None:
+        raise UserError(f"unknown table {name!r}; known: {', '.join(table_names())}, all"
+                        + (f" (searched {', '.join(str(d / 'tables') for d in _search)})" if len(_search) > 1 else ""))
     raw = _yaml(path)
+    if not raw:
+        raise UserError(f"{path}: the table file is empty; a table needs rows (see conf/tables/table2.yaml)")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with title, rows, claims, got {type(raw).__name__}")
     bad = set(raw) - TABLE_KEYS
     if bad:
-        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(bad))}; allowed: {', '.join(sorted(TABLE_KEYS))}")
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(map(str, bad)))}; "
+                        f"allowed: {', '.join(sorted(TABLE_KEYS))}")
     defaults = raw.get("row_defaults") or {}
+    if not isinstance(defaults, dict) or not isinstance(raw.get("rows") or [], list):
+        raise UserError(f"{path}: row_defaults must be a mapping and rows a list")
     rows = []
     for i, r in enumerate(raw.get("rows") or []):
+        if not isinstance(r, dict):
+            raise UserError(f"{path}: row {i + 1} must be a mapping with id, label, net..., got {r!r}")
         bad = set(r) - ROW_KEYS
         if bad:
-            raise UserError(f"{path}: row {r.get('id', i)}: unknown key(s) {', '.join(sorted(bad))}; "
+            raise UserError(f"{path}: row {r.get('id', i)}: unknown key(s) {', '.join(sorted(map(str, bad)))}; "
                             f"allowed: {', '.join(sorted(ROW_KEYS))}")
         row = _deep_merge(defaults, r)
         for key in ("id", "label", "arch", "dataset", "solver", "iterations"):
@@ -119,6 +197,8 @@ def load_table(name: str, conf_dir: Path = CONF_DIR) -> Table:
                 raise UserError(f"{path}: row {r.get('id', i)} has no {key!r}")
         row["id"] = str(row["id"])
         rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: the table has no rows to train")
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):
         raise UserError(f"{path}: duplicate row ids {ids}")
@@ -126,13 +206,25 @@ def load_table(name: str, conf_dir: Path = CONF_DIR) -> Table:
                  raw.get("display", "accuracy"), path, raw.get("axis"))
 
 
-def load_tables(selector: Any = "all", conf_dir: Path = CONF_DIR) -> list[Table]:
-    """``all``, one name (``4``, ``table4``, ``14b``) or a list of names."""
+def load_tables(selector: Any = "all") -> list[Table]:
+    """``all``, one name (``4``, ``table4``, ``14b``, ``mine``) or a list of names."""
     if isinstance(selector, (list, tuple, ListConfig)):
-        return [t for s in selector for t in load_tables(s, conf_dir)]
+        return [t for s in selector for t in load_tables(s)]
     if str(selector) == "all":
-        return [load_table(n, conf_dir) for n in table_names(conf_dir)]
-    return [load_table(str(selector), conf_dir)]
+        return [load_table(n) for n in table_names()]
+    return [load_table(str(selector))]
+
+
+def custom_table(name: str, arch: str, defaults: dict) -> Table:
+    """A network that is in no table (``simpnet run arch=arch2 'net.widths=...'``): one row on the ``arch``
+    template, trained with ``defaults`` (dataset, solver, iterations) unless the command line says otherwise,
+    and recorded under the table ``name``."""
+    if table_path(str(name)) is not None:
+        raise UserError(f"custom.table={name} is the name of an existing table; give your network another name")
+    row = {"id": str(arch), "label": f"{arch} (a network of your own)", "arch": str(arch), "fit_pools": True,
+           "dataset": defaults.get("dataset", "cifar10"), "solver": defaults.get("solver", "adadelta_30k"),
+           "iterations": defaults.get("iterations", 30000)}
+    return Table(str(name), "Networks of your own", [row])
 
 
 # --------------------------------------------------------------------------- resolved runs
@@ -180,31 +272,60 @@ class RunSpec:
 NON_IDENTITY_TRAIN_KEYS = {"checkpoint_every", "graphs"}
 
 
+def _parts(row: dict, profile: dict, run_opts: dict | None, data_opts: dict | None,
+           overrides: RowOverrides | None) -> tuple[dict, dict, dict, dict]:
+    """(net, dataset, solver, train) of a row: its configs, then the profile, then the command line."""
+    over = overrides or RowOverrides()
+    choices = over.choices
+    net = _deep_merge(load_named("arch", choices.get("arch", row["arch"])), row.get("net") or {})
+    dataset = load_named("dataset", choices["dataset"] if "dataset" in choices else row["dataset"])
+    solver = load_named("solver", choices["solver"] if "solver" in choices else row["solver"])
+    profile_train = dict(profile.get("train") or {})
+    iterations = profile_train.pop("iterations", None)  # 0 is a value (refused later), not "unset"
+    train = {"iterations": row["iterations"] if iterations is None else iterations, **profile_train,
+             **(run_opts or {}), **over.train()}
+    dataset = {**dataset, **(data_opts or {}).get(dataset.get("name"), {}), **(profile.get("data") or {})}
+    for key, value in over.assigned("net"):
+        net = assign(net, key, value)
+    if row.get("fit_pools") and "pools_after" in net and "pools_after" not in dict(over.assigned("net")):
+        # A network of one's own keeps its family's pool positions that exist in it (Arch2's [4, 7, 9, 12] on
+        # six layers: [4]); `simpnet show` prints where they went, and net.pools_after=[..] places them.
+        depth = len(parse_widths(net["widths"])) if isinstance(net.get("widths"), str) else None
+        net["pools_after"] = [i for i in net["pools_after"] if depth is None or i <= depth]
+    for key, value in over.assigned("dataset"):
+        dataset = assign(dataset, key, value)
+    for key, value in over.assigned("solver"):
+        solver = assign(solver, key, value)
+    return net, dataset, solver, train
+
+
 def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | None = None,
-            data_opts: dict | None = None) -> RunSpec:
-    """Merge template, row, dataset, solver and profile into a RunSpec, and check the network builds.
+            data_opts: dict | None = None, overrides: RowOverrides | None = None) -> RunSpec:
+    """Merge template, row, dataset, solver, profile and command-line overrides into a RunSpec; check every
+    key against the schema and that the network builds. Errors name the row, its file and the key.
 
     ``run_opts`` override training keys (precision); ``data_opts`` maps a dataset name to keys that
-    override its config (``{"svhn": {"extra": True}}``)."""
-    where = f"table {table.name}, row {row['id']}"
+    override its config (``{"svhn": {"extra": True}}``); ``overrides`` are a variant's (see variants.py)."""
+    where = f"table {table.name}, row {row['id']}" + (f" ({table.path})" if table.path else "")
+    if overrides:
+        where += f" with {overrides.text()}"
     try:
-        arch = load_named("arch", row["arch"])
-        net = _deep_merge(arch, row.get("net") or {})
-        dataset = load_named("dataset", row["dataset"])
-        solver = load_named("solver", row["solver"])
-    except UserError as err:
-        raise UserError(f"{where}: {err}") from None
-    profile_train = dict(profile.get("train") or {})
-    iterations = int(profile_train.pop("iterations", None) or row["iterations"])
-    train = {"iterations": iterations, **profile_train, **(run_opts or {})}
-    dataset = {**dataset, **(data_opts or {}).get(dataset["name"], {}), **(profile.get("data") or {})}
-    spec = RunSpec(table.name, row["id"], row["label"], int(seed), net, dataset, solver, train,
-                   dict(row.get("paper") or {}))
-    try:
+        net, dataset, solver, train = _parts(row, profile, run_opts, data_opts, overrides)
+        schema.check_run(net, dataset, solver, train)
+        spec = RunSpec(table.name, row["id"], row["label"], int(seed), net, dataset, solver, train,
+                       dict(row.get("paper") or {}))
         network.check(spec.spec, spec.in_shape)
     except UserError as err:  # NotationError, NetworkError, ...: keep the type, say which row
         err.args = (f"{where}: {err}",)  # (re-creating it would need each subclass's own arguments)
         raise
+    if overrides:
+        # A variant is named by its overrides, unless they change nothing the run computes (dataset=cifar10 on
+        # a CIFAR-10 row): then it is the paper's row, and is recorded (and skipped) as that row.
+        variant = overrides.text(skip=("arch",) if table.path is None else ())
+        if table.path is not None and variant:
+            plain = resolve(table, row, seed, profile, run_opts, data_opts)
+            variant = "" if plain.config_hash == spec.config_hash else variant
+        spec = dataclasses.replace(spec, variant=variant)
     return spec
 
 

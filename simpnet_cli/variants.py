@@ -1,0 +1,130 @@
+"""Variants of a row from the command line: ``dataset=cifar100``, ``solver.lr=0.05``, ``net.dropout.head=0.3``.
+
+A row resolves to four parts (``net``, ``dataset``, ``solver``, ``train``); a variant changes them in the order
+a Hydra user expects: the row, then the profile, then the command line. Three kinds of override exist:
+
+* a group choice replaces a part of every row: ``arch=arch3`` (the network template under the row's own
+  ``net`` keys), ``dataset=cifar100``, ``solver=nesterov_80k``;
+* a dotted key sets one value inside a part, on top of the row's: ``net.widths='C64{3}, C128{4}'``,
+  ``net.pools_after=[3,7]``, ``solver.lr=0.05``, ``solver.schedule.steps=[20000,40000]``, ``dataset.size=28``;
+* ``iterations=`` and ``batch_size=`` set the training length and batch, over the profile's.
+
+Hydra parses and sweeps them (``-m dataset=cifar10,cifar100``); this module reads the parsed overrides into a
+``RowOverrides`` that ``tables.resolve`` applies to each row, and names them in the ``variant`` column of the
+results. A key that does not exist is caught by the schema when the row resolves, naming the key and the row.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from simpnet_cli.errors import UserError
+from simpnet_cli.notation import format_widths, parse_widths
+
+GROUPS = ("arch", "dataset", "solver")      # config groups a row names; a choice replaces the row's own
+PARTS = ("net", "dataset", "solver")        # parts whose keys may be set one by one (net.X, dataset.X, ...)
+TRAIN_KEYS = ("iterations", "batch_size")   # top-level keys that set the row's training length and batch
+
+
+@dataclass(frozen=True)
+class RowOverrides:
+    """Group choices (``{"dataset": "cifar100"}``) and dotted assignments (``("solver.lr", 0.05)``)."""
+    choices: dict = field(default_factory=dict)
+    assignments: tuple = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.choices or self.assignments)
+
+    def assigned(self, part: str) -> list[tuple[str, Any]]:
+        """The assignments inside one part, with the part's prefix removed: [("dropout.head", 0.3)]."""
+        return [(key.split(".", 1)[1], value) for key, value in self.assignments if key.startswith(part + ".")]
+
+    def train(self) -> dict:
+        return {key: value for key, value in self.assignments if key in TRAIN_KEYS}
+
+    def text(self, skip: Iterable[str] = ()) -> str:
+        """The compact form recorded in the ``variant`` column: ``dataset=cifar100 net.dropout.head=0.3``."""
+        items = [(g, self.choices[g]) for g in GROUPS if g in self.choices and g not in skip]
+        items += sorted((k, v) for k, v in self.assignments if k not in skip)
+        return " ".join(f"{key}={_compact(key, value)}" for key, value in items)
+
+
+def _compact(key: str, value: Any) -> str:
+    if key == "net.widths" and isinstance(value, str):
+        try:  # one spelling per network: "C64, C64" and "C64{2}" are the same widths
+            return format_widths(parse_widths(value)).replace(" ", "")
+        except UserError:
+            return value.replace(" ", "")
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def is_row_key(key: str) -> bool:
+    return key in GROUPS or key in TRAIN_KEYS or key.split(".", 1)[0] in PARTS and "." in key
+
+
+def prepare(args: list[str]) -> list[str]:
+    """Command-line overrides as Hydra must see them.
+
+    A row's part is empty in the top-level config (it comes from the row), so ``net.widths=..`` must add the key:
+    it becomes ``++net.widths=..``. A ``C_x{y}`` value is quoted, since Hydra's grammar reads ``{`` as a
+    dictionary and ``,`` as a sweep: ``net.widths=C64{3}, C128`` is one network, not two."""
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        bare = key.lstrip("+")
+        if eq and bare.split(".", 1)[0] in PARTS and "." in bare:
+            if bare == "net.widths" and re.match(r"\s*\$?\s*C", value):
+                quote = '"' if "'" in value else "'"
+                value = f"{quote}{value}{quote}"
+            if not key.startswith("+") and not key.startswith("~"):
+                key = "++" + key
+            arg = f"{key}={value}"
+        elif eq and bare.startswith("arch."):
+            raise UserError(f"{arg}: set network keys with net.KEY (net.{bare.split('.', 1)[1]}=...), "
+                            f"and choose a template with arch=NAME")
+        out.append(arg)
+    return out
+
+
+def from_overrides(args: Iterable[str]) -> RowOverrides:
+    """The row overrides among a job's parsed Hydra overrides (each sweep value is its own job)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices, assignments = {}, []
+    for override in OverridesParser.create().parse_overrides(list(args)):
+        key = override.key_or_group
+        if not is_row_key(key) or override.is_delete():
+            continue
+        value = _plain(override.value())
+        if key in GROUPS:
+            if value is not None:
+                choices[key] = str(value)
+        elif not (key in TRAIN_KEYS and value is None):
+            assignments.append((key, value))
+    return RowOverrides(choices, tuple(assignments))
+
+
+def _plain(value: Any) -> Any:
+    """Hydra's parsed values (its own list/dict types, quoted strings) as plain Python values."""
+    if isinstance(value, dict):
+        return {(str(k) if not isinstance(k, int) else k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def assign(target: dict, dotted: str, value: Any) -> dict:
+    """``target`` with ``dotted`` (``dropout.head``) set to ``value``, creating mappings on the way; replaces the
+    value at that key (a mapping given on the command line replaces the row's mapping, as in Hydra)."""
+    out = dict(target)
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        out[head] = value
+        return out
+    inner = out.get(head)
+    out[head] = assign(inner if isinstance(inner, dict) else {}, rest, value)
+    return out

@@ -1,0 +1,343 @@
+"""Variants from the command line (issue 10) and the validation of every run before training (issue 11).
+
+A row's dataset, solver, schedule, length, batch and network keys are Hydra overrides; a sweep runs every
+combination; a network in no table and tables of one's own are recorded like the paper's rows; every bad
+value is one line naming the row and the key, with exit 2, before anything trains.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simpnet_cli import cli, network, results, tables, variants
+from simpnet_cli.errors import UserError
+
+SMOKE = {"train": {"iterations": 4, "batch_size": 8, "eval_every": 2, "checkpoint_every": 2, "precision": "fp32"},
+         "data": {"source": "synthetic", "train_size": 64, "test_size": 32}}
+
+
+def overrides(*args: str) -> variants.RowOverrides:
+    return variants.from_overrides(variants.prepare(list(args)))
+
+
+def resolve(table: str, row: str, *args: str, profile: dict | None = None) -> tables.RunSpec:
+    t = tables.load_table(table)
+    return tables.resolve(t, t.row(row), 0, profile if profile is not None else {}, overrides=overrides(*args))
+
+
+def simpnet(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real command in a subprocess (Hydra's multirun owns sys.argv), one CPU thread per process."""
+    full_env = {k: v for k, v in os.environ.items() if k != "SIMPNET_CONF_DIR"}
+    full_env.update({"OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run([sys.executable, "-m", "simpnet_cli.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(capsys, argv: list[str], *needles: str) -> str:
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, f"exit {code}, stderr: {err}"
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("simpnet: error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- overrides applied to a row
+
+def test_dataset_choice_replaces_the_rows_dataset_and_names_the_variant():
+    paper = resolve("13", "slim-300K")
+    run = resolve("13", "slim-300K", "dataset=fashion_mnist")
+    assert paper.dataset["name"] == "mnist" and run.dataset["name"] == "fashion_mnist"
+    assert run.variant == "dataset=fashion_mnist" and paper.variant == ""
+    assert run.config_hash != paper.config_hash
+    assert network.tokens(run.spec) == network.tokens(paper.spec)  # same 28x28x1 network
+
+
+def test_dataset_with_other_shape_changes_the_classifier_and_input():
+    run = resolve("4", "WE13", "dataset=cifar100")
+    assert network.tokens(run.spec)[-1] == "fc100"
+    assert run.in_shape == network.Shape(3, 32, 32)
+
+
+def test_solver_choice_then_dotted_keys_on_top():
+    run = resolve("2", "8L", "solver=nesterov_80k", "solver.lr=0.05", "solver.weight_decay=0.001",
+                  "solver.schedule.steps=[1000,2000]")
+    assert run.solver["type"] == "nesterov" and run.solver["lr"] == 0.05 and run.solver["weight_decay"] == 0.001
+    assert run.solver["schedule"] == {"kind": "multistep", "gamma": 0.1, "steps": [1000, 2000]}
+    assert run.variant == ("solver=nesterov_80k solver.lr=0.05 solver.schedule.steps=[1000,2000] "
+                           "solver.weight_decay=0.001")
+
+
+def test_dotted_solver_key_keeps_the_rows_own_solver():
+    paper = resolve("2", "8L")
+    run = resolve("2", "8L", "solver.lr=0.2")
+    assert run.solver == {**paper.solver, "lr": 0.2}
+
+
+def test_network_keys_change_the_layers():
+    run = resolve("2", "8L", "net.widths=C64{3}, C128{4}", "net.pools_after=[3,7]", "net.dropout.head=0.3",
+                  "net.global_pool=avg")
+    assert network.tokens(run.spec) == (["conv64k3p1"] * 3 + ["pool-MAXk2s2"] + ["conv128k3p1"] * 4
+                                        + ["pool-MAXk2s2", "GP-AVE", "drop0.3", "fc10"])
+    assert run.variant == ("net.dropout.head=0.3 net.global_pool=avg net.pools_after=[3,7] "
+                           "net.widths=C64{3},C128{4}")
+
+
+def test_a_mapping_on_the_command_line_replaces_the_rows_mapping():
+    paper = resolve("4", "WE10")
+    assert paper.net["dropout"]["conv"] == {"1-3": 0.2, "5-6": 0.2, "8-10": 0.2}
+    run = resolve("4", "WE10", "net.dropout.conv={1-2: 0.1}")
+    assert run.net["dropout"]["conv"] == {"1-2": 0.1}
+    assert run.net["dropout"]["pool"] == paper.net["dropout"]["pool"]
+
+
+def test_strided_downsampling_and_kernels_from_the_command_line():
+    run = resolve("2", "8L", "net.downsample=strided_conv", "net.kernels={1-3: 5}")
+    toks = network.tokens(run.spec)
+    assert toks[:3] == ["conv41k5p2", "conv43k5p2", "conv70k5s2p2"] and "pool-MAXk2s2" not in toks
+
+
+def test_iterations_and_batch_size_override_row_and_profile():
+    run = resolve("2", "8L", "iterations=90000", "batch_size=50", profile=SMOKE)
+    assert run.train["iterations"] == 90000 and run.train["batch_size"] == 50
+    assert run.variant == "batch_size=50 iterations=90000"
+
+
+def test_an_override_that_changes_nothing_is_the_papers_row():
+    paper = resolve("2", "8L")
+    same = resolve("2", "8L", "dataset=cifar10", "net.widths=C41, C43, C70, C70{3}, C85, C90")
+    assert same.config_hash == paper.config_hash and same.variant == ""
+
+
+def test_profile_iterations_zero_is_refused_not_taken_as_unset():
+    t = tables.load_table("2")
+    with pytest.raises(UserError, match=r"train\.iterations: must be > 0, got 0"):
+        tables.resolve(t, t.row("8L"), 0, {"train": {"iterations": 0}})
+
+
+def test_widths_are_quoted_for_hydra_and_other_keys_are_added_with_force():
+    assert variants.prepare(["net.widths=C64{3}, C128", "solver.lr=0.1", "dataset=cifar100", "table=4"]) == [
+        "++net.widths='C64{3}, C128'", "++solver.lr=0.1", "dataset=cifar100", "table=4"]
+    with pytest.raises(UserError, match="net.kernel"):
+        variants.prepare(["arch.kernel=5"])
+
+
+# --------------------------------------------------------------------------- the commands of the issue
+
+def test_show_prints_the_resolved_network_of_a_variant(capsys):
+    assert cli.main(["show", "table=4", "row=WE10", "net.dropout.head=0.3", "dataset=cifar100"]) == 0
+    out = capsys.readouterr().out
+    assert "variant: dataset=cifar100 net.dropout.head=0.3" in out
+    assert "GP-MAX drop0.3 fc100" in out
+
+
+def test_row_variant_trains_on_real_fashion_mnist(tmp_path, fashion_mnist_dir):
+    # The issue's first command; a short schedule and subsets keep it a test (full length: 36,600 iterations).
+    proc = simpnet("run", "table=13", "row=slim-300K", "dataset=fashion_mnist", f"data_dir={fashion_mnist_dir}",
+                   "iterations=60", "batch_size=50", "profile.train.eval_every=30", "dataset.train_size=3000",
+                   "dataset.test_size=500", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
+                   "quiet=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows, bad = results.read(tmp_path / "results" / "table13.csv")
+    assert not bad and len(rows) == 1
+    row = rows[0]
+    assert row["dataset"] == "fashion_mnist" and row["status"] == "ok" and row["iterations"] == 60
+    assert row["variant"] == ("dataset=fashion_mnist batch_size=50 dataset.test_size=500 dataset.train_size=3000 "
+                              "iterations=60")
+    assert row["best_acc"] > 30, row  # ten classes: chance is 10%
+
+
+def test_sweep_two_datasets_by_two_rows_records_four_variants_and_reruns_nothing(tmp_path):
+    args = ["run", "-m", "table=13", "row=slim-300K,SimpNet", "dataset=fashion_mnist,cifar10", "profile=smoke",
+            "quiet=true", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
+            f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = simpnet(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows, bad = results.read(tmp_path / "results" / "table13.csv")
+    assert not bad and len(rows) == 4
+    assert sorted((r["row_id"], r["variant"]) for r in rows) == [
+        ("SimpNet", "dataset=cifar10"), ("SimpNet", "dataset=fashion_mnist"),
+        ("slim-300K", "dataset=cifar10"), ("slim-300K", "dataset=fashion_mnist")]
+    assert len({r["config_hash"] for r in rows}) == 4
+    before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    again = simpnet(*args[:-1], f"hydra.sweep.dir={tmp_path}/sweep2", "quiet=false", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("already recorded") == 4 and "ok (final" not in again.stderr
+    assert len(results.read(tmp_path / "results" / "table13.csv")[0]) == 4
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before
+
+
+def test_sweep_over_a_network_key(tmp_path):
+    proc = simpnet("run", "-m", "table=5", "row=P5", "net.dropout.head=0.1,0.3", "profile=smoke", "quiet=true",
+                   f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
+                   f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows, _ = results.read(tmp_path / "results" / "table5.csv")
+    assert sorted(r["variant"] for r in rows) == ["net.dropout.head=0.1", "net.dropout.head=0.3"]
+
+
+def test_a_network_in_no_table_is_recorded_as_custom(tmp_path, capsys):
+    code = cli.main(["run", "arch=arch2", "net.widths=C64, C128{2}, C256{3}", "dataset=cifar10", "profile=smoke",
+                     "quiet=true", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"])
+    assert code == 0, capsys.readouterr().err
+    rows, bad = results.read(tmp_path / "results" / "tablecustom.csv")
+    assert not bad and len(rows) == 1
+    assert rows[0]["table"] == "custom" and rows[0]["row_id"] == "arch2"
+    assert rows[0]["variant"] == "dataset=cifar10 net.widths=C64,C128{2},C256{3}"
+    # Arch2's pools after layers 4, 7, 9, 12: the six-layer network keeps the one it has.
+    assert cli.main(["show", "arch=arch2", "net.widths=C64, C128{2}, C256{3}", "--json"]) == 0
+    import json
+    rec = json.loads(capsys.readouterr().out)[0]
+    assert rec["layers"][:5] == ["conv64k3p1", "conv128k3p1", "conv128k3p1", "conv256k3p1", "pool-MAXk2s2"]
+    assert rec["layers"].count("pool-MAXk2s2") == 1
+
+
+def test_a_network_of_ones_own_under_a_name_of_ones_own(capsys):
+    assert cli.main(["show", "arch=resnet32", "dataset=cifar100", "custom.table=resnets", "--json"]) == 0
+    import json
+    rec = json.loads(capsys.readouterr().out)[0]
+    assert rec["table"] == "resnets" and rec["layers"][-1] == "fc100"
+    one_line_error(capsys, ["show", "arch=arch1"], "net.widths", "missing")
+    one_line_error(capsys, ["show", "arch=arch1", "net.widths=C8", "custom.table=4"], "existing table")
+
+
+MY_TABLE = """\
+title: My depth check
+row_defaults: {arch: arch1, dataset: cifar10, solver: adadelta_30k, iterations: 30000}
+rows:
+  - id: A
+    label: six layers
+    net: {widths: "C16{3}, C32{3}", pools_after: [3, 6]}
+  - id: B
+    label: eight layers
+    net: {widths: "C16{4}, C32{4}", pools_after: [4, 8]}
+claims:
+  - text: deeper is better
+    holds_if: ["B > A"]
+"""
+
+
+@pytest.fixture
+def my_conf(tmp_path) -> Path:
+    """A folder of one's own holding only tables/ (the built-in arch, solver and dataset configs are used)."""
+    root = tmp_path / "myconf"
+    (root / "tables").mkdir(parents=True)
+    (root / "tables" / "mine.yaml").write_text(MY_TABLE)
+    yield root
+    tables.use_conf_dir(None)
+
+
+def test_tables_of_ones_own_are_listed_with_their_origin_and_run(tmp_path, my_conf, capsys):
+    assert cli.main(["list", f"conf_dir={my_conf}"]) == 0
+    out = capsys.readouterr().out
+    assert f"Table mine: My depth check  [{my_conf / 'tables' / 'mine.yaml'}]" in out
+    assert "Table 2: Gradual expansion" in out and "[built-in: conf/tables/table2.yaml]" in out
+    code = cli.main(["run", "table=mine", f"conf_dir={my_conf}", "profile=smoke", "quiet=true",
+                     f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"])
+    assert code == 0, capsys.readouterr().err
+    rows, _ = results.read(tmp_path / "results" / "tablemine.csv")
+    assert sorted(r["row_id"] for r in rows) == ["A", "B"]
+
+
+def test_tables_of_ones_own_through_the_environment(tmp_path, my_conf):
+    proc = simpnet("show", "table=mine", "row=B", cwd=tmp_path, env={"SIMPNET_CONF_DIR": str(my_conf)})
+    assert proc.returncode == 0, proc.stderr
+    assert "Table mine / B: eight layers" in proc.stdout
+
+
+# --------------------------------------------------------------------------- bad variant input: one line, exit 2
+
+@pytest.mark.parametrize("args, needles", [
+    (["net.nope=1"], ["row 8L", "net.nope: unknown key"]),
+    (["nope=1"], ["nope", "unknown config key"]),
+    (["net.widths=C41,{3}"], ["row 8L", "net.widths=C41,{3}", "C_x{y}", "unbalanced brace"]),
+    (["iterations=-5"], ["row 8L", "train.iterations: must be > 0, got -5"]),
+    (["dataset=nope"], ["dataset/nope"]),
+    (["net.pools_after=[1,2,3,4,5,6]"], ["row 8L", "pooling a 1x1 map"]),
+    (["net.widths=C41{3}"], ["row 8L", "pools_after [3, 7]", "1-3"]),
+    (["solver.lr=-1"], ["row 8L", "solver.lr: must be in (0, 10), got -1.0"]),
+    (["solver.rho=abc"], ["solver.rho", "abc"]),
+    (["solver.weight_decay=5"], ["solver.weight_decay"]),
+    (["solver.schedule.kind=cosine"], ["solver.schedule.kind: must be multistep or piecewise"]),
+    (["solver.momentum=0.9"], ["solver.momentum: unknown key"]),
+    (["dataset.channels=0"], ["dataset.channels: must be > 0"]),
+    (["dataset.channels=1.5"], ["dataset.channels", "1.5"]),
+    (["profile.train.iterations=0"], ["train.iterations: must be > 0, got 0"]),
+    (["profile.train.eval_every=0"], ["train.eval_every: must be > 0"]),
+    (["profile.train.checkpoint_every=x"], ["train.checkpoint_every", "'x'"]),
+    (["batch_size=0"], ["train.batch_size: must be > 0"]),
+    (["precision=fp8"], ["precision"]),
+    (["precision=fp16"], ["fp16", "bf16"]),
+    (["profile.data.train_size=0"], ["dataset.train_size: must be > 0"]),
+    (["jobs_per_device=0"], ["jobs_per_device=0"]),
+    (["jobs_per_device=-2"], ["jobs_per_device=-2"]),
+    (["jobs_per_device=abc"], ["jobs_per_device"]),
+    (["results_dir="], ["results_dir is empty"]),
+    (["arch.kernel=5"], ["net.kernel"]),
+], ids=lambda v: v[0] if isinstance(v, list) and v and "=" in v[0] else None)
+def test_bad_variant_input_is_one_line_and_trains_nothing(tmp_path, capsys, args, needles):
+    results_dir = "" if args == ["results_dir="] else f"results_dir={tmp_path}/results"
+    argv = ["run", "table=2", "row=8L", "profile=smoke", f"runs_dir={tmp_path}/runs", *args]
+    if args != ["results_dir="]:
+        argv.append(results_dir)
+    one_line_error(capsys, argv, *needles)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_bad_key_in_a_sweep_is_one_line_before_any_job(tmp_path):
+    proc = simpnet("run", "-m", "table=5", "row=P5,P3", "net.dropout.head=0.1,2", "profile=smoke",
+                   f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
+                   f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "net.dropout.head" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists(), "no job may start"
+    unknown = simpnet("run", "-m", "table=5", "row=P5,P3", "nope=1", f"hydra.sweep.dir={tmp_path}/sweep",
+                      cwd=tmp_path)
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
+
+
+def test_table_all_with_one_broken_row_anywhere_fails_before_the_first_run(tmp_path, capsys):
+    root = tmp_path / "conf"
+    (root / "tables").mkdir(parents=True)
+    (root / "tables" / "table99.yaml").write_text(
+        "title: broken last\nrow_defaults: {arch: arch1, dataset: cifar10, solver: adadelta_30k, "
+        "iterations: 10}\nrows:\n  - id: LATE\n    label: bad schedule\n    net: {widths: 'C8{3}', "
+        "pools_after: [3]}\n    solver: {base: adadelta_30k, schedule: {kind: cosine}}\n")
+    try:
+        line = one_line_error(capsys, ["run", "table=all", "profile=smoke", f"conf_dir={root}",
+                                       f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"],
+                              "table 99, row LATE", str(root / "tables" / "table99.yaml"), "solver.schedule.kind")
+    finally:
+        tables.use_conf_dir(None)
+    assert "cosine" in line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_an_empty_table_file_is_refused(tmp_path, capsys):
+    root = tmp_path / "conf"
+    (root / "tables").mkdir(parents=True)
+    (root / "tables" / "tableempty.yaml").write_text("")
+    try:
+        one_line_error(capsys, ["run", "table=empty", f"conf_dir={root}", f"results_dir={tmp_path}/r"],
+                       "tableempty.yaml", "empty")
+    finally:
+        tables.use_conf_dir(None)
+
+
+def test_a_table_name_that_is_not_a_number_no_longer_breaks_every_command(tmp_path, capsys):
+    root = tmp_path / "conf"
+    (root / "tables").mkdir(parents=True)
+    (root / "tables" / "tablemine.yaml").write_text(MY_TABLE)
+    try:
+        assert cli.main(["list", f"conf_dir={root}"]) == 0
+        assert cli.main(["show", "table=all", f"conf_dir={root}"]) == 0
+    finally:
+        tables.use_conf_dir(None)
+    assert "Table mine / A" in capsys.readouterr().out
