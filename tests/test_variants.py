@@ -341,3 +341,16 @@ def test_a_table_name_that_is_not_a_number_no_longer_breaks_every_command(tmp_pa
     finally:
         tables.use_conf_dir(None)
     assert "Table mine / A" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+                    reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
+def test_a_variant_sweep_through_the_submitit_launcher(tmp_path):
+    # Each job runs in its own process: the variant must come from that job's own overrides.
+    proc = simpnet("run", "-m", "table=5", "row=P5", "net.dropout.head=0.1,0.2", "profile=smoke", "quiet=true",
+                   "hydra/launcher=submitit_local", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
+                   f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows, _ = results.read(tmp_path / "results" / "table5.csv")
+    assert sorted(r["variant"] for r in rows) == ["net.dropout.head=0.1", "net.dropout.head=0.2"]
+    assert list((tmp_path / "sweep").glob(".submitit/*/*_log.out")), "jobs did not go through submitit"
