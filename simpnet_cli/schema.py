@@ -10,6 +10,7 @@ depend on the defaults written here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -220,11 +221,13 @@ class Schedule:
                      self.points)
             for start, lr in self.points.items():
                 _positive(f"schedule.points.{start}", start, allow_zero=True)
-                _require(0 < lr < 10, f"schedule.points.{start}", "a learning rate must be in (0, 10)", lr)
+                _require(0 < lr < math.inf, f"schedule.points.{start}", "a learning rate must be a finite number > 0",
+                         lr)
 
 
 def _solver_common(s) -> None:
-    _require(0 < s.lr < 10, "lr", "must be in (0, 10)", s.lr)
+    # Large rates are allowed (a study of divergence is a valid variant); a run that diverges is recorded so.
+    _require(0 < s.lr < math.inf, "lr", "must be a finite number > 0", s.lr)
     _require(0 <= s.weight_decay < 1, "weight_decay", "must be in [0, 1)", s.weight_decay)
 
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
-import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,11 +17,13 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
+from simpnet_cli import checkpoint
 from simpnet_cli import data as D
 from simpnet_cli import fast
 from simpnet_cli import model as M
 from simpnet_cli import network
 from simpnet_cli.errors import UserError
+from simpnet_cli.files import atomic_write, read_json, save_pt, write_json  # noqa: F401 - (re-exported)
 from simpnet_cli.tables import RunSpec
 
 CURVE_COLUMNS = ["iter", "test_acc", "test_loss", "train_loss", "lr", "wall_s"]
@@ -79,31 +78,6 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
 
 # --------------------------------------------------------------------------- files
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same folder, fsync, rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        why = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        raise UserError(f"cannot write {path}: {why}; the previous checkpoint and all recorded results are kept") \
-            from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def save_pt(obj, path: Path) -> None:
-    """torch.save through a Python file object: a full disk then raises OSError(ENOSPC), which atomic_write
-    reports, where torch's own writer (given a file name) raises an opaque RuntimeError."""
-    with open(path, "wb") as fh:
-        torch.save(obj, fh)
-
-
 def write_curve(path: Path, curve: list[dict]) -> None:
     def write(tmp):
         with open(tmp, "w", newline="") as fh:
@@ -113,13 +87,8 @@ def write_curve(path: Path, curve: list[dict]) -> None:
     atomic_write(path, write)
 
 
-def write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str)))
-
-
 def read_result(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / "result.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(Path(run_dir) / "result.json")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -146,19 +115,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path, download: bool,
@@ -193,13 +149,8 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
     start, curve, best, train_time, ckpt = 0, [], (-1.0, 0), 0.0, None
     ckpt_path = run_dir / "checkpoint.pt"
     if ckpt_path.exists():
-        try:
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        except Exception as err:  # a checkpoint that does not load: say so, keep it for inspection
-            raise UserError(f"checkpoint {ckpt_path} is unreadable ({type(err).__name__}); "
-                            f"move it away to restart this run from iteration 0") from None
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = checkpoint.read(ckpt_path, run.config_hash)  # on the CPU, checksummed; refused if damaged
+        checkpoint.restore(ckpt_path, ckpt, model, optimizer)
         for group in optimizer.param_groups:  # the checkpoint may come from a run with(out) CUDA graphs
             if "capturable" in group:
                 group["capturable"] = graphs
@@ -209,16 +160,16 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
                     state["step"] = state["step"].to(param.device, torch.float32)
         start, curve, train_time = ckpt["iteration"], ckpt["curve"], ckpt["train_time"]
         best = tuple(ckpt["best"])
-        _set_rng_state(ckpt["rng"], device)
+        checkpoint.set_rng_state(ckpt["rng"], device)
         log(f"resuming {run_dir.name} at iteration {start}")
 
     def save_checkpoint(it: int, train_time: float) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
-                 "curve": curve, "best": best, "train_time": train_time, "rng": _rng_state(device),
+                 "curve": curve, "best": best, "train_time": train_time, "rng": checkpoint.rng_state(device),
                  "data_position": {"epoch": it * batch_size // data.epoch_len,
                                    "offset": it * batch_size % data.epoch_len},
                  "loss_sum": step.loss_sum.item(), "config_hash": run.config_hash}
-        atomic_write(ckpt_path, lambda tmp: save_pt(state, tmp))
+        checkpoint.save(ckpt_path, state, run.config_hash)
 
     model.train()
     step = fast.Step(model, optimizer, data, autocast, graphs)
@@ -234,7 +185,15 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
         it += 1
         if it % check_every == 0 or it == iterations:
             if step.bad.item():
+                if start and it <= start + check_every:
+                    # A finite run that turns non-finite at once after a resume is far likelier a damaged
+                    # checkpoint than a divergence: never record it as one.
+                    raise checkpoint.unreadable(ckpt_path, f"the loss is NaN or infinite right after resuming at "
+                                                           f"iteration {start}, so it is probably corrupt")
                 status = "diverged"
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                train_time += time.perf_counter() - t0  # a diverged run records its real time and speed
                 log(f"{run_dir.name}: loss became NaN or infinite by iteration {it}; stopping this run")
                 break
         if it % eval_every == 0 or it == iterations:

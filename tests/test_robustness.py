@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simpnet_cli import cli, results, tables, train
+from simpnet_cli import checkpoint, cli, results, tables, train
 
 SCRIPT = Path(sys.executable).with_name("simpnet")
 SIMPNET = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "simpnet_cli.cli"]
@@ -127,8 +127,8 @@ def assert_untouched(snapshot: dict[Path, bytes]) -> None:
 
 def planned(args: list[str], **dirs: Path):
     """The RunSpecs a `simpnet run` command line plans (hashes name the run folders)."""
-    cfg = cli.compose(args[1:] + [f"{k}={v}" for k, v in dirs.items()])
-    return cli.plan_runs(cfg)
+    cfg, variant = cli.compose(args[1:] + [f"{k}={v}" for k, v in dirs.items()])
+    return cli.plan_runs(cfg, variant)
 
 
 def read_curve(path: Path) -> list[dict]:
@@ -163,10 +163,7 @@ def conf_dir(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------- interruption and resume
 
 def _checkpoint_iteration(path: Path) -> int | None:
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["iteration"])
-    except Exception:  # not there yet, or replaced while we read it
-        return None
+    return checkpoint.iteration(path)  # None while it is not there yet, or replaced while we read it
 
 
 def test_sigkill_mid_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_path):
@@ -253,14 +250,14 @@ def test_resume_restores_dropout_rng_and_the_partial_training_loss(tmp_path, one
     cpu = torch.device("cpu")
     want = train.train_run(run, tmp_path / "clean", cpu, tmp_path, False)
 
-    real_atomic_write = train.atomic_write
+    real_atomic_write = checkpoint.atomic_write
 
     def die_after_checkpoint_12(path, write):
         real_atomic_write(path, write)
         if path.name == "checkpoint.pt" and _checkpoint_iteration(path) == 12:
             raise KeyboardInterrupt  # the process dies somewhere between iterations 12 and 16
 
-    monkeypatch.setattr(train, "atomic_write", die_after_checkpoint_12)
+    monkeypatch.setattr(checkpoint, "atomic_write", die_after_checkpoint_12)
     with pytest.raises(KeyboardInterrupt):
         train.train_run(run, tmp_path / "killed", cpu, tmp_path, False)
     monkeypatch.undo()

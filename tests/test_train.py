@@ -13,7 +13,7 @@ import yaml
 
 from simpnet_cli import data as D
 from simpnet_cli import model as M
-from simpnet_cli import train
+from simpnet_cli import checkpoint, train
 
 from conftest import resolve_row
 
@@ -198,7 +198,7 @@ def test_interrupted_run_resumes_to_the_same_curve(short_runs, tmp_path, monkeyp
         _short_run(tmp_path, name="resumed", profile=profile)
     run_dir = tmp_path / "resumed"
     assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "result.json").exists()
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 25
+    assert checkpoint.read(run_dir / "checkpoint.pt")["iteration"] == 25
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     _, _, result = _short_run(tmp_path, name="resumed", profile=profile)
     assert result["iterations"] == 30

@@ -1,0 +1,69 @@
+"""Writing a run's files so a crash or a full disk never leaves a half-written one in place.
+
+Every file of a run folder (checkpoint, curve, weights, result) goes through ``atomic_write``: a temporary
+file in the same folder, fsync, rename. Readers see the old file or the new one, never a mix.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from simpnet_cli.errors import UserError
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+    # torch's C++ writer reports a full disk as "unexpected pos N vs M" (PytorchStreamWriter)
+    return "the disk is full" if "unexpected pos" in str(err) else str(err).splitlines()[0]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temporary file in the same folder, fsync, rename: readers see the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, RuntimeError) and "unexpected pos" not in str(err):
+            raise
+        raise UserError(f"cannot write {path}: {_why(err)}; the previous checkpoint and all recorded results "
+                        f"are kept") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_pt(obj, path: Path) -> None:
+    """torch.save through a Python file object: a full disk then raises OSError(ENOSPC), which atomic_write
+    reports, where torch's own writer (given a file name) raises an opaque RuntimeError."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str)))
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file written by ``write_json``, or None if absent; a damaged one is a clear error."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is unreadable ({type(err).__name__}); move it away to train this run again") \
+            from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a result record; move it away to train this run again")
+    return value
