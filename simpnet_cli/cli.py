@@ -6,6 +6,7 @@
   simpnet run -m table=4 row=WE10,BW10 hydra/launcher=submitit_slurm   (one cluster job per row)
   simpnet report [table=4] [--latex]         results/REPORT.md beside the paper's figures
   simpnet bench [rows=..]                    images/s of the eager loop and the runner's path
+  simpnet repair [table=4]                   rewrite a damaged results CSV from its good lines and run folders
 
 Bad input gets one line on stderr and exit code 2; --debug shows the traceback instead.
 """
@@ -296,13 +297,32 @@ def cmd_report(cfg, flags, variant) -> int:
     return 0
 
 
+def cmd_repair(cfg, flags, variant) -> int:
+    """Rewrite damaged results files from their good lines and the runs' folders (the old file is kept)."""
+    from simpnet_cli import results
+
+    results_dir = Path(cfg.results_dir)
+    if cfg.table is None or str(cfg.table) == "all":
+        names = sorted(p.stem.removeprefix("table") for p in results_dir.glob("table*.csv"))
+    else:
+        names = [str(cfg.table).removeprefix("table")]
+    if not names:
+        raise UserError(f"no results files (table*.csv) in {results_dir} to repair")
+    for name in names:
+        done = results.repair(results_dir, name, Path(cfg.runs_dir))
+        print(f"{results.csv_path(results_dir, name)}: {done['kept']} line(s) kept, {done['recovered']} recovered "
+              f"from {cfg.runs_dir}/, {done['duplicates']} duplicate(s) and {done['dropped']} damaged line(s) "
+              f"dropped" + (f"; the old file is {done['backup']}" if done["backup"] else ""), file=sys.stderr)
+    return 0
+
+
 def cmd_bench(cfg, flags, variant) -> int:
     from simpnet_cli import bench
 
     return bench.main(cfg, flags)
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "report": cmd_report, "bench": cmd_bench}
+COMMANDS = {"list": cmd_list, "show": cmd_show, "report": cmd_report, "bench": cmd_bench, "repair": cmd_repair}
 
 
 def one_line(err: BaseException) -> str:
@@ -349,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"unknown flag(s) {', '.join(sorted(unknown))}; flags: {', '.join(sorted(FLAGS))}")
         if cmd != "run" and cmd not in COMMANDS:
-            raise UserError(f"unknown command {cmd!r}; commands: list, show, run, report, bench")
+            raise UserError(f"unknown command {cmd!r}; commands: list, show, run, report, bench, repair")
         if cmd == "run" and is_multirun(flags, overrides):
             return multirun(flags, overrides)  # Hydra composes each job's config itself
         cfg, variant = compose(overrides)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import gzip
 import pickle
 import shutil
+import socket
+import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +82,11 @@ def load_split(cfg: dict, data_dir: Path, train: bool, download: bool) -> tuple[
             raise DatasetError(f"dataset {cfg['name']} not found or corrupt under {root}: "
                                f"pass download=true to fetch it, or data_dir=PATH to use another copy") from None
         raise DatasetError(f"cannot read dataset {cfg['name']} under {root}: {err}") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.gaierror) as err:
+        if not download:
+            raise DatasetError(f"cannot read dataset {cfg['name']} under {root}: {err}") from None
+        raise DatasetError(f"dataset {cfg['name']} could not be downloaded to {root} ({type(err).__name__}: no "
+                           f"network?): fetch it on a connected machine and pass data_dir=PATH") from None
     except (OSError, ValueError, EOFError, IndexError, KeyError, AssertionError, pickle.UnpicklingError) as err:
         # torchvision's MNIST reader asserts on a bad header; CIFAR's unpickler raises KeyError/UnpicklingError
         why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__

@@ -73,6 +73,56 @@ def _format(row: dict) -> str:
     return buf.getvalue()
 
 
+class DamagedResults(UserError):
+    """A results file that cannot be read back reliably: nothing is appended to it until it is repaired."""
+
+
+BOM = "\ufeff"  # a spreadsheet that re-saves the file as "UTF-8 with BOM" puts this before the header
+OLD_COLUMNS = [c for c in COLUMNS if c not in LATER_COLUMNS]  # the layout before `variant` and `step_mode`
+
+
+def _header_kind(header: list[str]) -> str:
+    """``current``, ``old`` (written before the later columns: migrated on the next append) or ``damaged``."""
+    if header == COLUMNS:
+        return "current"
+    if header == OLD_COLUMNS:
+        return "old"
+    return "damaged"
+
+
+def _first_line(path: Path) -> str:
+    with open(path, "r", encoding="utf-8", errors="replace", newline="") as fh:
+        return fh.readline().rstrip("\r\n").removeprefix(BOM)
+
+
+def repair_hint(path: Path) -> str:
+    return (f"run `simpnet repair table={path.stem.removeprefix('table')} results_dir={path.parent}` to rewrite it "
+            f"from its good lines and the runs' folders (the damaged file is kept as a backup)")
+
+
+def check_appendable(path: Path) -> None:
+    """Raise ``DamagedResults`` unless ``path`` is absent, empty or starts with a header we can read back."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    header = next(csv.reader([_first_line(path)]), [])
+    if _header_kind(header) == "damaged":
+        raise DamagedResults(f"{path}: its header line is damaged ({','.join(header)[:60]!r}), so its lines cannot "
+                             f"be matched to runs and nothing is appended; {repair_hint(path)}")
+
+
+def _migrate(path: Path) -> None:
+    """Rewrite a file of the old layout with the current header and the later columns' defaults (under the lock)."""
+    rows, bad = read(path)
+    if bad:
+        raise DamagedResults(f"{path}: written by an older simpnet and holding {len(bad)} damaged line(s); "
+                             f"{repair_hint(path)}")
+    text = ",".join(COLUMNS) + "\n" + "".join(_format({**row}) for row in rows)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def append(results_dir: Path, table: str, row: dict) -> Path:
     """Append one run's row to results/table<N>.csv (header first if the file is new)."""
     path = csv_path(results_dir, table)
@@ -80,6 +130,10 @@ def append(results_dir: Path, table: str, row: dict) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path):
+            check_appendable(path)
+            if path.exists() and path.stat().st_size and \
+                    _header_kind(next(csv.reader([_first_line(path)]))) == "old":
+                _migrate(path)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 size = os.fstat(fd).st_size
@@ -104,7 +158,8 @@ def append(results_dir: Path, table: str, row: dict) -> Path:
             finally:
                 os.close(fd)
     except OSError as err:
-        raise UserError(f"cannot write results to {path}: {err.strerror or err}") from None
+        why = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+        raise UserError(f"cannot write results to {path}: {why}") from None
     return path
 
 
@@ -131,15 +186,18 @@ def read(path: Path) -> tuple[list[dict], list[BadLine]]:
     if not path.exists():
         return [], []
     rows, bad = [], []
-    text = path.read_text(errors="replace")
+    text = path.read_text(errors="replace").removeprefix(BOM)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if not lines:
         return [], []
-    header = next(csv.reader([lines[0]]))
-    if header != COLUMNS and not set(COLUMNS) - set(LATER_COLUMNS) <= set(header):
-        return [], [BadLine(path, 1, lines[0], "header does not have the expected columns")]
+    header = next(csv.reader([lines[0]]), [])
+    kind = _header_kind(header)
+    if kind == "damaged":
+        # Read the lines by the layout this version writes, so the report still shows every good line.
+        bad.append(BadLine(path, 1, lines[0], "damaged header (lines read by the current column layout)"))
+        header = COLUMNS
     for n, line in enumerate(lines[1:], 2):
         if not line.strip():
             continue
@@ -148,10 +206,11 @@ def read(path: Path) -> tuple[list[dict], list[BadLine]]:
         except csv.Error as err:
             bad.append(BadLine(path, n, line, f"unparsable ({err})"))
             continue
-        if len(fields) != len(header):
+        layout = header if kind != "damaged" or len(fields) != len(OLD_COLUMNS) else OLD_COLUMNS
+        if len(fields) != len(layout):
             bad.append(BadLine(path, n, line, f"{len(fields)} fields, expected {len(header)} (torn or edited line)"))
             continue
-        rec = {**LATER_COLUMNS, **dict(zip(header, fields))}
+        rec = {**LATER_COLUMNS, **dict(zip(layout, fields))}
         why = _check(rec)
         if why:
             bad.append(BadLine(path, n, line, why))
@@ -167,3 +226,59 @@ def recorded(results_dir: Path, table: str) -> set[tuple[str, str, int]]:
     """(row_id, config_hash, seed) of every run already in the table's CSV: these are not recorded twice."""
     rows, _ = read(csv_path(results_dir, table))
     return {(r["row_id"], r["config_hash"], int(r["seed"])) for r in rows}
+
+
+def key(rec: dict) -> tuple[str, str, str, int]:
+    """What identifies a recorded run in a table: at most one line per key, whatever happened before."""
+    return (str(rec["table"]), str(rec["row_id"]), str(rec["config_hash"]), int(rec["seed"]))
+
+
+RECORDS = "records.json"  # in each run folder: {table: the CSV line recorded for it}, for `simpnet repair`
+
+
+def repair(results_dir: Path, table: str, runs_dir: Path) -> dict:
+    """Rewrite results/table<N>.csv from its good lines and the lines its runs' folders remember.
+
+    The good lines are kept in order (a damaged header or a BOM does not lose them), duplicates dropped, runs
+    recorded in ``runs_dir/*/records.json`` but missing from the file added back; the old file is kept beside
+    it as ``table<N>.csv.damaged-<time>``. Returns counts of what it did."""
+    import json
+    import shutil
+    import time
+
+    path = csv_path(results_dir, table)
+    with _locked(path) if path.parent.is_dir() else suppress():
+        rows, bad = read(path)
+        kept, seen = [], set()
+        for rec in rows:
+            if key(rec) not in seen:
+                seen.add(key(rec))
+                kept.append(rec)
+        recovered = 0
+        for records in sorted(Path(runs_dir).glob(f"*/{RECORDS}")):
+            try:
+                rec = json.loads(records.read_text()).get(str(table))
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(rec, dict) and set(COLUMNS) <= set(rec) and key(rec) not in seen:
+                seen.add(key(rec))
+                kept.append(rec)
+                recovered += 1
+        backup = None
+        if path.exists():
+            backup = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.copy2(path, backup)
+        if not kept and not path.exists():
+            return {"kept": 0, "recovered": 0, "dropped": 0, "duplicates": 0, "backup": None}
+        text = ",".join(COLUMNS) + "\n" + "".join(_format(rec) for rec in kept)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot rewrite {path}: {err.strerror or err}; the original is unchanged") from None
+    dropped = [b for b in bad if b.lineno != 1 or "header" not in b.why]
+    return {"kept": len(kept) - recovered, "recovered": recovered, "dropped": len(dropped),
+            "duplicates": len(rows) - (len(kept) - recovered), "backup": backup}

@@ -8,6 +8,7 @@ share one run and get one line in each table's CSV.
 from __future__ import annotations
 
 import fcntl
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -20,6 +21,7 @@ import torch
 
 from simpnet_cli import results, tables, train
 from simpnet_cli.errors import UserError
+from simpnet_cli.files import write_json
 from simpnet_cli.variants import RowOverrides
 
 
@@ -155,9 +157,21 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str) -> tuple[str, s
         result = train.train_run(run, run_dir, dev, opts.data_dir, opts.download, log)
         # A second check under the run lock: another process may have recorded it meanwhile.
         if (run.row_id, run.config_hash, run.seed) not in results.recorded(opts.results_dir, run.table):
-            results.append(opts.results_dir, run.table, csv_row(run, result, run_dir, opts.profile))
+            line = csv_row(run, result, run_dir, opts.profile)
+            remember_record(run_dir, run.table, line)
+            results.append(opts.results_dir, run.table, line)
     metric = f"final {result['final_acc']:.2f}%, best {result['best_acc']:.2f}% @ {result['best_iter']}"
     return result["status"], f"{name}: {result['status']} ({metric}, {result['img_per_s']:.0f} img/s)"
+
+
+def remember_record(run_dir: Path, table: str, line: dict) -> None:
+    """Keep the CSV line in the run folder too, so `simpnet repair` can rebuild a damaged results file."""
+    path = run_dir / results.RECORDS
+    try:
+        known = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        known = {}
+    write_json(path, {**(known if isinstance(known, dict) else {}), table: line})
 
 
 def _worker(run, opts, device_slots):
@@ -192,6 +206,8 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
     """Run everything in ``runs``: one after another, or ``jobs_per_device`` at once on every visible device."""
     check_writable(opts.results_dir, "results_dir")
     check_writable(opts.runs_dir, "runs_dir")
+    for name in sorted({r.table for r in runs}):  # a file we could not read back would gain duplicates
+        results.check_appendable(results.csv_path(opts.results_dir, name))
     warn_bad_lines(opts.results_dir, sorted({r.table for r in runs}))
     counts: dict[str, int] = {}
     say = (lambda s: None) if opts.quiet else (lambda s: print(s, file=sys.stderr, flush=True))

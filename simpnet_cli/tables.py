@@ -196,6 +196,10 @@ def load_table(name: str) -> Table:
             if key not in row:
                 raise UserError(f"{path}: row {r.get('id', i)} has no {key!r}")
         row["id"] = str(row["id"])
+        its = row["iterations"]
+        if isinstance(its, bool) or not isinstance(its, int) or its < 1:
+            # checked here too: a smoke profile replaces it, and the error must not wait for the full run
+            raise UserError(f"{path}: row {row['id']}: iterations must be a whole number >= 1, got {its!r}")
         rows.append(row)
     if not rows:
         raise UserError(f"{path}: the table has no rows to train")
