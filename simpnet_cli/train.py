@@ -66,14 +66,29 @@ def make_optimizer(solver: dict, params, capturable: bool = False) -> torch.opti
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A context factory for the forward pass: fp32 (none), or bf16/fp16 autocast (mixed precision)."""
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    """A context factory for the forward pass: fp32 (none), or bf16 autocast (mixed precision).
+
+    fp16 is refused: it needs loss scaling, whose overflow check (``found_inf.item()``) is a host sync that
+    cannot live inside a captured CUDA graph; bf16 has fp32's exponent range and needs none."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    if precision == "fp16":
+        raise UserError("precision=fp16 is not supported (it needs loss scaling, which cannot run inside a CUDA "
+                        "graph); use precision=bf16 for mixed precision")
     if precision not in dtypes:
         raise UserError(f"precision must be one of {', '.join(dtypes)}, got {precision!r}")
     dtype = dtypes[precision]
     # No cast cache: a cached bf16 copy of a weight must not outlive one step inside a captured CUDA graph.
     return (lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=False)) if dtype \
         else contextlib.nullcontext
+
+
+def effective_precision(precision: str, device: torch.device) -> str:
+    """What the arithmetic really is: "fp32" convolutions on an NVIDIA GPU run as TF32 unless turned off."""
+    if precision != "fp32" or device.type != "cuda":
+        return precision
+    tf32 = [name for name, on in (("convolutions", torch.backends.cudnn.allow_tf32),
+                                  ("matmuls", torch.backends.cuda.matmul.allow_tf32)) if on]
+    return f"fp32 (TF32 {' and '.join(tf32)})" if tf32 else "fp32"
 
 
 # --------------------------------------------------------------------------- files
@@ -118,7 +133,7 @@ def device_name(device: torch.device) -> str:
 
 
 def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path, download: bool,
-              log: Callable[[str], None] = lambda s: None) -> dict:
+              log: Callable[[str], None] = lambda s: None, backend: fast.GraphBackend | None = None) -> dict:
     """Train ``run`` to its last iteration (resuming from ``run_dir/checkpoint.pt`` if present); return its result."""
     run_dir = Path(run_dir)
     done = read_result(run_dir)
@@ -142,8 +157,13 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
         model = model.to(memory_format=torch.channels_last)
     paper_params, total_params = network.count_params(run.spec, run.in_shape)
     assert total_params == M.count_trainable(model), "spec and module disagree on parameter count"
-    graphs = bool(tr.get("graphs", True)) and device.type == "cuda"  # CUDA graphs: GPU only
-    optimizer = make_optimizer(run.solver, model.parameters(), capturable=graphs)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes (one batch size, one image size): tune once
+    # CUDA graphs on a GPU; a test's stand-in backend runs the same capture logic on the CPU.
+    graphs = bool(tr.get("graphs", True)) and (device.type == "cuda" or backend is not None)
+    # capturable: the optimizer keeps its step counts on the GPU, as a captured graph needs (CUDA only)
+    capturable = graphs and device.type == "cuda"
+    optimizer = make_optimizer(run.solver, model.parameters(), capturable=capturable)
     autocast = autocast_for(precision, device)
 
     start, curve, best, train_time, ckpt = 0, [], (-1.0, 0), 0.0, None
@@ -153,8 +173,8 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
         checkpoint.restore(ckpt_path, ckpt, model, optimizer)
         for group in optimizer.param_groups:  # the checkpoint may come from a run with(out) CUDA graphs
             if "capturable" in group:
-                group["capturable"] = graphs
-        if graphs:  # capturable optimizers keep their step counts on the parameters' device
+                group["capturable"] = capturable
+        if capturable:  # capturable optimizers keep their step counts on the parameters' device
             for param, state in optimizer.state.items():
                 if torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].to(param.device, torch.float32)
@@ -172,7 +192,7 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
         checkpoint.save(ckpt_path, state, run.config_hash)
 
     model.train()
-    step = fast.Step(model, optimizer, data, autocast, graphs)
+    step = fast.Step(model, optimizer, data, autocast, graphs, backend=backend, updates=start)
     if ckpt:  # the partial training-loss sum since the last evaluation, for an equal curve
         step.loss_sum.fill_(ckpt.get("loss_sum", 0.0))
     status, loss_n, it = "ok", (start % eval_every), start
@@ -200,6 +220,12 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_time += time.perf_counter() - t0
+            applied = int(step.updates.item())
+            if applied != it:
+                # An empty graph (replays that do nothing) or a double-applied one: never record its figures.
+                raise UserError(f"{run_dir.name}: the training step applied {applied} updates in {it} iterations "
+                                f"({step.step_mode}); stopping before a wrong figure is recorded. Re-run with "
+                                f"profile.train.graphs=false to train without CUDA graphs")
             acc, test_loss = evaluate(model, data, autocast)
             curve.append({"iter": it, "test_acc": round(acc, 4), "test_loss": round(test_loss, 6),
                           "train_loss": round(step.loss_sum.item() / max(loss_n, 1), 6), "lr": lr,
@@ -230,7 +256,8 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
         "wall_s": round(train_time, 2),
         "img_per_s": round(images / max(train_time, 1e-9), 1),  # training steps only, evaluation excluded
         "device": device_name(device),
-        "precision": precision,
+        "precision": effective_precision(precision, device),
+        "step_mode": step.step_mode,
         "params_paper": paper_params,
         "params_total": total_params,
     }

@@ -1,0 +1,355 @@
+"""The CUDA-graph path, proven on the CPU (issue 9).
+
+``fast.Step`` makes every device call of a capture through a ``GraphBackend``. These tests pass stand-ins: a
+graph whose capture records the step body without running it (as CUDA capture records kernels without
+executing them) and whose replay runs that body again on the same static buffers. The training loop, the
+warm-up, the re-capture on an lr change, the evaluation between replays, the epoch wrap, checkpoints and
+resume all run unchanged, and must equal the eager run.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from simpnet_cli import checkpoint, fast, results, tables, train, variants
+from simpnet_cli import data as D
+from simpnet_cli import model as M
+from simpnet_cli.errors import UserError
+
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- stand-ins for the CUDA API
+
+class StandInStream:
+    def __init__(self, device):
+        self.device = device
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class StandInGraph:
+    """Capture records the body; replay runs it ``times`` times (1: a correct graph; 0: an empty one;
+    2: a double-applied one)."""
+
+    def __init__(self, times: int = 1):
+        self.body, self.times, self.replays = None, times, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        for _ in range(self.times):
+            self.body()
+
+    def pool(self):
+        return ("pool", id(self))
+
+
+def stand_in(calls: list | None = None, times: int = 1, fail_at: str | None = None) -> fast.GraphBackend:
+    """A backend that logs its calls in ``calls``; ``fail_at`` makes that call raise, as a broken driver would."""
+    calls = calls if calls is not None else []
+
+    def log(name, *args):
+        calls.append((name, *args))
+        if name == fail_at:
+            raise RuntimeError(f"{name} failed: operation not permitted when stream is capturing")
+
+    @contextlib.contextmanager
+    def scope(name, arg):
+        log(name, arg)
+        yield
+
+    def new_stream(dev):
+        log("new_stream", dev)
+        return StandInStream(dev)
+
+    def capture(graph, body, stream, pool):
+        log("capture", stream, pool)
+        graph.body = body  # recorded, not run: the warm-up already trained this iteration
+
+    return fast.GraphBackend(
+        new_graph=lambda: (log("new_graph"), StandInGraph(times))[1],
+        new_stream=new_stream,
+        device_scope=lambda dev: scope("device_scope", dev),
+        stream_scope=lambda stream: scope("stream_scope", stream),
+        current_stream=lambda dev: StandInStream(dev),
+        capture=capture,
+    )
+
+
+# --------------------------------------------------------------------------- runs of every family
+
+def run_spec(arch: str, solver: str, precision: str, *net: str, dataset: str = "cifar10") -> tables.RunSpec:
+    """A small network of each family, with the lr dropping at iteration 5 (a re-capture), 20 training images
+    in batches of 8 (an epoch wraps inside a batch), evaluations every 3 and a checkpoint every 4."""
+    over = variants.from_overrides(variants.prepare([f"solver={solver}", "solver.schedule.kind=multistep",
+                                                     "solver.schedule.gamma=0.1", "solver.schedule.steps=[5]",
+                                                     f"dataset={dataset}", *net]))
+    table = tables.custom_table("gpu-test", arch, {})
+    profile = {"train": {"iterations": 10, "batch_size": 8, "eval_every": 3, "checkpoint_every": 4,
+                         "precision": precision},
+               "data": {"source": "synthetic", "train_size": 20, "test_size": 16}}
+    return tables.resolve(table, table.rows[0], 0, profile, overrides=over)
+
+
+FAMILIES = {
+    "plain": ("arch1", ["net.widths=C8, C12{2}, C16{3}", "net.pools_after=[3,6]"]),
+    "plain-dropout": ("arch1", ["net.widths=C8, C12{2}, C16{3}", "net.pools_after=[3,6]",
+                                "net.dropout.conv={1-5: 0.2}", "net.dropout.pool={1-2: 0.3}",
+                                "net.dropout.head=0.3"]),
+    "resnet32": ("resnet32", []),
+    "squeezenet": ("squeezenet11", ["net.saf_dropout=0.2"]),
+}
+CASES = [pytest.param(f, s, "fp32", id=f"{f}-{s}-fp32") for f in FAMILIES for s in ("adadelta_30k", "nesterov_80k")]
+CASES += [pytest.param(f, s, "bf16", id=f"{f}-{s}-bf16")
+          for f, s in (("plain-dropout", "adadelta_30k"), ("resnet32", "nesterov_80k"), ("squeezenet", "adadelta_30k"))]
+
+
+def curve(run_dir: Path) -> list[dict]:
+    with open(run_dir / "curve.csv") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def assert_same_run(a: Path, b: Path, tol: float = 1e-6) -> None:
+    ca, cb = curve(a), curve(b)
+    assert [c["iter"] for c in ca] == [c["iter"] for c in cb] == [3, 6, 9, 10]
+    for x, y in zip(ca, cb):
+        for key in ("test_acc", "test_loss", "train_loss", "lr"):
+            assert abs(x[key] - y[key]) <= tol * max(1.0, abs(y[key])), (key, x, y)
+    wa = torch.load(a / "model.pt", weights_only=True)
+    wb = torch.load(b / "model.pt", weights_only=True)
+    for name in wb:
+        assert torch.allclose(wa[name].float(), wb[name].float(), rtol=tol, atol=tol), name
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same reduction order in both runs
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("family, solver, precision", CASES)
+def test_graphed_run_with_recapture_eval_wrap_and_resume_equals_the_eager_run(tmp_path, monkeypatch, one_thread,
+                                                                              family, solver, precision):
+    arch, net = FAMILIES[family]
+    run = run_spec(arch, solver, precision, *net)
+    eager = train.train_run(run, tmp_path / "eager", CPU, tmp_path, False)
+    assert eager["step_mode"] == "eager"
+
+    calls: list = []
+    real_write = checkpoint.atomic_write
+
+    def die_after_first_checkpoint(path, write):
+        real_write(path, write)
+        raise KeyboardInterrupt  # the process dies right after iteration 4's checkpoint
+
+    monkeypatch.setattr(checkpoint, "atomic_write", die_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run(run, tmp_path / "graphed", CPU, tmp_path, False, backend=stand_in(calls))
+    monkeypatch.undo()
+    graphed = train.train_run(run, tmp_path / "graphed", CPU, tmp_path, False, backend=stand_in(calls))
+    assert graphed["step_mode"] == "cuda-graph" and graphed["iterations"] == 10
+    # Captures: at iteration 0 before the kill at 4; at 4 (the resumed process) and 5 (the lr drop) after.
+    assert sum(1 for c in calls if c[0] == "capture") == 3
+    assert_same_run(tmp_path / "graphed", tmp_path / "eager")
+    for key in ("final_acc", "best_acc", "best_iter"):
+        assert graphed[key] == pytest.approx(eager[key], abs=1e-6), key
+
+
+def test_one_update_per_iteration_and_replays_between_captures(one_thread):
+    run = run_spec("arch1", "adadelta_30k", "fp32", *FAMILIES["plain"][1])
+    model, optimizer, data, autocast = setup(run)
+    graphs: list[StandInGraph] = []
+    backend = stand_in()
+    backend = fast.GraphBackend(**{**backend.__dict__, "new_graph": lambda: graphs.append(StandInGraph()) or graphs[-1]})
+    step = fast.Step(model, optimizer, data, autocast, True, backend=backend)
+    for it in range(8):
+        step(it, train.lr_at(run.solver, it))
+        assert int(step.updates) == it + 1
+    assert len(graphs) == 2 and [g.replays for g in graphs] == [4, 2]  # captured at 0 and 5; replayed between
+
+
+def setup(run: tables.RunSpec, batch: int | None = None):
+    torch.manual_seed(0)
+    data = D.load(run.dataset, Path("."), False, CPU, batch or run.train["batch_size"], 0)
+    model = M.build_model(run.spec, run.in_shape)
+    optimizer = train.make_optimizer(run.solver, model.parameters())  # capturable is for CUDA only
+    return model, optimizer, data, train.autocast_for(run.train["precision"], CPU)
+
+
+# --------------------------------------------------------------------------- capture failures and the canary
+
+@pytest.mark.parametrize("fail_at", ["capture", "new_stream", "new_graph"])
+def test_a_failed_capture_continues_eagerly_with_the_same_figures(tmp_path, one_thread, fail_at):
+    run = run_spec("arch1", "nesterov_80k", "fp32", *FAMILIES["plain-dropout"][1])
+    eager = train.train_run(run, tmp_path / "eager", CPU, tmp_path, False)
+    with pytest.warns(RuntimeWarning, match="continues eagerly"):
+        fell_back = train.train_run(run, tmp_path / "fallback", CPU, tmp_path, False,
+                                    backend=stand_in(fail_at=fail_at))
+    assert fell_back["step_mode"].startswith("eager (capture failed: RuntimeError: ")
+    assert fell_back["iterations"] == 10
+    assert_same_run(tmp_path / "fallback", tmp_path / "eager")
+
+
+def test_step_mode_and_precision_reach_the_csv(tmp_path, one_thread):
+    from simpnet_cli import runner
+
+    run = run_spec("arch1", "adadelta_30k", "bf16", *FAMILIES["plain"][1])
+    result = train.train_run(run, tmp_path / "run", CPU, tmp_path, False, backend=stand_in(fail_at="capture"))
+    line = runner.csv_row(run, result, tmp_path / "run", "smoke")
+    results.append(tmp_path / "results", run.table, line)
+    (row,), bad = results.read(results.csv_path(tmp_path / "results", run.table))
+    assert not bad and row["precision"] == "bf16" and row["step_mode"].startswith("eager (capture failed")
+
+
+@pytest.mark.parametrize("times", [0, 2], ids=["empty-graph", "double-applied-graph"])
+def test_the_canary_stops_a_run_whose_graph_does_nothing_or_too_much(tmp_path, one_thread, times):
+    run = run_spec("arch1", "adadelta_30k", "fp32", *FAMILIES["plain"][1])
+    with pytest.raises(UserError, match=r"applied \d+ updates in 3 iterations .*graphs=false"):
+        train.train_run(run, tmp_path / "run", CPU, tmp_path, False, backend=stand_in(times=times))
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_tf32_is_named_in_the_effective_precision(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default for convolutions
+    assert not torch.backends.cuda.matmul.allow_tf32  # ... and for matmuls ("highest" fp32 matmul precision)
+    assert train.effective_precision("fp32", torch.device("cuda")) == "fp32 (TF32 convolutions)"
+    assert train.effective_precision("bf16", torch.device("cuda")) == "bf16"
+    assert train.effective_precision("fp32", CPU) == "fp32"
+
+
+def test_fp16_is_refused_with_one_clear_line():
+    with pytest.raises(UserError, match="fp16 is not supported.*bf16"):
+        train.autocast_for("fp16", CPU)
+
+
+# --------------------------------------------------------------------------- streams, devices, storage
+
+def test_one_capture_stream_per_run_made_on_the_runs_device(one_thread):
+    run = run_spec("arch1", "adadelta_30k", "fp32", *FAMILIES["plain"][1])
+    model, optimizer, data, autocast = setup(run)
+    calls: list = []
+    step = fast.Step(model, optimizer, data, autocast, True, backend=stand_in(calls))
+    for it in range(8):
+        step(it, train.lr_at(run.solver, it))
+    streams = [c for c in calls if c[0] == "new_stream"]
+    assert streams == [("new_stream", data.device)], "one stream, made on the run's device, reused by re-captures"
+    # Each capture: inside device_scope(run's device), warm-up and capture in stream_scope(that stream).
+    names = [c[0] for c in calls]
+    assert names[:5] == ["device_scope", "new_stream", "stream_scope", "new_graph", "capture"]
+    assert all(c[1] == data.device for c in calls if c[0] == "device_scope")
+    stream = step._stream
+    assert all(c[1] is stream for c in calls if c[0] in ("stream_scope", "capture"))
+    pools = [c[2] for c in calls if c[0] == "capture"]
+    assert pools[0] is None and pools[1] == step._pool, "re-captures share the first graph's memory pool"
+
+
+def test_in_place_mutated_tensors_keep_their_storage_between_replays(one_thread):
+    run = run_spec("arch1", "nesterov_80k", "fp32", *FAMILIES["plain-dropout"][1])
+    model, optimizer, data, autocast = setup(run)
+    step = fast.Step(model, optimizer, data, autocast, True, backend=stand_in())
+
+    def pointers() -> dict:
+        ptrs = {f"param {n}": p.data_ptr() for n, p in model.named_parameters()}
+        ptrs.update({f"buffer {n}": b.data_ptr() for n, b in model.named_buffers()})
+        for i, state in enumerate(optimizer.state.values()):
+            ptrs.update({f"optimizer {i} {k}": v.data_ptr() for k, v in state.items() if torch.is_tensor(v)})
+        ptrs.update({"loss_sum": step.loss_sum.data_ptr(), "bad": step.bad.data_ptr(),
+                     "updates": step.updates.data_ptr()})
+        ptrs.update({f"static input {i}": t.data_ptr() for i, t in enumerate(step._static)})
+        return ptrs
+
+    step(0, 0.1)   # warm-up + capture
+    step(1, 0.1)   # replay
+    before = pointers()
+    step(2, 0.1)   # replay
+    step(3, 0.1)   # replay across the epoch end (20 images, batches of 8)
+    assert pointers() == before
+
+
+# --------------------------------------------------------------------------- no host sync inside the step
+
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+                 "unique_consecutive", "unique_dim", "equal", "is_nonzero", "allclose"}
+
+
+class HostSyncCheck(TorchDispatchMode):
+    """Records every op of a body that would wait for the GPU or give a data-dependent shape: a scalar read
+    (``.item()``, ``bool(t)``), ``nonzero``, masked selection, ``unique``, boolean-mask indexing, a copy to the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    @staticmethod
+    def _device_to_cpu(name: str, args, kwargs) -> bool:
+        """A copy from a device tensor into host memory (never true on a CPU-only machine, where all is host)."""
+        if name == "_to_copy":
+            src, dst = args[0], kwargs.get("device")
+        else:
+            dst, src = args[0].device, args[1] if len(args) > 1 else None
+        return (torch.is_tensor(src) and src.device.type != "cpu" and dst is not None
+                and torch.device(dst).type == "cpu")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in HOST_SYNC_OPS:
+            self.found.append(name)
+        elif name == "index" and any(t is not None and torch.is_tensor(t) and t.dtype == torch.bool
+                                     for t in (args[1] if len(args) > 1 else [])):
+            self.found.append("index with a boolean mask")
+        elif name in ("_to_copy", "copy_") and self._device_to_cpu(name, args, kwargs):
+            self.found.append(f"{name} to the CPU")
+        return func(*args, **(kwargs or {}))
+
+
+def captured_body(run: tables.RunSpec, batch: int = 2):
+    """The body ``fast.Step`` captures for ``run`` (recorded by the stand-in), on a batch of ``batch``."""
+    model, optimizer, data, autocast = setup(run, batch)
+    graphs: list[StandInGraph] = []
+    backend = fast.GraphBackend(**{**stand_in().__dict__,
+                                   "new_graph": lambda: graphs.append(StandInGraph()) or graphs[-1]})
+    step = fast.Step(model, optimizer, data, autocast, True, backend=backend)
+    step(0, train.lr_at(run.solver, 0))
+    return graphs[0].body, step
+
+
+TRAINED_ROWS = [pytest.param(t.name, r["id"], id=f"{t.name}:{r['id']}")
+                for t in tables.load_tables("all") for r in t.rows]
+
+
+@pytest.mark.parametrize("table, row", TRAINED_ROWS)
+def test_the_captured_step_of_every_row_has_no_host_sync(table, row, one_thread):
+    t = tables.load_table(table)
+    run = tables.resolve(t, t.row(row), 0, {"train": {"batch_size": 2, "precision": "fp32"},
+                                            "data": {"source": "synthetic", "train_size": 4, "test_size": 2}})
+    body, _ = captured_body(run)
+    with HostSyncCheck() as check:
+        body()
+    assert check.found == [], f"host-synchronising ops in the captured step: {check.found}"
+
+
+def test_the_sync_check_fails_on_a_body_that_reads_a_scalar(one_thread):
+    run = run_spec("arch1", "adadelta_30k", "bf16", *FAMILIES["plain"][1])
+    body, step = captured_body(run)
+
+    def with_item():
+        body()
+        step.loss_sum.item()  # what a careless "if loss > x" or a log line in the step would do
+
+    def with_mask():
+        body()
+        step.loss_sum.reshape(1)[step.bad.reshape(1)]  # a data-dependent shape
+
+    for bad_body, ops in ((with_item, {"_local_scalar_dense"}), (with_mask, {"index with a boolean mask", "nonzero"})):
+        with HostSyncCheck() as check:
+            bad_body()
+        assert ops & set(check.found), check.found
