@@ -7,7 +7,7 @@ SIMPNET := $(BIN)/simpnet
 #   make reproduce-all RUN_ARGS="seeds=3 jobs_per_device=4"
 RUN_ARGS ?=
 
-.PHONY: install smoke test report reproduce-all bench dry-run clean-smoke
+.PHONY: install smoke test report reproduce-all bench dry-run gpu-check clean-smoke
 
 $(BIN)/simpnet: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -40,6 +40,12 @@ dry-run: install
 
 bench: install
 	$(SIMPNET) bench
+
+# The GPU path end to end (under 10 minutes on one GPU): CPU proofs, SIGKILL-and-resume on CUDA, graphed vs
+# eager, memory across re-captures, bench alone and packed; figures into results/benchmarks.md. On a machine
+# without CUDA it runs the CPU proofs and says which GPU steps it skipped.
+gpu-check: install
+	$(BIN)/python -m simpnet_cli.gpucheck
 
 clean-smoke:
 	rm -rf results/smoke experiments/smoke

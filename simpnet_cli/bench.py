@@ -42,7 +42,7 @@ def _setup(run: tables.RunSpec, device: torch.device, graphs: bool, precision: s
     if channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     graphs = graphs and device.type == "cuda"
-    optimizer = train.make_optimizer(run.solver, model.parameters(), capturable=graphs)
+    optimizer = train.make_optimizer(run.solver, model.parameters(), capturable=graphs)  # graphs: CUDA only here
     autocast = train.autocast_for(precision, device)
     return fast.Step(model, optimizer, data, autocast, graphs, channels_last), model, data, batch
 
@@ -56,6 +56,9 @@ def measure(run: tables.RunSpec, device: torch.device, mode: str, iters: int, wa
             barrier=None) -> float:
     """Training images per second of ``mode`` on ``run``'s network (after ``warmup`` steps)."""
     graphs, precision, channels_last = MODES[mode]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # streams, graphs and synchronize follow the current device
+        torch.backends.cudnn.benchmark = True  # as train_run: fixed shapes
     step, _, _, batch = _setup(run, device, graphs, precision, channels_last)
     lr = train.lr_at(run.solver, 0)
     for i in range(warmup):
@@ -79,15 +82,17 @@ def flops_per_step(run: tables.RunSpec, device: torch.device) -> int:
     return counter.get_total_flops()
 
 
-def _packed_worker(run, device, iters, warmup, barrier, out):
-    out.put(measure(run, torch.device(device), "runner fp32", iters, warmup, barrier))
+def _packed_worker(run, device, mode, iters, warmup, barrier, out):
+    out.put(measure(run, torch.device(device), mode, iters, warmup, barrier))
 
 
-def measure_packed(run: tables.RunSpec, device: str, n: int, iters: int, warmup: int) -> float:
+def measure_packed(run: tables.RunSpec, device: str, n: int, iters: int, warmup: int,
+                   mode: str = "runner fp32") -> float:
     """Total images per second of ``n`` processes training the same row at once on one device."""
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(n, timeout=600), ctx.Queue()
-    procs = [ctx.Process(target=_packed_worker, args=(run, device, iters, warmup, barrier, out)) for _ in range(n)]
+    procs = [ctx.Process(target=_packed_worker, args=(run, device, mode, iters, warmup, barrier, out))
+             for _ in range(n)]
     for p in procs:
         p.start()
     try:
@@ -129,9 +134,10 @@ def speed_lines(b, device: torch.device) -> list[str]:
             lines.append(f"| {ref} | {params:,} | {mode} | {rate:,.0f} | {rate / base:.2f}x | {tflops:.2f} |")
             print(lines[-1], flush=True)
         for n in (int(p) for p in b.pack if int(p) > 1 and device.type == "cuda"):
-            rate = measure_packed(run, str(device), n, int(b.iters), int(b.warmup))
-            lines.append(f"| {ref} | | {n} packed runs (runner fp32), total | {rate:,.0f} | {rate / base:.2f}x | |")
-            print(lines[-1], flush=True)
+            for mode in ("runner fp32", "runner bf16"):
+                rate = measure_packed(run, str(device), n, int(b.iters), int(b.warmup), mode)
+                lines.append(f"| {ref} | | {n} packed runs ({mode}), total | {rate:,.0f} | {rate / base:.2f}x | |")
+                print(lines[-1], flush=True)
     return lines
 
 
@@ -185,11 +191,15 @@ def main(cfg, flags) -> int:
 
     b = cfg.bench
     device = pick_device(str(cfg.device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     lines = ["# Benchmarks", "", f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on "
              f"**{train.device_name(device)}**, torch {torch.__version__}, by `simpnet bench` (batch {b.batch_size}, "
              f"{b.iters} timed iterations after {b.warmup} warm-up ones, synthetic data of the dataset's shape).", ""]
     if device.type != "cuda":
         lines += ["> CPU figures: they check that the benchmark runs, not the GPU targets of the speed issue.", ""]
+    else:
+        lines += [f"'fp32' modes compute as **{train.effective_precision('fp32', device)}** (PyTorch's defaults).", ""]
     if b.rows:
         lines += speed_lines(b, device)
     if b.s1:
@@ -216,6 +226,8 @@ def dry_run_summary(runs: list[tables.RunSpec], opts) -> str:
     from simpnet_cli.runner import devices_for, pick_device
 
     device = pick_device(devices_for(opts)[0])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     recorded = {name: results.recorded(opts.results_dir, name) for name in {r.table for r in runs}}
     todo, seen = [], set()
     for run in runs:
