@@ -291,8 +291,11 @@ def multirun(flags, overrides) -> int:
 def cmd_report(cfg, flags, variant) -> int:
     from simpnet_cli import report
 
-    out = report.render(Path(cfg.results_dir), tables=table_selector(cfg),
-                        latex="--latex" in flags)
+    try:
+        out = report.render(Path(cfg.results_dir), tables=table_selector(cfg), latex="--latex" in flags)
+    except OSError as err:  # a read-only or full results folder
+        raise UserError(f"cannot write the report under {cfg.results_dir}: {err.strerror or err}"
+                        + (f" ({err.filename})" if err.filename else "")) from None
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

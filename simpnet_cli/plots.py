@@ -176,7 +176,7 @@ def table_plots(tr: "TableReport", out: Path, results_dir: Path) -> tuple[dict[s
     """Both figures of one table under ``out``: ({"params": png, "curves": png}, curves note, warnings)."""
     out.mkdir(parents=True, exist_ok=True)
     made = {}
-    params_png, curves_png = out / f"table{tr.table.name}_params.png", out / f"table{tr.table.name}_curves.png"
+    params_png, curves_png = out / f"{tr.slug}_params.png", out / f"{tr.slug}_curves.png"
     for stale in (params_png, curves_png):  # a figure not drawn this time must not linger from an older report
         stale.unlink(missing_ok=True)
     if params_plot(tr, params_png):

@@ -244,10 +244,22 @@ class TableReport:
     other_profiles: dict[str, int]
     plots: dict[str, Path] = field(default_factory=dict)
     curve_note: str = ""
+    variant: str = ""             # "" for the paper's configuration; else the overrides of the runs shown
+    variant_no: int = 0           # 1, 2, ... for the variants of one table (file names)
 
     @property
     def error_display(self) -> bool:
         return self.table.display == "error"
+
+    @property
+    def slug(self) -> str:
+        """The stem of this section's files: table4, table4-variant1, ..."""
+        return f"table{self.table.name}" + (f"-variant{self.variant_no}" if self.variant else "")
+
+    @property
+    def heading(self) -> str:
+        title = f"Table {self.table.name}: {self.table.title}".rstrip(": ")
+        return title + (f" (variant: {self.variant})" if self.variant else "")
 
 
 @dataclass
@@ -314,10 +326,14 @@ def _line_numbers(path: Path, bad: list[results.BadLine], n_rows: int) -> list[i
     return nums if len(nums) == n_rows else [None] * n_rows
 
 
-def _load(selector: Any, warnings: list[str]) -> list[tables.Table]:
+def _load(selector: Any, warnings: list[str], results_dir: Path | None = None) -> list[tables.Table]:
     if isinstance(selector, (list, tuple)):
-        return [t for s in selector for t in _load(s, warnings)]
+        return [t for s in selector for t in _load(s, warnings, results_dir)]
     if str(selector) != "all":
+        name = str(selector).removeprefix("table")
+        if tables.table_path(name) is None and results_dir is not None \
+                and results.csv_path(results_dir, name).exists():
+            return tables_from_results(results_dir, {name})  # a network of one's own (table custom)
         return tables.load_tables(selector)  # an unknown or broken table the user named: a UserError
     out = []
     for name in tables.table_names():
@@ -336,7 +352,7 @@ def _read_runs(results_dir: Path, known: dict[str, tables.Table], skipped: list[
         except (OSError, UnicodeError) as err:
             skipped.append(f"{path}: unreadable ({err}); the whole file is skipped")
             continue
-        skipped += [str(b) + (" (the whole file is skipped)" if b.lineno == 1 else "") for b in bad]
+        skipped += [str(b) for b in bad]
         for rec, lineno in zip(rows, _line_numbers(path, bad, len(rows))):
             where = f"{path}:{lineno}" if lineno else f"{path}"
             table = known.get(str(rec["table"]))
@@ -376,8 +392,11 @@ def _counted(table: tables.Table, row: dict, warnings: list[str]) -> int | None:
         return None
 
 
-def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnings: list[str]) -> TableReport:
-    mine = [r for r in all_runs if str(r["table"]) == table.name]
+def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnings: list[str],
+                  variant: str = "", variant_no: int = 0) -> TableReport:
+    """One table's section for the runs of one variant ("" = the paper's configuration): a variant's runs are
+    never averaged with the paper's, and the table's claims are checked within each variant."""
+    mine = [r for r in all_runs if str(r["table"]) == table.name and str(r.get("variant") or "") == variant]
     profile, banner = _choose_profile(mine, wanted)
     shown = [r for r in mine if r["profile"] == profile]
     others = Counter(r["profile"] for r in mine if r["profile"] != profile)
@@ -390,7 +409,7 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
         runs = [r for r in shown if r["row_id"] == row["id"]]
         rr.ok_runs = [r for r in runs if r["status"] == "ok"]
         rr.diverged = sum(r["status"] == "diverged" for r in runs)
-        now = _counted(table, row, warnings)
+        now = _counted(table, row, warnings) if table.path is not None else None  # (own networks: from runs)
         recorded = Counter(int(r["params_paper"]) for r in runs)
         if recorded:
             rr.counted_params = recorded.most_common(1)[0][0]
@@ -420,14 +439,30 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
     for c in claims:
         if c.error:
             warnings.append(f"table {table.name}: claim {c.text!r}: {c.error}")
-    return TableReport(table, profile, banner, rows, claims, shown, dict(others))
+    return TableReport(table, profile, banner, rows, claims, shown, dict(others), variant=variant,
+                       variant_no=variant_no)
+
+
+def tables_from_results(results_dir: Path, names: set[str]) -> list[tables.Table]:
+    """Tables that have results but no table file (networks of one's own: ``simpnet run arch=...``), with their
+    rows as the runs name them; they have no paper figures and no claims."""
+    out = []
+    for name in sorted(names):
+        rows, _ = results.read(results.csv_path(results_dir, name))
+        seen: dict[str, dict] = {}
+        for r in rows:
+            seen.setdefault(str(r["row_id"]), {"id": str(r["row_id"]), "label": str(r["row"]),
+                                               "dataset": str(r["dataset"]), "paper": {}})
+        if seen:
+            out.append(tables.Table(name, "Networks of your own (in no table of the paper)", list(seen.values())))
+    return out
 
 
 def collect(results_dir: Path, tables_sel: Any = "all", profile: str = DEFAULT_PROFILE) -> Report:
     """Everything the report shows, without writing anything."""
     warnings: list[str] = []
     skipped: list[str] = []
-    selected = _load(tables_sel, warnings)
+    selected = _load(tables_sel, warnings, Path(results_dir))
     known = {t.name: t for t in selected}
     for name in tables.table_names():  # rows of tables not selected are not "unknown"
         if name not in known:
@@ -435,9 +470,18 @@ def collect(results_dir: Path, tables_sel: Any = "all", profile: str = DEFAULT_P
                 known[name] = tables.load_table(name)
             except UserError:
                 pass
+    recorded = {p.stem.removeprefix("table") for p in Path(results_dir).glob("table*.csv")}
+    own = tables_from_results(Path(results_dir), (recorded - set(known)) if str(tables_sel) == "all" else set())
+    selected += own
+    known.update({t.name: t for t in own})
     runs = _read_runs(Path(results_dir), known, skipped)
     names = {t.name for t in selected}
-    reports = [_table_report(t, [r for r in runs if str(r["table"]) in names], profile, warnings) for t in selected]
+    reports = []
+    for t in selected:
+        mine = [r for r in runs if str(r["table"]) == t.name]
+        variants = sorted({str(r.get("variant") or "") for r in mine} - {""})
+        reports.append(_table_report(t, mine, profile, warnings))
+        reports += [_table_report(t, mine, profile, warnings, v, i) for i, v in enumerate(variants, 1)]
     return Report(reports, skipped, warnings, profile)
 
 
@@ -539,7 +583,11 @@ def to_latex(df: pd.DataFrame) -> str:
 
 def section(tr: TableReport, link_prefix: str = "", level: int = 2) -> str:
     t = tr.table
-    out = [f"{'#' * level} Table {t.name}: {t.title}".rstrip(": "), ""]
+    out = [f"{'#' * level} {tr.heading}", ""]
+    if tr.variant:
+        out += [f"The rows of Table {t.name} trained with `{tr.variant}` (a variant: its runs are never averaged "
+                "with the paper's configuration; the paper's figures are those of the rows as printed, for "
+                "reference, and the claims are checked within this variant).", ""]
     if tr.profile is None:
         out.append("No runs recorded yet.")
     else:
@@ -626,9 +674,10 @@ def summary(rep: Report) -> str:
             c = Counter(cl.verdict(metric) if not cl.error else "invalid" for cl in tr.claims)
             return ", ".join(f"{n} {v}" for v, n in sorted(c.items())) or "-"
         prof = (tr.profile or "-") + (" (not comparable)" if tr.banner else "")
-        lines.append([f"[{tr.table.name}](#table-{tr.table.name.lower()}-"
-                      + re.sub(r"[^a-z0-9 -]", "", tr.table.title.lower()).replace(" ", "-") + ")",
-                      tr.table.title, prof, f"{done}/{len(trained)}", tally("best"), tally("final")])
+        anchor = re.sub(r"[^a-z0-9 _-]", "", tr.heading.lower()).replace(" ", "-")
+        name = tr.table.name + (f" ({tr.variant})" if tr.variant else "")
+        lines.append([f"[{name}](#{anchor})", tr.table.title, prof, f"{done}/{len(trained)}", tally("best"),
+                      tally("final")])
     df = pd.DataFrame(lines, columns=["Table", "Title", "Profile shown", "Rows with ok runs",
                                       f"Claims, {BEST_LABEL}", f"Claims, {FINAL_LABEL}"])
     return "## Summary\n\n" + to_markdown(df) + "\n"
@@ -658,13 +707,13 @@ def render(results_dir: Path, tables: Any = "all", out_dir: Path | None = None, 
             except Exception as err:  # noqa: BLE001 - a plot must never cost the report
                 rep.warnings.append(f"table {tr.table.name}: plots failed: {type(err).__name__}: {err}")
     for tr in rep.tables:
-        (sub / f"table{tr.table.name}.md").write_text(section(tr, "", level=1) + "\n")
+        (sub / f"{tr.slug}.md").write_text(section(tr, "", level=1) + "\n")
         if latex:
             tex = [f"% Table {tr.table.name}: {tr.table.title}" + (f" -- {tr.banner}" if tr.banner else ""),
                    to_latex(frame(tr))]
             if tr.claims:
                 tex += ["", to_latex(claims_frame(tr))]
-            (sub / f"table{tr.table.name}.tex").write_text("\n".join(tex) + "\n")
+            (sub / f"{tr.slug}.tex").write_text("\n".join(tex) + "\n")
     parts = [header(rep, results_dir), summary(rep)]
     parts += [section(tr, "report/") for tr in rep.tables]
     parts.append("## Skipped lines\n")

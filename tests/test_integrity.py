@@ -5,6 +5,7 @@ and malformed input of any shape ends in one line with exit 2 before anything is
 from __future__ import annotations
 
 import errno
+import os
 import random
 from pathlib import Path
 
@@ -409,3 +410,19 @@ def test_download_without_a_network_says_so_not_corrupt(tmp_path, monkeypatch):
     with pytest.raises(D.DatasetError, match="could not be downloaded.*no network") as err:
         D.load_split(cfg, tmp_path, True, download=True)
     assert "corrupt" not in str(err.value)
+
+
+def test_report_into_a_read_only_folder_is_one_line(tmp_path, capsys, monkeypatch, one_thread):
+    assert run_p5(tmp_path) == 0
+    results_dir = tmp_path / "results"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # what a read-only mount does (root ignores chmod, so simulate it)
+        if str(self).startswith(str(results_dir)):
+            raise PermissionError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    capsys.readouterr()
+    one_line(capsys, cli.main(["report", f"results_dir={results_dir}"]), "cannot write the report",
+             "Read-only file system")
