@@ -15,9 +15,12 @@ import yaml
 
 from simpnet_cli import network, tables
 
-REF_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "experiments.yaml"
-REF = yaml.safe_load(REF_PATH.read_text()) if REF_PATH.exists() else None
-NO_REF = f"reference file {REF_PATH} is absent (clone the project with ../shared beside it)"
+# The facts come from the repository's own test data (derived from ../shared/reference/experiments.yaml by
+# tests/data/make_reference_rows.py), so every clone runs these tests; the last test keeps the two in agreement.
+SHARED_REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "experiments.yaml"
+REF_PATH = Path(__file__).resolve().parent / "data" / "reference_rows.yaml"
+REF = yaml.safe_load(REF_PATH.read_text())
+NO_REF = f"reference file {SHARED_REF} is absent (clone the project with ../shared beside it)"
 
 # Rows whose real graph differs from the reference's chain count (see conf/arch/resnet32.yaml and
 # conf/tables/table11.yaml): the parameter count we must get instead of counted_params.
@@ -206,3 +209,19 @@ def test_cited_tables():
 def test_row_ids_are_selector_safe(table):
     for r in table.rows:
         assert re.fullmatch(r"[A-Za-z0-9._-]+", r["id"]), f"row id {r['id']!r} should be one word"
+
+
+def test_the_repositorys_reference_rows_agree_with_the_shared_reference():
+    if not SHARED_REF.exists():
+        pytest.skip(NO_REF)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_reference_rows", REF_PATH.parent / "make_reference_rows.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    assert REF_PATH.read_text() == maker.render(yaml.safe_load(SHARED_REF.read_text())), \
+        "tests/data/reference_rows.yaml is stale: run python tests/data/make_reference_rows.py"
+
+
+def test_all_52_reference_rows_are_checked_from_the_repository():
+    assert len(REF) == 52 and len(REF_ROWS) == 52
