@@ -355,3 +355,18 @@ def test_a_variant_sweep_through_the_submitit_launcher(tmp_path):
     rows, _ = results.read(tmp_path / "results" / "table5.csv")
     assert sorted(r["variant"] for r in rows) == ["net.dropout.head=0.1", "net.dropout.head=0.2"]
     assert list((tmp_path / "sweep").glob(".submitit/*/*_log.out")), "jobs did not go through submitit"
+
+
+@pytest.mark.slow
+def test_the_issues_table_4_sweep_runs_as_written(tmp_path):
+    """`simpnet run -m table=4 row=WE10,BW10 dataset=cifar10,cifar100 seeds=3` (smoke profile): twelve runs,
+    CIFAR-10 being the rows' own dataset (the paper's rows, variant ""), CIFAR-100 a variant."""
+    proc = simpnet("run", "-m", "table=4", "row=WE10,BW10", "dataset=cifar10,cifar100", "seeds=3", "profile=smoke",
+                   "quiet=true", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
+                   f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows, bad = results.read(tmp_path / "results" / "table4.csv")
+    assert not bad and len(rows) == 12
+    from collections import Counter
+    assert Counter((r["row_id"], r["variant"]) for r in rows) == {
+        ("WE10", ""): 3, ("BW10", ""): 3, ("WE10", "dataset=cifar100"): 3, ("BW10", "dataset=cifar100"): 3}
