@@ -12,14 +12,14 @@ import json
 import multiprocessing as mp
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from simpnet_cli import results, tables, train
+from simpnet_cli import progress, results, tables, train
 from simpnet_cli.errors import UserError
 from simpnet_cli.files import write_json
 from simpnet_cli.variants import RowOverrides
@@ -134,11 +134,14 @@ def remove_stale_temporaries(run_dir: Path) -> None:
             pass
 
 
-def execute_one(run: tables.RunSpec, opts: Options, device: str) -> tuple[str, str]:
-    """Train (or resume, or just record) one run; returns (outcome, message)."""
-    log = (lambda s: None) if opts.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+def execute_one(run: tables.RunSpec, opts: Options, device: str,
+                shown: progress.Reporter | progress.Forwarder | None = None) -> tuple[str, str]:
+    """Train (or resume, or just record) one run, showing its progress on ``shown`` (plain lines on stderr
+    if none); returns (outcome, message) for the caller to show."""
+    if shown is None:
+        shown = progress.Reporter({}, 0, quiet=opts.quiet, tty=False)
     run_dir = opts.runs_dir / run.config_hash
-    name = f"table {run.table} row {run.row_id} seed {run.seed}"
+    name, key = progress.run_name(run), progress.run_key(run)
     if (run.row_id, run.config_hash, run.seed) in results.recorded(opts.results_dir, run.table):
         return "skipped", f"{name}: already recorded"
     try:
@@ -154,7 +157,9 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str) -> tuple[str, s
             torch.cuda.set_device(dev)  # streams, graphs and synchronize default to the current device
         if dev.type == "cpu" and opts.jobs_per_device > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs_per_device))
-        result = train.train_run(run, run_dir, dev, opts.data_dir, opts.download, log)
+        shown.run_started(key, name, str(run_dir))
+        result = train.train_run(run, run_dir, dev, opts.data_dir, opts.download,
+                                 lambda msg: shown.note(key, msg), progress=lambda ev: shown.event(key, ev))
         # A second check under the run lock: another process may have recorded it meanwhile.
         if (run.row_id, run.config_hash, run.seed) not in results.recorded(opts.results_dir, run.table):
             line = csv_row(run, result, run_dir, opts.profile)
@@ -174,12 +179,13 @@ def remember_record(run_dir: Path, table: str, line: dict) -> None:
     write_json(path, {**(known if isinstance(known, dict) else {}), table: line})
 
 
-def _worker(run, opts, device_slots):
+def _worker(run, opts, device_slots, shown=None):
     """One packed run in a pool process: it borrows a device slot for as long as it trains, so a device
-    never holds more than ``jobs_per_device`` runs whatever order the runs finish in."""
+    never holds more than ``jobs_per_device`` runs whatever order the runs finish in. Its progress goes to
+    ``shown`` (in a pool process, a Forwarder to the parent's Reporter)."""
     device = device_slots.get()
     try:
-        return execute_one(run, opts, device)
+        return execute_one(run, opts, device, shown)
     except Exception as err:  # one run's failure (bad input, CUDA out of memory) must not stop the others
         return "error", f"table {run.table} row {run.row_id} seed {run.seed}: {type(err).__name__}: {err}"
     finally:
@@ -210,11 +216,10 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
         results.check_appendable(results.csv_path(opts.results_dir, name))
     warn_bad_lines(opts.results_dir, sorted({r.table for r in runs}))
     counts: dict[str, int] = {}
-    say = (lambda s: None) if opts.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
 
-    def tally(outcome: str, msg: str) -> None:
+    def tally(run: tables.RunSpec, outcome: str, msg: str) -> None:
         counts[outcome] = counts.get(outcome, 0) + 1
-        say(msg)
+        shown.run_finished(progress.run_key(run), outcome, msg)
 
     # Train each distinct run once; its twins in other tables are recorded from its result afterwards.
     first, twins, seen = [], [], set()
@@ -223,22 +228,46 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
         seen.add(run.config_hash)
     slots = devices_for(opts)
     workers = min(len(slots) * max(1, opts.jobs_per_device), len(first))
-    if workers <= 1:  # in this process; the first bad input stops everything, with its own message
-        for run in first + twins:
-            tally(*execute_one(run, opts, slots[0]))
-        return counts
-    # Processes, not threads: each packed run has its own CUDA context and Python interpreter, so one
-    # run's host overhead never stalls another's kernel launches.
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        device_slots = manager.Queue()
-        for device in slots * max(1, opts.jobs_per_device):
-            device_slots.put(device)
-        futures = [pool.submit(_worker, run, opts, device_slots) for run in first]
-        for fut in as_completed(futures):
-            tally(*fut.result())
-        for run in twins:  # recorded from their first run's result.json (or trained if that one failed)
-            tally(*_worker(run, opts, device_slots))
+    with progress_for(runs, opts, run_bars=workers <= 1) as shown:
+        if workers <= 1:  # in this process; the first bad input stops everything, with its own message
+            for run in first + twins:
+                tally(run, *execute_one(run, opts, slots[0], shown))
+            return counts
+        execute_packed(first, twins, opts, slots, workers, shown, tally)
     if counts.get("error"):
         raise UserError(f"{counts['error']} run(s) failed; see the messages above")
     return counts
+
+
+def progress_for(runs: list[tables.RunSpec], opts: Options, run_bars: bool) -> progress.Reporter:
+    """The command's progress display: runs already recorded count as done; the iterations to train are
+    those of every other distinct run (a resumed run's earlier ones are taken off when it starts)."""
+    recorded = {t: results.recorded(opts.results_dir, t) for t in {r.table for r in runs}}
+    expected, seen, done = {}, set(), 0
+    for run in runs:
+        if (run.row_id, run.config_hash, run.seed) in recorded[run.table]:
+            done += 1
+            continue
+        expected[progress.run_key(run)] = 0 if run.config_hash in seen else int(run.train["iterations"])
+        seen.add(run.config_hash)
+    return progress.Reporter(expected, len(runs), done, quiet=opts.quiet, run_bars=run_bars)
+
+
+def execute_packed(first, twins, opts: Options, slots: list[str], workers: int, shown: progress.Reporter,
+                   tally) -> None:
+    # Processes, not threads: each packed run has its own CUDA context and Python interpreter, so one
+    # run's host overhead never stalls another's kernel launches.
+    # Their progress comes back through a queue: the parent shows one line per evaluation and the command's bar.
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        device_slots, events = manager.Queue(), manager.Queue()
+        for device in slots * max(1, opts.jobs_per_device):
+            device_slots.put(device)
+        pending = {pool.submit(_worker, run, opts, device_slots, progress.Forwarder(events)): run for run in first}
+        while pending:
+            finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            progress.drain(events, shown)  # a run's last events are queued before its future completes
+            for fut in finished:
+                tally(pending.pop(fut), *fut.result())
+        for run in twins:  # recorded from their first run's result.json (or trained if that one failed)
+            tally(run, *_worker(run, opts, device_slots, shown))

@@ -23,6 +23,7 @@ from simpnet_cli import fast
 from simpnet_cli import model as M
 from simpnet_cli import network
 from simpnet_cli.errors import UserError
+from simpnet_cli.progress import Event
 from simpnet_cli.files import atomic_write, read_json, save_pt, write_json  # noqa: F401 - (re-exported)
 from simpnet_cli.tables import RunSpec
 
@@ -133,8 +134,12 @@ def device_name(device: torch.device) -> str:
 
 
 def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path, download: bool,
-              log: Callable[[str], None] = lambda s: None, backend: fast.GraphBackend | None = None) -> dict:
-    """Train ``run`` to its last iteration (resuming from ``run_dir/checkpoint.pt`` if present); return its result."""
+              log: Callable[[str], None] = lambda s: None, backend: fast.GraphBackend | None = None,
+              progress: Callable[[Event], None] | None = None) -> dict:
+    """Train ``run`` to its last iteration (resuming from ``run_dir/checkpoint.pt`` if present); return its result.
+
+    ``log`` gets messages (resumed, diverged); ``progress`` gets an ``Event`` before the first step, every few
+    iterations and at each evaluation (rendering is progress.Reporter's business)."""
     run_dir = Path(run_dir)
     done = read_result(run_dir)
     if done:
@@ -197,6 +202,15 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
         step.loss_sum.fill_(ckpt.get("loss_sum", 0.0))
     status, loss_n, it = "ok", (start % eval_every), start
     check_every = min(eval_every, 50)
+    session = (time.perf_counter(), train_time)  # this session's start: rates exclude what came before a resume
+
+    def report(kind: str, train_s: float) -> None:
+        if progress is not None:
+            last = curve[-1]["test_acc"] if curve else None
+            progress(Event(kind, it, iterations, start, batch_size, train_s, time.perf_counter() - session[0],
+                           last, best[0] if best[0] >= 0 else None, best[1] if best[0] >= 0 else None))
+
+    report("start", 0.0)
     t0 = time.perf_counter()
     while it < iterations:
         lr = lr_at(run.solver, it)
@@ -214,8 +228,10 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 train_time += time.perf_counter() - t0  # a diverged run records its real time and speed
-                log(f"{run_dir.name}: loss became NaN or infinite by iteration {it}; stopping this run")
+                log(f"loss became NaN or infinite by iteration {it}; stopping this run")
                 break
+            if it % eval_every and it != iterations:  # (bad.item() above has waited for the device)
+                report("step", train_time - session[1] + time.perf_counter() - t0)
         if it % eval_every == 0 or it == iterations:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -234,8 +250,7 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
                 best = (acc, it)
             step.reset_loss()
             loss_n = 0
-            log(f"{run_dir.name}: iter {it}/{iterations} test acc {acc:.2f}% (best {best[0]:.2f}% @ {best[1]}) "
-                f"train loss {curve[-1]['train_loss']:.4f} lr {lr:g}")
+            report("eval", train_time - session[1])
             t0 = time.perf_counter()
         if it % ckpt_every == 0 and it < iterations:
             if device.type == "cuda":

@@ -209,7 +209,7 @@ def test_sigkill_mid_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_p
     assert "table 5 row P5 seed 0: already recorded" in log
     assert f"resuming {p3.config_hash} at iteration {resume_at}" in log, log
     first_eval = next(int(line.split("iter ")[1].split("/")[0]) for line in log.splitlines()
-                      if line.startswith(f"{p3.config_hash}: iter "))
+                      if line.startswith(f"table 5 row {p3.row_id} seed 0: iter "))
     assert first_eval > resume_at, "the resumed run evaluated an iteration it had already passed"
     assert not ckpt.exists(), "a finished run keeps no checkpoint"
     assert not list(ckpt.parent.glob(".*.tmp*"))
