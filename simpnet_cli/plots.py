@@ -1,32 +1,34 @@
-"""The report's figures: accuracy vs parameters, and test-accuracy curves, one pair per table (PNG, Agg).
+"""The report's figures (PNG, Agg), drawn from what ``report_data`` computed; nothing here decides a number.
+
+Per table: the *ablation* figure (its rows along the table's ablation axis, named and ordered in the table file:
+the paper's figure beside each configuration's reproduced best-over-training and final means with their seed
+spread), the *test curves* of each section, and *accuracy vs parameters* only where the rows differ in size
+(``report_data.differs_in_size``). No two labels of a figure overprint: tick labels are wrapped and, when they
+would still touch, turned; point labels are moved apart (``overlapping_texts`` is what the tests check).
 
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot, so rendering
 touches no global backend state and works without a display. A missing or unreadable curve.csv only shrinks
-the curves figure; a table without any curve gets no curves figure.
+the curves figure; a section without any curve gets no curves figure.
 """
 from __future__ import annotations
 
 import math
-import re
+import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Sequence
 
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.text import Text
+from matplotlib.ticker import FuncFormatter
 
-if TYPE_CHECKING:
-    from simpnet_cli.report import TableReport
+from simpnet_cli.report_data import (Ablation, TableReport, ablation_points, axis_slots, differs_in_size,
+                                     parse_params)
 
-_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
-
-
-def parse_params(text: str) -> float | None:
-    """The paper's printed size as a number: "300K" -> 3e5, "1.6M" -> 1.6e6, "300K.v1" -> 3e5; else None."""
-    m = re.match(r"^\s*([0-9]*\.?[0-9]+)\s*([KkMmGg]?)", str(text))
-    if not m:
-        return None
-    return float(m[1]) * _SUFFIX[m[2].lower()]
+PAPER_COLOR = "black"
+TICK_WIDTH = 14  # characters per line of a tick label before it wraps
 
 
 def run_path(run_dir: str, results_dir: Path) -> Path:
@@ -64,9 +66,22 @@ def _human(v: float) -> str:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps the legend placed below the axes
     return path
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)  # a renderer to measure labels with before saving
+    return fig
+
+
+def overlapping_texts(fig: Figure, texts: Sequence[Text]) -> list[tuple[str, str]]:
+    """The pairs of visible, non-empty ``texts`` whose drawn boxes overlap (what "overprint" means here)."""
+    fig.canvas.draw()  # places every text (legend entries, ticks) where it will be saved
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_visible() and t.get_text()]
+    return [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:] if box_a.overlaps(box_b)]
 
 
 def _colors(ids: list[str]) -> dict[str, tuple]:
@@ -75,25 +90,116 @@ def _colors(ids: list[str]) -> dict[str, tuple]:
     return {rid: cmap(i % cmap.N) for i, rid in enumerate(ids)}
 
 
-def params_plot(tr: "TableReport", path: Path) -> Path | None:
-    """Paper's points (hollow) and reproduced best (filled, ± std) and final (x) against parameters."""
+# --------------------------------------------------------------------------- the ablation figure
+
+def _series_colors(series: list[str]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+    cmap = colormaps["tab10"]
+    return {s: cmap(i % cmap.N) for i, s in enumerate(series)}
+
+
+def _draw_markers(ax, ab: Ablation, colors: dict[str, tuple]) -> None:
+    """Per series and metric one errorbar artist: paper (hollow diamond), best (filled dot), final (cross)."""
+    style = {"paper": dict(fmt="D", mfc="none", mec=PAPER_COLOR, ms=7, mew=1.5),
+             "best": dict(fmt="o", ms=6), "final": dict(fmt="X", ms=6, mfc="white")}
+    for series in ["paper"] + ab.series:
+        for metric in ("paper", "best", "final"):
+            points = [m for m in ab.markers if m.series == series and m.metric == metric]
+            if not points:
+                continue
+            color = PAPER_COLOR if series == "paper" else colors[series]
+            spread = None if metric == "paper" else [m.std for m in points]  # (no caps across the diamonds)
+            ax.errorbar([m.x for m in points], [m.mean for m in points], yerr=spread,
+                        color=color, capsize=3, lw=1.2, ls="none", zorder=3, **style[metric])
+
+
+def _legend_handles(ab: Ablation, colors: dict[str, tuple]) -> list:
+    """The three kinds of marker in black, then one colour per configuration: short entries, so the legend
+    stays within the figure's width however many variants there are."""
+    from matplotlib.patches import Patch
+    handles = [Line2D([], [], marker="D", ls="", mfc="none", mec=PAPER_COLOR, mew=1.5, label="paper (as printed)"),
+               Line2D([], [], marker="o", ls="", color="dimgrey", label="best-over-training, mean ± std"),
+               Line2D([], [], marker="X", ls="", color="dimgrey", mfc="white", label="final, mean ± std")]
+    return handles + [Patch(color=colors[s], label=s) for s in ab.series]
+
+
+def _readable_ticks(fig: Figure, ax) -> None:
+    """Wrapped tick labels that still touch are turned, then made smaller, until none overprints another."""
+    for rotation, size in ((0, 9), (30, 9), (45, 8), (60, 7), (90, 6)):
+        for label in ax.get_xticklabels():
+            label.set_rotation(rotation)
+            label.set_ha("center" if rotation in (0, 90) else "right")
+            label.set_fontsize(size)
+        if not overlapping_texts(fig, ax.get_xticklabels()):
+            return
+
+
+def ablation_figure(ab: Ablation) -> Figure | None:
+    """The rows along the table's axis; None when there is nothing to draw (no paper figure, no run)."""
+    if not ab.markers:
+        return None
+    width = max(7.5, 1.6 + 0.95 * len(ab.slots))
+    fig = _new_figure(width, 5.2)
+    ax = fig.add_subplot()
+    colors = _series_colors(ab.series)
+    _draw_markers(ax, ab, colors)
+    for slot in ab.slots[1:]:  # a faint line between rows: each row's markers read as one group
+        ax.axvline(slot.x - 0.5, color="grey", alpha=0.2, lw=0.8)
+    ax.set_xticks([s.x for s in ab.slots], [textwrap.fill(s.tick, TICK_WIDTH) for s in ab.slots])
+    ax.set_xlim(-0.6, len(ab.slots) - 0.4)
+    ax.set_xlabel(ab.axis_name)
+    ax.set_ylabel("test error (%)" if ab.error else "test accuracy (%)")
+    ax.margins(y=0.1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"Table {ab.table}: {'error' if ab.error else 'accuracy'} along the ablation axis", fontsize=10)
+    ax.legend(handles=_legend_handles(ab, colors), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+              ncol=3 if width >= 9 else 2, frameon=False)
+    fig.tight_layout()
+    _readable_ticks(fig, ax)
+    return fig
+
+
+def ablation_plot(ab: Ablation, path: Path) -> Path | None:
+    fig = ablation_figure(ab)
+    return _save(fig, path) if fig is not None else None
+
+
+# --------------------------------------------------------------------------- accuracy vs parameters
+
+def _separate(fig: Figure, labels: list, step: float = 9.0, tries: int = 40) -> None:
+    """Move point labels up or down (in points) until none overlaps one placed before it."""
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for label in labels:
+        x0, y0 = label.xyann
+        for k in range(tries):
+            shift = ((k + 1) // 2) * step * (1 if k % 2 else -1)  # 0, +1, -1, +2, -2 ... steps
+            label.xyann = (x0, y0 + shift)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(box)
+
+
+def params_figure(tr: TableReport) -> Figure | None:
+    """Paper's points (hollow) and reproduced best (filled, ± std) and final (x) against parameters; the row
+    labels are ``fig.point_labels`` (None when there is no point to draw)."""
     err = tr.error_display
     conv = (lambda a: 100.0 - a) if err else (lambda a: a)
     trained = [r for r in tr.rows if r.kind == "trained"]
     colors = _colors([r.row_id for r in trained])
-    fig = Figure(figsize=(7.5, 5))
+    fig = _new_figure(7.5, 5)
     ax = fig.add_subplot()
-    drawn = False
-    for i, r in enumerate(trained):
+    labels = []
+    for r in trained:
         c = colors[r.row_id]
         x_paper = parse_params(r.paper_params) or r.counted_params
         x_ours = r.counted_params or x_paper
         if r.paper_acc is not None and x_paper:
             ax.scatter([x_paper], [conv(r.paper_acc)], facecolors="none", edgecolors=[c], s=70, linewidths=1.5,
-                       label="paper" if not drawn else None, zorder=3)
-            ax.annotate(r.row_id, (x_paper, conv(r.paper_acc)), textcoords="offset points",
-                        xytext=(6, 4 + 7 * (i % 3)), fontsize=8, color=c)
-            drawn = True
+                       zorder=3)
+            labels.append(ax.annotate(r.row_id, (x_paper, conv(r.paper_acc)), textcoords="offset points",
+                                      xytext=(7, 3), fontsize=8, color=c))
         if r.n and x_ours:
             best = [conv(a) for a in r.values("best")]
             final = [conv(a) for a in r.values("final")]
@@ -101,43 +207,49 @@ def params_plot(tr: "TableReport", path: Path) -> Path | None:
             sb = (sum((b - mb) ** 2 for b in best) / (len(best) - 1)) ** 0.5 if len(best) > 1 else 0.0
             ax.errorbar([x_ours], [mb], yerr=[sb], fmt="o", color=c, capsize=3, zorder=4)
             ax.scatter([x_ours], [sum(final) / len(final)], marker="x", color=c, zorder=4)
-            ax.annotate(r.row_id, (x_ours, mb), textcoords="offset points", xytext=(6, -10 - 7 * (i % 3)),
-                        fontsize=8, color=c, fontweight="bold")
-            drawn = True
-    if not drawn:
+            labels.append(ax.annotate(r.row_id, (x_ours, mb), textcoords="offset points", xytext=(7, -10),
+                                      fontsize=8, color=c, fontweight="bold"))
+    if not labels:
         return None
-    from matplotlib.lines import Line2D
     handles = [Line2D([], [], marker="o", ls="", mfc="none", mec="k", label="paper"),
                Line2D([], [], marker="o", ls="", color="k", label="reproduced best-over-training (± std)"),
                Line2D([], [], marker="x", ls="", color="k", label="reproduced final")]
-    ax.legend(handles=handles, fontsize=8, loc="best")
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     xs = [x for r in trained for x in (parse_params(r.paper_params), r.counted_params) if x]
     if xs and max(xs) / min(xs) > 5:
         ax.set_xscale("log")
-    elif xs:  # all rows near one size (Tables 2, 5, 8): a little room either side, not a 0.01% wide axis
-        ax.set_xlim(min(xs) * 0.9, max(xs) * 1.1)
-    from matplotlib.ticker import FuncFormatter
+    elif xs:
+        ax.set_xlim(min(xs) * 0.8, max(xs) * 1.25)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.set_xlabel("parameters (paper: printed; reproduced: counted, BatchNorm excluded)")
-    ax.margins(y=0.12)  # room for the row labels
+    ax.margins(y=0.15)  # room for the row labels
     ax.set_ylabel("test error (%)" if err else "test accuracy (%)")
     title = f"Table {tr.table.name}: {'error' if err else 'accuracy'} vs parameters"
     if tr.profile:
         title += f" ({tr.profile} runs)"
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title + (f"\n{tr.variant}" if tr.variant else ""), fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    _separate(fig, labels)  # after the layout: the labels are placed where they are drawn
+    fig.point_labels = labels
+    return fig
 
 
-def curves_plot(tr: "TableReport", path: Path, results_dir: Path) -> tuple[Path | None, str, list[str]]:
+def params_plot(tr: TableReport, path: Path) -> Path | None:
+    fig = params_figure(tr)
+    return _save(fig, path) if fig is not None else None
+
+
+# --------------------------------------------------------------------------- test curves
+
+def curves_plot(tr: TableReport, path: Path, results_dir: Path) -> tuple[Path | None, str, list[str]]:
     """Test accuracy (error for error tables) against iteration, one line per run, one colour per row."""
     err = tr.error_display
     warnings, found = [], 0
-    ids = [r.row_id for r in tr.rows if r.kind == "trained"]
+    ids = [s.row_id for s in axis_slots(tr.table)[1]]  # the ablation figure's order
     colors = _colors(ids)
-    fig = Figure(figsize=(7.5, 5))
+    fig = _new_figure(7.5, 5)
     ax = fig.add_subplot()
     labelled = set()
     for run in sorted(tr.runs, key=lambda r: (ids.index(r["row_id"]) if r["row_id"] in ids else 0, r["seed"])):
@@ -162,7 +274,8 @@ def curves_plot(tr: "TableReport", path: Path, results_dir: Path) -> tuple[Path 
     ax.set_ylabel("test error (%)" if err else "test accuracy (%)")
     ax.set_title(f"Table {tr.table.name}: test {'error' if err else 'accuracy'} during training "
                  f"({tr.profile} runs; dashed = diverged)", fontsize=10)
-    ax.legend(fontsize=8, loc="best", title="row")
+    # beside the axes: a legend inside would cover curves
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="row", frameon=False)
     ax.grid(alpha=0.3)
     ys = [v for line in ax.get_lines() for v in line.get_ydata() if math.isfinite(v)]
     if ys and not err:  # early evaluations near chance squash the interesting part
@@ -172,16 +285,31 @@ def curves_plot(tr: "TableReport", path: Path, results_dir: Path) -> tuple[Path 
     return _save(fig, path), note, warnings
 
 
-def table_plots(tr: "TableReport", out: Path, results_dir: Path) -> tuple[dict[str, Path], str, list[str]]:
-    """Both figures of one table under ``out``: ({"params": png, "curves": png}, curves note, warnings)."""
-    out.mkdir(parents=True, exist_ok=True)
-    made = {}
-    params_png, curves_png = out / f"{tr.slug}_params.png", out / f"{tr.slug}_curves.png"
-    for stale in (params_png, curves_png):  # a figure not drawn this time must not linger from an older report
+# --------------------------------------------------------------------------- one table's figures
+
+def _remove(paths: list[Path]) -> None:
+    for stale in paths:  # a figure not drawn this time must not linger from an older report
         stale.unlink(missing_ok=True)
-    if params_plot(tr, params_png):
-        made["params"] = params_png
-    c, note, warnings = curves_plot(tr, curves_png, results_dir)
-    if c:
-        made["curves"] = c
-    return made, note, warnings
+
+
+def table_figures(configurations: list[TableReport], out: Path, results_dir: Path) -> list[str]:
+    """The figures of one table under ``out``: ``configurations`` are its sections (the paper's rows as printed
+    first, then each variant). Records them in each section's ``plots`` and ``curve_note``; returns warnings."""
+    out.mkdir(parents=True, exist_ok=True)
+    name = configurations[0].table.name
+    ablation_png = out / f"table{name}_ablation.png"
+    _remove([ablation_png] + [out / f"{tr.slug}_{kind}.png" for tr in configurations for kind in ("params", "curves")])
+    ab = ablation_points(configurations)
+    warnings = [f"table {name}: {note}" for note in ab.notes]
+    if ablation_plot(ab, ablation_png):
+        for tr in configurations:
+            tr.plots["ablation"] = ablation_png
+    for tr in configurations:
+        params_png, curves_png = out / f"{tr.slug}_params.png", out / f"{tr.slug}_curves.png"
+        if differs_in_size(tr) and params_plot(tr, params_png):
+            tr.plots["params"] = params_png
+        drawn, tr.curve_note, notes = curves_plot(tr, curves_png, results_dir)
+        warnings += notes
+        if drawn:
+            tr.plots["curves"] = drawn
+    return warnings

@@ -6,6 +6,7 @@ what we count; claims must name real rows and cited rows must say where they com
 """
 from __future__ import annotations
 
+import os
 import re
 from decimal import Decimal
 from pathlib import Path
@@ -17,7 +18,9 @@ from simpnet_cli import network, tables
 
 # The facts come from the repository's own test data (derived from ../shared/reference/experiments.yaml by
 # tests/data/make_reference_rows.py), so every clone runs these tests; the last test keeps the two in agreement.
-SHARED_REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "experiments.yaml"
+# SIMPNET_REFERENCE names another copy of experiments.yaml (or a missing path, to check a clone without one).
+SHARED_REF = Path(os.environ.get("SIMPNET_REFERENCE")
+                  or Path(__file__).resolve().parents[2] / "shared" / "reference" / "experiments.yaml")
 REF_PATH = Path(__file__).resolve().parent / "data" / "reference_rows.yaml"
 REF = yaml.safe_load(REF_PATH.read_text())
 NO_REF = f"reference file {SHARED_REF} is absent (clone the project with ../shared beside it)"

@@ -123,11 +123,12 @@ def test_render_table2(results_dir: Path):
     assert re.search(re.escape(csv2) + r":\d+: 5 fields", skipped)
     assert "99L" in skipped and "unknown table '77'" in skipped
 
-    # plots exist, are non-empty and linked
-    for name in ("table2_params.png", "table2_curves.png"):
+    # figures exist, are non-empty and linked; Table 2's rows are all ~300K: no accuracy-vs-parameters figure
+    for name in ("table2_ablation.png", "table2_curves.png"):
         png = results_dir / "report" / name
         assert png.is_file() and png.stat().st_size > 1000
         assert f"report/{name}" in md and f"]({name})" in t2
+    assert not (results_dir / "report" / "table2_params.png").exists() and "params.png" not in md
     assert "Curves: 4 of 8 run(s) have a readable curve.csv." in t2  # 3 (8L) + 1 (10L) of 7 ok + 1 diverged
 
 
@@ -209,7 +210,8 @@ def test_empty_results_render_every_table(tmp_path: Path):
         assert f"## Table {t.name}:" in md
         section = (rdir / "report" / f"table{t.name}.md").read_text()
         assert (rdir / "report" / f"table{t.name}.tex").is_file()
-        assert (rdir / "report" / f"table{t.name}_params.png").stat().st_size > 0
+        assert (rdir / "report" / f"table{t.name}_ablation.png").stat().st_size > 0  # the paper's figures
+        assert (rdir / "report" / f"table{t.name}_params.png").exists() == (t.name in DIFFER_IN_SIZE)
         for r in t.rows:
             assert cells(row_line(section, r["id"]))[-1] == "not run"
     assert md.split("## Skipped lines", 1)[1].strip().startswith("None.")
@@ -330,3 +332,151 @@ def test_networks_of_ones_own_are_reported_from_their_csv(tmp_path):
     assert "Table custom: Networks of your own" in md and "(variant: net.widths=C64,C128{2})" in md
     everything = report.render(out, plots=False).read_text()
     assert "Table custom" in everything and "unknown table" not in everything
+
+
+# --------------------------------------------------------------------------- figures
+
+from simpnet_cli import network, plots, report_data  # noqa: E402
+
+# The tables whose trained rows differ in size (report_data.SIZE_SPREAD): the only ones with a params figure.
+DIFFER_IN_SIZE = {"3", "4", "7", "9", "10", "12", "13", "14", "14b"}
+
+
+def smoke_like(tmp_path: Path, table: str, seeds=(0, 1)) -> Path:
+    """Two smoke-profile seeds of every row of ``table``, with accuracies as scattered as a smoke run's."""
+    rdir = tmp_path / "results"
+    t = tables.load_table(table)
+    counted = {r["id"]: counted_params(t, r) for r in t.rows}
+    for i, row in enumerate(t.rows):
+        for seed in seeds:
+            best = 10.0 + 3 * i + 5 * seed
+            rec = run_row(tmp_path, row["id"], seed, best, best - 2, table=table, profile="smoke", label=row["label"])
+            rec["params_paper"] = counted[row["id"]]
+            results.append(rdir, table, rec)
+    return rdir
+
+
+def counted_params(table: tables.Table, row: dict) -> int:
+    spec = tables.resolve(table, row, 0, {})
+    return network.count_params(spec.spec, spec.in_shape)[0]
+
+
+def axis_order(table: str) -> list[tuple[str, str]]:
+    """(row id, tick) in the order the table file's ``axis`` names them."""
+    return [(str(k), str(v)) for k, v in tables.load_table(table).axis["rows"].items()]
+
+
+@pytest.mark.parametrize("table", ["2", "5", "8"])
+def test_ablation_figure_shows_every_row_readably(tmp_path, table):
+    """The figure's data, not its pixels: each row in its slot in the axis's order, the paper's figure beside the
+    reproduced best and final means with their seed spread, and no tick label overprinting another."""
+    rdir = smoke_like(tmp_path, table)
+    (tr,) = report.collect(rdir, table).tables
+    ab = report_data.ablation_points([tr])
+    assert [(s.row_id, s.tick) for s in ab.slots] == axis_order(table) and ab.axis_name
+    assert [s.x for s in ab.slots] == list(range(len(ab.slots)))
+    assert ab.series == ["as printed (smoke runs)"]
+    for slot in ab.slots:
+        mine = {m.metric: m for m in ab.markers if m.row_id == slot.row_id}
+        assert set(mine) == {"paper", "best", "final"}
+        row = tables.load_table(table).row(slot.row_id)
+        assert mine["paper"].mean == pytest.approx(float(row["paper"]["acc"]))
+        r = next(r for r in tr.rows if r.row_id == slot.row_id)
+        for metric in ("best", "final"):
+            assert mine[metric].n == 2
+            assert mine[metric].mean == pytest.approx(statistics.mean(r.values(metric)))
+            assert mine[metric].std == pytest.approx(statistics.stdev(r.values(metric)))
+        xs = sorted(m.x for m in mine.values())
+        assert len(set(xs)) == 3 and slot.x - 0.5 < xs[0] and xs[-1] < slot.x + 0.5  # side by side, in its slot
+    fig = plots.ablation_figure(ab)
+    (ax,) = fig.axes
+    ticks = ax.get_xticklabels()
+    assert [t.get_text().replace("\n", " ") for t in ticks] == [tick for _, tick in axis_order(table)]
+    assert plots.overlapping_texts(fig, ticks) == []
+    legend = ax.get_legend().get_texts()
+    assert plots.overlapping_texts(fig, list(ticks) + list(legend) + [ax.xaxis.label]) == []
+    md = report.render(rdir, table).read_text()
+    assert f"report/table{table}_ablation.png" in md
+    assert not (rdir / "report" / f"table{table}_params.png").exists()  # all rows at one size
+
+
+def test_every_table_file_names_its_axis_and_every_row_once():
+    for t in tables.load_tables("all"):
+        name, slots, notes = report_data.axis_slots(t)
+        assert not notes and t.axis.get("name") == name, t.name
+        assert sorted(s.row_id for s in slots) == sorted(r["id"] for r in t.rows), t.name
+        assert len({s.tick for s in slots}) == len(slots), f"table {t.name}: two rows share a tick label"
+
+
+def test_a_broken_or_missing_axis_keeps_the_tables_order_and_says_so():
+    t2 = tables.load_table("2")
+    bare = tables.Table("x", "", t2.rows)
+    assert [s.row_id for s in report_data.axis_slots(bare)[1]] == [r["id"] for r in t2.rows]
+    odd = tables.Table("x", "", t2.rows, axis={"name": "depth", "rows": {"13L": "13", "99L": "?"}})
+    name, slots, notes = report_data.axis_slots(odd)
+    assert [s.row_id for s in slots] == ["13L", "8L", "9L", "10L"] and "99L" in notes[0]
+    assert report_data.axis_slots(tables.Table("x", "", t2.rows, axis="depth"))[2]
+
+
+def test_params_figure_only_where_rows_differ_in_size(tmp_path):
+    rdir = tmp_path / "results"
+    rdir.mkdir()
+    differ = {tr.table.name for tr in report.collect(rdir).tables if report_data.differs_in_size(tr)}
+    assert differ == DIFFER_IN_SIZE
+
+
+def test_params_figure_labels_never_overprint(tmp_path):
+    """Table 7 puts three rows at 300K and three at 1.6M, paper and reproduced points close together."""
+    rdir = smoke_like(tmp_path, "7")
+    (tr,) = report.collect(rdir, "7").tables
+    fig = plots.params_figure(tr)
+    assert len(fig.point_labels) == 12  # paper and reproduced, six rows
+    assert plots.overlapping_texts(fig, fig.point_labels) == []
+    report.render(rdir, "7")
+    assert (rdir / "report" / "table7_params.png").stat().st_size > 1000
+
+
+def test_variants_are_drawn_beside_the_papers_rows_in_one_figure(tmp_path):
+    out = tmp_path / "results"
+    for variant, acc in (("", 95.0), ("dataset=cifar100", 78.0)):
+        for row_id in ("WE10", "BW10"):
+            for seed in (0, 1):
+                row = run_row(tmp_path, row_id, seed, acc + seed, acc, table="4", label=row_id)
+                row.update(variant=variant, config_hash=f"{row_id}{seed}{variant[:3]}")
+                results.append(out, "4", row)
+    base, variant = report.collect(out, "4").tables
+    ab = report_data.ablation_points([base, variant])
+    assert ab.series == ["as printed (full runs)", "dataset=cifar100 (full runs)"]
+    we10 = {(m.series, m.metric): m.mean for m in ab.markers if m.row_id == "WE10"}
+    assert we10[("as printed (full runs)", "best")] == pytest.approx(95.5)  # never averaged with the variant
+    assert we10[("dataset=cifar100 (full runs)", "best")] == pytest.approx(78.5)
+    assert not any(m.row_id == "WE13" and m.metric != "paper" for m in ab.markers)  # not run: paper only
+    md = report.render(out, "4").read_text()
+    assert md.count("table4_ablation.png") == 2  # drawn under the paper's rows, linked from the variant's section
+    assert (out / "report" / "table4-variant1_curves.png").exists() is False  # (no curve.csv in this fixture)
+    assert (out / "report" / "table4-variant1_params.png").is_file()  # Table 4: 8M and 128K rows
+
+
+def test_networks_of_ones_own_get_figures_too(tmp_path):
+    out = tmp_path / "results"
+    for seed, acc in enumerate([61.0, 63.0]):
+        row = run_row(tmp_path, "arch2", seed, acc, acc, table="custom", label="arch2 (a network of your own)")
+        row.update(variant="net.widths=C64,C128{2}", config_hash=f"c{seed}")
+        write_curve(row, [30.0, acc])
+        results.append(out, "custom", row)
+    md = report.render(out).read_text()
+    assert "report/tablecustom_ablation.png" in md and "plots failed" not in md
+
+
+def test_the_report_modules_import_one_way():
+    """claims -> report_data -> report_text / plots -> report: no module imports one after it."""
+    import subprocess
+    import sys
+    code = ("import sys; import simpnet_cli.{m}; "
+            "print(sorted(n for n in sys.modules if n.startswith('simpnet_cli.') and n.split('.')[1] in {later}))")
+    order = ["claims", "report_data", "report_text", "plots", "report"]
+    for i, module in enumerate(order[:-1]):
+        later = set(order[i + 1:]) - ({"plots"} if module == "report_text" else set())
+        out = subprocess.run([sys.executable, "-c", code.format(m=module, later=later)], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == "[]", f"simpnet_cli.{module} imports {out}"
