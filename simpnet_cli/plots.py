@@ -24,6 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter
 
+from simpnet_cli.claims import mean_var
 from simpnet_cli.report_data import (Ablation, TableReport, ablation_points, axis_slots, differs_in_size,
                                      parse_params)
 
@@ -85,18 +86,13 @@ def overlapping_texts(fig: Figure, texts: Sequence[Text]) -> list[tuple[str, str
 
 
 def _colors(ids: list[str]) -> dict[str, tuple]:
+    """One colour per row id (or per series of the ablation figure), distinct up to 20."""
     from matplotlib import colormaps
     cmap = colormaps["tab10" if len(ids) <= 10 else "tab20"]
     return {rid: cmap(i % cmap.N) for i, rid in enumerate(ids)}
 
 
 # --------------------------------------------------------------------------- the ablation figure
-
-def _series_colors(series: list[str]) -> dict[str, tuple]:
-    from matplotlib import colormaps
-    cmap = colormaps["tab10"]
-    return {s: cmap(i % cmap.N) for i, s in enumerate(series)}
-
 
 def _draw_markers(ax, ab: Ablation, colors: dict[str, tuple]) -> None:
     """Per series and metric one errorbar artist: paper (hollow diamond), best (filled dot), final (cross)."""
@@ -141,7 +137,7 @@ def ablation_figure(ab: Ablation) -> Figure | None:
     width = max(7.5, 1.6 + 0.95 * len(ab.slots))
     fig = _new_figure(width, 5.2)
     ax = fig.add_subplot()
-    colors = _series_colors(ab.series)
+    colors = _colors(ab.series)
     _draw_markers(ax, ab, colors)
     for slot in ab.slots[1:]:  # a faint line between rows: each row's markers read as one group
         ax.axvline(slot.x - 0.5, color="grey", alpha=0.2, lw=0.8)
@@ -203,10 +199,10 @@ def params_figure(tr: TableReport) -> Figure | None:
         if r.n and x_ours:
             best = [conv(a) for a in r.values("best")]
             final = [conv(a) for a in r.values("final")]
-            mb = sum(best) / len(best)
-            sb = (sum((b - mb) ** 2 for b in best) / (len(best) - 1)) ** 0.5 if len(best) > 1 else 0.0
+            mb, vb = mean_var(best)
+            sb = math.sqrt(vb) if len(best) > 1 else 0.0
             ax.errorbar([x_ours], [mb], yerr=[sb], fmt="o", color=c, capsize=3, zorder=4)
-            ax.scatter([x_ours], [sum(final) / len(final)], marker="x", color=c, zorder=4)
+            ax.scatter([x_ours], [mean_var(final)[0]], marker="x", color=c, zorder=4)
             labels.append(ax.annotate(r.row_id, (x_ours, mb), textcoords="offset points", xytext=(7, -10),
                                       fontsize=8, color=c, fontweight="bold"))
     if not labels:

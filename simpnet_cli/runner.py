@@ -187,7 +187,7 @@ def _worker(run, opts, device_slots, shown=None):
     try:
         return execute_one(run, opts, device, shown)
     except Exception as err:  # one run's failure (bad input, CUDA out of memory) must not stop the others
-        return "error", f"table {run.table} row {run.row_id} seed {run.seed}: {type(err).__name__}: {err}"
+        return "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}"
     finally:
         device_slots.put(device)
 
