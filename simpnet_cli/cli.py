@@ -116,7 +116,7 @@ def plan_runs(cfg, variant):
 
     profile = tables.to_plain(cfg.profile)
     run_opts = {"precision": cfg.precision} if cfg.precision else None
-    data_opts = {"svhn": {"extra": True}} if cfg.svhn_extra else None
+    data_opts = {"svhn": {"extra": bool(cfg.svhn_extra)}} if cfg.svhn_extra is not None else None
     return runner.plan(chosen_tables(cfg, variant), tables.to_plain(cfg.row), tables.to_plain(cfg.seeds),
                        profile, run_opts, data_opts, variant)
 
@@ -174,6 +174,7 @@ def show_records(cfg, variant=None) -> list[dict]:
             "params_paper": paper_p, "params_total": total_p,
             "paper_params": run.paper.get("params"), "paper_acc": run.paper.get("acc"),
             "solver": run.solver["type"], "iterations": run.train["iterations"], "config_hash": run.config_hash,
+            "recipe": run.recipe(), "solver_config": run.solver,
         })
     return records
 
@@ -191,7 +192,25 @@ def cmd_show(cfg, flags, variant) -> int:
         print(f"  {' '.join(rec['layers'])}")
         print(f"  params: {rec['params_paper']:,} conv+fc (paper: {rec['paper_params'] or '-'}), "
               f"{rec['params_total']:,} trainable with BatchNorm")
+        print(f"  recipe: {recipe_line(rec['recipe'])}")
     return 0
+
+
+def recipe_line(recipe: dict) -> str:
+    """A run's recipe on one line, in the reference's words (`simpnet show`)."""
+    init, mults = recipe["init"], recipe["param_mults"]
+    fill = init["default"] + (f", N(0, {init['gaussian_std']:g}) on convs {init['on_convs']}" if init["on_convs"] else "")
+    parts = [f"input {recipe['input']}", f"augment {recipe['augment']}", f"test {recipe['test_transform']}",
+             f"BatchNorm fraction {recipe['bn_fraction']}" if recipe["bn_fraction"] is not None else "no BatchNorm",
+             f"init {fill}", f"test every {recipe['test_interval']}"]
+    cls = mults["classifier"]
+    if cls:
+        parts.append(f"fc weight lr x{cls['weight']['lr']:g} decay x{cls['weight']['decay']:g}, "
+                     f"bias lr x{cls['bias']['lr']:g} decay x{cls['bias']['decay']:g}")
+    if mults["convs"]["indices"]:
+        bias = mults["convs"]["bias"]
+        parts.append(f"bias of convs {mults['convs']['indices']} lr x{bias['lr']:g} decay x{bias['decay']:g}")
+    return "; ".join(parts)
 
 
 def run_job(cfg, flags, variant) -> int:

@@ -8,6 +8,9 @@ The data order is a pure function of (seed, iteration): each epoch draws its per
 and mirror flags from a generator seeded by (seed, epoch), and iteration i takes images i*B .. (i+1)*B
 of the endless stream of epochs, wrapping across epoch ends as Caffe's data layer does. A resumed run
 therefore needs only its iteration to continue the exact same order.
+
+A dataset config's feed, as the authors' Caffe pipelines did it (shared/reference/experiments.yaml, "recipe keys"):
+``input`` (how pixels are normalised), ``augment`` (crop/mirror in training) and ``test_transform``.
 """
 from __future__ import annotations
 
@@ -24,6 +27,15 @@ import torch
 from simpnet_cli.errors import UserError
 
 PAD = 4  # the authors zero-pad CIFAR images by 4 px before the random 32x32 crop
+CAFFE_SCALE = 0.0039215684  # Caffe's transform_param scale as the authors wrote it (~1/255)
+
+# The allowed values of the three feed keys; anything else is a UserError naming the key.
+INPUTS = ("per_channel_standardized", "mean_file", "scale_1_255", "unknown_norm2")
+AUGMENTS = ("pad4_crop32_mirror", "mirror", "none")
+# centre_crop32 is the centre 32x32 crop of the authors' 40x40 padded test DB, i.e. the unpadded image; our test
+# images are never padded, so both values are the identity here. The key is kept (and checked) so a config says
+# what the authors did and a typo is caught.
+TEST_TRANSFORMS = ("centre_crop32", "none")
 
 
 class DatasetError(UserError):
@@ -35,7 +47,8 @@ def _torchvision_split(cfg: dict, root: Path, train: bool, download: bool):
 
     cls = getattr(tvd, cfg["torchvision"])
     if cfg["torchvision"] == "SVHN":
-        splits = (["train", "extra"] if cfg.get("extra") else ["train"]) if train else ["test"]
+        # The authors trained on train + extra (604,388 images), hence the default.
+        splits = (["train", "extra"] if cfg.get("extra", True) else ["train"]) if train else ["test"]
         parts = [cls(str(root), split=s, download=download) for s in splits]
         x = torch.cat([torch.as_tensor(p.data) for p in parts])  # already N,C,H,W
         y = torch.cat([torch.as_tensor(p.labels) for p in parts])
@@ -131,9 +144,10 @@ class DeviceData:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    mean: torch.Tensor      # float C,H,W subtracted from raw pixels (zeros for "unit")
-    scale: float            # raw pixels are divided by this after the mean (255 for "unit", 1 otherwise)
-    augment: bool
+    shift: torch.Tensor     # float, broadcastable to C,H,W: subtracted from raw 0..255 pixels
+    scale: torch.Tensor     # float, broadcastable to C,H,W: multiplies the shifted pixels
+    crop: bool              # training images: zero-pad by PAD after normalising, then a random HxW crop
+    mirror: bool            # training images: random horizontal mirror
     batch_size: int
     seed: int
 
@@ -170,18 +184,25 @@ class DeviceData:
         return tuple(torch.cat(t) for t in zip(*parts)) if len(parts) > 1 else parts[0]
 
     def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
-        return (x_u8.float() - self.mean) / self.scale
+        return (x_u8.float() - self.shift) * self.scale
 
     def images(self, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        """The training images ``idx``, normalised, and cropped and mirrored if the dataset augments."""
+        """The training images ``idx``, normalised, then cropped and/or mirrored as the feed says. The branches
+        are on config flags, never on tensor values, so this stays capturable in a CUDA graph; unused offsets
+        or flips are simply ignored (they are drawn anyway, so the random stream does not depend on the feed)."""
         x = self.normalize(self.train_x[idx])
-        return crop_and_flip(x, offsets, flips) if self.augment else x
+        if self.crop:
+            return crop_and_flip(x, offsets, flips if self.mirror else torch.zeros_like(flips))
+        if self.mirror:
+            return torch.where(flips[:, None, None, None], x.flip(-1), x)
+        return x
 
     def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx, offsets, flips = self.batch_plan(iteration)
         return self.images(idx, offsets, flips), self.train_y[idx]
 
     def test_batches(self, size: int = 1000):
+        # test_transform is the identity on our unpadded test images (see TEST_TRANSFORMS): normalise only.
         for i in range(0, len(self.test_x), size):
             yield self.normalize(self.test_x[i:i + size]), self.test_y[i:i + size]
 
@@ -202,20 +223,68 @@ def crop_and_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -
     return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def _feed_key(cfg: dict, key: str, allowed: tuple[str, ...]) -> str:
+    value = cfg.get(key)
+    if value not in allowed:
+        got = "nothing (the key is missing)" if key not in cfg else repr(value)
+        raise UserError(f"dataset {cfg.get('name')}: {key} must be one of {', '.join(allowed)}, got {got}")
+    return value
+
+
+def _pixel_mean(x: torch.Tensor, chunk: int = 10_000) -> torch.Tensor:
+    """The per-pixel mean image (float32 C,H,W) of uint8 images, summed exactly in float64 a chunk at a time
+    (a float copy of SVHN's 604K training images would take 7 GB)."""
+    total = torch.zeros(x.shape[1:], dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        total += x[i:i + chunk].sum(0, dtype=torch.float64)
+    return (total / len(x)).float()
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and population std (numpy's np.std) over all pixels of uint8 images, in float64 from
+    each channel's 256-bin histogram: exact, and without a float copy of the data."""
+    values = torch.arange(256, dtype=torch.float64)
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        counts = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
+        mean = (counts * values).sum() / counts.sum()
+        means.append(mean)
+        stds.append(((counts * (values - mean) ** 2).sum() / counts.sum()).sqrt())
+    return torch.stack(means), torch.stack(stds)
+
+
+def _normalisation(cfg: dict, train_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) of the config's ``input``, from the training set: pixels become (x - shift) * scale."""
+    c = train_x.shape[1]
+    kind = cfg["input"]
+    if kind == "per_channel_standardized":
+        # The authors' CIFAR preprocessing: standardise with the training set's per-channel mean/std (then pad;
+        # the zero padding in crop_and_flip is therefore the mean colour, as in their padded DB).
+        mean, std = _channel_stats(train_x)
+        std = torch.where(std > 0, std, torch.ones_like(std))  # a constant channel: leave it at 0, not NaN
+        return mean.float().view(c, 1, 1), (1.0 / std).float().view(c, 1, 1)
+    if kind == "mean_file":
+        return _pixel_mean(train_x), torch.ones(c, 1, 1)
+    # scale_1_255 is Caffe's scale; unknown_norm2 (MNIST's *_lmdb_norm2 DB) has no recorded scaling: we ASSUME
+    # it is the same 1/255 scaling (an assumption, not the authors' documented recipe).
+    return torch.zeros(c, 1, 1), torch.full((c, 1, 1), CAFFE_SCALE)
+
+
 def load(cfg: dict, data_dir: Path, download: bool, device: torch.device, batch_size: int, seed: int) -> DeviceData:
-    """Both splits of a dataset config on ``device``, subset as the config says (``train_size``/``test_size``)."""
+    """Both splits of a dataset config on ``device``, subset as the config says (``train_size``/``test_size``),
+    with the feed of its ``input``, ``augment`` and ``test_transform`` keys."""
+    # Checked before reading any data, so a typo fails at once.
+    _feed_key(cfg, "input", INPUTS)
+    augment = _feed_key(cfg, "augment", AUGMENTS)
+    _feed_key(cfg, "test_transform", TEST_TRANSFORMS)
     train_x, train_y = load_split(cfg, data_dir, True, download)
     test_x, test_y = load_split(cfg, data_dir, False, download)
     if cfg.get("source") != "synthetic":
         train_x, train_y = _subset(train_x, train_y, cfg.get("train_size"), 0)
         test_x, test_y = _subset(test_x, test_y, cfg.get("test_size"), 1)
-    if cfg["normalize"] == "mean_pixel":
-        mean, scale = train_x.float().mean(0), 1.0
-    elif cfg["normalize"] == "unit":
-        mean, scale = torch.zeros(train_x.shape[1:]), 255.0
-    else:
-        raise UserError(f"dataset {cfg['name']}: normalize must be mean_pixel or unit, got {cfg['normalize']!r}")
     if len(train_x) < batch_size:
         raise UserError(f"dataset {cfg['name']}: {len(train_x)} training images is fewer than one batch of {batch_size}")
+    shift, scale = _normalisation(cfg, train_x)
     return DeviceData(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device),
-                      mean.to(device), scale, bool(cfg.get("augment")), batch_size, seed)
+                      shift.to(device), scale.to(device), crop=augment == "pad4_crop32_mirror",
+                      mirror=augment in ("pad4_crop32_mirror", "mirror"), batch_size=batch_size, seed=seed)

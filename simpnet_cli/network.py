@@ -1,7 +1,7 @@
 """Network specs: a row's config becomes a flat, checkable description of the authors' network.
 
-A spec is a tuple of layer records (``Conv``, ``Pool``, ``Dropout``, ``GlobalPool``, ``Linear`` and the two
-graph blocks ``Residual`` and ``Fire``). It is what ``simpnet show`` prints, in the token grammar of
+A spec is a tuple of layer records (``Conv``, ``Norm``, ``Pool``, ``Dropout``, ``GlobalPool``, ``Linear`` and the
+two graph blocks ``Residual`` and ``Fire``). It is what ``simpnet show`` prints, in the token grammar of
 ../shared/reference/experiments.yaml, and what ``model.build_model`` turns into PyTorch modules. Builders are
 registered by name (``builder:`` in conf/arch/*.yaml), so a new family is one function, not a new branch.
 """
@@ -26,11 +26,27 @@ class Conv:
     s: int = 1
     p: int = 1
     g: int | None = None  # groups; kept as None unless the authors wrote it, so tokens match theirs
-    act: str = "bn_relu"  # "bn_relu" | "bn" (before a residual add) | "relu" | "none"
+    act: str = "bn_relu"  # what follows the conv: one of ACTS (the reference's token suffixes)
 
     def token(self) -> str:
         return (f"conv{self.out}k{self.k}" + (f"s{self.s}" if self.s != 1 else "") + f"p{self.p}"
-                + (f"g{self.g}" if self.g is not None else ""))
+                + (f"g{self.g}" if self.g is not None else "") + ACTS[self.act])
+
+
+# What follows a conv, and its suffix in the reference's grammar: BatchNorm+Scale+ReLU (plain token), BatchNorm+Scale
+# only (-norelu: the last conv of a residual branch), ReLU only (-nobn: SqueezeNet, Table 10's convs 11-13), or
+# nothing (-linear: Table 6's conv before a pool, a conv whose BatchNorm comes after the pool that follows it).
+ACTS = {"bn_relu": "", "bn": "-norelu", "relu": "-nobn", "none": "-linear"}
+SUFFIX_ACTS = {suffix.lstrip("-") or "plain": act for act, suffix in ACTS.items()}  # net.conv_suffix values
+
+
+@dataclass(frozen=True)
+class Norm:
+    """BatchNorm + Scale (and ReLU) on the previous layer's output: the authors' conv -> max pool -> BatchNorm."""
+    relu: bool = True
+
+    def token(self) -> str:
+        return "bn-relu" if self.relu else "bn"
 
 
 @dataclass(frozen=True)
@@ -68,7 +84,7 @@ class Linear:
 
 @dataclass(frozen=True)
 class Residual:
-    """``main(x) + shortcut(x)`` then ReLU; an empty shortcut is the identity."""
+    """``main(x) + shortcut(x)``, a plain sum (the authors put no ReLU after it); an empty shortcut is the identity."""
     main: tuple
     shortcut: tuple = ()
 
@@ -93,6 +109,67 @@ def tokens(spec: Sequence) -> list[str]:
     for layer in spec:
         out += layer.tokens() if hasattr(layer, "tokens") else [layer.token()]
     return out
+
+
+def convs(spec: Sequence) -> list[Conv]:
+    """Every conv of a spec in the order of its tokens (branch before shortcut, squeeze before expands): the
+    numbering of ``init.on_convs`` and ``param_mults.convs.indices``, 1-based as the reference writes them."""
+    out: list[Conv] = []
+    for layer in spec:
+        if isinstance(layer, Conv):
+            out.append(layer)
+        elif isinstance(layer, Residual):
+            out += convs(layer.main) + convs(layer.shortcut)
+        elif isinstance(layer, Fire):
+            out += [layer.squeeze, layer.expand1, layer.expand3]
+    return out
+
+
+def has_batchnorm(spec: Sequence) -> bool:
+    return any(c.act.startswith("bn") for c in convs(spec)) or any(
+        isinstance(layer, Norm) or isinstance(layer, Residual) and (has_batchnorm(layer.main)
+                                                                    or has_batchnorm(layer.shortcut))
+        for layer in spec)
+
+
+# --------------------------------------------------------------------------- the training recipe of the layers
+
+# What a net config that names no recipe gets: the authors' most common one (Tables 2, 6, 7, 9, 11, 14b).
+DEFAULT_BN_FRACTION = 0.99
+DEFAULT_INIT = {"default": "xavier", "gaussian_std": None, "on_convs": [], "classifier": "xavier"}
+
+
+def check_recipe(spec: Sequence, net: Mapping | None) -> None:
+    """Raise UserError where a net config's recipe (bn_fraction, init, param_mults) names convs or layers that
+    ``spec`` does not have: checked before training, so a bad index never waits for the model to be built."""
+    net = net or {}
+    n = len(convs(spec))
+    init = {**DEFAULT_INIT, **(net.get("init") or {})}
+    bad = [i for i in init["on_convs"] or [] if not 1 <= int(i) <= n]
+    if bad:
+        raise UserError(f"net.init.on_convs: conv(s) {bad} do not exist (the network has {n} convs)")
+    if has_batchnorm(spec) and net.get("bn_fraction", DEFAULT_BN_FRACTION) is None:
+        raise UserError("net.bn_fraction is null but the network has BatchNorm layers: give their moving-average "
+                        "fraction (e.g. net.bn_fraction=0.99)")
+    mults = net.get("param_mults") or {}
+    bad = [i for i in ((mults.get("convs") or {}).get("indices") or []) if not 1 <= int(i) <= n]
+    if bad:
+        raise UserError(f"net.param_mults.convs.indices: conv(s) {bad} do not exist (the network has {n} convs)")
+    if mults.get("classifier") and not any(isinstance(layer, Linear) for layer in spec):
+        raise UserError("net.param_mults.classifier is set but the network has no fc classifier (set it to null)")
+
+
+def recipe(spec: Sequence, net: Mapping | None) -> dict:
+    """The layers' part of a run's recipe in the reference's keys: bn_fraction, init, param_mults. Bias
+    multipliers apply to the convs listed, so with none listed they are shown as null, as the reference does."""
+    net = net or {}
+    mults = net.get("param_mults") or {}
+    conv_mults = mults.get("convs") or {}
+    indices = list(conv_mults.get("indices") or [])
+    return {"bn_fraction": net.get("bn_fraction", DEFAULT_BN_FRACTION) if has_batchnorm(spec) else None,
+            "init": {**DEFAULT_INIT, **(net.get("init") or {})},
+            "param_mults": {"classifier": mults.get("classifier"),
+                            "convs": {"indices": indices, "bias": conv_mults.get("bias") if indices else None}}}
 
 
 # --------------------------------------------------------------------------- shapes and parameter counts
@@ -128,6 +205,8 @@ def _walk(spec: Sequence, shape: Shape, where: str) -> tuple[Shape, int, int]:
             bn += 2 * layer.out if layer.act.startswith("bn") else 0
             shape = Shape(layer.out, _conv_out(shape.h, layer.k, layer.s, layer.p),
                           _conv_out(shape.w, layer.k, layer.s, layer.p))
+        elif isinstance(layer, Norm):
+            bn += 2 * shape.c
         elif isinstance(layer, Pool):
             if layer.k > min(shape.h, shape.w):
                 raise NetworkError(f"{at}: pooling a {shape.h}x{shape.w} map with a {layer.k}x{layer.k} window "
@@ -206,15 +285,20 @@ def _per_layer(table: Mapping | None, n: int, default, what: str) -> list:
 def plain(arch: Mapping, num_classes: int) -> list:
     """The SimpNet family (Arch1-Arch5): a chain of conv blocks with max pools, dropout, global pooling, fc.
 
-    Per conv layer i (1-based): conv, dropout ``dropout.conv[i]``, a pool if i is in ``pools_after``, then
-    dropout ``dropout.pool[j]`` for the j-th pool (SAF-pooling). ``downsample: strided_conv`` folds each
-    pool into the conv before it (stride 2, and BN+ReLU only if ``strided_bn_relu``).
+    Per conv layer i (1-based): conv (followed by BatchNorm+ReLU, or what ``conv_suffix[i]`` says), dropout
+    ``dropout.conv[i]``, a pool if i is in ``pools_after`` (with the conv's BatchNorm+ReLU after it if i is in
+    ``bn_after_pool``), then dropout ``dropout.pool[j]`` for the j-th pool (SAF-pooling). ``downsample:
+    strided_conv`` folds each pool into the conv before it (stride 2, and BN+ReLU only if ``strided_bn_relu``).
     """
     widths = parse_widths(arch["widths"])
     n = len(widths)
     kernels = _per_layer(arch.get("kernels"), n, arch.get("kernel", 3), "kernels")
     pads = _per_layer(arch.get("paddings"), n, None, "paddings")
     groups = _per_layer(arch.get("groups"), n, None, "groups")
+    suffixes = _per_layer(arch.get("conv_suffix"), n, "plain", "conv_suffix")
+    for i, suffix in enumerate(suffixes, 1):
+        if suffix not in SUFFIX_ACTS:
+            raise UserError(f"conv_suffix: layer {i}: {suffix!r} is not one of {', '.join(SUFFIX_ACTS)}")
     drop = arch.get("dropout") or {}
     drop_conv = _per_layer(drop.get("conv"), n, None, "dropout.conv")
     pools_after = list(arch.get("pools_after") or [])
@@ -226,19 +310,30 @@ def plain(arch: Mapping, num_classes: int) -> list:
     strided = arch.get("downsample", "max_pool") == "strided_conv"
     if arch.get("downsample", "max_pool") not in ("max_pool", "strided_conv"):
         raise UserError(f"downsample must be max_pool or strided_conv, got {arch.get('downsample')!r}")
+    bn_after_pool = list(arch.get("bn_after_pool") or [])
+    for i in bn_after_pool:
+        if i not in pools_after or strided:
+            raise UserError(f"bn_after_pool: conv {i} has no max pool after it (pools_after {pools_after}"
+                            + (", and downsample is strided_conv" if strided else "") + ")")
+        if suffixes[i - 1] != "plain":
+            raise UserError(f"bn_after_pool: conv {i} also has conv_suffix {suffixes[i - 1]!r}; give one or the other")
     spec: list = []
-    for i, (w, k, p, g) in enumerate(zip(widths, kernels, pads, groups), 1):
+    for i, (w, k, p, g, suffix) in enumerate(zip(widths, kernels, pads, groups, suffixes), 1):
         pool_here = i in pools_after
         j = sorted(pools_after).index(i) if pool_here else -1
+        act = "none" if i in bn_after_pool else SUFFIX_ACTS[suffix]
         if pool_here and strided:
-            act = "bn_relu" if arch.get("strided_bn_relu", True) else "none"
+            if not arch.get("strided_bn_relu", True):
+                act = "none"
             spec.append(Conv(w, k, 2, (k - 1) // 2 if p is None else p, g, act))
         else:
-            spec.append(Conv(w, k, 1, (k - 1) // 2 if p is None else p, g))
+            spec.append(Conv(w, k, 1, (k - 1) // 2 if p is None else p, g, act))
         if drop_conv[i - 1]:
             spec.append(Dropout(float(drop_conv[i - 1])))
         if pool_here and not strided:
             spec.append(Pool(int(pool_cfg["k"]), int(pool_cfg["s"])))
+            if i in bn_after_pool:
+                spec.append(Norm(relu=True))
         if pool_here and drop_pool[j]:
             spec.append(Dropout(float(drop_pool[j])))
     gp = arch.get("global_pool", "max")
@@ -254,7 +349,10 @@ def plain(arch: Mapping, num_classes: int) -> list:
 
 @builder("resnet")
 def resnet(arch: Mapping, num_classes: int) -> list:
-    """CIFAR ResNet (basic blocks) in the authors' layout; see conf/arch/resnet32.yaml for the shortcut forms."""
+    """CIFAR ResNet (basic blocks) in the authors' layout; see conf/arch/resnet32.yaml for the block forms.
+
+    Every block ends in a plain sum (no ReLU after it). A max-pool downsampling block pools between its first
+    conv and that conv's BatchNorm (conv -> pool -> BN -> ReLU); a stride-2 one strides its first conv."""
     stages = arch["stages"]
     strided = arch.get("downsample", "max_pool") == "strided_conv"
     spec: list = [Conv(stages[0]["width"], 3, 1, 1)]
@@ -265,10 +363,11 @@ def resnet(arch: Mapping, num_classes: int) -> list:
             if not first:
                 spec.append(Residual((Conv(w), Conv(w, act="bn"))))
                 continue
-            main = (Conv(w, 3, 2, 1), Conv(w, act="bn")) if strided else (Conv(w), Pool(2, 2), Conv(w, act="bn"))
+            main = ((Conv(w, 3, 2, 1), Conv(w, act="bn")) if strided
+                    else (Conv(w, act="none"), Pool(2, 2), Norm(relu=True), Conv(w, act="bn")))
             kind = "conv_k2s2" if strided else stage["shortcut"]
             shortcut = {"conv_k2s2": (Conv(w, 2, 2, 0, act="bn"),),
-                        "conv_k2_then_pool": (Conv(w, 2, 1, 0, act="bn"), Pool(2, 2))}[kind]
+                        "conv_k2_then_pool": (Conv(w, 2, 1, 0, act="none"), Pool(2, 2), Norm(relu=False))}[kind]
             spec.append(Residual(main, shortcut))
     spec += [GlobalPool(arch.get("global_pool", "avg")), Linear(num_classes)]
     return spec
@@ -276,10 +375,12 @@ def resnet(arch: Mapping, num_classes: int) -> list:
 
 @builder("squeezenet")
 def squeezenet(arch: Mapping, num_classes: int) -> list:
-    """SqueezeNet v1.1 for 32x32 inputs; ``saf_dropout`` puts a dropout right after each max pool."""
+    """SqueezeNet v1.1 for 32x32 inputs; ``saf_dropout`` puts a dropout right after each max pool.
+    ``batchnorm: false`` (the authors' net) follows every conv by a ReLU alone."""
     stem, pool = arch["stem"], arch["pool"]
     saf = arch.get("saf_dropout")
-    spec: list = [Conv(stem["out"], stem["k"], 1, stem["p"]), Pool(arch["stem_pool"]["k"], arch["stem_pool"]["s"])]
+    act = "bn_relu" if arch.get("batchnorm", True) else "relu"
+    spec: list = [Conv(stem["out"], stem["k"], 1, stem["p"], act=act), Pool(arch["stem_pool"]["k"], arch["stem_pool"]["s"])]
     if saf:
         spec.append(Dropout(float(saf)))
     for item in arch["fires"]:
@@ -289,7 +390,8 @@ def squeezenet(arch: Mapping, num_classes: int) -> list:
                 spec.append(Dropout(float(saf)))
         else:
             squeeze, expand = item
-            spec.append(Fire(Conv(squeeze, 1, 1, 0), Conv(expand, 1, 1, 0), Conv(expand, 3, 1, 1)))
+            spec.append(Fire(Conv(squeeze, 1, 1, 0, act=act), Conv(expand, 1, 1, 0, act=act),
+                             Conv(expand, 3, 1, 1, act=act)))
     if arch.get("head_dropout"):
         spec.append(Dropout(float(arch["head_dropout"])))
     # SqueezeNet classifies with a 1x1 conv (ReLU, no BatchNorm) and averages the class maps.

@@ -51,6 +51,76 @@ def _rates(key: str, table: Optional[Dict[Any, float]]) -> None:
 
 # --------------------------------------------------------------------------- networks (one per builder)
 
+FILLERS = ("xavier", "msra")
+CONV_SUFFIXES = ("plain", "norelu", "nobn", "linear")   # network.SUFFIX_ACTS: the reference's token suffixes
+
+
+@dataclass
+class Init:
+    """Weight fillers, in the reference's words (recipe.init): biases always start at 0."""
+    default: str = "xavier"                    # xavier | msra: every conv not in on_convs
+    gaussian_std: Optional[float] = None       # normal(0, std) for the convs in on_convs
+    on_convs: List[int] = field(default_factory=list)   # 1-based, in the order the convs appear
+    classifier: Optional[str] = "xavier"       # the fc layer's filler (null: the net has no fc)
+
+    def __post_init__(self):
+        _require(self.default in FILLERS, "init.default", f"must be one of {', '.join(FILLERS)}", self.default)
+        _require(self.classifier in FILLERS + (None,), "init.classifier", f"must be one of {', '.join(FILLERS)} or null",
+                 self.classifier)
+        for i, conv in enumerate(self.on_convs):
+            _positive(f"init.on_convs[{i}]", conv)
+        if self.on_convs:
+            _require(self.gaussian_std is not None and 0 < self.gaussian_std < math.inf, "init.gaussian_std",
+                     "the convs in on_convs need a finite std > 0", self.gaussian_std)
+
+
+@dataclass
+class Mult:
+    lr: float = 1.0
+    decay: float = 1.0
+
+    def __post_init__(self):
+        _require(0 <= self.lr < math.inf, "lr", "a learning-rate multiplier must be a finite number >= 0", self.lr)
+        _require(0 <= self.decay < math.inf, "decay", "a decay multiplier must be a finite number >= 0", self.decay)
+
+
+@dataclass
+class ClassifierMults:
+    weight: Mult = field(default_factory=Mult)
+    bias: Mult = field(default_factory=Mult)
+
+
+@dataclass
+class ConvMults:
+    indices: List[int] = field(default_factory=list)    # convs (1-based) whose bias has these multipliers
+    bias: Optional[Mult] = None
+
+    def __post_init__(self):
+        for i, conv in enumerate(self.indices):
+            _positive(f"param_mults.convs.indices[{i}]", conv)
+        _require(not self.indices or self.bias is not None, "param_mults.convs.bias",
+                 "the listed convs need their bias multipliers {lr, decay}", self.bias)
+
+
+@dataclass
+class ParamMults:
+    """Caffe's lr_mult/decay_mult where they differ from 1/1 (recipe.param_mults)."""
+    classifier: Optional[ClassifierMults] = None
+    convs: ConvMults = field(default_factory=ConvMults)
+
+
+def _bn_fraction(value: Optional[float]) -> None:
+    if value is not None:
+        _require(0 < value < 1, "bn_fraction", "BatchNorm's moving-average fraction must be in (0, 1)", value)
+
+
+# Every network family carries the authors' training recipe for its layers (see ../shared/reference's header).
+@dataclass
+class NetRecipe:
+    bn_fraction: Optional[float] = 0.99        # Caffe's moving_average_fraction (null: no BatchNorm in the net)
+    init: Init = field(default_factory=Init)
+    param_mults: ParamMults = field(default_factory=ParamMults)
+
 @dataclass
 class PoolWindow:
     k: int = 2
@@ -75,7 +145,7 @@ class PlainDropout:
 
 
 @dataclass
-class PlainNet:
+class PlainNet(NetRecipe):
     """Arch1-Arch5 and SimpNet (builder ``plain``)."""
     builder: str = "plain"
     family: str = ""
@@ -90,10 +160,19 @@ class PlainNet:
     strided_bn_relu: bool = True
     global_pool: Optional[str] = "max"
     dropout: PlainDropout = field(default_factory=PlainDropout)
+    conv_suffix: Optional[Dict[Any, str]] = None    # {"11-13": nobn, "6": linear}: what follows those convs
+    bn_after_pool: List[int] = field(default_factory=list)  # convs whose BatchNorm+ReLU come after their pool
     note: Optional[str] = None
 
     def __post_init__(self):
+        _bn_fraction(self.bn_fraction)
         _positive("kernel", self.kernel)
+        for index, value in (self.conv_suffix or {}).items():
+            _layer_index(f"conv_suffix.{index}", index)
+            _require(value in CONV_SUFFIXES, f"conv_suffix.{index}", f"must be one of {', '.join(CONV_SUFFIXES)}",
+                     value)
+        for i, conv in enumerate(self.bn_after_pool):
+            _positive(f"bn_after_pool[{i}]", conv)
         for name in ("kernels", "groups"):
             for index, value in (getattr(self, name) or {}).items():
                 _layer_index(f"{name}.{index}", index)
@@ -123,7 +202,7 @@ class ResNetStage:
 
 
 @dataclass
-class ResNet:
+class ResNet(NetRecipe):
     builder: str = "resnet"
     family: str = ""
     downsample: str = "max_pool"
@@ -132,6 +211,7 @@ class ResNet:
     note: Optional[str] = None
 
     def __post_init__(self):
+        _bn_fraction(self.bn_fraction)
         _require(self.downsample in ("max_pool", "strided_conv"), "downsample", "must be max_pool or strided_conv",
                  self.downsample)
         _require(self.global_pool in ("max", "avg"), "global_pool", "must be max or avg", self.global_pool)
@@ -146,7 +226,7 @@ class SqueezeStem:
 
 
 @dataclass
-class SqueezeNet:
+class SqueezeNet(NetRecipe):
     builder: str = "squeezenet"
     family: str = ""
     stem: SqueezeStem = MISSING
@@ -155,9 +235,11 @@ class SqueezeNet:
     fires: List[Any] = MISSING                 # [squeeze, expand] pairs and "pool"
     head_dropout: Optional[float] = None
     saf_dropout: Optional[float] = None
+    batchnorm: bool = True                     # false: ReLU alone after every conv (the authors' SqueezeNet)
     note: Optional[str] = None
 
     def __post_init__(self):
+        _bn_fraction(self.bn_fraction)
         for i, item in enumerate(self.fires):
             ok = item == "pool" or (isinstance(item, list) and len(item) == 2
                                     and all(isinstance(v, int) and v > 0 for v in item))
@@ -174,6 +256,11 @@ NETWORKS = {"plain": PlainNet, "resnet": ResNet, "squeezenet": SqueezeNet}
 
 # --------------------------------------------------------------------------- data, solver, training
 
+INPUTS = ("per_channel_standardized", "mean_file", "scale_1_255", "unknown_norm2")
+AUGMENTS = ("pad4_crop32_mirror", "mirror", "none")
+TEST_TRANSFORMS = ("centre_crop32", "none")
+
+
 @dataclass
 class Dataset:
     name: str = MISSING
@@ -181,10 +268,12 @@ class Dataset:
     classes: int = MISSING
     channels: int = MISSING
     size: int = MISSING
-    augment: bool = False
-    normalize: str = "mean_pixel"
+    # How the data is fed (conf/feed/, the reference's recipe.input/augment/test_transform); data.py applies them.
+    input: str = MISSING
+    augment: str = MISSING
+    test_transform: str = MISSING
     system_copy: Optional[str] = None
-    extra: bool = False                        # SVHN's extra split
+    extra: bool = False                        # SVHN's extra split (conf/dataset/svhn.yaml: true, as the authors)
     source: Optional[str] = None               # "synthetic" for smoke runs
     train_size: Optional[int] = None           # a subset (smoke runs, quick checks)
     test_size: Optional[int] = None
@@ -193,11 +282,27 @@ class Dataset:
         for key in ("classes", "channels", "size"):
             _positive(key, getattr(self, key))
         _require(self.classes >= 2, "classes", "must be at least 2", self.classes)
-        _require(self.normalize in ("mean_pixel", "unit"), "normalize", "must be mean_pixel or unit", self.normalize)
+        for key, allowed in (("input", INPUTS), ("augment", AUGMENTS), ("test_transform", TEST_TRANSFORMS)):
+            _require(getattr(self, key) in allowed, key, f"must be one of {', '.join(allowed)}", getattr(self, key))
         _require(self.source in (None, "synthetic"), "source", "must be synthetic or absent", self.source)
         for key in ("train_size", "test_size"):
             if getattr(self, key) is not None:
                 _positive(key, getattr(self, key))
+
+
+@dataclass
+class Poly:
+    """Caffe's poly policy from ``from_iter`` on: lr = base_lr * (1 - iteration / max_iter) ** power."""
+    from_iter: int = MISSING
+    base_lr: float = MISSING
+    power: float = 1.0
+    max_iter: int = MISSING
+
+    def __post_init__(self):
+        _positive("schedule.poly.from_iter", self.from_iter, allow_zero=True)
+        _require(0 < self.base_lr < math.inf, "schedule.poly.base_lr", "must be a finite number > 0", self.base_lr)
+        _positive("schedule.poly.power", self.power)
+        _require(self.max_iter > self.from_iter, "schedule.poly.max_iter", "must be after from_iter", self.max_iter)
 
 
 @dataclass
@@ -206,6 +311,7 @@ class Schedule:
     gamma: Optional[float] = None              # multistep: lr *= gamma at each step
     steps: Optional[List[int]] = None
     points: Optional[Dict[int, float]] = None  # piecewise: {iteration: lr}
+    poly: Optional[Poly] = None                # piecewise: a linear (power 1) decay phase after the points
 
     def __post_init__(self):
         _require(self.kind in ("multistep", "piecewise"), "schedule.kind", "must be multistep or piecewise",

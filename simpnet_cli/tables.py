@@ -1,8 +1,8 @@
 """The paper's tables as configs: conf/tables/table<N>.yaml, each row on top of an arch template.
 
-A table file holds ``row_defaults`` (arch, dataset, solver, iterations shared by its rows), ``rows`` (each
-with an ``id``, the paper's ``label``, its ``net`` keys on top of the arch template and its ``paper``
-figures), ``cited`` rows of other papers (never trained) and ``claims`` (comparisons between row ids).
+A table file holds ``row_defaults`` (arch, dataset, feed, solver, iterations, test_interval and ``net`` recipe keys
+shared by its rows), ``rows`` (each with an ``id``, the paper's ``label``, its ``net`` keys on top of the arch
+template and its ``paper`` figures), ``cited`` rows of other papers (never trained) and ``claims`` (comparisons between row ids).
 ``resolve`` turns a row into a ``RunSpec``: everything a run needs, and nothing else, so its hash is the
 run's identity.
 """
@@ -29,8 +29,10 @@ from simpnet_cli.variants import RowOverrides, assign
 # command line, or SIMPNET_CONF_DIR) holding any of tables/, arch/, solver/, dataset/ with files of one's own.
 DEFAULT_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONF_DIR = DEFAULT_CONF_DIR
-CONF_KINDS = ("tables", "arch", "solver", "dataset", "profile")
-ROW_KEYS = {"id", "label", "arch", "net", "dataset", "solver", "iterations", "paper", "note"}
+CONF_KINDS = ("tables", "arch", "solver", "dataset", "feed", "profile")
+ROW_KEYS = {"id", "label", "arch", "net", "dataset", "feed", "solver", "iterations", "test_interval", "paper", "note"}
+# A row that names no test interval is evaluated as most of the authors' runs were: every 500 iterations.
+DEFAULT_TEST_INTERVAL = 500
 TABLE_KEYS = {"table", "title", "row_defaults", "rows", "cited", "claims", "display", "axis", "note"}
 _search: list[Path] = [DEFAULT_CONF_DIR]
 
@@ -228,6 +230,9 @@ def custom_table(name: str, arch: str, defaults: dict) -> Table:
     row = {"id": str(arch), "label": f"{arch} (a network of your own)", "arch": str(arch), "fit_pools": True,
            "dataset": defaults.get("dataset", "cifar10"), "solver": defaults.get("solver", "adadelta_30k"),
            "iterations": defaults.get("iterations", 30000)}
+    for key in ("feed", "test_interval"):  # unset: the dataset's usual feed, every 500 iterations
+        if defaults.get(key) is not None:
+            row[key] = defaults[key]
     return Table(str(name), "Networks of your own", [row])
 
 
@@ -266,6 +271,13 @@ class RunSpec:
         blob = json.dumps(self.identity(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def recipe(self) -> dict:
+        """How this run trains beyond its layers and solver, in the keys and vocabulary of the reference's
+        ``recipe`` (../shared/reference/experiments.yaml), so the two compare key for key."""
+        return {"input": self.dataset.get("input"), "augment": self.dataset.get("augment"),
+                "test_transform": self.dataset.get("test_transform"), **network.recipe(self.spec, self.net),
+                "test_interval": self.train.get("eval_every")}
+
     def to_dict(self) -> dict:
         return {"table": self.table, "row_id": self.row_id, "label": self.label, "seed": self.seed,
                 "net": self.net, "dataset": self.dataset, "solver": self.solver, "train": self.train,
@@ -283,12 +295,23 @@ def _parts(row: dict, profile: dict, run_opts: dict | None, data_opts: dict | No
     choices = over.choices
     net = _deep_merge(load_named("arch", choices.get("arch", row["arch"])), row.get("net") or {})
     dataset = load_named("dataset", choices["dataset"] if "dataset" in choices else row["dataset"])
+    # The dataset file names what the data is; the feed (input, augment, test_transform) how the row's authors
+    # fed it. A row or table naming no feed gets the dataset's usual one (its file's ``feed`` pointer).
+    usual_feed = dataset.pop("feed", None)
+    feed_choice = choices.get("feed", row.get("feed", usual_feed))
+    if feed_choice is None:
+        raise UserError(f"no feed for dataset {dataset.get('name')!r}: name one in the row (feed: NAME, from "
+                        f"conf/feed/: {', '.join(known_names('feed'))}) or feed=NAME on the command line")
+    feed = load_named("feed", feed_choice)
+    for key, value in over.assigned("feed"):
+        feed = assign(feed, key, value)
     solver = load_named("solver", choices["solver"] if "solver" in choices else row["solver"])
     profile_train = dict(profile.get("train") or {})
     iterations = profile_train.pop("iterations", None)  # 0 is a value (refused later), not "unset"
-    train = {"iterations": row["iterations"] if iterations is None else iterations, **profile_train,
+    train = {"iterations": row["iterations"] if iterations is None else iterations,
+             "eval_every": row.get("test_interval", DEFAULT_TEST_INTERVAL), **profile_train,
              **(run_opts or {}), **over.train()}
-    dataset = {**dataset, **(data_opts or {}).get(dataset.get("name"), {}), **(profile.get("data") or {})}
+    dataset = {**dataset, **feed, **(data_opts or {}).get(dataset.get("name"), {}), **(profile.get("data") or {})}
     for key, value in over.assigned("net"):
         net = assign(net, key, value)
     if row.get("fit_pools") and "pools_after" in net and "pools_after" not in dict(over.assigned("net")):
@@ -319,6 +342,7 @@ def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | 
         spec = RunSpec(table.name, row["id"], row["label"], int(seed), net, dataset, solver, train,
                        dict(row.get("paper") or {}))
         network.check(spec.spec, spec.in_shape)
+        network.check_recipe(spec.spec, net)
     except UserError as err:  # NotationError, NetworkError, ...: keep the type, say which row
         err.args = (f"{where}: {err}",)  # (re-creating it would need each subclass's own arguments)
         raise

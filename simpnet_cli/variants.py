@@ -4,10 +4,12 @@ A row resolves to four parts (``net``, ``dataset``, ``solver``, ``train``); a va
 a Hydra user expects: the row, then the profile, then the command line. Three kinds of override exist:
 
 * a group choice replaces a part of every row: ``arch=arch3`` (the network template under the row's own
-  ``net`` keys), ``dataset=cifar100``, ``solver=nesterov_80k``;
+  ``net`` keys), ``dataset=cifar100``, ``feed=mean_file_mirror``, ``solver=nesterov_80k``;
 * a dotted key sets one value inside a part, on top of the row's: ``net.widths='C64{3}, C128{4}'``,
-  ``net.pools_after=[3,7]``, ``solver.lr=0.05``, ``solver.schedule.steps=[20000,40000]``, ``dataset.size=28``;
-* ``iterations=`` and ``batch_size=`` set the training length and batch, over the profile's.
+  ``net.pools_after=[3,7]``, ``net.bn_fraction=0.99``, ``feed.augment=pad4_crop32_mirror``, ``solver.lr=0.05``,
+  ``solver.schedule.steps=[20000,40000]``, ``dataset.size=28``;
+* ``iterations=``, ``batch_size=`` and ``test_interval=`` set the training length, batch and test interval, over
+  the profile's.
 
 Hydra parses and sweeps them (``-m dataset=cifar10,cifar100``); this module reads the parsed overrides into a
 ``RowOverrides`` that ``tables.resolve`` applies to each row, and names them in the ``variant`` column of the
@@ -23,9 +25,10 @@ from typing import Any, Iterable
 from simpnet_cli.errors import UserError
 from simpnet_cli.notation import format_widths, parse_widths
 
-GROUPS = ("arch", "dataset", "solver")      # config groups a row names; a choice replaces the row's own
-PARTS = ("net", "dataset", "solver")        # parts whose keys may be set one by one (net.X, dataset.X, ...)
-TRAIN_KEYS = ("iterations", "batch_size")   # top-level keys that set the row's training length and batch
+GROUPS = ("arch", "dataset", "feed", "solver")   # config groups a row names; a choice replaces the row's own
+PARTS = ("net", "dataset", "feed", "solver")     # parts whose keys may be set one by one (net.X, feed.X, ...)
+# Top-level keys that set the row's training length, batch and test interval, and the train key each sets.
+TRAIN_KEYS = {"iterations": "iterations", "batch_size": "batch_size", "test_interval": "eval_every"}
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class RowOverrides:
         return [(key.split(".", 1)[1], value) for key, value in self.assignments if key.startswith(part + ".")]
 
     def train(self) -> dict:
-        return {key: value for key, value in self.assignments if key in TRAIN_KEYS}
+        return {TRAIN_KEYS[key]: value for key, value in self.assignments if key in TRAIN_KEYS}
 
     def text(self, skip: Iterable[str] = ()) -> str:
         """The compact form recorded in the ``variant`` column: ``dataset=cifar100 net.dropout.head=0.3``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,20 @@ from simpnet_cli.errors import UserError
 
 def _cfg(name: str, **over) -> dict:
     return {**tables.load_named("dataset", name), **over}
+
+
+def _feed(name="cifar10", input="per_channel_standardized", augment="pad4_crop32_mirror",
+          test_transform="centre_crop32", **over) -> dict:
+    """A synthetic dataset config with the three feed keys (independent of conf/dataset/*.yaml)."""
+    shapes = {"cifar10": ("CIFAR10", 10, 3, 32), "mnist": ("MNIST", 10, 1, 28), "svhn": ("SVHN", 10, 3, 32)}
+    tv, classes, channels, size = shapes[name]
+    return {"name": name, "torchvision": tv, "classes": classes, "channels": channels, "size": size,
+            "input": input, "augment": augment, "test_transform": test_transform,
+            "source": "synthetic", "train_size": 64, "test_size": 32, **over}
+
+
+def _load(cfg: dict, batch: int = 16, seed: int = 0) -> D.DeviceData:
+    return D.load(cfg, Path("/nonexistent"), False, torch.device("cpu"), batch, seed)
 
 
 def _images(b=3, c=2, h=6, w=5) -> torch.Tensor:
@@ -74,7 +89,8 @@ def _device_data(n=250, batch=100, seed=0, augment=True, size=4) -> D.DeviceData
     # Image i is filled with the value i (mod 256), so a batch shows which images it gathered.
     x = (torch.arange(n) % 256).to(torch.uint8).repeat_interleave(size * size).reshape(n, 1, size, size)
     y = torch.arange(n) % 10
-    return D.DeviceData(x, y, x[:10], y[:10], torch.zeros(1, size, size), 1.0, augment, batch, seed)
+    return D.DeviceData(x, y, x[:10], y[:10], shift=torch.zeros(1, 1, 1), scale=torch.ones(1, 1, 1),
+                        crop=augment, mirror=augment, batch_size=batch, seed=seed)
 
 
 def _same_plan(a, b) -> bool:
@@ -161,25 +177,140 @@ def test_synthetic_data_has_the_datasets_shape(name):
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
-def test_mean_pixel_normalisation_zero_mean_per_pixel():
-    cfg = _cfg("cifar10", source="synthetic", train_size=200, test_size=50)
-    d = D.load(cfg, Path("/nonexistent"), False, torch.device("cpu"), 50, 0)
-    assert d.mean.shape == (3, 32, 32) and d.scale == 1.0
-    mean = d.normalize(d.train_x).mean(0)
-    assert mean.abs().max().item() < 1e-3
-    assert d.normalize(d.train_x).std().item() > 10  # raw pixel scale, only the mean removed
+# --------------------------------------------------------------------------- the feed: input, augment, test_transform
+
+def test_mirror_feed_never_crops():
+    """Table 5's feed (mean_file, mirror only): every training image is exactly its normalised source or that
+    source mirrored, as the epoch's flip says, though the epoch's crop offsets are still drawn (and off-centre)."""
+    d = _load(_feed(input="mean_file", augment="mirror", test_transform="none", train_size=64), batch=16)
+    assert not d.crop and d.mirror
+    seen = {True: 0, False: 0}
+    off_centre = 0
+    for it in range(40):  # 10 epochs of 64 images
+        idx, offsets, flips = d.batch_plan(it)
+        x, _ = d.batch(it)
+        src = d.normalize(d.train_x[idx])
+        for j in range(len(idx)):
+            assert not torch.equal(src[j], src[j].flip(-1))  # the pixel test can tell the two apart
+            want = src[j].flip(-1) if flips[j] else src[j]
+            assert torch.equal(x[j], want), (it, j)
+            seen[bool(flips[j])] += 1
+        off_centre += int((offsets != D.PAD).any(1).sum())
+    assert seen[True] > 50 and seen[False] > 50
+    assert off_centre > 0  # offsets were drawn and ignored, not absent
 
 
-def test_unit_normalisation_scales_to_0_1():
-    cfg = _cfg("mnist", source="synthetic", train_size=64, test_size=32)
-    d = D.load(cfg, Path("/nonexistent"), False, torch.device("cpu"), 16, 0)
+def test_the_random_stream_does_not_depend_on_the_feed():
+    plans = [_load(_feed(augment=a, input=i), seed=5).batch_plan(7)
+             for a, i in (("pad4_crop32_mirror", "per_channel_standardized"), ("mirror", "mean_file"),
+                          ("none", "scale_1_255"))]
+    for other in plans[1:]:
+        assert _same_plan(plans[0], other)
+
+
+def test_no_augmentation_feed_is_the_normalised_image():
+    d = _load(_feed(input="scale_1_255", augment="none", test_transform="none"))
+    assert not d.crop and not d.mirror
+    for it in range(8):
+        idx, _, _ = d.batch_plan(it)
+        assert torch.equal(d.batch(it)[0], d.normalize(d.train_x[idx]))
+
+
+def test_per_channel_standardized_input():
+    d = _load(_feed(input="per_channel_standardized", train_size=200, test_size=50), batch=50)
+    raw = d.train_x.numpy().astype(np.float64)
+    mean, std = raw.mean(axis=(0, 2, 3)), raw.std(axis=(0, 2, 3))  # population std, as the authors' script
+    assert d.shift.shape == (3, 1, 1) and d.scale.shape == (3, 1, 1)
+    assert np.allclose(d.shift.flatten().numpy(), mean, atol=1e-4)
+    assert np.allclose(1 / d.scale.flatten().double().numpy(), std, rtol=1e-6)
+    z = d.normalize(d.train_x).double()
+    assert z.mean((0, 2, 3)).abs().max() < 1e-5
+    assert (z.std((0, 2, 3), unbiased=False) - 1).abs().max() < 1e-5
+    # The test split is standardised with the TRAINING set's statistics.
+    xt, _ = next(d.test_batches())
+    want_t = (d.test_x.double() - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert torch.allclose(xt.double(), want_t, atol=1e-5)
+    # Padded after standardising: a crop at (0, 0) shows a 4-px border of exact zeros (the mean colour) and
+    # the standardised image inside it.
+    assert d.crop and d.mirror
+    idx = torch.arange(8)
+    out = d.images(idx, torch.zeros(8, 2, dtype=torch.long), torch.zeros(8, dtype=torch.bool))
+    assert (out[:, :, :D.PAD, :] == 0).all() and (out[:, :, :, :D.PAD] == 0).all()
+    want = (d.train_x[idx].double() - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert torch.allclose(out[:, :, D.PAD:, D.PAD:].double(), want[:, :, :-D.PAD, :-D.PAD], atol=1e-5)
+    assert (out[:, :, D.PAD:, D.PAD:] != 0).float().mean() > 0.99
+
+
+def test_mean_file_input_subtracts_the_mean_image():
+    d = _load(_feed(input="mean_file", augment="none", test_transform="none", train_size=200, test_size=50),
+              batch=50)
+    raw = d.train_x.numpy().astype(np.float64)
+    mean_image = raw.mean(0)
+    assert d.shift.shape == (3, 32, 32)
+    assert np.allclose(d.shift.numpy(), mean_image, atol=1e-4)
+    assert torch.equal(d.scale, torch.ones_like(d.scale))
+    z = d.normalize(d.train_x).double().numpy()
+    assert np.allclose(z, raw - mean_image, atol=1e-4)
+    assert np.abs(z.mean(0)).max() < 1e-3
+    assert z.std() > 10  # raw pixel scale: only the mean is removed
+
+
+@pytest.mark.parametrize("name,input", [("cifar10", "scale_1_255"), ("mnist", "unknown_norm2")])
+def test_scaled_inputs_are_caffe_1_over_255(name, input):
+    d = _load(_feed(name, input=input, augment="none", test_transform="none"))
     z = d.normalize(d.train_x)
+    assert torch.equal(z, d.train_x.float() * 0.0039215684)  # Caffe's scale, no mean
+    assert torch.equal(d.shift, torch.zeros_like(d.shift))
     assert z.min() >= 0 and z.max() <= 1 and z.max() > 0.5
-    assert not d.augment
+
+
+@pytest.mark.parametrize("key", ["input", "augment", "test_transform"])
+@pytest.mark.parametrize("value", ["zscore", True, None])
+def test_unknown_feed_values_are_user_errors(key, value):
+    cfg = _feed(**{key: value})
+    if value is None:
+        del cfg[key]
+    with pytest.raises(UserError, match=key) as info:
+        _load(cfg)
+    allowed = {"input": D.INPUTS, "augment": D.AUGMENTS, "test_transform": D.TEST_TRANSFORMS}[key]
+    msg = str(info.value)
+    assert all(a in msg for a in allowed) and "\n" not in msg
+
+
+class _StubSVHN:
+    """torchvision.datasets.SVHN's interface, recording which splits were read. Split k's images are filled
+    with k + 1, so the order of the concatenation shows."""
+    calls: list = []
+    sizes = {"train": 5, "extra": 7, "test": 3}
+
+    def __init__(self, root, split="train", download=False):
+        type(self).calls.append(split)
+        n = self.sizes[split]
+        self.data = np.full((n, 3, 32, 32), list(self.sizes).index(split) + 1, dtype=np.uint8)
+        self.labels = [i % 10 for i in range(n)]
+
+
+@pytest.mark.parametrize("extra,splits", [(None, ["train", "extra"]), (True, ["train", "extra"]),
+                                          (False, ["train"])])
+def test_svhn_reads_train_and_extra_by_default(monkeypatch, tmp_path, extra, splits):
+    import torchvision.datasets
+    monkeypatch.setattr(torchvision.datasets, "SVHN", _StubSVHN)
+    monkeypatch.setattr(_StubSVHN, "calls", [])
+    cfg = _feed("svhn", source=None)
+    if extra is not None:
+        cfg["extra"] = extra
+    x, y = D.load_split(cfg, tmp_path, True, False)
+    assert _StubSVHN.calls == splits
+    assert len(x) == len(y) == sum(_StubSVHN.sizes[s] for s in splits)
+    assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert x[:5].eq(1).all() and x[5:].eq(2).all()
+    _StubSVHN.calls.clear()
+    xt, _ = D.load_split(cfg, tmp_path, False, False)
+    assert _StubSVHN.calls == ["test"] and len(xt) == 3
 
 
 def test_fewer_images_than_a_batch_is_a_user_error():
-    cfg = _cfg("cifar10", source="synthetic", train_size=8, test_size=8)
+    cfg = _feed(train_size=8, test_size=8)
     with pytest.raises(UserError, match="fewer than one batch"):
         D.load(cfg, Path("/nonexistent"), False, torch.device("cpu"), 16, 0)
 
@@ -202,7 +333,8 @@ def test_fashion_mnist_imported_from_the_system_copy(tmp_path):
 
 
 def test_fashion_mnist_subset(fashion_mnist_dir):
-    cfg = _cfg("fashion_mnist", train_size=500, test_size=200)
+    cfg = _cfg("fashion_mnist", train_size=500, test_size=200, input="scale_1_255", augment="none",
+               test_transform="none")
     d = D.load(cfg, fashion_mnist_dir, False, torch.device("cpu"), 50, 0)
     assert d.train_x.shape == (500, 1, 28, 28) and d.test_x.shape == (200, 1, 28, 28)
     d2 = D.load(cfg, fashion_mnist_dir, False, torch.device("cpu"), 50, 0)

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 REFERENCE = HERE.parents[2] / "shared" / "reference" / "experiments.yaml"
 OUT = HERE / "reference_rows.yaml"
 FIELDS = ("table", "row", "paper_params", "paper_acc", "notation", "dataset", "layers", "solver", "authors_runs",
-          "counted_params")
+          "counted_params", "recipe")
 HEADER = ("# Derived from ../shared/reference/experiments.yaml by tests/data/make_reference_rows.py; do not edit.\n"
           "# One entry per row of Tables 2-14: the fields the fidelity tests check (see that file's header).\n")
 
