@@ -199,3 +199,7 @@ def build_model(spec: Sequence, in_shape: N.Shape, net: Mapping | None = None) -
     N.check_recipe(spec, net)
     recipe = Recipe.of(net)
     return _chain(spec, in_shape.c, recipe, (in_shape.h, in_shape.w))[0]
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -31,18 +31,29 @@ FORWARD_ROWS = [("2", "8L"), ("3", "6L"), ("4", "WE13"), ("5", "P3"), ("6", "SN1
 def _built(table: str, row_id: str):
     run = resolve_row(table, row_id)
     torch.manual_seed(0)
-    return run, M.build_model(run.spec, run.in_shape)
+    return run, M.build_model(run.spec, run.in_shape, run.net)
 
 
 def _leaf_tokens(model: nn.Module) -> list[str]:
-    """The model's layers in forward order, in the spec's token grammar (BatchNorm, ReLU, Flatten dropped)."""
+    """The model's layers in forward order, in the spec's token grammar: a conv's suffix says which of BatchNorm
+    and ReLU modules follow it (none: -linear), a BatchNorm after anything else is ``bn``/``bn-relu``."""
     out = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+    leaves = [m for m in model.modules() if not list(m.children())]
+    for i, m in enumerate(leaves):
+        nxt = leaves[i + 1:i + 3]
+        if isinstance(m, nn.BatchNorm2d):
+            relu = bool(nxt) and isinstance(nxt[0], nn.ReLU)
+            if i and isinstance(leaves[i - 1], nn.Conv2d):
+                continue  # part of the conv's token
+            out.append("bn-relu" if relu else "bn")
+        elif isinstance(m, nn.Conv2d):
             k, s, p = m.kernel_size[0], m.stride[0], m.padding[0]
             assert m.kernel_size == (k, k) and m.stride == (s, s) and m.padding == (p, p)
+            bn = bool(nxt) and isinstance(nxt[0], nn.BatchNorm2d)
+            relu = any(isinstance(n, nn.ReLU) for n in (nxt[1:] if bn else nxt[:1]))
+            suffix = {(True, True): "", (True, False): "-norelu", (False, True): "-nobn", (False, False): "-linear"}
             out.append(f"conv{m.out_channels}k{k}" + (f"s{s}" if s != 1 else "") + f"p{p}"
-                       + (f"g{m.groups}" if m.groups != 1 else ""))
+                       + (f"g{m.groups}" if m.groups != 1 else "") + suffix[bn, relu])
         elif isinstance(m, nn.MaxPool2d):
             assert m.ceil_mode, "Caffe rounds pooled sizes up"
             out.append(f"pool-MAXk{m.kernel_size}s{m.stride}")
@@ -59,7 +70,7 @@ def _leaf_tokens(model: nn.Module) -> list[str]:
 
 def _spec_tokens(spec) -> list[str]:
     """The spec's tokens without the graph joins, and with an explicit ``g1`` dropped (a module has groups=1)."""
-    return [re.sub(r"g1$", "", t) for t in N.tokens(spec) if t not in ("add", "concat")]
+    return [re.sub(r"g1(?=-|$)", "", t) for t in N.tokens(spec) if t not in ("add", "concat")]
 
 
 def _conv_records(spec) -> list[N.Conv]:
@@ -116,20 +127,59 @@ def test_modules_follow_the_spec_layer_by_layer(table, row_id):
         assert got == (rec.out, (rec.k, rec.k), (rec.s, rec.s), (rec.p, rec.p), rec.g or 1), f"conv {i}"
 
 
+def _assert_filled(w: torch.Tensor, filler: str, std: float | None = None) -> None:
+    """Caffe's fillers: xavier = uniform(+-sqrt(3/fan_in)), msra = normal(0, sqrt(2/fan_in)), gaussian = normal(0, std)."""
+    fan_in = w[0].numel()
+    w = w.detach()
+    if filler == "xavier":
+        bound = math.sqrt(3.0 / fan_in)
+        assert w.abs().max().item() <= bound + 1e-7
+        if w.numel() >= 200:  # uniform over the whole range, not a narrower filler
+            assert w.abs().max().item() > 0.8 * bound
+            assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.2)
+    elif w.numel() >= 200:
+        want = math.sqrt(2.0 / fan_in) if filler == "msra" else std
+        assert w.std().item() == pytest.approx(want, rel=0.2)
+        assert w.abs().max().item() > 2 * want  # a normal's tails, not a uniform's edge
+
+
 @pytest.mark.parametrize("table,row_id", ALL_ROWS)
-def test_xavier_init(table, row_id):
-    """Caffe's xavier filler: uniform(+-sqrt(3/fan_in)) on conv and fc weights, biases 0."""
+def test_init_follows_the_recipe(table, row_id):
+    """Every conv is drawn from the row's filler (its convs in init.on_convs from normal(0, gaussian_std)), the fc
+    from the classifier's filler; every bias starts at 0."""
+    run, model = _built(table, row_id)
+    init = run.recipe()["init"]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.caffe_conv_index for c in convs] == list(range(1, len(convs) + 1))
+    for i, conv in enumerate(convs, 1):
+        if i in init["on_convs"]:
+            _assert_filled(conv.weight, "gaussian", init["gaussian_std"])
+        else:
+            _assert_filled(conv.weight, init["default"])
+        assert torch.count_nonzero(conv.bias) == 0
+    fcs = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(fcs) == (init["classifier"] is not None)
+    for fc in fcs:
+        assert fc.caffe_classifier
+        _assert_filled(fc.weight, init["classifier"])
+        assert torch.count_nonzero(fc.bias) == 0
+
+
+def test_a_conv_in_on_convs_starts_with_std_0_01():
+    run, model = _built("4", "BW10")
+    assert run.recipe()["init"]["on_convs"] == [3, 4, 5]
+    convs = {c.caffe_conv_index: c.weight for c in model.modules() if isinstance(c, nn.Conv2d)}
+    for i in (3, 4, 5):
+        assert convs[i].std().item() == pytest.approx(0.01, rel=0.02)
+    for i in (2, 6):  # xavier elsewhere: std sqrt(1/fan_in), 0.029 and 0.019 here, not 0.01
+        assert convs[i].std().item() == pytest.approx(math.sqrt(1 / convs[i][0].numel()), rel=0.05)
+
+
+@pytest.mark.parametrize("table,row_id,fraction", [("2", "8L", 0.99), ("4", "WE10", 0.95), ("6", "RN32-max", 0.999)])
+def test_batchnorm_keeps_the_rows_moving_average_fraction(table, row_id, fraction):
     _, model = _built(table, row_id)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            fan_in = m.weight[0].numel()
-            bound = math.sqrt(3.0 / fan_in)
-            w = m.weight.detach()
-            assert w.abs().max().item() <= bound + 1e-7
-            if w.numel() >= 200:  # uniform over the whole range, not a narrower filler
-                assert w.abs().max().item() > 0.8 * bound
-                assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.2)
-            assert torch.count_nonzero(m.bias) == 0
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(bn.momentum == pytest.approx(1 - fraction) for bn in bns)
 
 
 @pytest.mark.parametrize("table,row_id", FORWARD_ROWS)
@@ -169,7 +219,7 @@ def test_strided_conv_replaces_pooling_shape_for_shape():
     max_paper, max_total = N.count_params(max_run.spec, max_run.in_shape)
     str_paper, str_total = N.count_params(str_run.spec, str_run.in_shape)
     assert str_paper == max_paper
-    assert str_total == max_total - 2 * (50 + 58)
+    assert str_total == max_total  # both rows' two downsampling convs are linear (no BatchNorm)
     assert _conv_and_linear_params(str_model) == _conv_and_linear_params(max_model)
     assert not any(isinstance(m, nn.MaxPool2d) for m in str_model.modules())
 
@@ -196,7 +246,39 @@ def test_strided_conv_with_bn_relu_when_asked():
     spec = N.build_spec({**run.net, "strided_bn_relu": True}, 100)
     assert [r.act for r in spec if isinstance(r, N.Conv) and r.s == 2] == ["bn_relu", "bn_relu"]
     assert N.count_params(spec, run.in_shape)[1] == N.count_params(resolve_row("6", "SN15-max").spec,
-                                                                    run.in_shape)[1]
+                                                                    run.in_shape)[1] + 2 * (50 + 58)
+
+
+def test_the_conv_before_each_pool_of_sn15_max_is_linear():
+    """Table 6 SN15-max: the conv right before each max pool has no BatchNorm and no ReLU after it."""
+    _, model = _built("6", "SN15-max")
+    layers = list(model)
+    pools = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 2
+    for i in pools:
+        assert isinstance(layers[i - 1], nn.Conv2d), f"layer {i - 1} before the pool: {layers[i - 1]}"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled_input = model[:pools[0]].eval()(x)
+    assert (pooled_input < 0).any()  # no ReLU: the map reaching the pool keeps negative values
+
+
+@pytest.mark.parametrize("table,row_id,conv", [("3", "10L", 7), ("4", "WE10", 7), ("10", "5x5-start", 7)])
+def test_pool_before_batchnorm(table, row_id, conv):
+    """conv -> max pool -> BatchNorm -> ReLU: the conv's own BatchNorm and ReLU follow its pool."""
+    _, model = _built(table, row_id)
+    layers = list(model)
+    at = next(i for i, m in enumerate(layers) if getattr(m, "caffe_conv_index", None) == conv)
+    assert isinstance(layers[at + 1], nn.MaxPool2d)
+    assert [type(m) for m in layers[at + 2]] == [M.CaffeBatchNorm2d, nn.ReLU]
+
+
+def test_table10_convs_11_to_13_have_relu_but_no_batchnorm():
+    _, model = _built("10", "5x5-end")
+    for layer in model:
+        convs = [m for m in layer.modules() if isinstance(m, nn.Conv2d)]
+        if convs and convs[0].caffe_conv_index in (11, 12, 13):
+            assert [type(m) for m in layer] == [nn.Conv2d, nn.ReLU]
 
 
 # --------------------------------------------------------------------------- ResNet-32 (Table 6)
@@ -225,8 +307,23 @@ def test_resnet_shortcut_projections_match_the_authors():
     strided_conv: both projections are stride-2 2x2 convs."""
     def shortcuts(row_id):
         return [N.tokens(r.shortcut) for r in resolve_row("6", row_id).spec if isinstance(r, N.Residual) and r.shortcut]
-    assert shortcuts("RN32-max") == [["conv32k2p0", "pool-MAXk2s2"], ["conv64k2s2p0"]]
-    assert shortcuts("RN32-strided") == [["conv32k2s2p0"], ["conv64k2s2p0"]]
+    assert shortcuts("RN32-max") == [["conv32k2p0-linear", "pool-MAXk2s2", "bn"], ["conv64k2s2p0-norelu"]]
+    assert shortcuts("RN32-strided") == [["conv32k2s2p0-norelu"], ["conv64k2s2p0-norelu"]]
+
+
+@pytest.mark.parametrize("row_id", ["RN32-max", "RN32-strided"])
+def test_a_resnet_block_output_can_be_negative(row_id):
+    """The authors sum branch and shortcut and apply no ReLU to the sum: a block's output has negative values."""
+    run, model = _built("6", row_id)
+    outputs = []
+    blocks = [m for m in model.modules() if isinstance(m, M.ResidualBlock)]
+    hooks = [b.register_forward_hook(lambda mod, inp, out: outputs.append(out)) for b in blocks]
+    with torch.no_grad():
+        model.eval()(_input(run))
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == 15
+    assert all((out < 0).any() for out in outputs)
 
 
 # --------------------------------------------------------------------------- SqueezeNet and SAF-pooling (Table 11)
@@ -236,6 +333,9 @@ def test_squeezenet(row_id):
     run, model = _built("11", row_id)
     assert N.count_params(run.spec, run.in_shape)[0] == 727_626
     assert _conv_and_linear_params(model) == 727_626
+    # The authors' SqueezeNet has no BatchNorm at all: every conv is followed by a ReLU alone.
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert M.count_trainable(model) == 727_626
     assert sum(isinstance(m, M.FireModule) for m in model.modules()) == 8
     with torch.no_grad():
         assert model.eval()(_input(run)).shape == (2, 10)
@@ -247,12 +347,12 @@ def test_saf_pooling_puts_dropout_after_every_pool():
     pools = [i for i, r in enumerate(spec) if isinstance(r, N.Pool)]
     assert len(pools) == 3
     for i in pools:
-        assert spec[i + 1] == N.Dropout(0.2), f"spec record after pool {i}: {spec[i + 1]}"
+        assert spec[i + 1] == N.Dropout(0.1), f"spec record after pool {i}: {spec[i + 1]}"
     layers = list(model)
     pool_layers = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
     assert len(pool_layers) == 3
     for i in pool_layers:
-        assert isinstance(layers[i + 1], nn.Dropout) and layers[i + 1].p == 0.2
+        assert isinstance(layers[i + 1], nn.Dropout) and layers[i + 1].p == 0.1
 
 
 def test_no_saf_pooling_means_no_dropout_after_pools():
@@ -362,4 +462,4 @@ def test_caffe_batchnorm_in_training_mode_is_batchnorm():
     caffe, plain = M.CaffeBatchNorm2d(3), nn.BatchNorm2d(3, eps=1e-5, momentum=0.01)
     x = 3 + torch.randn(16, 3, 5, 5)
     torch.testing.assert_close(caffe.train()(x), plain.train()(x))
-    assert caffe.momentum == 0.01 and caffe.eps == 1e-5
+    assert caffe.momentum == pytest.approx(0.01) and caffe.eps == 1e-5
