@@ -25,10 +25,13 @@ from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter
 
 from simpnet_cli.claims import mean_var
-from simpnet_cli.report_data import (Ablation, TableReport, ablation_points, axis_slots, differs_in_size,
-                                     parse_params)
+from simpnet_cli.report_data import (PAPER_STATS, Ablation, TableReport, ablation_points, axis_slots,
+                                     differs_in_size, parse_params)
 
 PAPER_COLOR = "black"
+# The paper's figure by its statistic (report_data.PAPER_STATS; "": the table file's stat is unknown): a hollow
+# black marker whose shape says what the printed figure is, so a mean of runs is not read as a best run.
+PAPER_MARKERS = {"best": "D", "mean": "s", "run": "^", "": "h"}
 TICK_WIDTH = 14  # characters per line of a tick label before it wraps
 
 
@@ -94,27 +97,41 @@ def _colors(ids: list[str]) -> dict[str, tuple]:
 
 # --------------------------------------------------------------------------- the ablation figure
 
+def _paper_label(stat: str) -> str:
+    return f"paper: {PAPER_STATS[stat][0]}" if stat in PAPER_STATS else "paper (as printed, stat unknown)"
+
+
+def _paper_stats(ab: Ablation) -> list[str]:
+    """The statistics of the paper's figures drawn, in PAPER_MARKERS' order."""
+    drawn = {m.stat for m in ab.markers if m.metric == "paper"}
+    return [s for s in PAPER_MARKERS if s in drawn]
+
+
 def _draw_markers(ax, ab: Ablation, colors: dict[str, tuple]) -> None:
-    """Per series and metric one errorbar artist: paper (hollow diamond), best (filled dot), final (cross)."""
-    style = {"paper": dict(fmt="D", mfc="none", mec=PAPER_COLOR, ms=7, mew=1.5),
-             "best": dict(fmt="o", ms=6), "final": dict(fmt="X", ms=6, mfc="white")}
-    for series in ["paper"] + ab.series:
-        for metric in ("paper", "best", "final"):
+    """Per series and metric one errorbar artist: paper (hollow, shaped by its statistic), best (filled dot),
+    final (cross)."""
+    paper = dict(mfc="none", mec=PAPER_COLOR, ms=7, mew=1.5)
+    style = {"best": dict(fmt="o", ms=6), "final": dict(fmt="X", ms=6, mfc="white")}
+    for stat in _paper_stats(ab):
+        points = [m for m in ab.markers if m.metric == "paper" and m.stat == stat]
+        ax.errorbar([m.x for m in points], [m.mean for m in points], yerr=None,  # (no caps across the markers)
+                    color=PAPER_COLOR, ls="none", zorder=3, fmt=PAPER_MARKERS[stat], **paper)
+    for series in ab.series:
+        for metric in ("best", "final"):
             points = [m for m in ab.markers if m.series == series and m.metric == metric]
             if not points:
                 continue
-            color = PAPER_COLOR if series == "paper" else colors[series]
-            spread = None if metric == "paper" else [m.std for m in points]  # (no caps across the diamonds)
-            ax.errorbar([m.x for m in points], [m.mean for m in points], yerr=spread,
-                        color=color, capsize=3, lw=1.2, ls="none", zorder=3, **style[metric])
+            ax.errorbar([m.x for m in points], [m.mean for m in points], yerr=[m.std for m in points],
+                        color=colors[series], capsize=3, lw=1.2, ls="none", zorder=3, **style[metric])
 
 
 def _legend_handles(ab: Ablation, colors: dict[str, tuple]) -> list:
-    """The three kinds of marker in black, then one colour per configuration: short entries, so the legend
-    stays within the figure's width however many variants there are."""
+    """The kinds of marker in black (the paper's, one per statistic drawn), then one colour per configuration:
+    short entries, so the legend stays within the figure's width however many variants there are."""
     from matplotlib.patches import Patch
-    handles = [Line2D([], [], marker="D", ls="", mfc="none", mec=PAPER_COLOR, mew=1.5, label="paper (as printed)"),
-               Line2D([], [], marker="o", ls="", color="dimgrey", label="best-over-training, mean ± std"),
+    handles = [Line2D([], [], marker=PAPER_MARKERS[s], ls="", mfc="none", mec=PAPER_COLOR, mew=1.5,
+                      label=_paper_label(s)) for s in _paper_stats(ab)]
+    handles += [Line2D([], [], marker="o", ls="", color="dimgrey", label="best-over-training, mean ± std"),
                Line2D([], [], marker="X", ls="", color="dimgrey", mfc="white", label="final, mean ± std")]
     return handles + [Patch(color=colors[s], label=s) for s in ab.series]
 

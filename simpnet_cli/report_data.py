@@ -10,6 +10,12 @@ accuracy seen during training, the figure the paper reports, which selects the i
 Each is shown as mean ± sample standard deviation over the seeds whose status is ``ok``; diverged runs are
 counted and shown, never averaged.
 
+The paper's statistic. A row's printed figure is not always the best of the authors' best run: its ``paper``
+mapping says which statistic of the authors' runs it is (``stat``, see ``PAPER_STATS``), and "Best - paper"
+compares it with the same statistic of our seeds' best-over-training accuracies (``paper_comparison``): the
+maximum for ``best`` (a maximum over runs), the mean for ``mean`` (a mean of runs) and for ``run`` (one run,
+not selected as the best). An unknown ``stat`` is a note and a warning, and that row is not compared.
+
 Profile rule. A table shows the runs of one profile: the requested one (``full`` by default) when that
 table has any run of it; otherwise the profile with the most runs (ties: alphabetical), under a banner saying
 its figures are not comparable to the paper. Runs of the other profiles are only counted in a note.
@@ -39,6 +45,17 @@ SMOKE_BANNER = "smoke runs (tiny subset, few iterations): not comparable to the 
 BEST_LABEL = "best-over-training (paper's metric, selects on test)"
 FINAL_LABEL = "final (last iteration)"
 
+# ``paper.stat`` of a table row: which statistic of the authors' runs (each run's best-over-training) the
+# printed figure is -> (what the paper's figure is, how our seeds' bests are reduced to compare with it).
+# The paper's figure is a maximum over runs only for "best"; comparing a mean of runs or one unselected run
+# with our maximum would flatter us, so those compare with our mean.
+PAPER_STATS = {
+    "best": ("the authors' best run", "max"),
+    "mean": ("the mean of the authors' runs", "mean"),
+    "run": ("one of the authors' runs", "mean"),
+}
+DEFAULT_STAT = "best"
+
 
 @dataclass
 class RowReport:
@@ -53,6 +70,7 @@ class RowReport:
     ok_runs: list[dict] = field(default_factory=list)
     diverged: int = 0
     notes: list[str] = field(default_factory=list)
+    paper_stat: str | None = DEFAULT_STAT  # a PAPER_STATS key; None: the table file's stat is unknown
 
     @property
     def n(self) -> int:
@@ -132,6 +150,50 @@ def _figure(spec: dict, dataset: str, display: str) -> tuple[float | None, str]:
     acc = x if given == "acc" else 100.0 - x
     shown = x if given == want else 100.0 - x
     return acc, (str(value) if given == want else _g(shown))
+
+
+def _paper_stat(spec: dict) -> tuple[str | None, str]:
+    """(the PAPER_STATS key of a row's ``paper`` mapping, a problem to note): absent means "best"; an unknown
+    value gives (None, why), so a table being edited costs one row's comparison, never the report."""
+    raw = spec.get("stat")
+    if raw is None:
+        return DEFAULT_STAT, ""
+    stat = str(raw).strip().lower()
+    if stat in PAPER_STATS:
+        return stat, ""
+    return None, f"unknown paper stat {raw!r} (known: {', '.join(PAPER_STATS)}): not compared with the paper"
+
+
+@dataclass(frozen=True)
+class PaperComparison:
+    """"Best - paper" of one row, in the table's display (accuracy, or error = 100 - accuracy)."""
+    stat: str       # a PAPER_STATS key
+    ours: float     # our seeds' statistic (best seed's best, or mean of the bests)
+    paper: float
+    n: int          # ok seeds
+
+    @property
+    def diff(self) -> float:
+        return self.ours - self.paper
+
+    @property
+    def text(self) -> str:
+        """What is compared with what: "best of 3 seeds vs the authors' best run"."""
+        paper, ours = PAPER_STATS[self.stat]
+        seeds = f"{self.n} seed" + ("" if self.n == 1 else "s")
+        return f"{'best' if ours == 'max' else 'mean'} of {seeds} vs {paper}"
+
+
+def paper_comparison(r: RowReport, error: bool = False) -> PaperComparison | None:
+    """Our seeds' best-over-training reduced as the paper's figure was (``PAPER_STATS``), against that figure;
+    None without an ok run, a numeric paper figure or a known stat. Reduced on accuracy, then shown as error
+    where the table is (the best seed is the most accurate: the lowest error)."""
+    bests = r.values("best")
+    if not bests or r.paper_acc is None or r.paper_stat not in PAPER_STATS:
+        return None
+    ours = max(bests) if PAPER_STATS[r.paper_stat][1] == "max" else sum(bests) / len(bests)
+    conv = (lambda a: 100.0 - a) if error else (lambda a: a)
+    return PaperComparison(r.paper_stat, conv(ours), conv(r.paper_acc), len(bests))
 
 
 def _dataset_name(value: Any) -> str:
@@ -235,6 +297,10 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
         paper = row.get("paper") or {}
         acc, text = _figure(paper, dataset.split(" ")[0], table.display)
         rr = RowReport("trained", row["id"], str(row["label"]), dataset, str(paper.get("params", "-")), acc, text)
+        rr.paper_stat, problem = _paper_stat(paper)
+        if problem:
+            rr.notes.append(problem)
+            warnings.append(f"table {table.name}, row {row['id']}: {problem}")
         runs = [r for r in shown if r["row_id"] == row["id"]]
         rr.ok_runs = [r for r in runs if r["status"] == "ok"]
         rr.diverged = sum(r["status"] == "diverged" for r in runs)
@@ -370,6 +436,7 @@ class Marker:
     mean: float     # accuracy, or error for error tables
     std: float      # sample standard deviation over the ok seeds; 0 for the paper and for one seed
     n: int          # ok seeds (0 for the paper's figure)
+    stat: str = ""  # the paper's figure only: its PAPER_STATS key ("" when the table file's stat is unknown)
 
 
 @dataclass
@@ -434,7 +501,7 @@ def ablation_points(configurations: Sequence[TableReport]) -> Ablation:
         paper_row = _trained(configurations[0], slot.row_id)
         if paper_row is not None and paper_row.paper_acc is not None:
             markers.append(Marker(slot.row_id, slot.x + offset[("paper", "paper")], "paper", "paper",
-                                  conv(paper_row.paper_acc), 0.0, 0))
+                                  conv(paper_row.paper_acc), 0.0, 0, paper_row.paper_stat or ""))
         for tr in drawn:
             r = _trained(tr, slot.row_id)
             for metric in ("best", "final"):

@@ -15,7 +15,8 @@ import pandas as pd
 from tabulate import tabulate
 
 from simpnet_cli.claims import ALPHA, mean_var
-from simpnet_cli.report_data import BEST_LABEL, FINAL_LABEL, Report, TableReport, params_text
+from simpnet_cli.report_data import (BEST_LABEL, FINAL_LABEL, PAPER_STATS, PaperComparison, Report, RowReport,
+                                     TableReport, paper_comparison, params_text)
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 # The report's figures by kind (``TableReport.plots`` keys), in the order a section shows them.
@@ -40,12 +41,24 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.2f} h"
 
 
+COMPARED = "Best - paper compares"  # the column saying which statistics "Best - paper" compares
+
+
 def columns(error: bool) -> list[str]:
     what = "error (%) = 100 - acc" if error else "acc (%)"
     return ["Row", "Network", "Dataset", "Params (paper)", "Params (counted)",
             f"Paper {'error (%)' if error else 'acc (%)'}", "n (ok seeds)",
             f"Final {what}, {FINAL_LABEL}", f"Best {what}, {BEST_LABEL}",
-            "Best - paper" + (" (error)" if error else ""), "Time (mean)", "Status"]
+            "Best - paper" + (" (error)" if error else ""), COMPARED, "Time (mean)", "Status"]
+
+
+def _compared(r: RowReport, cmp: PaperComparison | None) -> str:
+    """The statistics "Best - paper" compares, or, before any run, what the paper's figure is."""
+    if r.paper_acc is None:
+        return ""
+    if r.paper_stat not in PAPER_STATS:
+        return "unknown paper stat: not compared"
+    return cmp.text if cmp is not None else f"(paper: {PAPER_STATS[r.paper_stat][0]})"
 
 
 def frame(tr: TableReport) -> pd.DataFrame:
@@ -55,14 +68,13 @@ def frame(tr: TableReport) -> pd.DataFrame:
     lines = []
     for r in tr.rows:
         if r.kind == "cited":
-            lines.append([r.row_id, r.label, r.dataset, r.paper_params, "", r.paper_text, "", "", "", "", "",
+            lines.append([r.row_id, r.label, r.dataset, r.paper_params, "", r.paper_text, "", "", "", "", "", "",
                           "; ".join(r.notes)])
             continue
         final = [conv(x) for x in r.values("final")]
         best = [conv(x) for x in r.values("best")]
-        diff = ""
-        if best and r.paper_acc is not None:
-            diff = f"{sum(best) / len(best) - conv(r.paper_acc):+.2f}"
+        cmp = paper_comparison(r, err)  # the statistic the paper's figure is, on both sides
+        diff = f"{cmp.diff:+.2f}" if cmp is not None else ""
         walls = [float(x["wall_s"]) for x in r.ok_runs]
         status = []
         if r.n:
@@ -74,7 +86,7 @@ def frame(tr: TableReport) -> pd.DataFrame:
         status += r.notes
         lines.append([r.row_id, r.label, r.dataset, r.paper_params, params_text(r.counted_params), r.paper_text,
                       str(r.n) if (r.n or r.diverged) else "", _mean_std(final), _mean_std(best), diff,
-                      _duration(sum(walls) / len(walls)) if walls else "", "; ".join(status)])
+                      _compared(r, cmp), _duration(sum(walls) / len(walls)) if walls else "", "; ".join(status)])
     df = pd.DataFrame(lines, columns=columns(err))
     if len({r.dataset for r in tr.rows if r.dataset}) <= 1:
         df = df.drop(columns="Dataset")
@@ -175,10 +187,17 @@ def header(rep: Report, results_dir: Path) -> str:
         "",
         f"- **{FINAL_LABEL}**: test accuracy at the last training iteration. No choice is made on the test set.",
         f"- **{BEST_LABEL}**: the maximum test accuracy seen over training. This is the figure the paper "
-        "reports (the best of the authors' logs); it picks the iteration on the test set, so it is optimistic.",
+        "reports (for most rows, that of the authors' best run; see Best - paper); it picks the iteration on "
+        "the test set, so it is optimistic.",
         "- Both are mean ± sample standard deviation (n - 1) over the seeds whose status is ok; n is their "
         "number. Diverged runs are counted in Status and left out of every mean and test.",
-        "- **Best - paper**: mean best-over-training minus the paper's figure (for error tables, errors).",
+        "- **Best - paper**: our seeds' best-over-training minus the paper's figure (for error tables, errors), "
+        "reduced over seeds as the paper's figure was over the authors' runs; the next column says which: "
+        "*best of n seeds vs the authors' best run* (the default: the paper's figure is a maximum over runs, "
+        "so our most accurate seed is compared, for error tables the lowest error); *mean of n seeds vs the "
+        "mean of the authors' runs* (figures the paper averages over runs); *mean of n seeds vs one of the "
+        "authors' runs* (a figure from one run that is not the authors' best). Before any run the column says "
+        "which the paper's figure is.",
         "- **Params (counted)**: conv and classifier weights and biases, BatchNorm excluded (the paper's count), "
         "from the runs' CSV, or from the current config for rows not run.",
         "- Tables 13 and 14 are printed as error = 100 - accuracy, as the paper prints them. Cited rows are "
