@@ -38,11 +38,12 @@ def _setup(run: tables.RunSpec, device: torch.device, graphs: bool, precision: s
     batch = int(run.train["batch_size"])
     ds = {**run.dataset, "source": "synthetic", "train_size": max(20 * batch, 2000), "test_size": batch}
     data = D.load(ds, Path("."), False, device, batch, 0)
-    model = M.build_model(run.spec, run.in_shape).to(device)
+    model = M.build_model(run.spec, run.in_shape, run.net).to(device)
     if channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     graphs = graphs and device.type == "cuda"
-    optimizer = train.make_optimizer(run.solver, model.parameters(), capturable=graphs)  # graphs: CUDA only here
+    optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.net.get("param_mults")),
+                                     capturable=graphs)  # graphs: CUDA only here
     autocast = train.autocast_for(precision, device)
     return fast.Step(model, optimizer, data, autocast, graphs, channels_last), model, data, batch
 

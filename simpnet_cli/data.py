@@ -25,17 +25,15 @@ from pathlib import Path
 import torch
 
 from simpnet_cli.errors import UserError
+# The allowed values of the three feed keys (one vocabulary, the reference's; anything else is a UserError).
+from simpnet_cli.schema import AUGMENTS, INPUTS, TEST_TRANSFORMS
 
 PAD = 4  # the authors zero-pad CIFAR images by 4 px before the random 32x32 crop
 CAFFE_SCALE = 0.0039215684  # Caffe's transform_param scale as the authors wrote it (~1/255)
 
-# The allowed values of the three feed keys; anything else is a UserError naming the key.
-INPUTS = ("per_channel_standardized", "mean_file", "scale_1_255", "unknown_norm2")
-AUGMENTS = ("pad4_crop32_mirror", "mirror", "none")
-# centre_crop32 is the centre 32x32 crop of the authors' 40x40 padded test DB, i.e. the unpadded image; our test
-# images are never padded, so both values are the identity here. The key is kept (and checked) so a config says
-# what the authors did and a typo is caught.
-TEST_TRANSFORMS = ("centre_crop32", "none")
+# TEST_TRANSFORMS: centre_crop32 is the centre 32x32 crop of the authors' 40x40 padded test DB, i.e. the unpadded
+# image; our test images are never padded, so both values are the identity here. The key is kept (and checked) so
+# a config says what the authors did and a typo is caught.
 
 
 class DatasetError(UserError):

@@ -100,8 +100,10 @@ class Step:
         self.updates.add_(1)
 
     def _set_lr(self, lr: float) -> None:
+        # Caffe's lr_mult scales the schedule's rate per group (train.param_groups); a captured graph bakes
+        # each group's rate in, so a re-capture at an lr change keeps the multipliers.
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1)
 
     def __call__(self, iteration: int, lr: float) -> None:
         plan = self.data.batch_plan(iteration)

@@ -262,7 +262,8 @@ class RunSpec:
 
     def identity(self) -> dict:
         """What makes two runs the same run: the network, data, solver, schedule and seed, not the labels."""
-        return {"spec": repr(self.spec), "dataset": self.dataset, "solver": self.solver,
+        return {"spec": repr(self.spec), "recipe": network.recipe(self.spec, self.net), "dataset": self.dataset,
+                "solver": self.solver,
                 "train": {k: v for k, v in self.train.items() if k not in NON_IDENTITY_TRAIN_KEYS},
                 "seed": self.seed}
 

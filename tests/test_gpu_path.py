@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -176,11 +177,75 @@ def test_one_update_per_iteration_and_replays_between_captures(one_thread):
     assert len(graphs) == 2 and [g.replays for g in graphs] == [4, 2]  # captured at 0 and 5; replayed between
 
 
+# Caffe's lr/decay multipliers: the classifier and two conv biases in groups of their own (train.param_groups).
+MULTS = {"classifier": {"weight": {"lr": 1, "decay": 0}, "bias": {"lr": 2, "decay": 0}},
+         "convs": {"indices": [5, 6], "bias": {"lr": 2, "decay": 0}}}
+
+
+def with_mults(run: tables.RunSpec) -> tables.RunSpec:
+    return dataclasses.replace(run, net={**run.net, "param_mults": MULTS})
+
+
+@pytest.mark.parametrize("solver", ["adadelta_30k", "nesterov_80k"])
+def test_several_param_groups_graphed_with_recapture_and_resume_equal_the_eager_run(tmp_path, monkeypatch,
+                                                                                   one_thread, solver):
+    run = with_mults(run_spec("arch1", solver, "fp32", *FAMILIES["plain"][1]))
+    eager = train.train_run(run, tmp_path / "eager", CPU, tmp_path, False)
+    real_write = checkpoint.atomic_write
+
+    def die_after_first_checkpoint(path, write):
+        real_write(path, write)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "atomic_write", die_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run(run, tmp_path / "graphed", CPU, tmp_path, False, backend=stand_in())
+    assert len(checkpoint.read(tmp_path / "graphed" / "checkpoint.pt")["optimizer"]["param_groups"]) == 3
+    monkeypatch.undo()
+    graphed = train.train_run(run, tmp_path / "graphed", CPU, tmp_path, False, backend=stand_in())
+    assert graphed["step_mode"] == "cuda-graph" and eager["step_mode"] == "eager"
+    assert_same_run(tmp_path / "graphed", tmp_path / "eager")
+
+
+@pytest.mark.parametrize("solver", ["adadelta_30k", "nesterov_80k"])
+def test_group_multipliers_hold_in_every_update_across_a_recapture(one_thread, solver):
+    """Each update, captured or replayed, before and after the re-capture at the lr drop (iteration 5), runs
+    every group at schedule lr * lr_mult and solver weight_decay * decay_mult; and the weights equal eager's."""
+    run = with_mults(run_spec("arch1", solver, "fp32", *FAMILIES["plain"][1]))
+    weights = {}
+    for graphs in (False, True):
+        model, optimizer, data, autocast = setup(run)
+        assert len(optimizer.param_groups) == 3
+        seen: list[list[tuple]] = []
+        real_step = optimizer.step
+
+        def recording_step(*args, **kwargs):
+            seen.append([(g["lr"], g["weight_decay"], g["lr_mult"], g["decay_mult"])
+                         for g in optimizer.param_groups])
+            return real_step(*args, **kwargs)
+
+        optimizer.step = recording_step  # the captured body calls self.optimizer.step() on every replay
+        step = fast.Step(model, optimizer, data, autocast, graphs, backend=stand_in() if graphs else None)
+        lrs = [train.lr_at(run.solver, it) for it in range(8)]
+        for it, lr in enumerate(lrs):
+            step(it, lr)
+        assert step.step_mode == ("cuda-graph" if graphs else "eager") and int(step.updates) == 8
+        assert len(seen) == 8  # one per update: the stand-in's capture records the body without running it
+        for lr, groups in zip(lrs, seen):
+            assert [(g_lr, g_wd) for g_lr, g_wd, _, _ in groups] == \
+                [(lr * m, run.solver["weight_decay"] * d) for _, _, m, d in groups]
+        assert [(m, d) for _, _, m, d in seen[-1]] == [(1, 1), (2, 0), (1, 0)]
+        weights[graphs] = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in weights[False].items():
+        assert torch.allclose(weights[True][name].float(), value.float(), rtol=1e-6, atol=1e-6), name
+
+
 def setup(run: tables.RunSpec, batch: int | None = None):
     torch.manual_seed(0)
     data = D.load(run.dataset, Path("."), False, CPU, batch or run.train["batch_size"], 0)
-    model = M.build_model(run.spec, run.in_shape)
-    optimizer = train.make_optimizer(run.solver, model.parameters())  # capturable is for CUDA only
+    model = M.build_model(run.spec, run.in_shape, run.net)
+    # as train_run builds it; capturable is for CUDA only
+    optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.net.get("param_mults")))
     return model, optimizer, data, train.autocast_for(run.train["precision"], CPU)
 
 

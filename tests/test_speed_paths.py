@@ -69,7 +69,7 @@ def test_graphed_step_matches_eager_step_on_gpu():
         torch.manual_seed(0)
         dev = torch.device("cuda")
         data = D.load(run.dataset, Path("."), False, dev, 100, 0)
-        model = M.build_model(run.spec, run.in_shape).to(dev).to(memory_format=torch.channels_last)
+        model = M.build_model(run.spec, run.in_shape, run.net).to(dev).to(memory_format=torch.channels_last)
         opt = train.make_optimizer(run.solver, model.parameters(), capturable=graphs)
         step = fast.Step(model, opt, data, contextlib.nullcontext, graphs)
         trace = []

@@ -2,7 +2,9 @@
 run on Fashion-MNIST that must learn."""
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,6 +16,8 @@ import yaml
 from simpnet_cli import data as D
 from simpnet_cli import model as M
 from simpnet_cli import checkpoint, train
+from simpnet_cli import network as N
+from simpnet_cli.errors import UserError
 
 from conftest import resolve_row
 
@@ -151,7 +155,7 @@ def test_short_run_writes_its_files(short_runs):
     assert result["epochs"] == pytest.approx(30 * 16 / 256)
     assert (result["params_paper"], result["params_total"]) == (53_370, 53_912)
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    model = M.build_model(run.spec, run.in_shape)
+    model = M.build_model(run.spec, run.in_shape, run.net)
     model.load_state_dict(state)
 
 
@@ -234,3 +238,180 @@ def test_slim_300k_learns_fashion_mnist(fashion_mnist_dir, tmp_path):
     curve = _curve(tmp_path / "run")
     assert float(curve[-1]["train_loss"]) < float(curve[0]["train_loss"])
     assert float(curve[-1]["test_loss"]) < math.log(10)  # better than a uniform guess
+
+
+# --------------------------------------------------------------------------- Caffe's poly phase of a piecewise schedule
+
+def test_piecewise_poly_phase_follows_caffe():
+    """The authors' resumed run (experiments.yaml lr_poly): points up to 162500, then Caffe's poly policy
+    base_lr * (1 - iter/max_iter)^power; the lrs are the ones its log prints."""
+    solver = {"lr": 0.1, "schedule": {"kind": "piecewise", "points": {0: 0.1, 50000: 0.01, 100000: 1e-3},
+                                      "poly": {"from_iter": 162500, "base_lr": 0.00012, "power": 1,
+                                               "max_iter": 400000}}}
+    assert [train.lr_at(solver, i) for i in (0, 49999, 50000, 100000, 162499)] == \
+        pytest.approx([0.1, 0.1, 0.01, 1e-3, 1e-3], rel=1e-12)
+    for iteration, lr in ((162500, 7.125e-05), (172500, 6.825e-05), (193600, 6.192e-05)):
+        assert train.lr_at(solver, iteration) == pytest.approx(lr, rel=1e-6), iteration
+
+
+def test_piecewise_poly_without_its_keys_is_a_user_error():
+    solver = {"lr": 0.1, "schedule": {"kind": "piecewise", "points": {0: 0.1}, "poly": {"from_iter": 10}}}
+    with pytest.raises(UserError, match="schedule.poly needs"):
+        train.lr_at(solver, 0)
+
+
+# --------------------------------------------------------------------------- Caffe's lr_mult / decay_mult
+
+# conv, conv, pool, conv, global pool, fc: parameter names "0.0.weight" (conv 1), "0.1.weight" (its BN gamma)...
+# Conv 2 has no BatchNorm (as Table 10's multiplied convs): behind BatchNorm a conv bias has no gradient.
+TINY = (N.Conv(4), N.Conv(5, act="relu"), N.Pool(), N.Conv(6), N.GlobalPool("avg"), N.Linear(3))
+TINY_SHAPE = N.Shape(2, 6, 6)
+MULTS = {"classifier": {"weight": {"lr": 1, "decay": 0}, "bias": {"lr": 2, "decay": 0}},
+         "convs": {"indices": [2], "bias": {"lr": 2, "decay": 0}}}
+# The same multipliers written by hand, by parameter name (everything else lr 1 / decay 1).
+MULTS_BY_NAME = {"1.0.bias": (2, 0), "5.fc.weight": (1, 0), "5.fc.bias": (2, 0)}
+SOLVERS = {
+    # eps and rho chosen so AdaDelta's step is roughly linear in the gradient: with the authors' tiny eps
+    # it is nearly sign(g') and a wrong decay would hardly show.
+    "adadelta": {"type": "adadelta", "lr": 0.3, "rho": 0.9, "eps": 0.5, "weight_decay": 0.3},
+    "nesterov": {"type": "nesterov", "lr": 0.3, "momentum": 0.9, "weight_decay": 0.3},
+}
+
+
+def _tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = M.build_model(TINY, TINY_SHAPE).double()
+    with torch.no_grad():  # biases, gammas and betas away from 0 and 1, so their decay (or its absence) shows
+        for p in model.parameters():
+            if p.dim() == 1:  # conv and fc biases, BatchNorm gamma and beta
+                p.copy_(torch.rand_like(p) + 0.5)
+    assert set(MULTS_BY_NAME) <= dict(model.named_parameters()).keys()
+    return model
+
+
+def _loss(model: torch.nn.Module, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, TINY_SHAPE.c, TINY_SHAPE.h, TINY_SHAPE.w, generator=g, dtype=torch.float64)
+    return torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 1]))
+
+
+def caffe_steps(model: torch.nn.Module, solver: dict, mults: dict, n: int) -> None:
+    """``n`` updates as Caffe's solvers compute them (sgd_solver.cpp Regularize, then
+    adadelta_solver.cpp / nesterov_solver.cpp ComputeUpdateValue), written out per parameter."""
+    hist = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    upd_hist = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for step in range(n):
+        model.zero_grad()
+        _loss(model, step).backward()
+        with torch.no_grad():
+            for name, w in model.named_parameters():
+                lr_mult, decay_mult = mults.get(name, (1, 1))
+                g = w.grad + solver["weight_decay"] * decay_mult * w  # Regularize: local_decay * w
+                rate = solver["lr"] * lr_mult  # local_rate
+                if solver["type"] == "adadelta":
+                    rho, eps = solver["rho"], solver["eps"]
+                    hist[name] = rho * hist[name] + (1 - rho) * g * g
+                    upd = torch.sqrt(upd_hist[name] + eps) / torch.sqrt(hist[name] + eps) * g
+                    upd_hist[name] = rho * upd_hist[name] + (1 - rho) * upd * upd
+                    w -= rate * upd
+                else:
+                    m, before = solver["momentum"], hist[name]
+                    hist[name] = m * before + rate * g
+                    w -= (1 + m) * hist[name] - m * before
+
+
+def torch_steps(model: torch.nn.Module, solver: dict, param_mults, n: int) -> None:
+    optimizer = train.make_optimizer(solver, train.param_groups(model, param_mults))
+    for step in range(n):
+        optimizer.zero_grad()
+        _loss(model, step).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("kind", SOLVERS)
+def test_optimizer_matches_caffe_with_lr_and_decay_multipliers(kind):
+    """Two updates (the first from zero history, the second using it) against Caffe's arithmetic in float64:
+    the fc weight gets no decay, the fc bias and conv 2's bias move at twice the rate with no decay, the other
+    biases, the conv weights and BatchNorm's gamma/beta get lr 1 / decay 1."""
+    solver = SOLVERS[kind]
+    start = _tiny_model()
+    ours, caffe, plain = (copy.deepcopy(start) for _ in range(3))
+    torch_steps(ours, solver, MULTS, 2)
+    caffe_steps(caffe, solver, MULTS_BY_NAME, 2)
+    caffe_steps(plain, solver, {}, 2)  # what every-parameter-1/1 would give
+    got, want, flat = (dict(m.named_parameters()) for m in (ours, caffe, plain))
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-10, atol=1e-12), name
+        assert not torch.equal(want[name], start.state_dict()[name]), f"{name} did not move"
+    # The check can fail: each multiplied parameter ends far from where 1/1 would put it.
+    for name in MULTS_BY_NAME:
+        assert (want[name] - flat[name]).abs().max() > 1e-3, name
+
+
+def test_param_groups_cover_every_parameter_once_in_a_fixed_order():
+    model = _tiny_model()
+    groups = train.param_groups(model, MULTS)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [(g["lr_mult"], g["decay_mult"]) for g in groups] == [(1, 1), (2, 0), (1, 0)]  # by first appearance
+    assert [names[id(p)] for p in groups[1]["params"]] == ["1.0.bias", "5.fc.bias"]
+    assert [names[id(p)] for p in groups[2]["params"]] == ["5.fc.weight"]
+    listed = [id(p) for g in groups for p in g["params"]]
+    assert sorted(listed) == sorted(names) and len(listed) == len(set(listed))
+    for mults in (None, {}, {"classifier": None, "convs": {"indices": [], "bias": None}}):
+        (only,) = train.param_groups(model, mults)
+        assert (only["lr_mult"], only["decay_mult"]) == (1, 1) and len(only["params"]) == len(names)
+
+
+def test_make_optimizer_sets_each_groups_rate_and_decay_and_takes_plain_parameters():
+    model = _tiny_model()
+    for kind, solver in SOLVERS.items():
+        opt = train.make_optimizer(solver, train.param_groups(model, MULTS))
+        assert [x for g in opt.param_groups for x in (g["lr"], g["weight_decay"])] == \
+            pytest.approx([0.3, 0.3, 0.6, 0.0, 0.3, 0.0]), kind
+        (plain,) = train.make_optimizer(solver, model.parameters()).param_groups
+        assert (plain["lr"], plain["weight_decay"], plain["lr_mult"], plain["decay_mult"]) == (0.3, 0.3, 1, 1)
+
+
+@pytest.mark.parametrize("mults, match", [
+    ({"convs": {"indices": [4], "bias": {"lr": 2, "decay": 0}}}, r"\[4\] name no conv .* convs 1-3"),
+    ({"convs": {"indices": [0, 2], "bias": {"lr": 2, "decay": 0}}}, r"\[0\] name no conv"),
+    ({"convs": {"indices": [2], "bias": None}}, "bias is null"),
+    ({"convs": {"indices": [2], "bias": {"lr": -1}}}, "number >= 0"),
+    ({"classifer": {}}, "keys classifier and convs"),
+])
+def test_bad_param_mults_are_user_errors(mults, match):
+    with pytest.raises(UserError, match=match):
+        train.param_groups(_tiny_model(), mults)
+
+
+def test_classifier_mults_on_a_network_without_fc_is_a_user_error():
+    model = M.build_model(TINY[:-1], TINY_SHAPE)
+    with pytest.raises(UserError, match="no fc classifier"):
+        train.param_groups(model, {"classifier": MULTS["classifier"]})
+    assert len(train.param_groups(model, {"classifier": None, "convs": MULTS["convs"]})) == 2
+
+
+def test_interrupted_run_with_multipliers_resumes_to_the_same_curve(tmp_path, monkeypatch):
+    """Several param groups in the checkpointed optimizer: crash after the checkpoint at 25, resume, equal."""
+    run = resolve_row("5", "P5", {**SHORT, "train": {**SHORT["train"], "checkpoint_every": 5}})
+    run = dataclasses.replace(run, net={**run.net, "param_mults": {
+        "classifier": MULTS["classifier"], "convs": {"indices": [1, 3], "bias": {"lr": 2, "decay": 0}}}})
+    straight = train.train_run(run, tmp_path / "straight", CPU, tmp_path / "data", False)
+    real_lr_at = train.lr_at
+
+    def crashing_lr_at(solver, iteration):
+        if iteration == 27:
+            raise KeyboardInterrupt
+        return real_lr_at(solver, iteration)
+
+    monkeypatch.setattr(train, "lr_at", crashing_lr_at)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run(run, tmp_path / "resumed", CPU, tmp_path / "data", False)
+    assert len(checkpoint.read(tmp_path / "resumed" / "checkpoint.pt")["optimizer"]["param_groups"]) == 3
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    resumed = train.train_run(run, tmp_path / "resumed", CPU, tmp_path / "data", False)
+    assert resumed["iterations"] == straight["iterations"] == 30
+    assert _without_wall(_curve(tmp_path / "resumed")) == _without_wall(_curve(tmp_path / "straight"))
+    a = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in b)
