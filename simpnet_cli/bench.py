@@ -42,7 +42,7 @@ def _setup(run: tables.RunSpec, device: torch.device, graphs: bool, precision: s
     if channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     graphs = graphs and device.type == "cuda"
-    optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.net.get("param_mults")),
+    optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.param_mults),
                                      capturable=graphs)  # graphs: CUDA only here
     autocast = train.autocast_for(precision, device)
     return fast.Step(model, optimizer, data, autocast, graphs, channels_last), model, data, batch

@@ -101,7 +101,7 @@ def memory_across_recaptures() -> str:
     data = D.load({**run.dataset, "source": "synthetic", "train_size": 1000, "test_size": 100}, Path("."), False,
                   dev, 100, 0)
     model = M.build_model(run.spec, run.in_shape, run.net).to(dev).to(memory_format=torch.channels_last)
-    opt = train.make_optimizer(run.solver, train.param_groups(model, run.net.get("param_mults")), capturable=True)
+    opt = train.make_optimizer(run.solver, train.param_groups(model, run.param_mults), capturable=True)
     step = fast.Step(model, opt, data, train.autocast_for("fp32", dev), True)
     reserved = []
     for i in range(11):

@@ -41,10 +41,10 @@ class Recipe:
     convs_built: int = 0
 
     @classmethod
-    def of(cls, net: Mapping | None) -> "Recipe":
-        """The recipe of a net config (checked by schema.NetRecipe and network.check_recipe)."""
-        net = net or {}
-        return cls(net.get("bn_fraction", DEFAULT_BN_FRACTION), {**DEFAULT_INIT, **(net.get("init") or {})})
+    def of(cls, net: Mapping | None, spec: Sequence) -> "Recipe":
+        """The recipe of a net config for ``spec`` (checked by schema.NetRecipe and network.check_recipe)."""
+        layers = N.recipe(spec, net)
+        return cls((net or {}).get("bn_fraction", DEFAULT_BN_FRACTION), layers["init"])
 
     def fill_conv(self, conv: nn.Conv2d) -> None:
         self.convs_built += 1
@@ -197,7 +197,7 @@ def build_model(spec: Sequence, in_shape: N.Shape, net: Mapping | None = None) -
     init) says; raises network.NetworkError if it cannot run, UserError if the recipe does not fit it."""
     N.check(spec, in_shape)
     N.check_recipe(spec, net)
-    recipe = Recipe.of(net)
+    recipe = Recipe.of(net, spec)
     return _chain(spec, in_shape.c, recipe, (in_shape.h, in_shape.w))[0]
 
 

@@ -139,35 +139,43 @@ DEFAULT_BN_FRACTION = 0.99
 DEFAULT_INIT = {"default": "xavier", "gaussian_std": None, "on_convs": [], "classifier": "xavier"}
 
 
+def conv_indices(indices, n: int, key: str) -> list[int]:
+    """1-based conv indices as the reference writes them; a negative index counts from the last conv (-1 is the
+    last), so a row's "the last two convs" stays true when a variant changes the depth."""
+    out = []
+    for i in indices or []:
+        if isinstance(i, bool) or not isinstance(i, int) or not (1 <= i <= n or -n <= i <= -1):
+            raise UserError(f"{key}: conv {i!r} does not exist (the network has {n} convs: 1..{n}, or -1 for the "
+                            f"last)")
+        out.append(i if i > 0 else n + 1 + i)
+    return sorted(set(out))
+
+
 def check_recipe(spec: Sequence, net: Mapping | None) -> None:
     """Raise UserError where a net config's recipe (bn_fraction, init, param_mults) names convs or layers that
     ``spec`` does not have: checked before training, so a bad index never waits for the model to be built."""
+    recipe(spec, net)
     net = net or {}
-    n = len(convs(spec))
-    init = {**DEFAULT_INIT, **(net.get("init") or {})}
-    bad = [i for i in init["on_convs"] or [] if not 1 <= int(i) <= n]
-    if bad:
-        raise UserError(f"net.init.on_convs: conv(s) {bad} do not exist (the network has {n} convs)")
     if has_batchnorm(spec) and net.get("bn_fraction", DEFAULT_BN_FRACTION) is None:
         raise UserError("net.bn_fraction is null but the network has BatchNorm layers: give their moving-average "
                         "fraction (e.g. net.bn_fraction=0.99)")
-    mults = net.get("param_mults") or {}
-    bad = [i for i in ((mults.get("convs") or {}).get("indices") or []) if not 1 <= int(i) <= n]
-    if bad:
-        raise UserError(f"net.param_mults.convs.indices: conv(s) {bad} do not exist (the network has {n} convs)")
-    if mults.get("classifier") and not any(isinstance(layer, Linear) for layer in spec):
+    if (net.get("param_mults") or {}).get("classifier") and not any(isinstance(layer, Linear) for layer in spec):
         raise UserError("net.param_mults.classifier is set but the network has no fc classifier (set it to null)")
 
 
 def recipe(spec: Sequence, net: Mapping | None) -> dict:
-    """The layers' part of a run's recipe in the reference's keys: bn_fraction, init, param_mults. Bias
-    multipliers apply to the convs listed, so with none listed they are shown as null, as the reference does."""
+    """The layers' part of a run's recipe in the reference's keys: bn_fraction, init, param_mults, with conv
+    indices resolved (1-based). Bias multipliers apply to the convs listed, so with none listed they are shown
+    as null, as the reference does."""
     net = net or {}
+    n = len(convs(spec))
     mults = net.get("param_mults") or {}
     conv_mults = mults.get("convs") or {}
-    indices = list(conv_mults.get("indices") or [])
+    indices = conv_indices(conv_mults.get("indices"), n, "net.param_mults.convs.indices")
+    init = {**DEFAULT_INIT, **(net.get("init") or {})}
+    init["on_convs"] = conv_indices(init["on_convs"], n, "net.init.on_convs")
     return {"bn_fraction": net.get("bn_fraction", DEFAULT_BN_FRACTION) if has_batchnorm(spec) else None,
-            "init": {**DEFAULT_INIT, **(net.get("init") or {})},
+            "init": init,
             "param_mults": {"classifier": mults.get("classifier"),
                             "convs": {"indices": indices, "bias": conv_mults.get("bias") if indices else None}}}
 

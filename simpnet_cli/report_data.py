@@ -196,12 +196,12 @@ def paper_comparison(r: RowReport, error: bool = False) -> PaperComparison | Non
     return PaperComparison(r.paper_stat, conv(ours), conv(r.paper_acc), len(bests))
 
 
-def _dataset_name(value: Any) -> str:
-    """A row's dataset as shown: "cifar10", or "cifar10 (augment=False)" for a ``{base: ..., ...}`` mapping."""
-    if isinstance(value, dict):
-        extra = ", ".join(f"{k}={v}" for k, v in value.items() if k != "base")
-        return str(value.get("base", "?")) + (f" ({extra})" if extra else "")
-    return str(value)
+def _dataset_name(value: Any, feed: Any = None) -> str:
+    """A row's dataset as shown: "cifar10", or "cifar10 (augment=none)" where the row changes its dataset or
+    feed mapping (``{base: ..., ...}``) from the named config."""
+    extra = [f"{k}={v}" for part in (value, feed) if isinstance(part, dict) for k, v in part.items() if k != "base"]
+    name = str(value.get("base", "?")) if isinstance(value, dict) else str(value)
+    return name + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _line_numbers(path: Path, bad: list[results.BadLine], n_rows: int) -> list[int | None]:
@@ -293,7 +293,7 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
     others = Counter(r["profile"] for r in mine if r["profile"] != profile)
     rows = []
     for row in table.rows:
-        dataset = _dataset_name(row.get("dataset", ""))
+        dataset = _dataset_name(row.get("dataset", ""), row.get("feed"))
         paper = row.get("paper") or {}
         acc, text = _figure(paper, dataset.split(" ")[0], table.display)
         rr = RowReport("trained", row["id"], str(row["label"]), dataset, str(paper.get("params", "-")), acc, text)

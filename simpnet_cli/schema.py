@@ -60,7 +60,7 @@ class Init:
     """Weight fillers, in the reference's words (recipe.init): biases always start at 0."""
     default: str = "xavier"                    # xavier | msra: every conv not in on_convs
     gaussian_std: Optional[float] = None       # normal(0, std) for the convs in on_convs
-    on_convs: List[int] = field(default_factory=list)   # 1-based, in the order the convs appear
+    on_convs: List[int] = field(default_factory=list)   # 1-based, in the order the convs appear (-1: the last)
     classifier: Optional[str] = "xavier"       # the fc layer's filler (null: the net has no fc)
 
     def __post_init__(self):
@@ -68,7 +68,7 @@ class Init:
         _require(self.classifier in FILLERS + (None,), "init.classifier", f"must be one of {', '.join(FILLERS)} or null",
                  self.classifier)
         for i, conv in enumerate(self.on_convs):
-            _positive(f"init.on_convs[{i}]", conv)
+            _require(conv != 0, f"init.on_convs[{i}]", "convs are numbered 1, 2, ... (or -1 for the last)", conv)
         if self.on_convs:
             _require(self.gaussian_std is not None and 0 < self.gaussian_std < math.inf, "init.gaussian_std",
                      "the convs in on_convs need a finite std > 0", self.gaussian_std)
@@ -92,12 +92,13 @@ class ClassifierMults:
 
 @dataclass
 class ConvMults:
-    indices: List[int] = field(default_factory=list)    # convs (1-based) whose bias has these multipliers
+    indices: List[int] = field(default_factory=list)    # convs whose bias has these multipliers (1-based; -1: last)
     bias: Optional[Mult] = None
 
     def __post_init__(self):
         for i, conv in enumerate(self.indices):
-            _positive(f"param_mults.convs.indices[{i}]", conv)
+            _require(conv != 0, f"param_mults.convs.indices[{i}]", "convs are numbered 1, 2, ... (or -1 for the last)",
+                     conv)
         _require(not self.indices or self.bias is not None, "param_mults.convs.bias",
                  "the listed convs need their bias multipliers {lr, decay}", self.bias)
 

@@ -272,6 +272,11 @@ class RunSpec:
         blob = json.dumps(self.identity(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    @property
+    def param_mults(self) -> dict:
+        """Caffe's lr/decay multipliers with conv indices resolved for this network (train.param_groups)."""
+        return network.recipe(self.spec, self.net)["param_mults"]
+
     def recipe(self) -> dict:
         """How this run trains beyond its layers and solver, in the keys and vocabulary of the reference's
         ``recipe`` (../shared/reference/experiments.yaml), so the two compare key for key."""
@@ -307,7 +312,7 @@ def _parts(row: dict, profile: dict, run_opts: dict | None, data_opts: dict | No
     for key, value in over.assigned("feed"):
         feed = assign(feed, key, value)
     solver = load_named("solver", choices["solver"] if "solver" in choices else row["solver"])
-    profile_train = dict(profile.get("train") or {})
+    profile_train = {k: v for k, v in (profile.get("train") or {}).items() if v is not None}  # null: the row's
     iterations = profile_train.pop("iterations", None)  # 0 is a value (refused later), not "unset"
     train = {"iterations": row["iterations"] if iterations is None else iterations,
              "eval_every": row.get("test_interval", DEFAULT_TEST_INTERVAL), **profile_train,

@@ -257,7 +257,7 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
     graphs = bool(tr.get("graphs", True)) and (device.type == "cuda" or backend is not None)
     # capturable: the optimizer keeps its step counts on the GPU, as a captured graph needs (CUDA only)
     capturable = graphs and device.type == "cuda"
-    optimizer = make_optimizer(run.solver, param_groups(model, run.net.get("param_mults")), capturable=capturable)
+    optimizer = make_optimizer(run.solver, param_groups(model, run.param_mults), capturable=capturable)
     autocast = autocast_for(precision, device)
 
     start, curve, best, train_time, ckpt = 0, [], (-1.0, 0), 0.0, None

@@ -200,6 +200,21 @@ def test_mirror_feed_never_crops():
     assert off_centre > 0  # offsets were drawn and ignored, not absent
 
 
+@pytest.mark.parametrize("table,row_id", [("5", "P3"), ("10", "5x5-end")])
+def test_a_table_5_or_10_batch_from_the_rows_config_is_never_cropped(table, row_id):
+    """Through the row's own config (conf/tables -> feed mean_file_mirror): no pad, no shift, only mirrors."""
+    from conftest import resolve_row
+
+    run = resolve_row(table, row_id, profile={"data": {"source": "synthetic", "train_size": 32, "test_size": 8}})
+    d = D.load(run.dataset, Path("unused"), False, torch.device("cpu"), 16, 0)
+    assert not d.crop and d.mirror
+    for it in range(6):
+        idx, _, flips = d.batch_plan(it)
+        src = d.normalize(d.train_x[idx])
+        want = torch.where(flips[:, None, None, None], src.flip(-1), src)
+        assert torch.equal(d.batch(it)[0], want)
+
+
 def test_the_random_stream_does_not_depend_on_the_feed():
     plans = [_load(_feed(augment=a, input=i), seed=5).batch_plan(7)
              for a, i in (("pad4_crop32_mirror", "per_channel_standardized"), ("mirror", "mean_file"),

@@ -245,7 +245,7 @@ def setup(run: tables.RunSpec, batch: int | None = None):
     data = D.load(run.dataset, Path("."), False, CPU, batch or run.train["batch_size"], 0)
     model = M.build_model(run.spec, run.in_shape, run.net)
     # as train_run builds it; capturable is for CUDA only
-    optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.net.get("param_mults")))
+    optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.param_mults))
     return model, optimizer, data, train.autocast_for(run.train["precision"], CPU)
 
 

@@ -370,3 +370,49 @@ def test_the_issues_table_4_sweep_runs_as_written(tmp_path):
     from collections import Counter
     assert Counter((r["row_id"], r["variant"]) for r in rows) == {
         ("WE10", ""): 3, ("BW10", ""): 3, ("WE10", "dataset=cifar100"): 3, ("BW10", "dataset=cifar100"): 3}
+
+
+# --------------------------------------------------------------------------- the recipe as variants (issue: recipes)
+
+def test_the_rows_last_conv_biases_follow_a_change_of_depth():
+    """The authors give the biases of a net's last convs lr x2 / no decay; a row says "the last two" (-2, -1),
+    so a variant with fewer convs keeps that meaning instead of naming convs that no longer exist."""
+    paper = resolve("2", "13L")
+    assert paper.param_mults["convs"]["indices"] == [12, 13]
+    shallow = resolve("2", "13L", "net.widths=C64{3}, C128{4}", "net.pools_after=[3,7]")
+    assert shallow.param_mults["convs"]["indices"] == [6, 7]
+    assert shallow.recipe()["param_mults"]["convs"]["bias"] == {"lr": 2, "decay": 0}
+
+
+@pytest.mark.parametrize("override,want", [
+    ("feed.augment=pad4_crop32_mirror", {"augment": "pad4_crop32_mirror"}),
+    ("feed=padded_standardized", {"input": "per_channel_standardized", "augment": "pad4_crop32_mirror",
+                                  "test_transform": "centre_crop32"}),
+    ("net.bn_fraction=0.99", {"bn_fraction": 0.99}),
+    ("test_interval=500", {"test_interval": 500}),
+    ("net.param_mults.convs.indices=[]", {"param_mults": {"classifier": {"weight": {"lr": 1, "decay": 0},
+                                                                          "bias": {"lr": 2, "decay": 0}},
+                                                           "convs": {"indices": [], "bias": None}}}),
+])
+def test_every_recipe_key_is_a_variant(override, want):
+    """Table 5 with padded crops (or any other recipe key changed) is a variant of the row, named by its override."""
+    paper = resolve("5", "P5")
+    assert paper.recipe()["augment"] == "mirror" and paper.recipe()["test_interval"] == 1000
+    run = resolve("5", "P5", override)
+    got = run.recipe()
+    assert {k: got[k] for k in want} == want
+    assert run.config_hash != paper.config_hash
+    assert run.variant == override.replace(" ", "")
+
+
+def test_a_recipe_index_past_the_network_is_one_clear_error():
+    with pytest.raises(UserError) as info:
+        resolve("2", "8L", "net.init.on_convs=[9]", "net.init.gaussian_std=0.01")
+    assert "net.init.on_convs" in str(info.value) and "8 convs" in str(info.value)
+
+
+def test_svhn_trains_on_train_and_extra_unless_told_not_to():
+    t = tables.load_table("14")
+    row = t.row("slim-300K")
+    assert tables.resolve(t, row, 0, {}).dataset["extra"] is True
+    assert tables.resolve(t, row, 0, {}, data_opts={"svhn": {"extra": False}}).dataset["extra"] is False
