@@ -45,7 +45,7 @@ bench: install
 # eager, memory across re-captures, bench alone and packed; figures into results/benchmarks.md. On a machine
 # without CUDA it runs the CPU proofs and says which GPU steps it skipped.
 gpu-check: install
-	$(BIN)/python -m simpnet_cli.gpucheck
+	$(BIN)/python -m simpnet_cli.tools.gpucheck
 
 clean-smoke:
 	rm -rf results/smoke experiments/smoke

@@ -28,7 +28,7 @@ def config_dirs(overrides: list[str]) -> tuple[Path, list[str]]:
 
     A folder of one's own (``conf_dir=PATH`` or SIMPNET_CONF_DIR) is searched before the built-in conf/ for
     tables and named configs; if it holds a whole copy of conf/ (with config.yaml) Hydra reads that copy."""
-    from simpnet_cli import tables
+    from simpnet_cli.config import tables
 
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("conf_dir=")]
     user = tables.user_conf_dir(given[-1] if given else None)
@@ -58,7 +58,7 @@ def compose(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from simpnet_cli import variants
+    from simpnet_cli.config import variants
 
     primary, search = config_dirs(overrides)
     if not (primary / "config.yaml").is_file():
@@ -88,7 +88,7 @@ def check_options(cfg) -> None:
 
 
 def options(cfg) -> "runner.Options":  # noqa: F821 - imported lazily to keep `simpnet list` quick
-    from simpnet_cli import runner
+    from simpnet_cli.runs import runner
 
     check_options(cfg)
     return runner.Options(
@@ -100,7 +100,7 @@ def options(cfg) -> "runner.Options":  # noqa: F821 - imported lazily to keep `s
 
 def chosen_tables(cfg, variant) -> list:
     """The tables a command names; a network in no table (``arch=`` without ``table=``) is a table of one row."""
-    from simpnet_cli import tables
+    from simpnet_cli.config import tables
 
     tables.use_conf_dir(tables.user_conf_dir(cfg.conf_dir))  # (again: a cluster job starts in a new process)
     if cfg.table is None and "arch" in variant.choices:
@@ -112,7 +112,8 @@ def chosen_tables(cfg, variant) -> list:
 
 
 def plan_runs(cfg, variant):
-    from simpnet_cli import runner, tables
+    from simpnet_cli.runs import runner
+    from simpnet_cli.config import tables
 
     profile = tables.to_plain(cfg.profile)
     run_opts = {"precision": cfg.precision} if cfg.precision else None
@@ -123,7 +124,7 @@ def plan_runs(cfg, variant):
 
 def table_selector(cfg):
     """``table=`` as given, or every table when it is not given (list, show, report)."""
-    from simpnet_cli import tables
+    from simpnet_cli.config import tables
 
     tables.use_conf_dir(tables.user_conf_dir(cfg.conf_dir))
     return "all" if cfg.table is None else tables.to_plain(cfg.table)
@@ -132,7 +133,7 @@ def table_selector(cfg):
 # --------------------------------------------------------------------------- subcommands
 
 def _origin(table) -> str:
-    from simpnet_cli import tables
+    from simpnet_cli.config import tables
 
     if table.path is None:
         return "command line"
@@ -143,7 +144,7 @@ def _origin(table) -> str:
 
 
 def cmd_list(cfg, flags, variant) -> int:
-    from simpnet_cli import tables
+    from simpnet_cli.config import tables
 
     for t in tables.load_tables(table_selector(cfg)):
         print(f"Table {t.name}: {t.title}  [{_origin(t)}]")
@@ -157,7 +158,10 @@ def cmd_list(cfg, flags, variant) -> int:
 
 def show_records(cfg, variant=None) -> list[dict]:
     """Each chosen row's resolved network (a variant's, with its overrides), validated as a run would be."""
-    from simpnet_cli import network, runner, tables, variants
+    from simpnet_cli.nets import specs as network
+    from simpnet_cli.runs import runner
+    from simpnet_cli.config import tables
+    from simpnet_cli.config import variants
 
     variant = variant or variants.RowOverrides()
     if cfg.table is None and "arch" not in variant.choices:
@@ -214,13 +218,13 @@ def recipe_line(recipe: dict) -> str:
 
 
 def run_job(cfg, flags, variant) -> int:
-    from simpnet_cli import runner
+    from simpnet_cli.runs import runner
 
     runs = plan_runs(cfg, variant)
     opts = options(cfg)
     runner.pick_device(opts.device)  # device=cuda on a machine without one: say so before anything trains
     if "--dry-run" in flags:
-        from simpnet_cli import bench
+        from simpnet_cli.tools import bench
 
         print(bench.dry_run_summary(runs, opts))
         return 0
@@ -264,7 +268,7 @@ def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from simpnet_cli import variants
+    from simpnet_cli.config import variants
 
     jobs = sweep_jobs(prepared)
     with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
@@ -284,7 +288,7 @@ def multirun(flags, overrides) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from simpnet_cli import variants
+    from simpnet_cli.config import variants
 
     primary, search = config_dirs(overrides)
     prepared = variants.prepare(overrides)
@@ -308,7 +312,7 @@ def multirun(flags, overrides) -> int:
 
 
 def cmd_report(cfg, flags, variant) -> int:
-    from simpnet_cli import report
+    from simpnet_cli.report import write as report
 
     try:
         out = report.render(Path(cfg.results_dir), tables=table_selector(cfg), latex="--latex" in flags)
@@ -321,7 +325,7 @@ def cmd_report(cfg, flags, variant) -> int:
 
 def cmd_repair(cfg, flags, variant) -> int:
     """Rewrite damaged results files from their good lines and the runs' folders (the old file is kept)."""
-    from simpnet_cli import results
+    from simpnet_cli.runs import results
 
     results_dir = Path(cfg.results_dir)
     if cfg.table is None or str(cfg.table) == "all":
@@ -339,7 +343,7 @@ def cmd_repair(cfg, flags, variant) -> int:
 
 
 def cmd_bench(cfg, flags, variant) -> int:
-    from simpnet_cli import bench
+    from simpnet_cli.tools import bench
 
     return bench.main(cfg, flags)
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from simpnet_cli import data as D
-from simpnet_cli import tables
+from simpnet_cli.train import data as D
+from simpnet_cli.config import tables
 
 FASHION_SYSTEM_COPY = Path(tables.load_named("dataset", "fashion_mnist")["system_copy"])
 NO_FASHION = (f"Fashion-MNIST is not installed at {FASHION_SYSTEM_COPY} "

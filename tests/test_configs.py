@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simpnet_cli import network, tables
+from simpnet_cli.nets import specs as network
+from simpnet_cli.config import tables
 
 # The facts come from the repository's own test data (derived from ../shared/reference/experiments.yaml by
 # tests/data/make_reference_rows.py), so every clone runs these tests; the last test keeps the two in agreement.

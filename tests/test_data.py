@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from simpnet_cli import data as D
-from simpnet_cli import tables
+from simpnet_cli.train import data as D
+from simpnet_cli.config import tables
 from simpnet_cli.errors import UserError
 
 

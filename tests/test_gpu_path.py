@@ -1,6 +1,6 @@
 """The CUDA-graph path, proven on the CPU (issue 9).
 
-``fast.Step`` makes every device call of a capture through a ``GraphBackend``. These tests pass stand-ins: a
+``captured_step.Step`` makes every device call of a capture through a ``GraphBackend``. These tests pass stand-ins: a
 graph whose capture records the step body without running it (as CUDA capture records kernels without
 executing them) and whose replay runs that body again on the same static buffers. The training loop, the
 warm-up, the re-capture on an lr change, the evaluation between replays, the epoch wrap, checkpoints and
@@ -17,9 +17,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from simpnet_cli import checkpoint, fast, results, tables, train, variants
-from simpnet_cli import data as D
-from simpnet_cli import model as M
+from simpnet_cli.train import checkpoint
+from simpnet_cli.train import captured_step
+from simpnet_cli.runs import results
+from simpnet_cli.config import tables
+from simpnet_cli.train import loop as train
+from simpnet_cli.config import variants
+from simpnet_cli.train import data as D
+from simpnet_cli.nets import modules as M
 from simpnet_cli.errors import UserError
 
 CPU = torch.device("cpu")
@@ -51,7 +56,7 @@ class StandInGraph:
         return ("pool", id(self))
 
 
-def stand_in(calls: list | None = None, times: int = 1, fail_at: str | None = None) -> fast.GraphBackend:
+def stand_in(calls: list | None = None, times: int = 1, fail_at: str | None = None) -> captured_step.GraphBackend:
     """A backend that logs its calls in ``calls``; ``fail_at`` makes that call raise, as a broken driver would."""
     calls = calls if calls is not None else []
 
@@ -73,7 +78,7 @@ def stand_in(calls: list | None = None, times: int = 1, fail_at: str | None = No
         log("capture", stream, pool)
         graph.body = body  # recorded, not run: the warm-up already trained this iteration
 
-    return fast.GraphBackend(
+    return captured_step.GraphBackend(
         new_graph=lambda: (log("new_graph"), StandInGraph(times))[1],
         new_stream=new_stream,
         device_scope=lambda dev: scope("device_scope", dev),
@@ -169,8 +174,8 @@ def test_one_update_per_iteration_and_replays_between_captures(one_thread):
     model, optimizer, data, autocast = setup(run)
     graphs: list[StandInGraph] = []
     backend = stand_in()
-    backend = fast.GraphBackend(**{**backend.__dict__, "new_graph": lambda: graphs.append(StandInGraph()) or graphs[-1]})
-    step = fast.Step(model, optimizer, data, autocast, True, backend=backend)
+    backend = captured_step.GraphBackend(**{**backend.__dict__, "new_graph": lambda: graphs.append(StandInGraph()) or graphs[-1]})
+    step = captured_step.Step(model, optimizer, data, autocast, True, backend=backend)
     for it in range(8):
         step(it, train.lr_at(run.solver, it))
         assert int(step.updates) == it + 1
@@ -225,7 +230,7 @@ def test_group_multipliers_hold_in_every_update_across_a_recapture(one_thread, s
             return real_step(*args, **kwargs)
 
         optimizer.step = recording_step  # the captured body calls self.optimizer.step() on every replay
-        step = fast.Step(model, optimizer, data, autocast, graphs, backend=stand_in() if graphs else None)
+        step = captured_step.Step(model, optimizer, data, autocast, graphs, backend=stand_in() if graphs else None)
         lrs = [train.lr_at(run.solver, it) for it in range(8)]
         for it, lr in enumerate(lrs):
             step(it, lr)
@@ -264,7 +269,7 @@ def test_a_failed_capture_continues_eagerly_with_the_same_figures(tmp_path, one_
 
 
 def test_step_mode_and_precision_reach_the_csv(tmp_path, one_thread):
-    from simpnet_cli import runner
+    from simpnet_cli.runs import runner
 
     run = run_spec("arch1", "adadelta_30k", "bf16", *FAMILIES["plain"][1])
     with pytest.warns(RuntimeWarning, match="capture failed"):  # said once, and the run goes on
@@ -302,7 +307,7 @@ def test_one_capture_stream_per_run_made_on_the_runs_device(one_thread):
     run = run_spec("arch1", "adadelta_30k", "fp32", *FAMILIES["plain"][1])
     model, optimizer, data, autocast = setup(run)
     calls: list = []
-    step = fast.Step(model, optimizer, data, autocast, True, backend=stand_in(calls))
+    step = captured_step.Step(model, optimizer, data, autocast, True, backend=stand_in(calls))
     for it in range(8):
         step(it, train.lr_at(run.solver, it))
     streams = [c for c in calls if c[0] == "new_stream"]
@@ -320,7 +325,7 @@ def test_one_capture_stream_per_run_made_on_the_runs_device(one_thread):
 def test_in_place_mutated_tensors_keep_their_storage_between_replays(one_thread):
     run = run_spec("arch1", "nesterov_80k", "fp32", *FAMILIES["plain-dropout"][1])
     model, optimizer, data, autocast = setup(run)
-    step = fast.Step(model, optimizer, data, autocast, True, backend=stand_in())
+    step = captured_step.Step(model, optimizer, data, autocast, True, backend=stand_in())
 
     def pointers() -> dict:
         ptrs = {f"param {n}": p.data_ptr() for n, p in model.named_parameters()}
@@ -378,12 +383,12 @@ class HostSyncCheck(TorchDispatchMode):
 
 
 def captured_body(run: tables.RunSpec, batch: int = 2):
-    """The body ``fast.Step`` captures for ``run`` (recorded by the stand-in), on a batch of ``batch``."""
+    """The body ``captured_step.Step`` captures for ``run`` (recorded by the stand-in), on a batch of ``batch``."""
     model, optimizer, data, autocast = setup(run, batch)
     graphs: list[StandInGraph] = []
-    backend = fast.GraphBackend(**{**stand_in().__dict__,
+    backend = captured_step.GraphBackend(**{**stand_in().__dict__,
                                    "new_graph": lambda: graphs.append(StandInGraph()) or graphs[-1]})
-    step = fast.Step(model, optimizer, data, autocast, True, backend=backend)
+    step = captured_step.Step(model, optimizer, data, autocast, True, backend=backend)
     step(0, train.lr_at(run.solver, 0))
     return graphs[0].body, step
 

@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from simpnet_cli import checkpoint, cli, files, results, tables, train
+from simpnet_cli import cli, files
+from simpnet_cli.train import checkpoint
+from simpnet_cli.runs import results
+from simpnet_cli.config import tables
+from simpnet_cli.train import loop as train
 from simpnet_cli.errors import UserError
 
 SMOKE = ["profile=smoke", "quiet=true"]
@@ -55,7 +59,7 @@ def test_a_csv_resaved_with_a_bom_gains_no_duplicate_and_reports_its_lines(tmp_p
         assert run_p5(tmp_path, "seeds=2") == 0
     rows, bad = results.read(path)
     assert not bad and len(rows) == 2 and len(path.read_text().splitlines()) == 3
-    from simpnet_cli import report
+    from simpnet_cli.report import write as report
     rep = report.collect(tmp_path / "results", "5", profile="smoke")
     assert "P5" in repr(rep)  # the report sees the runs of the file
 
@@ -412,7 +416,7 @@ def test_download_without_a_network_says_so_not_corrupt(tmp_path, monkeypatch):
     import urllib.error
     import urllib.request
 
-    from simpnet_cli import data as D
+    from simpnet_cli.train import data as D
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from simpnet_cli import model as M
-from simpnet_cli import network as N
-from simpnet_cli import tables
+from simpnet_cli.nets import modules as M
+from simpnet_cli.nets import specs as N
+from simpnet_cli.config import tables
 from simpnet_cli.errors import UserError
 
 from conftest import resolve_row

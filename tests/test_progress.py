@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from simpnet_cli import cli, progress
+from simpnet_cli import cli
+from simpnet_cli.runs import progress
 
 HASH = re.compile(r"\b[0-9a-f]{16}\b")
 ANSI = re.compile(r"\x1b\[")

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from simpnet_cli import report, results, tables
+from simpnet_cli.report import write as report
+from simpnet_cli.runs import results
+from simpnet_cli.config import tables
 
 T2 = tables.load_table("2")
 LABEL = {r["id"]: r["label"] for r in T2.rows}
@@ -442,7 +444,9 @@ def test_networks_of_ones_own_are_reported_from_their_csv(tmp_path):
 
 # --------------------------------------------------------------------------- figures
 
-from simpnet_cli import network, plots, report_data  # noqa: E402
+from simpnet_cli.nets import specs as network
+from simpnet_cli.report import plots
+from simpnet_cli.report import data as report_data  # noqa: E402
 
 # The tables whose trained rows differ in size (report_data.SIZE_SPREAD): the only ones with a params figure.
 DIFFER_IN_SIZE = {"3", "4", "7", "9", "10", "12", "13", "14", "14b"}
@@ -575,14 +579,14 @@ def test_networks_of_ones_own_get_figures_too(tmp_path):
 
 
 def test_the_report_modules_import_one_way():
-    """claims -> report_data -> report_text / plots -> report: no module imports one after it."""
+    """claims -> data -> text / plots -> write: no module of simpnet_cli.report imports one after it."""
     import subprocess
     import sys
-    code = ("import sys; import simpnet_cli.{m}; "
-            "print(sorted(n for n in sys.modules if n.startswith('simpnet_cli.') and n.split('.')[1] in {later}))")
-    order = ["claims", "report_data", "report_text", "plots", "report"]
+    code = ("import sys; import simpnet_cli.report.{m}; "
+            "print(sorted(n for n in sys.modules if n.startswith('simpnet_cli.report.') and n.split('.')[2] in {later}))")
+    order = ["claims", "data", "text", "plots", "write"]
     for i, module in enumerate(order[:-1]):
-        later = set(order[i + 1:]) - ({"plots"} if module == "report_text" else set())
+        later = set(order[i + 1:]) - ({"plots"} if module == "text" else set())
         out = subprocess.run([sys.executable, "-c", code.format(m=module, later=later)], capture_output=True,
                              text=True, check=True).stdout.strip()
-        assert out == "[]", f"simpnet_cli.{module} imports {out}"
+        assert out == "[]", f"simpnet_cli.report.{module} imports {out}"

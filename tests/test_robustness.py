@@ -29,7 +29,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from simpnet_cli import checkpoint, cli, results, tables, train
+from simpnet_cli import cli
+from simpnet_cli.train import checkpoint
+from simpnet_cli.runs import results
+from simpnet_cli.config import tables
+from simpnet_cli.train import loop as train
 
 SCRIPT = Path(sys.executable).with_name("simpnet")
 SIMPNET = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "simpnet_cli.cli"]
@@ -302,7 +306,7 @@ def test_checkpoint_holds_the_whole_training_state(tmp_path, one_thread):
     assert last["optimizer"]["state"], "the momentum buffers are part of the optimizer state"
     assert [c["iter"] for c in last["curve"]] == [4]
     assert last["data_position"] == {"epoch": 6 * 8 // 20, "offset": 6 * 8 % 20}
-    from simpnet_cli import data as D
+    from simpnet_cli.train import data as D
 
     a = D.load(run.dataset, tmp_path, False, torch.device("cpu"), 8, run.seed)
     b = D.load(run.dataset, tmp_path, False, torch.device("cpu"), 8, run.seed)
@@ -317,7 +321,7 @@ def test_checkpoint_holds_the_whole_training_state(tmp_path, one_thread):
 WRITER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from simpnet_cli import results  # light: no torch, so every writer is at the gate quickly
+    from simpnet_cli.runs import results  # light: no torch, so every writer is at the gate quickly
     w, n, go, out, base = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
     while not go.exists():
         time.sleep(0.001)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from simpnet_cli import results, tables
+from simpnet_cli.runs import results
+from simpnet_cli.config import tables
 from simpnet_cli.cli import main
 
 TABLE_NAMES = tables.table_names()

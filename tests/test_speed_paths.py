@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from simpnet_cli import data as D
-from simpnet_cli import fast, results, tables, train
-from simpnet_cli import model as M
+from simpnet_cli.train import data as D
+from simpnet_cli.train import captured_step
+from simpnet_cli.runs import results
+from simpnet_cli.config import tables
+from simpnet_cli.train import loop as train
+from simpnet_cli.nets import modules as M
 from simpnet_cli.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +74,7 @@ def test_graphed_step_matches_eager_step_on_gpu():
         data = D.load(run.dataset, Path("."), False, dev, 100, 0)
         model = M.build_model(run.spec, run.in_shape, run.net).to(dev).to(memory_format=torch.channels_last)
         opt = train.make_optimizer(run.solver, model.parameters(), capturable=graphs)
-        step = fast.Step(model, opt, data, contextlib.nullcontext, graphs)
+        step = captured_step.Step(model, opt, data, contextlib.nullcontext, graphs)
         trace = []
         for it in range(12):
             step.reset_loss()

@@ -13,10 +13,11 @@ import pytest
 import torch
 import yaml
 
-from simpnet_cli import data as D
-from simpnet_cli import model as M
-from simpnet_cli import checkpoint, train
-from simpnet_cli import network as N
+from simpnet_cli.train import data as D
+from simpnet_cli.nets import modules as M
+from simpnet_cli.train import checkpoint
+from simpnet_cli.train import loop as train
+from simpnet_cli.nets import specs as N
 from simpnet_cli.errors import UserError
 
 from conftest import resolve_row

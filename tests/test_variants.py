@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from simpnet_cli import cli, network, results, tables, variants
+from simpnet_cli import cli
+from simpnet_cli.nets import specs as network
+from simpnet_cli.runs import results
+from simpnet_cli.config import tables
+from simpnet_cli.config import variants
 from simpnet_cli.errors import UserError
 
 SMOKE = {"train": {"iterations": 4, "batch_size": 8, "eval_every": 2, "checkpoint_every": 2, "precision": "fp32"},

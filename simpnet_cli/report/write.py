@@ -19,11 +19,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from simpnet_cli.claims import (ALPHA, NO_NOISE_EACH, NO_NOISE_SIDE, VERDICTS, ClaimResult, Verdict,  # noqa: F401
+from simpnet_cli.report.claims import (ALPHA, NO_NOISE_EACH, NO_NOISE_SIDE, VERDICTS, ClaimResult, Verdict,  # noqa: F401
                                 combine, compare, evaluate_claim, parse_comparison, welch_p_greater)
-from simpnet_cli.report_data import (BEST_LABEL, DEFAULT_PROFILE, FINAL_LABEL, SMOKE_BANNER, Report,  # noqa: F401
+from simpnet_cli.report.data import (BEST_LABEL, DEFAULT_PROFILE, FINAL_LABEL, SMOKE_BANNER, Report,  # noqa: F401
                                      RowReport, TableReport, ablation_points, collect, differs_in_size)
-from simpnet_cli.report_text import claims_frame, frame, header, section, summary, to_latex, to_markdown  # noqa: F401
+from simpnet_cli.report.text import claims_frame, frame, header, section, summary, to_latex, to_markdown  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def _draw_figures(rep: Report, sub: Path, results_dir: Path) -> None:
     """Every table's figures under ``sub``, recorded in each TableReport's ``plots``; a figure that fails
     becomes a warning, never a lost report."""
-    from simpnet_cli import plots  # matplotlib only when figures are wanted
+    from simpnet_cli.report import plots  # matplotlib only when figures are wanted
 
     by_table: dict[str, list[TableReport]] = {}
     for tr in rep.tables:

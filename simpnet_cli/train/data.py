@@ -26,7 +26,7 @@ import torch
 
 from simpnet_cli.errors import UserError
 # The allowed values of the three feed keys (one vocabulary, the reference's; anything else is a UserError).
-from simpnet_cli.schema import AUGMENTS, INPUTS, TEST_TRANSFORMS
+from simpnet_cli.config.schemas import AUGMENTS, INPUTS, TEST_TRANSFORMS
 
 PAD = 4  # the authors zero-pad CIFAR images by 4 px before the random 32x32 crop
 CAFFE_SCALE = 0.0039215684  # Caffe's transform_param scale as the authors wrote it (~1/255)

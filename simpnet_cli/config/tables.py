@@ -20,14 +20,15 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from simpnet_cli import network, schema
+from simpnet_cli.nets import specs as network
+from simpnet_cli.config import schemas
 from simpnet_cli.errors import UserError
-from simpnet_cli.notation import parse_widths
-from simpnet_cli.variants import RowOverrides, assign
+from simpnet_cli.config.notation import parse_widths
+from simpnet_cli.config.variants import RowOverrides, assign
 
 # The config tree: conf/ beside the package, searched after a folder of one's own (``conf_dir=PATH`` on the
 # command line, or SIMPNET_CONF_DIR) holding any of tables/, arch/, solver/, dataset/ with files of one's own.
-DEFAULT_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DEFAULT_CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 CONF_DIR = DEFAULT_CONF_DIR
 CONF_KINDS = ("tables", "arch", "solver", "dataset", "feed", "profile")
 ROW_KEYS = {"id", "label", "arch", "net", "dataset", "feed", "solver", "iterations", "test_interval", "paper", "note"}
@@ -344,7 +345,7 @@ def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | 
         where += f" with {overrides.text()}"
     try:
         net, dataset, solver, train = _parts(row, profile, run_opts, data_opts, overrides)
-        schema.check_run(net, dataset, solver, train)
+        schemas.check_run(net, dataset, solver, train)
         spec = RunSpec(table.name, row["id"], row["label"], int(seed), net, dataset, solver, train,
                        dict(row.get("paper") or {}))
         network.check(spec.spec, spec.in_shape)

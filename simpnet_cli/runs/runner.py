@@ -19,10 +19,13 @@ from pathlib import Path
 
 import torch
 
-from simpnet_cli import progress, results, tables, train
+from simpnet_cli.runs import progress
+from simpnet_cli.runs import results
+from simpnet_cli.config import tables
+from simpnet_cli.train import loop as train
 from simpnet_cli.errors import UserError
 from simpnet_cli.files import write_json
-from simpnet_cli.variants import RowOverrides
+from simpnet_cli.config.variants import RowOverrides
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from simpnet_cli import network, results, tables
-from simpnet_cli.claims import ClaimResult, evaluate_claim, mean_var
+from simpnet_cli.nets import specs as network
+from simpnet_cli.runs import results
+from simpnet_cli.config import tables
+from simpnet_cli.report.claims import ClaimResult, evaluate_claim, mean_var
 from simpnet_cli.errors import UserError
 
 DEFAULT_PROFILE = "full"

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from simpnet_cli import data as D
+from simpnet_cli.train import data as D
 
 # A capturable optimizer warns on every step taken outside capture (the one warm-up step per capture, and
 # every step after a fallback); the message is expected here and would only flood the log.

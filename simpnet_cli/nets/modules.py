@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from simpnet_cli import network as N
+from simpnet_cli.nets import specs as N
 from simpnet_cli.errors import UserError
 
 MODULES: dict[type, Callable] = {}
@@ -42,7 +42,7 @@ class Recipe:
 
     @classmethod
     def of(cls, net: Mapping | None, spec: Sequence) -> "Recipe":
-        """The recipe of a net config for ``spec`` (checked by schema.NetRecipe and network.check_recipe)."""
+        """The recipe of a net config for ``spec`` (checked by schemas.NetRecipe and network.check_recipe)."""
         layers = N.recipe(spec, net)
         return cls((net or {}).get("bn_fraction", DEFAULT_BN_FRACTION), layers["init"])
 
@@ -69,7 +69,7 @@ class Recipe:
 
 def _fill(weight: torch.Tensor, filler: str) -> None:
     fan_in = weight[0].numel()  # Caffe's fan_in: input maps x kernel area (features for the classifier)
-    if filler == "xavier":  # (schema.Init allows xavier and msra)
+    if filler == "xavier":  # (schemas.Init allows xavier and msra)
         bound = math.sqrt(3.0 / fan_in)
         nn.init.uniform_(weight, -bound, bound)
     else:  # msra

@@ -17,15 +17,15 @@ from typing import Callable, Mapping
 import torch
 from omegaconf import OmegaConf
 
-from simpnet_cli import checkpoint
-from simpnet_cli import data as D
-from simpnet_cli import fast
-from simpnet_cli import model as M
-from simpnet_cli import network
+from simpnet_cli.train import checkpoint
+from simpnet_cli.train import data as D
+from simpnet_cli.train import captured_step
+from simpnet_cli.nets import modules as M
+from simpnet_cli.nets import specs as network
 from simpnet_cli.errors import UserError
-from simpnet_cli.progress import Event
+from simpnet_cli.runs.progress import Event
 from simpnet_cli.files import atomic_write, read_json, save_pt, write_json  # noqa: F401 - (re-exported)
-from simpnet_cli.tables import RunSpec
+from simpnet_cli.config.tables import RunSpec
 
 CURVE_COLUMNS = ["iter", "test_acc", "test_loss", "train_loss", "lr", "wall_s"]
 
@@ -136,7 +136,7 @@ def param_groups(model: torch.nn.Module, param_mults: Mapping | None) -> list[di
 def make_optimizer(solver: dict, groups_or_params, capturable: bool = False) -> torch.optim.Optimizer:
     """The run's solver over ``param_groups(...)`` (or plain parameters: one group at lr 1 / decay 1). Each
     group's lr is solver lr * lr_mult and its weight_decay solver weight_decay * decay_mult, as Caffe's
-    local_rate and local_decay; ``fast.Step`` keeps lr_mult when the schedule changes the rate."""
+    local_rate and local_decay; ``captured_step.Step`` keeps lr_mult when the schedule changes the rate."""
     groups = list(groups_or_params)
     if not all(isinstance(g, Mapping) for g in groups):
         groups = [{"params": groups}]
@@ -223,7 +223,7 @@ def device_name(device: torch.device) -> str:
 
 
 def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path, download: bool,
-              log: Callable[[str], None] = lambda s: None, backend: fast.GraphBackend | None = None,
+              log: Callable[[str], None] = lambda s: None, backend: captured_step.GraphBackend | None = None,
               progress: Callable[[Event], None] | None = None) -> dict:
     """Train ``run`` to its last iteration (resuming from ``run_dir/checkpoint.pt`` if present); return its result.
 
@@ -288,7 +288,7 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
         checkpoint.save(ckpt_path, state, run.config_hash)
 
     model.train()
-    step = fast.Step(model, optimizer, data, autocast, graphs, backend=backend, updates=start)
+    step = captured_step.Step(model, optimizer, data, autocast, graphs, backend=backend, updates=start)
     if ckpt:  # the partial training-loss sum since the last evaluation, for an equal curve
         step.loss_sum.fill_(ckpt.get("loss_sum", 0.0))
     status, loss_n, it = "ok", (start % eval_every), start

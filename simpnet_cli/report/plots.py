@@ -24,8 +24,8 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter
 
-from simpnet_cli.claims import mean_var
-from simpnet_cli.report_data import (PAPER_STATS, Ablation, TableReport, ablation_points, axis_slots,
+from simpnet_cli.report.claims import mean_var
+from simpnet_cli.report.data import (PAPER_STATS, Ablation, TableReport, ablation_points, axis_slots,
                                      differs_in_size, parse_params)
 
 PAPER_COLOR = "black"

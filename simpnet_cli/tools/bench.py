@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from simpnet_cli import data as D
-from simpnet_cli import fast
-from simpnet_cli import model as M
-from simpnet_cli import network
-from simpnet_cli import tables, train
+from simpnet_cli.train import data as D
+from simpnet_cli.train import captured_step
+from simpnet_cli.nets import modules as M
+from simpnet_cli.nets import specs as network
+from simpnet_cli.config import tables
+from simpnet_cli.train import loop as train
 from simpnet_cli.errors import UserError
 
 # Table S1 of the supplement: minutes for 30,000 iterations of the 1.6M rows on a GTX 1080 (Caffe).
@@ -45,7 +46,7 @@ def _setup(run: tables.RunSpec, device: torch.device, graphs: bool, precision: s
     optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.param_mults),
                                      capturable=graphs)  # graphs: CUDA only here
     autocast = train.autocast_for(precision, device)
-    return fast.Step(model, optimizer, data, autocast, graphs, channels_last), model, data, batch
+    return captured_step.Step(model, optimizer, data, autocast, graphs, channels_last), model, data, batch
 
 
 def _sync(device):
@@ -188,7 +189,7 @@ def precision_lines(p, device: torch.device, data_dir: Path) -> list[str]:
 
 
 def main(cfg, flags) -> int:
-    from simpnet_cli.runner import pick_device
+    from simpnet_cli.runs.runner import pick_device
 
     b = cfg.bench
     device = pick_device(str(cfg.device))
@@ -223,8 +224,8 @@ def _duration(seconds: float) -> str:
 
 def dry_run_summary(runs: list[tables.RunSpec], opts) -> str:
     """Runs, iterations and an estimated time on this device, from a short measured warm-up per network."""
-    from simpnet_cli import results
-    from simpnet_cli.runner import devices_for, pick_device
+    from simpnet_cli.runs import results
+    from simpnet_cli.runs.runner import devices_for, pick_device
 
     device = pick_device(devices_for(opts)[0])
     if device.type == "cuda":

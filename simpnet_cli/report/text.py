@@ -14,11 +14,11 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from simpnet_cli.claims import ALPHA, mean_var
-from simpnet_cli.report_data import (BEST_LABEL, FINAL_LABEL, PAPER_STATS, PaperComparison, Report, RowReport,
+from simpnet_cli.report.claims import ALPHA, mean_var
+from simpnet_cli.report.data import (BEST_LABEL, FINAL_LABEL, PAPER_STATS, PaperComparison, Report, RowReport,
                                      TableReport, paper_comparison, params_text)
 
-REPO_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = Path(__file__).resolve().parents[2]
 # The report's figures by kind (``TableReport.plots`` keys), in the order a section shows them.
 PLOT_TITLES = {"ablation": "The rows along the table's ablation axis", "params": "Accuracy vs parameters",
                "curves": "Test accuracy during training"}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from simpnet_cli.errors import UserError
-from simpnet_cli.notation import parse_widths
+from simpnet_cli.config.notation import parse_widths
 
 
 class NetworkError(UserError):

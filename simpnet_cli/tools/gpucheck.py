@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SIMPNET = [sys.executable, "-m", "simpnet_cli.cli"]
 
 
@@ -64,7 +64,9 @@ def sigkill_and_resume(work: Path) -> str:
 
 def graphed_vs_eager(ref: str, precision: str, work: Path) -> str:
     """30 iterations with the lr dropping at 15, evaluations every 10, 1,000 images (an epoch every 10 steps)."""
-    from simpnet_cli import tables, train, variants
+    from simpnet_cli.config import tables
+    from simpnet_cli.train import loop as train
+    from simpnet_cli.config import variants
 
     table, _, row = ref.partition("/")
     t = tables.load_table(table)
@@ -92,8 +94,11 @@ def graphed_vs_eager(ref: str, precision: str, work: Path) -> str:
 
 
 def memory_across_recaptures() -> str:
-    from simpnet_cli import data as D
-    from simpnet_cli import fast, model as M, tables, train
+    from simpnet_cli.train import data as D
+    from simpnet_cli.train import captured_step
+    from simpnet_cli.nets import modules as M
+    from simpnet_cli.config import tables
+    from simpnet_cli.train import loop as train
 
     t = tables.load_table("2")
     run = tables.resolve(t, t.row("8L"), 0, {"train": {"batch_size": 100}})
@@ -102,7 +107,7 @@ def memory_across_recaptures() -> str:
                   dev, 100, 0)
     model = M.build_model(run.spec, run.in_shape, run.net).to(dev).to(memory_format=torch.channels_last)
     opt = train.make_optimizer(run.solver, train.param_groups(model, run.param_mults), capturable=True)
-    step = fast.Step(model, opt, data, train.autocast_for("fp32", dev), True)
+    step = captured_step.Step(model, opt, data, train.autocast_for("fp32", dev), True)
     reserved = []
     for i in range(11):
         step(i, 0.1 / (i + 1))  # a new lr every iteration: a re-capture every iteration
@@ -121,7 +126,7 @@ def main() -> int:
         say("skipped: SIGKILL-and-resume on CUDA, graphed-vs-eager, memory across re-captures, bench "
             "(no CUDA device on this machine)")
         return 0 if ok else 1
-    from simpnet_cli import train
+    from simpnet_cli.train import loop as train
 
     device = torch.device("cuda")
     lines = ["", f"## gpu-check on {train.device_name(device)}, torch {torch.__version__}, "

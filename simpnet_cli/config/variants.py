@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from simpnet_cli.errors import UserError
-from simpnet_cli.notation import format_widths, parse_widths
+from simpnet_cli.config.notation import format_widths, parse_widths
 
 GROUPS = ("arch", "dataset", "feed", "solver")   # config groups a row names; a choice replaces the row's own
 PARTS = ("net", "dataset", "feed", "solver")     # parts whose keys may be set one by one (net.X, feed.X, ...)

@@ -1,0 +1,1 @@
+"""The report: claims, the data it shows, its markdown/LaTeX text, its figures, and the files it writes."""

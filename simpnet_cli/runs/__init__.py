@@ -1,0 +1,1 @@
+"""Running many: planning and executing runs, their records, and the progress display."""

@@ -1,0 +1,1 @@
+"""Measuring tools: the benchmark and the GPU check."""
