@@ -255,3 +255,16 @@ def test_the_repositorys_reference_rows_agree_with_the_shared_reference():
 
 def test_all_52_reference_rows_are_checked_from_the_repository():
     assert len(REF) == 52 and len(REF_ROWS) == 52
+
+
+def test_config_hashes_are_stable():
+    """Existing run folders keep their identity: every row's hash equals the one recorded in tests/data (see
+    tests/data/make_config_hashes.py), whatever the refactor of how a run's config is composed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_config_hashes",
+                                                  REF_PATH.parent / "make_config_hashes.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    recorded = yaml.safe_load((REF_PATH.parent / "config_hashes.yaml").read_text())
+    assert maker.current() == recorded

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from simpnet_cli.errors import UserError
-from simpnet_cli.config.notation import NotationError, format_widths, parse_widths
+from simpnet_cli.nets.notation import NotationError, format_widths, parse_widths
 
 EXPECTED = [41, 43, 70, 70, 70, 70, 85, 90]
 

@@ -1,1 +1,1 @@
-"""What a run is: the C_x{y} notation, the schemas, the paper's tables and their variants."""
+"""What a run is: the schemas, the paper's tables and their variants, composed into one RunSpec per run."""

@@ -404,7 +404,7 @@ def _check(part: str, schema: type, values: dict) -> None:
         key = _key_of(err)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "not in struct" in first or "Key '" in first and "not in" in first:
-            allowed = ", ".join(f.name for f in schemas.__dataclass_fields__.values())
+            allowed = ", ".join(f.name for f in schema.__dataclass_fields__.values())
             raise ConfigError(f"{part}.{key}: unknown key (allowed: {allowed})") from None
         if "issing mandatory value" in first:
             raise ConfigError(f"{part}.{key}: missing (required)") from None

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from simpnet_cli.nets import specs as network
 from simpnet_cli.config import schemas
 from simpnet_cli.errors import UserError
-from simpnet_cli.config.notation import parse_widths
+from simpnet_cli.nets.notation import parse_widths
 from simpnet_cli.config.variants import RowOverrides, assign
 
 # The config tree: conf/ beside the package, searched after a folder of one's own (``conf_dir=PATH`` on the
@@ -252,10 +252,14 @@ class RunSpec:
     train: dict        # iterations, batch_size, eval_every, checkpoint_every, precision, data subset...
     paper: dict
     variant: str = ""  # the overrides that made this run differ from the paper's row ("" = the row as printed)
+    # net.widths parsed once, where the run is composed (None for families without widths); not identity: the
+    # spec built from it is.
+    widths: tuple | None = field(default=None, repr=False, compare=False)
 
     @cached_property  # frozen dataclass: cached_property writes the instance's __dict__ directly
     def spec(self) -> tuple:
-        return network.build_spec(self.net, self.dataset["classes"])
+        net = self.net if self.widths is None else {**self.net, "widths": list(self.widths)}
+        return network.build_spec(net, self.dataset["classes"])
 
     @property
     def in_shape(self) -> network.Shape:
@@ -296,8 +300,9 @@ NON_IDENTITY_TRAIN_KEYS = {"checkpoint_every", "graphs"}
 
 
 def _parts(row: dict, profile: dict, run_opts: dict | None, data_opts: dict | None,
-           overrides: RowOverrides | None) -> tuple[dict, dict, dict, dict]:
-    """(net, dataset, solver, train) of a row: its configs, then the profile, then the command line."""
+           overrides: RowOverrides | None) -> tuple[dict, dict, dict, dict, tuple | None]:
+    """(net, dataset, solver, train, parsed widths) of a row: its configs, then the profile, then the command
+    line. ``net.widths`` is parsed here and only here."""
     over = overrides or RowOverrides()
     choices = over.choices
     net = _deep_merge(load_named("arch", choices.get("arch", row["arch"])), row.get("net") or {})
@@ -321,16 +326,16 @@ def _parts(row: dict, profile: dict, run_opts: dict | None, data_opts: dict | No
     dataset = {**dataset, **feed, **(data_opts or {}).get(dataset.get("name"), {}), **(profile.get("data") or {})}
     for key, value in over.assigned("net"):
         net = assign(net, key, value)
+    widths = tuple(parse_widths(net["widths"])) if "widths" in net else None
     if row.get("fit_pools") and "pools_after" in net and "pools_after" not in dict(over.assigned("net")):
         # A network of one's own keeps its family's pool positions that exist in it (Arch2's [4, 7, 9, 12] on
         # six layers: [4]); `simpnet show` prints where they went, and net.pools_after=[..] places them.
-        depth = len(parse_widths(net["widths"])) if isinstance(net.get("widths"), str) else None
-        net["pools_after"] = [i for i in net["pools_after"] if depth is None or i <= depth]
+        net["pools_after"] = [i for i in net["pools_after"] if widths is None or i <= len(widths)]
     for key, value in over.assigned("dataset"):
         dataset = assign(dataset, key, value)
     for key, value in over.assigned("solver"):
         solver = assign(solver, key, value)
-    return net, dataset, solver, train
+    return net, dataset, solver, train, widths
 
 
 def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | None = None,
@@ -344,10 +349,10 @@ def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | 
     if overrides:
         where += f" with {overrides.text()}"
     try:
-        net, dataset, solver, train = _parts(row, profile, run_opts, data_opts, overrides)
+        net, dataset, solver, train, widths = _parts(row, profile, run_opts, data_opts, overrides)
         schemas.check_run(net, dataset, solver, train)
         spec = RunSpec(table.name, row["id"], row["label"], int(seed), net, dataset, solver, train,
-                       dict(row.get("paper") or {}))
+                       dict(row.get("paper") or {}), widths=widths)
         network.check(spec.spec, spec.in_shape)
         network.check_recipe(spec.spec, net)
     except UserError as err:  # NotationError, NetworkError, ...: keep the type, say which row
@@ -356,7 +361,7 @@ def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | 
     if overrides:
         # A variant is named by its overrides, unless they change nothing the run computes (dataset=cifar10 on
         # a CIFAR-10 row): then it is the paper's row, and is recorded (and skipped) as that row.
-        variant = overrides.text(skip=("arch",) if table.path is None else ())
+        variant = overrides.text(skip=("arch",) if table.path is None else (), widths=spec.widths)
         if table.path is not None and variant:
             plain = resolve(table, row, seed, profile, run_opts, data_opts)
             variant = "" if plain.config_hash == spec.config_hash else variant

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from simpnet_cli.errors import UserError
-from simpnet_cli.config.notation import format_widths, parse_widths
+from simpnet_cli.nets.notation import format_widths
 
 GROUPS = ("arch", "dataset", "feed", "solver")   # config groups a row names; a choice replaces the row's own
 PARTS = ("net", "dataset", "feed", "solver")     # parts whose keys may be set one by one (net.X, feed.X, ...)
@@ -47,19 +47,17 @@ class RowOverrides:
     def train(self) -> dict:
         return {TRAIN_KEYS[key]: value for key, value in self.assignments if key in TRAIN_KEYS}
 
-    def text(self, skip: Iterable[str] = ()) -> str:
+    def text(self, skip: Iterable[str] = (), widths: Iterable[int] | None = None) -> str:
         """The compact form recorded in the ``variant`` column: ``dataset=cifar100 net.dropout.head=0.3``."""
         items = [(g, self.choices[g]) for g in GROUPS if g in self.choices and g not in skip]
         items += sorted((k, v) for k, v in self.assignments if k not in skip)
-        return " ".join(f"{key}={_compact(key, value)}" for key, value in items)
+        return " ".join(f"{key}={_compact(key, value, widths)}" for key, value in items)
 
 
-def _compact(key: str, value: Any) -> str:
+def _compact(key: str, value: Any, widths: Iterable[int] | None = None) -> str:
     if key == "net.widths" and isinstance(value, str):
-        try:  # one spelling per network: "C64, C64" and "C64{2}" are the same widths
-            return format_widths(parse_widths(value)).replace(" ", "")
-        except UserError:
-            return value.replace(" ", "")
+        # one spelling per network ("C64, C64" and "C64{2}" are the same widths), from the widths the run parsed
+        return format_widths(list(widths)).replace(" ", "") if widths is not None else value.replace(" ", "")
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"), sort_keys=True)
     return f"{value:g}" if isinstance(value, float) else str(value)

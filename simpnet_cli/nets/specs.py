@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from simpnet_cli.errors import UserError
-from simpnet_cli.config.notation import parse_widths
+from simpnet_cli.nets.notation import parse_widths
 
 
 class NetworkError(UserError):
@@ -298,7 +298,8 @@ def plain(arch: Mapping, num_classes: int) -> list:
     ``bn_after_pool``), then dropout ``dropout.pool[j]`` for the j-th pool (SAF-pooling). ``downsample:
     strided_conv`` folds each pool into the conv before it (stride 2, and BN+ReLU only if ``strided_bn_relu``).
     """
-    widths = parse_widths(arch["widths"])
+    # Parsed by whoever composed the run (config.tables); a C_x{y} string is parsed here for direct callers.
+    widths = parse_widths(arch["widths"]) if isinstance(arch["widths"], str) else [int(w) for w in arch["widths"]]
     n = len(widths)
     kernels = _per_layer(arch.get("kernels"), n, arch.get("kernel", 3), "kernels")
     pads = _per_layer(arch.get("paddings"), n, None, "paddings")
