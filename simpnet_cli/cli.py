@@ -351,6 +351,52 @@ def cmd_bench(cfg, flags, variant) -> int:
 COMMANDS = {"list": cmd_list, "show": cmd_show, "report": cmd_report, "bench": cmd_bench, "repair": cmd_repair}
 
 
+# `simpnet CMD --help`: what each command takes, with examples. Printing it is all --help does: nothing is composed,
+# trained, written or read beyond this text.
+ROW_KEYS_HELP = """\
+  Any key of a row, from the command line (a change is a variant, recorded in the `variant` column):
+    arch=arch3  dataset=cifar100  feed=mean_file_mirror  solver=nesterov_80k    (config groups in conf/)
+    net.widths='C64{3}, C128{4}'  net.pools_after=[3,7]  net.kernels={1-3: 5}  net.dropout.head=0.3
+    net.bn_fraction=0.99  net.init.on_convs=[]  net.param_mults.convs.indices=[-1]  net.conv_suffix={6: linear}
+    feed.augment=pad4_crop32_mirror  dataset.extra=false  solver.lr=0.05  solver.schedule.steps=[20000,40000]
+    iterations=90000  batch_size=50  test_interval=1000"""
+COMMON_HELP = """\
+  Top-level keys (conf/config.yaml): results_dir=results  runs_dir=experiments  data_dir=data  download=true
+    conf_dir=PATH (tables/arch/solver/dataset/feed of your own)  --debug (tracebacks instead of one line)"""
+HELP = {
+    "list": ("simpnet list [table=N] [--json]", "The paper's tables and their rows (ids such as 8L, WE10, 5M-C10)."),
+    "show": ("simpnet show [table=N] [row=ID] [KEY=VALUE ...] [--json]",
+             "Each chosen row's resolved network, layer by layer in the reference's grammar, its parameter counts and\n"
+             "its recipe (feed, BatchNorm fraction, fillers, lr/decay multipliers, test interval). Trains nothing.\n"
+             + ROW_KEYS_HELP),
+    "run": ("simpnet run table=N [row=ID] [seeds=3] [profile=smoke] [KEY=VALUE ...] [--dry-run] [-m]",
+            "Trains the chosen rows (finished runs are skipped, interrupted ones resume) and records each in\n"
+            "results/table<N>.csv.\n"
+            "  seeds=3 or seeds=[0,7]   profile=smoke (a few steps on synthetic data)   device=cuda:1\n"
+            "  jobs_per_device=4   precision=bf16   profile.train.eval_every=4   profile.data.train_size=512\n"
+            "  quiet=true   --dry-run (runs, iterations and an estimated time; trains nothing)\n"
+            "  -m with comma-separated values sweeps: simpnet run -m table=4 row=WE10,BW10 dataset=cifar10,cifar100\n"
+            + ROW_KEYS_HELP),
+    "report": ("simpnet report [table=N] [--latex]",
+               "Writes results/REPORT.md (and results/report/table<N>.md, .tex with --latex, and figures): every\n"
+               "table beside the paper's figures, with the claims checked."),
+    "bench": ("simpnet bench [bench.rows=[\"2/8L\"]] [bench.iters=300] [bench.pack=[4]]",
+              "Images/s of the eager loop and the runner's step for chosen rows, written to results/benchmarks.md.\n"
+              "  bench.rows=[\"2/8L\",\"12/5M-C10\"]  bench.batch_size=100  bench.warmup=30  bench.s1=false\n"
+              "  bench.precision.rows=[\"13/slim-300K\"] (fp32 vs bf16 accuracy on Fashion-MNIST)"),
+    "repair": ("simpnet repair [table=N]",
+               "Rebuilds results/table<N>.csv from the run folders (the folders are the record)."),
+}
+
+
+def print_help(cmd: str) -> int:
+    if cmd not in HELP:
+        raise UserError(f"unknown command {cmd!r}; commands: {', '.join(HELP)}")
+    usage, text = HELP[cmd]
+    print(f"usage: {usage}\n\n{text}\n\n{COMMON_HELP}")
+    return 0
+
+
 def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
@@ -391,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in flags
 
     def dispatch() -> int:
+        if flags & {"--help", "-h"}:
+            return print_help(cmd)
         unknown = flags - FLAGS
         if unknown:
             raise UserError(f"unknown flag(s) {', '.join(sorted(unknown))}; flags: {', '.join(sorted(FLAGS))}")

@@ -590,3 +590,27 @@ def test_the_report_modules_import_one_way():
         out = subprocess.run([sys.executable, "-c", code.format(m=module, later=later)], capture_output=True,
                              text=True, check=True).stdout.strip()
         assert out == "[]", f"simpnet_cli.report.{module} imports {out}"
+
+
+def test_zero_variance_on_both_sides_is_inconclusive_not_a_p_of_zero():
+    """Smoke-like seeds with identical accuracies: Welch's t is undefined, so no holds/fails and no p=0."""
+    from simpnet_cli.report import claims as C
+
+    v = C.compare([21.88, 21.88], [10.94, 10.94], ">")
+    assert (v.verdict, v.p, v.note) == ("inconclusive", None, C.NO_NOISE_ZERO)
+    assert "p=" not in v.text()
+    # One side with spread is a real test again.
+    assert C.compare([21.0, 21.5, 22.0], [10.94, 10.94, 10.94], ">").verdict == "holds"
+
+
+def test_smoke_runs_are_never_judged():
+    from simpnet_cli.report import claims as C
+
+    claim = {"text": "A beats B", "holds_if": ["A > B"]}
+    samples = {"best": {"A": [90.0, 91.0, 92.0], "B": [50.0, 51.0, 52.0]}}
+    judged = C.evaluate_claim(claim, samples)
+    smoke = C.evaluate_claim(claim, samples, judge=False)
+    assert judged.verdict("best") == "holds"
+    assert smoke.verdict("best") == "inconclusive"
+    assert "holds" not in smoke.cell("best") and "fails" not in smoke.cell("best")
+    assert C.NOT_JUDGED in smoke.cell("best")

@@ -10,7 +10,9 @@ With at least two ok runs on both sides the test is Welch's t-test, one-sided at
 
 With fewer than two runs on a side there is no noise estimate: the means are compared (``>``: holds iff
 mean(A) > mean(B), else fails; ``>=``: holds iff mean(A) >= mean(B), else fails) and the verdict says so.
-A row without an ok run makes the comparison "not run". A claim holds if all its comparisons hold, fails if
+With two or more runs on each side but no spread on either (identical seeds, e.g. smoke runs on a few test
+images) there is no noise estimate either, and the comparison is inconclusive. Smoke runs are never judged:
+their comparisons are inconclusive whatever the numbers. A row without an ok run makes the comparison "not run". A claim holds if all its comparisons hold, fails if
 any fails, is "not run" if none fails and one is not run, and is inconclusive otherwise.
 """
 from __future__ import annotations
@@ -25,6 +27,8 @@ from scipy import stats
 ALPHA = 0.05
 NO_NOISE_EACH = "one run each, no noise estimate"
 NO_NOISE_SIDE = "one run on one side, no noise estimate"
+NO_NOISE_ZERO = "no spread on either side, no noise estimate"
+NOT_JUDGED = "smoke runs, not judged"
 VERDICTS = ("holds", "fails", "inconclusive", "not run")
 
 # --------------------------------------------------------------------------- statistics
@@ -74,10 +78,12 @@ class Verdict:
         return f"{self.verdict} ({', '.join(bits)})"
 
 
-def compare(a: Sequence[float], b: Sequence[float], op: str = ">", alpha: float = ALPHA) -> Verdict:
-    """Test ``A op B`` on two samples of accuracies (see the module docstring for the rule)."""
+def compare(a: Sequence[float], b: Sequence[float], op: str = ">", alpha: float = ALPHA,
+            judge: bool = True) -> Verdict:
+    """Test ``A op B`` on two samples of accuracies (see the module docstring for the rule); ``judge=False``
+    (smoke runs) reports the means but never a holds/fails verdict."""
     if op in ("<", "<="):
-        v = compare(b, a, op.replace("<", ">"), alpha)
+        v = compare(b, a, op.replace("<", ">"), alpha, judge)
         return Verdict(v.verdict, v.mean_b, v.mean_a, v.n_b, v.n_a, v.p, v.note)
     if op not in (">", ">="):
         raise ValueError(f"unknown comparison {op!r}")
@@ -85,10 +91,14 @@ def compare(a: Sequence[float], b: Sequence[float], op: str = ">", alpha: float 
     if not a or not b:
         return Verdict("not run", n_a=len(a), n_b=len(b))
     ma, mb = sum(a) / len(a), sum(b) / len(b)
+    if not judge:
+        return Verdict("inconclusive", ma, mb, len(a), len(b), None, NOT_JUDGED)
     if len(a) < 2 or len(b) < 2:
         ok = ma > mb if op == ">" else ma >= mb
         note = NO_NOISE_EACH if len(a) == len(b) == 1 else NO_NOISE_SIDE
         return Verdict("holds" if ok else "fails", ma, mb, len(a), len(b), None, note)
+    if mean_var(a)[1] == 0.0 and mean_var(b)[1] == 0.0:  # Welch's t is undefined: no p-value to print as 0
+        return Verdict("inconclusive", ma, mb, len(a), len(b), None, NO_NOISE_ZERO)
     p_better = welch_p_greater(a, b)
     p_worse = welch_p_greater(b, a)
     if p_worse < alpha:
@@ -138,9 +148,10 @@ class ClaimResult:
             return f"invalid claim: {self.error}"
         overall, parts = self.per_metric[metric]
         notes = sorted({v.note for v in parts if v.note and v.verdict != "not run"})
-        head = f"**{overall}**" + (f" ({'; '.join(notes)})" if notes and overall in ("holds", "fails") else "")
+        shown = overall in ("holds", "fails") or set(notes) <= {NO_NOISE_ZERO, NOT_JUDGED} and notes
+        head = f"**{overall}**" + (f" ({'; '.join(notes)})" if notes and shown else "")
         missing = [r for v in parts if v.verdict == "not run" for r in v.missing]
-        shown_in_head = set(notes) if overall in ("holds", "fails") else set()
+        shown_in_head = set(notes) if shown else set()
         details = [f"{c}: {v.text(skip_note=v.note in shown_in_head)}"
                    for c, v in zip(self.comparisons, parts) if v.verdict != "not run"]
         if missing:
@@ -148,8 +159,10 @@ class ClaimResult:
         return f"{head}: " + "; ".join(details)
 
 
-def evaluate_claim(claim: dict, samples: dict[str, dict[str, list[float]]], alpha: float = ALPHA) -> ClaimResult:
-    """``samples[metric][row_id]`` = the ok runs' accuracies; metric is "best" or "final"."""
+def evaluate_claim(claim: dict, samples: dict[str, dict[str, list[float]]], alpha: float = ALPHA,
+                   judge: bool = True) -> ClaimResult:
+    """``samples[metric][row_id]`` = the ok runs' accuracies; metric is "best" or "final"; ``judge=False`` for
+    smoke runs, whose comparisons are never holds/fails."""
     text = str(claim.get("text", ""))
     exprs = claim.get("holds_if") or []
     if isinstance(exprs, str):
@@ -167,7 +180,7 @@ def evaluate_claim(claim: dict, samples: dict[str, dict[str, list[float]]], alph
     for metric, by_row in samples.items():
         parts = []
         for a, op, b in parsed:
-            v = compare(by_row.get(a, []), by_row.get(b, []), op, alpha)
+            v = compare(by_row.get(a, []), by_row.get(b, []), op, alpha, judge)
             if v.verdict == "not run":
                 v = Verdict("not run", n_a=v.n_a, n_b=v.n_b, missing=tuple(r for r in (a, b) if not by_row.get(r)))
             parts.append(v)

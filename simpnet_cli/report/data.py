@@ -332,7 +332,7 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
             rr.notes.append(f"cited ({source})" if source else "cited")
             rows.append(rr)
     samples = {m: {r.row_id: r.values(m) for r in rows if r.kind == "trained"} for m in ("best", "final")}
-    claims = [evaluate_claim(c, samples) for c in table.claims]
+    claims = [evaluate_claim(c, samples, judge=profile != "smoke") for c in table.claims]
     for c in claims:
         if c.error:
             warnings.append(f"table {table.name}: claim {c.text!r}: {c.error}")

@@ -210,7 +210,8 @@ def header(rep: Report, results_dir: Path) -> str:
         "`A > B` holds if A is significantly above B, fails if B is significantly above A, else inconclusive. "
         "`A >= B` fails if B is significantly above A, holds if mean A >= mean B, else (A lower within noise) "
         "inconclusive. With one run on a side the means are compared and the verdict says there is no noise "
-        "estimate. A row without an ok run makes a comparison \"not run\". A claim holds if all its comparisons "
+        "estimate; with no spread on either side (identical seeds) the comparison is inconclusive, and smoke runs "
+        "are never judged. A row without an ok run makes a comparison \"not run\". A claim holds if all its comparisons "
         "hold, fails if any fails, else is not run or inconclusive.",
         "",
     ])
