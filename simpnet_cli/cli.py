@@ -384,9 +384,25 @@ HELP = {
               "Images/s of the eager loop and the runner's step for chosen rows, written to results/benchmarks.md.\n"
               "  bench.rows=[\"2/8L\",\"12/5M-C10\"]  bench.batch_size=100  bench.warmup=30  bench.s1=false\n"
               "  bench.precision.rows=[\"13/slim-300K\"] (fp32 vs bf16 accuracy on Fashion-MNIST)"),
+    "export": ("simpnet export run_dir=PATH [format=torchscript|onnx] [out=FILE]",
+               "Writes a finished run's network with its trained weights as TorchScript (run_dir/model.ts) or ONNX\n"
+               "(run_dir/model.onnx; needs pip install 'simpnet[onnx]'). In Python: simpnet_cli.load_model(run_dir)."),
     "repair": ("simpnet repair [table=N]",
                "Rebuilds results/table<N>.csv from the run folders (the folders are the record)."),
 }
+
+
+def cmd_export(args: list[str]) -> int:
+    from simpnet_cli.runs import trained
+
+    keys = dict(a.split("=", 1) for a in args if "=" in a)
+    bad = sorted(set(keys) - {"run_dir", "format", "out"}) + [a for a in args if "=" not in a]
+    if bad or "run_dir" not in keys:
+        raise UserError("usage: simpnet export run_dir=PATH [format=torchscript|onnx] [out=FILE]"
+                        + (f" (unknown: {', '.join(bad)})" if bad else ""))
+    path = trained.export(keys["run_dir"], keys.get("format", "torchscript"), keys.get("out"))
+    print(f"wrote {path}")
+    return 0
 
 
 def print_help(cmd: str) -> int:
@@ -442,8 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         unknown = flags - FLAGS
         if unknown:
             raise UserError(f"unknown flag(s) {', '.join(sorted(unknown))}; flags: {', '.join(sorted(FLAGS))}")
+        if cmd == "export":  # a run folder, not a config: nothing to compose
+            return cmd_export(overrides)
         if cmd != "run" and cmd not in COMMANDS:
-            raise UserError(f"unknown command {cmd!r}; commands: list, show, run, report, bench, repair")
+            raise UserError(f"unknown command {cmd!r}; commands: list, show, run, report, bench, repair, export")
         if cmd == "run" and is_multirun(flags, overrides):
             return multirun(flags, overrides)  # Hydra composes each job's config itself
         cfg, variant = compose(overrides)

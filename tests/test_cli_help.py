@@ -6,7 +6,7 @@ import pytest
 
 from simpnet_cli import cli
 
-COMMANDS = ["list", "show", "run", "report", "bench", "repair"]
+COMMANDS = ["list", "show", "run", "report", "bench", "repair", "export"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

@@ -2,6 +2,7 @@
 run on Fashion-MNIST that must learn."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -416,3 +417,30 @@ def test_interrupted_run_with_multipliers_resumes_to_the_same_curve(tmp_path, mo
     a = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_load_model_rebuilds_a_finished_run_and_export_writes_torchscript(short_runs, tmp_path):
+    """simpnet_cli.load_model(run_dir) gives the module that trained (its weights, eval mode): it evaluates to the
+    run's recorded final accuracy on the same test set; `simpnet export` writes TorchScript that agrees with it."""
+    import simpnet_cli
+    from simpnet_cli import cli
+
+    run, run_dir = short_runs["a"][0], short_runs["a"][1]
+    model = simpnet_cli.load_model(run_dir)
+    assert not model.training
+    data = D.load(run.dataset, tmp_path, False, torch.device("cpu"), int(run.train["batch_size"]), run.seed)
+    acc, _ = train.evaluate(model, data, contextlib.nullcontext)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert acc == pytest.approx(result["final_acc"], abs=1e-3)
+    assert cli.main(["export", f"run_dir={run_dir}", "format=torchscript", f"out={tmp_path}/m.ts"]) == 0
+    scripted = torch.jit.load(str(tmp_path / "m.ts"))
+    x = data.normalize(data.test_x[:4])
+    torch.testing.assert_close(scripted(x), simpnet_cli.load_model(run_dir)(x))
+
+
+def test_load_model_of_a_folder_that_is_no_run_is_one_line(tmp_path):
+    import simpnet_cli
+
+    with pytest.raises(UserError) as info:
+        simpnet_cli.load_model(tmp_path)
+    assert "config.yaml" in str(info.value) and "\n" not in str(info.value)

@@ -1,0 +1,68 @@
+"""A finished run as a PyTorch module: rebuild the network from the run folder's config and load its weights.
+
+``model.pt`` is a bare state_dict; ``config.yaml`` holds the resolved run (its net, dataset, ...), so the module
+that trained can be made again exactly, with no table file or command line:
+
+    from simpnet_cli import load_model
+    model = load_model("experiments/3f2a...")    # eval mode, on the CPU
+    logits = model(images)                       # images normalised as the run's feed says (see train.data)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from simpnet_cli.errors import UserError
+from simpnet_cli.nets import modules as M
+from simpnet_cli.nets import specs as network
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The trained network of ``run_dir`` in eval mode; a UserError names what is missing or does not fit."""
+    run_dir = Path(run_dir)
+    config, weights = run_dir / "config.yaml", run_dir / "model.pt"
+    for path in (config, weights):
+        if not path.is_file():
+            raise UserError(f"{run_dir} has no {path.name}: it is not a finished run's folder "
+                            f"(runs_dir/<config hash>/ holds config.yaml and, once finished, model.pt)")
+    try:
+        run = yaml.safe_load(config.read_text())
+        net, dataset = run["net"], run["dataset"]
+        spec = network.build_spec(net, int(dataset["classes"]))
+        shape = network.Shape(int(dataset["channels"]), int(dataset["size"]), int(dataset["size"]))
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{config} does not describe a run ({type(err).__name__}: {err})") from None
+    model = M.build_model(spec, shape, net)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: one line, never a traceback
+        raise UserError(f"cannot load {weights} into the network of {config} ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:200]})") from None
+    return model.to(device).eval()
+
+
+def export(run_dir: str | Path, fmt: str = "torchscript", out: str | Path | None = None) -> Path:
+    """Write the trained network of ``run_dir`` as TorchScript (``model.ts``) or ONNX (``model.onnx``; needs the
+    ``onnx`` package: ``pip install 'simpnet[onnx]'``); return the file written."""
+    run_dir = Path(run_dir)
+    model = load_model(run_dir)
+    run = yaml.safe_load((run_dir / "config.yaml").read_text())
+    d = run["dataset"]
+    example = torch.zeros(1, int(d["channels"]), int(d["size"]), int(d["size"]))
+    if fmt == "torchscript":
+        path = Path(out) if out else run_dir / "model.ts"
+        torch.jit.trace(model, example).save(str(path))
+        return path
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401 - torch.onnx.export needs it
+        except ImportError:
+            raise UserError("format=onnx needs the onnx package: pip install 'simpnet[onnx]'") from None
+        path = Path(out) if out else run_dir / "model.onnx"
+        torch.onnx.export(model, example, str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        return path
+    raise UserError(f"format={fmt!r}: use torchscript or onnx")
