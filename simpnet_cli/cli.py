@@ -146,7 +146,14 @@ def _origin(table) -> str:
 def cmd_list(cfg, flags, variant) -> int:
     from simpnet_cli.config import tables
 
-    for t in tables.load_tables(table_selector(cfg)):
+    chosen = tables.load_tables(table_selector(cfg))
+    if "--json" in flags:
+        print(json.dumps([{"table": t.name, "title": t.title, "origin": _origin(t), "cited": len(t.cited),
+                           "rows": [{"id": r["id"], "label": r["label"],
+                                     "dataset": r["dataset"] if isinstance(r["dataset"], str) else r["dataset"]["base"]}
+                                    for r in t.rows]} for t in chosen], indent=1))
+        return 0
+    for t in chosen:
         print(f"Table {t.name}: {t.title}  [{_origin(t)}]")
         for r in t.rows:
             dataset = r["dataset"] if isinstance(r["dataset"], str) else r["dataset"]["base"]
@@ -221,6 +228,9 @@ def run_job(cfg, flags, variant) -> int:
     from simpnet_cli.runs import runner
 
     runs = plan_runs(cfg, variant)
+    if "--cfg=job" in flags:  # Hydra's habit: show what would run, resolved, and run nothing
+        print_resolved(runs)
+        return 0
     opts = options(cfg)
     runner.pick_device(opts.device)  # device=cuda on a machine without one: say so before anything trains
     if "--dry-run" in flags:
@@ -232,6 +242,23 @@ def run_job(cfg, flags, variant) -> int:
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     print(f"{len(runs)} run(s): {summary}; results in {opts.results_dir}/", file=sys.stderr)
     return 0
+
+
+def print_resolved(runs) -> None:
+    """`--cfg job`: every run as it would train: its network layer by layer, recipe, data, solver with its lr,
+    schedule and decay, training keys and hash, one YAML document per run."""
+    import yaml
+
+    from simpnet_cli.nets import specs as network
+
+    docs = []
+    for run in runs:
+        doc = {k: v for k, v in run.to_dict().items() if k not in ("net", "paper")}
+        doc["net"] = {**run.net, "layers": " ".join(network.tokens(run.spec)),
+                      "params": network.count_params(run.spec, run.in_shape)[0]}
+        doc["recipe"] = run.recipe()
+        docs.append(doc)
+    print(yaml.safe_dump_all(docs, sort_keys=False, width=120), end="")
 
 
 def is_multirun(flags, overrides) -> bool:
@@ -405,6 +432,21 @@ def cmd_export(args: list[str]) -> int:
     return 0
 
 
+def check_hydra_keys(overrides: list[str], multirun: bool) -> None:
+    """Refuse ``hydra.*`` keys that would be accepted and then do nothing: simpnet writes where results_dir and
+    runs_dir say, so Hydra's run folder and output settings have no effect; a sweep (-m) takes Hydra's
+    launcher and sweep-folder keys."""
+    for arg in overrides:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if not (key == "hydra" or key.startswith(("hydra.", "hydra/"))):
+            continue
+        if multirun and key.startswith(("hydra.launcher", "hydra/launcher", "hydra.sweep", "hydra.sweeper",
+                                        "hydra/sweeper")):
+            continue
+        raise UserError(f"{arg}: this Hydra key changes nothing in simpnet (runs go to runs_dir=, records to "
+                        f"results_dir=); with -m, hydra/launcher=, hydra.launcher.* and hydra.sweep.dir= apply")
+
+
 def print_help(cmd: str) -> int:
     if cmd not in HELP:
         raise UserError(f"unknown command {cmd!r}; commands: {', '.join(HELP)}")
@@ -448,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if "--cfg" in rest:  # `--cfg job` as Hydra spells it: one flag
+        i = rest.index("--cfg")
+        rest = rest[:i] + [f"--cfg={rest[i + 1]}" if i + 1 < len(rest) else "--cfg="] + rest[i + 2:]
     flags = {a for a in rest if a.startswith("-")}
     overrides = [a for a in rest if not a.startswith("-")]
     debug = "--debug" in flags
@@ -455,13 +500,22 @@ def main(argv: list[str] | None = None) -> int:
     def dispatch() -> int:
         if flags & {"--help", "-h"}:
             return print_help(cmd)
-        unknown = flags - FLAGS
+        cfg_flags = {f for f in flags if f.startswith("--cfg=")}
+        if cfg_flags - {"--cfg=job"} or (cfg_flags and cmd not in ("run", "show")):
+            raise UserError("--cfg takes `job` (simpnet run|show ... --cfg job prints each resolved run and trains "
+                            "nothing)")
+        unknown = flags - FLAGS - cfg_flags
         if unknown:
             raise UserError(f"unknown flag(s) {', '.join(sorted(unknown))}; flags: {', '.join(sorted(FLAGS))}")
         if cmd == "export":  # a run folder, not a config: nothing to compose
             return cmd_export(overrides)
         if cmd != "run" and cmd not in COMMANDS:
             raise UserError(f"unknown command {cmd!r}; commands: list, show, run, report, bench, repair, export")
+        check_hydra_keys(overrides, multirun=cmd == "run" and is_multirun(flags, overrides))
+        if cmd == "show" and cfg_flags:
+            cfg, variant = compose(overrides)
+            print_resolved(plan_runs(cfg, variant))
+            return 0
         if cmd == "run" and is_multirun(flags, overrides):
             return multirun(flags, overrides)  # Hydra composes each job's config itself
         cfg, variant = compose(overrides)

@@ -31,3 +31,36 @@ def test_run_help_names_the_keys_a_researcher_sets(capsys):
 def test_help_for_an_unknown_command_is_one_line(capsys):
     assert cli.main(["nope", "--help"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cfg_job_prints_each_resolved_run_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "table=4", "row=WE10", "seeds=2", "solver.lr=0.05", f"results_dir={tmp_path}/results",
+            f"runs_dir={tmp_path}/runs", "--cfg", "job"]
+    assert cli.main(argv) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["seed"] for d in docs] == [0, 1]
+    for doc in docs:
+        assert doc["solver"]["lr"] == 0.05 and doc["solver"]["schedule"]["steps"][0] == 50000
+        assert doc["solver"]["weight_decay"] == 0.005
+        assert doc["net"]["layers"].startswith("conv64k3p1 drop0.2") and doc["net"]["params"] > 7_000_000
+        assert doc["recipe"]["bn_fraction"] == 0.95 and doc["train"]["eval_every"] == 500
+        assert doc["variant"] == "solver.lr=0.05" and len(doc["config_hash"]) == 16
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arg", ["hydra.run.dir=elsewhere", "hydra.job.chdir=true", "+hydra.output_subdir=x"])
+def test_hydra_keys_that_do_nothing_are_refused(arg, capsys):
+    assert cli.main(["run", "table=2", "row=8L", "profile=smoke", arg]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "changes nothing" in err
+
+
+def test_list_json_gives_tables_and_rows(capsys):
+    import json
+
+    assert cli.main(["list", "table=4", "--json"]) == 0
+    (table,) = json.loads(capsys.readouterr().out)
+    assert table["table"] == "4" and [r["id"] for r in table["rows"]] == ["WE10", "BW10", "WE13", "BW13"]
