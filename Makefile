@@ -7,7 +7,7 @@ SIMPNET := $(BIN)/simpnet
 #   make reproduce-all RUN_ARGS="seeds=3 jobs_per_device=4"
 RUN_ARGS ?=
 
-.PHONY: install smoke test report reproduce-all bench dry-run gpu-check clean-smoke
+.PHONY: install smoke test test-fast report reproduce-all bench dry-run gpu-check clean-smoke
 
 $(BIN)/simpnet: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -22,8 +22,13 @@ smoke: install
 	$(SIMPNET) run table=2 profile=smoke results_dir=results/smoke runs_dir=experiments/smoke
 	$(SIMPNET) report table=2 results_dir=results/smoke
 
+# Everything, then the 15 slowest tests (CI prints them too).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# The inner loop: everything but the tests marked slow (tests/conftest.py lists them).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 report: install
 	$(SIMPNET) report

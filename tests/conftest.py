@@ -29,3 +29,28 @@ def fashion_mnist_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fashion_data")
     D.import_idx_gz(FASHION_SYSTEM_COPY, root, "FashionMNIST")
     return root
+
+
+# --------------------------------------------------------------------------- tiers
+# `make test` runs everything; `make test-fast` (pytest -m "not slow") skips the tests below, which train real
+# networks or drive whole commands in subprocesses, for an inner loop of about two minutes. A test is listed here
+# by file and name prefix, so the tiers are declared in one place.
+SLOW = {
+    "test_variants.py": ("test_the_issues_table_4_sweep", "test_sweep_", "test_a_variant_sweep",
+                         "test_row_variant_trains_on_real", "test_a_network_in_no_table"),
+    "test_train.py": ("test_slim_300k_learns", "test_short_run", "test_load_model_rebuilds"),
+    "test_smoke_tables.py": ("test_smoke_run_records", "test_rerun_adds_no_lines", "test_twin_rows_share"),
+    "test_gpu_path.py": ("test_graphed_run_with_recapture",),
+    "test_robustness.py": ("test_sigkill", "test_concurrent", "test_nan_loss", "test_resume_restores"),
+    "test_speed_paths.py": ("test_submitit", "test_packed_runs", "test_bench_precision"),
+    "test_integrity.py": ("test_fuzz_malformed_command_lines", "test_at_most_one_line_per_run"),
+    "test_progress.py": ("test_a_terminal_gets_bars", "test_redirected_stderr"),
+    "test_report.py": ("test_networks_of_ones_own", "test_empty_results_render"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        prefixes = SLOW.get(item.path.name, ())
+        if item.name.startswith(prefixes):
+            item.add_marker(pytest.mark.slow)
