@@ -89,13 +89,16 @@ def check_options(cfg) -> None:
 
 def options(cfg) -> "runner.Options":  # noqa: F821 - imported lazily to keep `simpnet list` quick
     from simpnet_cli.runs import runner
+    from simpnet_cli.train import callbacks
 
     check_options(cfg)
+    logger = cfg.get("logger")  # a list from the command line is a ListConfig; logger_names checks the names
     return runner.Options(
         data_dir=Path(cfg.data_dir), download=bool(cfg.download), results_dir=Path(cfg.results_dir),
         runs_dir=Path(cfg.runs_dir),
         device=str(cfg.profile.get("device", "auto") if cfg.device == "auto" else cfg.device),
-        jobs_per_device=int(cfg.jobs_per_device), profile=str(cfg.profile.name), quiet=bool(cfg.quiet))
+        jobs_per_device=int(cfg.jobs_per_device), profile=str(cfg.profile.name), quiet=bool(cfg.quiet),
+        logger=callbacks.logger_names(logger if logger is None or isinstance(logger, str) else list(logger)))
 
 
 def chosen_tables(cfg, variant) -> list:

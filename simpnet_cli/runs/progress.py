@@ -1,6 +1,6 @@
-"""Live progress of `simpnet run`: what train.train_run reports (``Event``) and how it is shown.
+"""Live progress of `simpnet run`: how what train.train_run reports (``Event``, train/callbacks.py) is shown.
 
-Training code only calls a callback with an ``Event``; everything about rendering is here. A ``Reporter``
+Training code only calls a function with an ``Event``; everything about rendering is here. A ``Reporter``
 shows, on a terminal, one tqdm bar for the run in training (table, row, seed, iteration, time left, img/s,
 last test accuracy) under one bar for the whole command (runs done / total, time left from the iterations
 still to train). When stderr is not a terminal (CI, SLURM logs, a pipe) it prints plain lines instead: one
@@ -20,24 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-
-@dataclass(frozen=True)
-class Event:
-    """One report from a training run.
-
-    kind: "start" (about to train, ``iteration == start``), "step" (a few iterations later) or "eval"
-    (a test evaluation at ``iteration``). ``train_s`` is the training time and ``wall_s`` the wall time
-    (evaluations and checkpoints included) since *this session* of the run started at ``start``."""
-    kind: str
-    iteration: int
-    iterations: int
-    start: int
-    batch_size: int
-    train_s: float
-    wall_s: float
-    test_acc: float | None = None  # the last evaluation's, if any (also one before a resume)
-    best_acc: float | None = None
-    best_iter: int | None = None
+from simpnet_cli.train.callbacks import Event  # noqa: F401 - defined in train/, which never imports runs/
 
 
 def run_name(run) -> str:

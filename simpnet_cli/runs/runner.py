@@ -39,6 +39,7 @@ class Options:
     jobs_per_device: int
     profile: str
     quiet: bool = False
+    logger: str | tuple[str, ...] = "csv"  # train.callbacks.logger_names: csv, tensorboard, mlflow or several
 
 
 def seeds_of(value) -> list[int]:
@@ -162,7 +163,8 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str,
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs_per_device))
         shown.run_started(key, name, str(run_dir))
         result = train.train_run(run, run_dir, dev, opts.data_dir, opts.download,
-                                 lambda msg: shown.note(key, msg), progress=lambda ev: shown.event(key, ev))
+                                 lambda msg: shown.note(key, msg), progress=lambda ev: shown.event(key, ev),
+                                 loggers=opts.logger)
         # A second check under the run lock: another process may have recorded it meanwhile.
         if (run.row_id, run.config_hash, run.seed) not in results.recorded(opts.results_dir, run.table):
             line = csv_row(run, result, run_dir, opts.profile)

@@ -1,0 +1,320 @@
+"""What a training run does besides training: checkpoints and resume, the divergence guard, the update audit,
+progress events and the loggers (curve.csv, TensorBoard, MLflow), each a ``Callback`` of ``loop.fit``.
+
+The loop calls, in the order the callbacks are given (``loop.train_run`` fixes it: checkpoints first, so
+that the others see a resumed run's state; the guard and the audit before anything is logged):
+
+* ``on_start(state)``: before the first step of this session (``state.iteration == state.start``);
+* ``on_check(state)``: every ``state.check_every`` iterations and before each evaluation, after the host has
+  read the device's non-finite flag (``state.loss_finite``). There is no per-iteration hook: on a GPU the
+  steps are queued without waiting, and the host meets the device only at these checks;
+* ``on_eval(state, acc, loss)``: after a test evaluation, its row already in ``state.curve``;
+* ``on_checkpoint(state)``: every ``checkpoint_every`` iterations (not at the last);
+* ``on_end(state, result)``: after the last step (``result`` as ``result.json`` will hold it), or with
+  ``result=None`` when the run stops on an exception, so that writers are closed either way.
+
+The training time does not run during any hook but ``on_check``. Callbacks change only the fields of the
+state their job owns (the guard sets ``status``; ``Checkpoints`` restores the counters on resume).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
+
+import torch
+
+from simpnet_cli.errors import UserError
+from simpnet_cli.files import atomic_write
+from simpnet_cli.train import checkpoint
+
+if TYPE_CHECKING:  # (loop imports this module)
+    from simpnet_cli.train.loop import TrainState
+
+CHECKPOINT = "checkpoint.pt"
+CURVE_COLUMNS = ["iter", "test_acc", "test_loss", "train_loss", "lr", "wall_s"]
+LOGGED = {"test_acc": "test/acc", "test_loss": "test/loss", "train_loss": "train/loss", "lr": "train/lr"}
+
+
+class Callback(Protocol):
+    """Hooks of a training run (see the module's docstring). Subclass it and override what you need; the loop
+    also takes any object with some of these methods."""
+
+    def on_start(self, state: TrainState) -> None: ...
+
+    def on_check(self, state: TrainState) -> None: ...
+
+    def on_eval(self, state: TrainState, acc: float, loss: float) -> None: ...
+
+    def on_checkpoint(self, state: TrainState) -> None: ...
+
+    def on_end(self, state: TrainState, result: dict | None) -> None: ...
+
+
+# --------------------------------------------------------------------------- checkpoints, guard, audit
+
+class Checkpoints(Callback):
+    """``run_dir/checkpoint.pt``: the whole training state every ``checkpoint_every`` iterations, and the
+    resume from it. Data order, augmentation and learning rate are functions of the iteration and the RNG
+    states (dropout) are restored, so a resumed CPU run equals an uninterrupted one."""
+
+    def on_start(self, state: TrainState) -> None:
+        path = state.run_dir / CHECKPOINT
+        if not path.exists():
+            return
+        ckpt = checkpoint.read(path, state.run.config_hash)  # on the CPU, checksummed; refused if damaged
+        optimizer = state.optimizer
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        checkpoint.restore(path, ckpt, state.model, optimizer)
+        # load_state_dict also replaces each group's settings with the saved ones; the run's own are the truth
+        # (the checkpoint may come from a run with(out) CUDA graphs, or predate the lr/decay multipliers).
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)
+        if optimizer.defaults.get("capturable"):  # capturable optimizers keep step counts on the params' device
+            for param, opt_state in optimizer.state.items():
+                if torch.is_tensor(opt_state.get("step")):
+                    opt_state["step"] = opt_state["step"].to(param.device, torch.float32)
+        start = int(ckpt["iteration"])
+        state.iteration = state.start = start
+        state.curve, state.train_time, state.best = ckpt["curve"], ckpt["train_time"], tuple(ckpt["best"])
+        state.loss_n = start % state.eval_every
+        state.step.updates.fill_(start)
+        state.step.loss_sum.fill_(ckpt.get("loss_sum", 0.0))  # the partial sum since the last evaluation
+        checkpoint.set_rng_state(ckpt["rng"], state.device)
+        state.log(f"resuming {state.run_dir.name} at iteration {start}")
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        it, epoch_len = state.iteration, state.data.epoch_len
+        checkpoint.save(state.run_dir / CHECKPOINT, {
+            "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(), "iteration": it,
+            "curve": state.curve, "best": state.best, "train_time": state.train_time,
+            "rng": checkpoint.rng_state(state.device),
+            "data_position": {"epoch": it * state.batch_size // epoch_len, "offset": it * state.batch_size % epoch_len},
+            "loss_sum": state.step.loss_sum.item(), "config_hash": state.run.config_hash,
+        }, state.run.config_hash)
+
+
+class DivergenceGuard(Callback):
+    """A non-finite training loss stops the run with status "diverged" (recorded, with its real time) ...
+    unless it comes right after a resume: a finite run that turns non-finite at once after resuming is far
+    likelier a damaged checkpoint than a divergence, so that is refused as one and never recorded."""
+
+    def on_check(self, state: TrainState) -> None:
+        if state.loss_finite:
+            return
+        if state.start and state.iteration <= state.start + state.check_every:
+            raise checkpoint.unreadable(state.run_dir / CHECKPOINT,
+                                        f"the loss is NaN or infinite right after resuming at iteration "
+                                        f"{state.start}, so it is probably corrupt")
+        state.status = "diverged"
+        state.log(f"loss became NaN or infinite by iteration {state.iteration}; stopping this run")
+
+
+class UpdateAudit(Callback):
+    """The step's own count of applied updates must equal the iteration: an empty CUDA graph (replays that do
+    nothing) or a double-applied one stops the run before a wrong figure is recorded. Checked at every check,
+    so before each evaluation (the device is idle then: the read costs one tiny copy)."""
+
+    def on_check(self, state: TrainState) -> None:
+        applied = int(state.step.updates.item())
+        if applied != state.iteration:
+            raise UserError(f"{state.run_dir.name}: the training step applied {applied} updates in "
+                            f"{state.iteration} iterations ({state.step.step_mode}); stopping before a wrong "
+                            f"figure is recorded. Re-run with profile.train.graphs=false to train without CUDA "
+                            f"graphs")
+
+
+# --------------------------------------------------------------------------- progress
+
+@dataclass(frozen=True)
+class Event:
+    """One report from a training run (rendered by runs.progress.Reporter).
+
+    kind: "start" (about to train, ``iteration == start``), "step" (a few iterations later) or "eval"
+    (a test evaluation at ``iteration``). ``train_s`` is the training time and ``wall_s`` the wall time
+    (evaluations and checkpoints included) since *this session* of the run started at ``start``."""
+    kind: str
+    iteration: int
+    iterations: int
+    start: int
+    batch_size: int
+    train_s: float
+    wall_s: float
+    test_acc: float | None = None  # the last evaluation's, if any (also one before a resume)
+    best_acc: float | None = None
+    best_iter: int | None = None
+
+
+class Progress(Callback):
+    """Calls ``report(Event)`` before the first step, at each check between evaluations and at each
+    evaluation. Rates count this session only: a resumed run's earlier iterations and time are in neither."""
+
+    def __init__(self, report: Callable[[Event], None]):
+        self.report = report
+
+    def _send(self, kind: str, state: TrainState) -> None:
+        best = state.best[0] >= 0
+        self.report(Event(kind, state.iteration, state.iterations, state.start, state.batch_size,
+                          state.trained_s() - self.session[1], time.perf_counter() - self.session[0],
+                          state.curve[-1]["test_acc"] if state.curve else None,
+                          state.best[0] if best else None, state.best[1] if best else None))
+
+    def on_start(self, state: TrainState) -> None:
+        self.session = (time.perf_counter(), state.train_time)
+        self._send("start", state)
+
+    def on_check(self, state: TrainState) -> None:
+        if state.status == "ok" and not state.eval_due:  # an evaluation reports this iteration itself
+            self._send("step", state)
+
+    def on_eval(self, state: TrainState, acc: float, loss: float) -> None:
+        self._send("eval", state)
+
+
+# --------------------------------------------------------------------------- loggers
+
+def write_curve(path: Path, curve: list[dict]) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, CURVE_COLUMNS)
+            w.writeheader()
+            w.writerows(curve)
+    atomic_write(path, write)
+
+
+class CsvLogger(Callback):
+    """``run_dir/curve.csv``, one line per evaluation (CURVE_COLUMNS), written when the run ends; until then
+    the curve lives in the checkpoint."""
+
+    def on_end(self, state: TrainState, result: dict | None) -> None:
+        if result is not None:
+            write_curve(state.run_dir / "curve.csv", state.curve)
+
+
+def _missing(package: str) -> UserError:
+    return UserError(f"logger={package} needs the {package} package, which is not installed: "
+                     f"pip install 'simpnet[{package}]'")
+
+
+class TensorBoardLogger(Callback):
+    """Event files in ``run_dir/tb/`` (``tensorboard --logdir <runs_dir>`` shows every run). A resumed run
+    writes into the same folder and purges what the interrupted session logged after its checkpoint, so each
+    step appears once; the writer is flushed at each checkpoint, so a killed run loses nothing before it."""
+
+    def on_start(self, state: TrainState) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise _missing("tensorboard") from None
+        # purge_step hides logged steps >= it: the resumed session logs every step after its checkpoint again
+        self.writer = SummaryWriter(log_dir=str(state.run_dir / "tb"), purge_step=state.start + 1)
+
+    def on_eval(self, state: TrainState, acc: float, loss: float) -> None:
+        row = state.curve[-1]
+        for column, tag in LOGGED.items():
+            self.writer.add_scalar(tag, row[column], state.iteration)
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        self.writer.flush()
+
+    def on_end(self, state: TrainState, result: dict | None) -> None:
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class MlflowLogger(Callback):
+    """One MLflow run per training run, in the experiment ``simpnet`` of the tracking store that mlflow's own
+    settings name (MLFLOW_TRACKING_URI; ./mlruns by default). Its id is kept in ``run_dir/mlflow_run_id``, so a
+    resumed run continues the same MLflow run; steps it already holds are not logged twice."""
+
+    ID_FILE = "mlflow_run_id"
+    EXPERIMENT = "simpnet"
+
+    def on_start(self, state: TrainState) -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise _missing("mlflow") from None
+        self.client, self.run_id, self.logged = MlflowClient(), None, set()
+        id_file = state.run_dir / self.ID_FILE
+        if id_file.exists():
+            run_id = id_file.read_text().strip()
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                self.logged = {m.step for m in self.client.get_metric_history(run_id, LOGGED["test_acc"])}
+            except Exception as err:  # noqa: BLE001 - mlflow raises its own MlflowException for a missing run
+                raise UserError(f"cannot continue MLflow run {run_id} (named in {id_file}): "
+                                f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}; "
+                                f"delete that file to log this run as a new MLflow run") from None
+            self.run_id = run_id
+            return
+        experiment = self.client.get_experiment_by_name(self.EXPERIMENT)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.EXPERIMENT)
+        run = state.run
+        self.run_id = self.client.create_run(
+            experiment_id, run_name=f"table{run.table}-{run.row_id}-seed{run.seed}",
+            tags={"table": str(run.table), "row": str(run.row_id), "seed": str(run.seed),
+                  "config_hash": run.config_hash}).info.run_id
+        for key, value in (("iterations", state.iterations), ("batch_size", state.batch_size),
+                           ("solver", run.solver.get("type")), ("lr", run.solver.get("lr"))):
+            self.client.log_param(self.run_id, key, value)
+        atomic_write(id_file, lambda tmp: Path(tmp).write_text(self.run_id + "\n"))
+
+    def on_eval(self, state: TrainState, acc: float, loss: float) -> None:
+        if state.iteration in self.logged:
+            return
+        row = state.curve[-1]
+        for column, key in LOGGED.items():
+            self.client.log_metric(self.run_id, key, float(row[column]), step=state.iteration)
+
+    def on_end(self, state: TrainState, result: dict | None) -> None:
+        if getattr(self, "run_id", None) is None:
+            return
+        if result is not None:
+            self.client.set_tag(self.run_id, "status", result["status"])
+        self.client.set_terminated(self.run_id, "FINISHED" if result is not None else "KILLED")
+        self.run_id = None
+
+
+LOGGERS: dict[str, tuple[type, str | None]] = {  # name -> (callback, the package it needs)
+    "csv": (CsvLogger, None),
+    "tensorboard": (TensorBoardLogger, "tensorboard"),
+    "mlflow": (MlflowLogger, "mlflow"),
+}
+
+
+def logger_names(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``logger=`` as a tuple of known names: "csv", "tensorboard,mlflow" or a list of them; None is the
+    default ("csv"), an empty list none. Unknown names and missing packages are one UserError line each, so
+    a command can check before anything trains."""
+    if value is None:
+        return ("csv",)
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(dict.fromkeys(str(n).strip() for n in items if str(n).strip()))
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise UserError(f"logger={','.join(unknown)}: use {' | '.join(LOGGERS)}, or a list such as "
+                        f"logger=[csv,tensorboard]")
+    for name in names:
+        package = LOGGERS[name][1]
+        if package and not _installed(package):
+            raise _missing(package)
+    return names
+
+
+def _installed(package: str) -> bool:
+    """Found, not imported (mlflow takes seconds to import); a module already imported (or set to None in
+    sys.modules, as a test does to hide one) answers for itself."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
+
+
+def loggers_for(value: str | Iterable[str] | None) -> list[Callback]:
+    """Fresh logger callbacks for one run (see ``logger_names`` for what ``value`` may be)."""
+    return [LOGGERS[name][0]() for name in logger_names(value)]
