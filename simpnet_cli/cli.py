@@ -404,7 +404,8 @@ HELP = {
             "results/table<N>.csv.\n"
             "  seeds=3 or seeds=[0,7]   profile=smoke (a few steps on synthetic data)   device=cuda:1\n"
             "  jobs_per_device=4   precision=bf16   profile.train.eval_every=4   profile.data.train_size=512\n"
-            "  quiet=true   --dry-run (runs, iterations and an estimated time; trains nothing)\n"
+            "  quiet=true   logger=[csv,tensorboard] (or mlflow)   --cfg job (print each resolved run, train nothing)\n"
+            "  --dry-run (runs, iterations and an estimated time; trains nothing)\n"
             "  -m with comma-separated values sweeps: simpnet run -m table=4 row=WE10,BW10 dataset=cifar10,cifar100\n"
             + ROW_KEYS_HELP),
     "report": ("simpnet report [table=N] [--latex]",

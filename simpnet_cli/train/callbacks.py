@@ -289,13 +289,12 @@ LOGGERS: dict[str, tuple[type, str | None]] = {  # name -> (callback, the packag
 
 
 def logger_names(value: str | Iterable[str] | None) -> tuple[str, ...]:
-    """``logger=`` as a tuple of known names: "csv", "tensorboard,mlflow" or a list of them; None is the
-    default ("csv"), an empty list none. Unknown names and missing packages are one UserError line each, so
-    a command can check before anything trains."""
-    if value is None:
-        return ("csv",)
-    items = value.split(",") if isinstance(value, str) else list(value)
-    names = tuple(dict.fromkeys(str(n).strip() for n in items if str(n).strip()))
+    """``logger=`` as a tuple of known names: "csv", "tensorboard,mlflow" or a list of them. "csv" is always
+    among them: curve.csv is part of the run's record (the report draws the curves from it), and the other
+    loggers come in addition. Unknown names and missing packages are one UserError line each, so a command can
+    check before anything trains."""
+    items = [] if value is None else value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(dict.fromkeys(["csv"] + [str(n).strip() for n in items if str(n).strip()]))
     unknown = [n for n in names if n not in LOGGERS]
     if unknown:
         raise UserError(f"logger={','.join(unknown)}: use {' | '.join(LOGGERS)}, or a list such as "
