@@ -189,6 +189,7 @@ def show_records(cfg, variant=None) -> list[dict]:
             "paper_params": run.paper.get("params"), "paper_acc": run.paper.get("acc"),
             "solver": run.solver["type"], "iterations": run.train["iterations"], "config_hash": run.config_hash,
             "recipe": run.recipe(), "solver_config": run.solver,
+            "layer_table": network.layer_table(run.spec, run.in_shape),
         })
     return records
 
@@ -196,14 +197,20 @@ def show_records(cfg, variant=None) -> list[dict]:
 def cmd_show(cfg, flags, variant) -> int:
     records = show_records(cfg, variant)
     if "--json" in flags:
-        print(json.dumps(records, indent=1))
+        print(json.dumps([{k: v for k, v in r.items() if k != "layer_table"} for r in records], indent=1))
         return 0
     for rec in records:
         print(f"Table {rec['table']} / {rec['row_id']}: {rec['row']}  ({rec['dataset']}, {rec['solver']}, "
               f"{rec['iterations']} iterations)")
         if rec["variant"]:
             print(f"  variant: {rec['variant']}")
-        print(f"  {' '.join(rec['layers'])}")
+        print(f"  {'layer':<40} {'output':>12} {'params':>10}")
+        for tokens, shape, params in rec["layer_table"]:
+            out = f"{shape.c}x{shape.h}x{shape.w}" if (shape.h, shape.w) != (1, 1) else str(shape.c)
+            if len(tokens) > 40:  # a residual block or fire module: its tokens on a line of their own
+                print(f"  {tokens}")
+                tokens = ""
+            print(f"  {tokens:<40} {out:>12} {params:>10,}")
         print(f"  params: {rec['params_paper']:,} conv+fc (paper: {rec['paper_params'] or '-'}), "
               f"{rec['params_total']:,} trainable with BatchNorm")
         print(f"  recipe: {recipe_line(rec['recipe'])}")

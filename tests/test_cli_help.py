@@ -64,3 +64,12 @@ def test_list_json_gives_tables_and_rows(capsys):
     assert cli.main(["list", "table=4", "--json"]) == 0
     (table,) = json.loads(capsys.readouterr().out)
     assert table["table"] == "4" and [r["id"] for r in table["rows"]] == ["WE10", "BW10", "WE13", "BW13"]
+
+
+def test_show_prints_the_network_layer_by_layer_with_shapes_and_params(capsys):
+    assert cli.main(["show", "table=2", "row=8L"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[2:lines.index(next(line for line in lines if line.strip().startswith("params:")))]
+    assert table[0].split()[:3] == ["conv41k3p1", "41x32x32", "1,148"]
+    assert table[-1].split() == ["fc10", "10", "910"]
+    assert sum(int(line.split()[-1].replace(",", "")) for line in table) == 300_213

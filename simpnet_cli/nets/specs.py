@@ -243,6 +243,18 @@ def _walk(spec: Sequence, shape: Shape, where: str) -> tuple[Shape, int, int]:
     return shape, paper, bn
 
 
+def layer_table(spec: Sequence, in_shape: Shape) -> list[tuple[str, Shape, int]]:
+    """Per top-level record: its tokens, its output shape and its conv/fc parameters (as torchinfo lists a
+    model; a residual block or fire module is one line)."""
+    out, shape = [], in_shape
+    for layer in spec:
+        toks = layer.tokens() if hasattr(layer, "tokens") else [layer.token()]
+        new_shape, params, _ = _walk([layer], shape, "")
+        out.append((" ".join(toks), new_shape, params))
+        shape = new_shape
+    return out
+
+
 def check(spec: Sequence, in_shape: Shape) -> Shape:
     """Raise ``NetworkError`` if the spec cannot run on ``in_shape``; return the output shape."""
     return _walk(spec, in_shape, "")[0]
