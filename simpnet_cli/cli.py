@@ -246,7 +246,10 @@ def run_job(cfg, flags, variant) -> int:
     if "--dry-run" in flags:
         from simpnet_cli.tools import bench
 
-        print(bench.dry_run_summary(runs, opts))
+        dry = cfg.get("dry_run") or {}
+        print(bench.dry_run_summary(runs, opts, dry.get("iters"), dry.get("batch_size"),
+                                    say=(lambda line: None) if cfg.quiet else
+                                    (lambda line: print(line, file=sys.stderr, flush=True))))
         return 0
     counts = runner.execute(runs, opts)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
@@ -412,7 +415,8 @@ HELP = {
             "  seeds=3 or seeds=[0,7]   profile=smoke (a few steps on synthetic data)   device=cuda:1\n"
             "  jobs_per_device=4   precision=bf16   profile.train.eval_every=4   profile.data.train_size=512\n"
             "  quiet=true   logger=[csv,tensorboard] (or mlflow)   --cfg job (print each resolved run, train nothing)\n"
-            "  --dry-run (runs, iterations and an estimated time; trains nothing)\n"
+            "  --dry-run (runs, iterations and an estimated time; trains nothing; quick and rough:\n"
+            "    dry_run.iters=1 dry_run.batch_size=8)\n"
             "  -m with comma-separated values sweeps: simpnet run -m table=4 row=WE10,BW10 dataset=cifar10,cifar100\n"
             + ROW_KEYS_HELP),
     "report": ("simpnet report [table=N] [--latex]",

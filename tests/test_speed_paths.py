@@ -46,6 +46,21 @@ def test_dry_run_counts_runs_and_iterations_without_training(tmp_path, capsys):
     assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
 
 
+def test_quick_dry_run_says_which_network_it_times_and_scales_the_batch(tmp_path, capsys):
+    """dry_run.iters=1 dry_run.batch_size=2: one timed step per network at batch 2, a progress line for each
+    network on stderr, and an estimate that says it is scaled (rough)."""
+    code = main(["run", "table=2", "--dry-run", "dry_run.iters=1", "dry_run.batch_size=2",
+                 f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/e"])
+    assert code == 0
+    captured = capsys.readouterr()
+    progress = [line for line in captured.err.splitlines() if line.startswith("dry-run: timing network")]
+    assert [line.split()[3] for line in progress] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "row 8L" in progress[0]
+    assert "at batch 2 (scaled to each run's batch: rough)" in captured.out
+    assert "| 2 | 4 | 120,000 |" in captured.out
+    assert main(["run", "table=2", "--dry-run", "dry_run.iters=0"]) == 2
+
+
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
                     reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
 def test_submitit_local_launcher_runs_one_job_per_row_into_one_csv(tmp_path):

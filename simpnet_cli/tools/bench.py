@@ -7,8 +7,10 @@ results/benchmarks.md with the device name; figures from a CPU are labelled as s
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import queue
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -222,8 +224,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
-def dry_run_summary(runs: list[tables.RunSpec], opts) -> str:
-    """Runs, iterations and an estimated time on this device, from a short measured warm-up per network."""
+def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, batch_size: int | None = None,
+                    say=lambda line: print(line, file=sys.stderr, flush=True)) -> str:
+    """Runs, iterations and an estimated time on this device, from a short measured warm-up per network.
+
+    ``iters`` timed steps per network (default 20 on a GPU, 2 on the CPU), at ``batch_size`` images (default:
+    the run's own) and scaled to the run's batch: ``iters=1 batch_size=8`` is a rough estimate in under a
+    minute anywhere. ``say`` gets a line per network as it is timed, so a long estimate shows its progress."""
     from simpnet_cli.runs import results
     from simpnet_cli.runs.runner import devices_for, pick_device
 
@@ -237,15 +244,28 @@ def dry_run_summary(runs: list[tables.RunSpec], opts) -> str:
             continue
         seen.add(run.config_hash)
         todo.append(run)
-    iters, warmup = (20, 10) if device.type == "cuda" else (2, 1)
+    default_iters, warmup = (20, 10) if device.type == "cuda" else (2, 1)
+    if iters is not None:
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise UserError(f"dry_run.iters={iters!r}: give a whole number of timed steps >= 1")
+        warmup = min(warmup, iters)
+    iters = iters or default_iters
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise UserError(f"dry_run.batch_size={batch_size!r}: give a whole number of images >= 1")
     speed: dict[tuple, float] = {}
     per_table: dict[str, list[float]] = {}
+    networks = len({(repr(r.spec), r.train["batch_size"], r.train.get("precision", "fp32"), r.in_shape)
+                    for r in todo})
     for run in todo:
         key = (repr(run.spec), run.train["batch_size"], run.train.get("precision", "fp32"), run.in_shape)
         if key not in speed:
             mode = "runner bf16" if key[2] == "bf16" and device.type == "cuda" else \
                 "runner fp32" if device.type == "cuda" else "eager fp32"
-            speed[key] = measure(run, device, mode, iters, warmup) / run.train["batch_size"]  # steps/s
+            say(f"dry-run: timing network {len(speed) + 1}/{networks} (table {run.table}, row {run.row_id}, "
+                f"{network.count_params(run.spec, run.in_shape)[0]:,} params)")
+            timed = run if batch_size is None else dataclasses.replace(run, train={**run.train, "batch_size": batch_size})
+            images_per_s = measure(timed, device, mode, iters, warmup)
+            speed[key] = images_per_s / run.train["batch_size"]  # steps/s at the run's own batch
         per_table.setdefault(run.table, [0, 0, 0.0])
         entry = per_table[run.table]
         entry[0] += 1
@@ -254,7 +274,8 @@ def dry_run_summary(runs: list[tables.RunSpec], opts) -> str:
     slots = len(devices_for(opts))
     lines = [f"{len(runs)} run(s) asked for, {len(todo)} still to train ({len(runs) - len(todo)} recorded or "
              f"shared with another table); estimate on {train.device_name(device)} from {iters} timed steps "
-             f"per network, one run at a time per device, {slots} device(s), evaluation excluded:",
+             + (f"at batch {batch_size} (scaled to each run's batch: rough) " if batch_size is not None else "")
+             + f"per network, one run at a time per device, {slots} device(s), evaluation excluded:",
              "| table | runs | iterations | estimated time |", "|---|---|---|---|"]
     total = [0, 0, 0.0]
     for name, (n, it, secs) in per_table.items():
