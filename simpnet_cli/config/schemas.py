@@ -251,7 +251,7 @@ class SqueezeNet(NetRecipe):
                 _require(0 <= rate < 1, name, "a dropout rate must be in [0, 1)", rate)
 
 
-# A new builder in network.py registers its schema here.
+# A new builder in nets/specs.py registers its schema here.
 NETWORKS = {"plain": PlainNet, "resnet": ResNet, "squeezenet": SqueezeNet}
 
 

@@ -344,7 +344,7 @@ def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | 
     key against the schema and that the network builds. Errors name the row, its file and the key.
 
     ``run_opts`` override training keys (precision); ``data_opts`` maps a dataset name to keys that
-    override its config (``{"svhn": {"extra": True}}``); ``overrides`` are a variant's (see variants.py)."""
+    override its config (``{"svhn": {"extra": True}}``); ``overrides`` are a variant's (see config/variants.py)."""
     where = f"table {table.name}, row {row['id']}" + (f" ({table.path})" if table.path else "")
     if overrides:
         where += f" with {overrides.text()}"

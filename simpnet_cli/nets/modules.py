@@ -1,4 +1,4 @@
-"""PyTorch modules from a network spec (network.py), initialised and normalised as the authors' Caffe nets.
+"""PyTorch modules from a network spec (nets/specs.py), initialised and normalised as the authors' Caffe nets.
 
 Each spec record maps to one small module builder, registered by record type. A ``Recipe`` (the run's
 ``net.bn_fraction`` and ``net.init``) says how: Caffe's "xavier" filler is uniform(+-sqrt(3/fan_in)), "msra" is

@@ -2,7 +2,7 @@
 
 A spec is a tuple of layer records (``Conv``, ``Norm``, ``Pool``, ``Dropout``, ``GlobalPool``, ``Linear`` and the
 two graph blocks ``Residual`` and ``Fire``). It is what ``simpnet show`` prints, in the token grammar of
-../shared/reference/experiments.yaml, and what ``model.build_model`` turns into PyTorch modules. Builders are
+../shared/reference/experiments.yaml, and what ``nets.modules.build_model`` turns into PyTorch modules. Builders are
 registered by name (``builder:`` in conf/arch/*.yaml), so a new family is one function, not a new branch.
 """
 from __future__ import annotations

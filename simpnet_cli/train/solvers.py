@@ -65,7 +65,7 @@ def param_groups(model: torch.nn.Module, param_mults: Mapping | None) -> list[di
     in ``model.parameters()``, so the optimizer state_dict (checkpoints) has a fixed layout. Everything not
     named in ``param_mults`` (conv weights, other conv biases, BatchNorm gamma/beta) is lr 1 / decay 1. Convs
     are found by their ``caffe_conv_index`` (1-based, network order) and the classifier by
-    ``caffe_classifier``, both set by model.build_model."""
+    ``caffe_classifier``, both set by nets.modules.build_model."""
     mults = param_mults or {}
     if not isinstance(mults, Mapping) or set(mults) - {"classifier", "convs"}:
         raise UserError(f"param_mults takes the keys classifier and convs, got {param_mults!r}")
