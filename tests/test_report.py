@@ -92,7 +92,10 @@ def test_render_table2(results_dir: Path):
     assert report.BEST_LABEL in md and report.FINAL_LABEL in md
     assert "Welch's t-test" in md and "one-sided" in md and "alpha = 0.05" in md
 
-    for text in (md, t2):
+    # (REPORT.md holds every table with results, Table 77's 8L too: read Table 2's section of it.)
+    table2 = md[md.index("## Table 2:"):]
+    table2 = table2[:table2.index("\n## ", 1)]
+    for text in (table2, t2):
         head = cells([ln for ln in text.splitlines() if ln.startswith("| Row")][0])
         line = cells(row_line(text, "8L"))
         col = dict(zip(head, line))
@@ -614,3 +617,20 @@ def test_smoke_runs_are_never_judged():
     assert smoke.verdict("best") == "inconclusive"
     assert "holds" not in smoke.cell("best") and "fails" not in smoke.cell("best")
     assert C.NOT_JUDGED in smoke.cell("best")
+
+
+def test_report_of_one_table_keeps_the_other_tables_sections_and_figures(tmp_path):
+    """`simpnet report table=7` re-draws Table 7 and keeps Table 2's section, and the figure an earlier report
+    drew for it, in REPORT.md."""
+    rdir = tmp_path / "results"
+    for table, row_id in (("2", "8L"), ("7", "3x3-300K")):
+        for seed, acc in enumerate([90.0, 90.5]):
+            row = run_row(tmp_path, row_id, seed, acc, acc - 0.1, table=table)
+            write_curve(row, [50.0, acc])
+            results.append(rdir, table, row)
+    report.render(rdir)  # draws both tables' figures
+    drawn = (rdir / "report" / "table2_ablation.png").stat().st_mtime_ns
+    md = report.render(rdir, "7").read_text()
+    assert "## Table 2:" in md and "## Table 7:" in md
+    assert "report/table2_ablation.png" in md and "report/table7_ablation.png" in md
+    assert (rdir / "report" / "table2_ablation.png").stat().st_mtime_ns == drawn  # not re-drawn

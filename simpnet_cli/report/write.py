@@ -43,6 +43,14 @@ def _draw_figures(rep: Report, sub: Path, results_dir: Path) -> None:
             rep.warnings.append(f"table {name}: plots failed: {type(err).__name__}: {err}")
 
 
+def _adopt_figures(tr: TableReport, sub: Path) -> None:
+    """A section not re-drawn this time links the figures already on disk for it (see plots.table_figures)."""
+    for kind, path in (("ablation", sub / f"table{tr.table.name}_ablation.png"),
+                       ("params", sub / f"{tr.slug}_params.png"), ("curves", sub / f"{tr.slug}_curves.png")):
+        if path.is_file():
+            tr.plots[kind] = path
+
+
 def _write_section_files(tr: TableReport, sub: Path, latex: bool) -> None:
     (sub / f"{tr.slug}.md").write_text(section(tr, "", level=1) + "\n")
     if latex:
@@ -70,6 +78,19 @@ def render(results_dir: Path, tables: Any = "all", out_dir: Path | None = None, 
         _draw_figures(rep, sub, results_dir)
     for tr in rep.tables:
         _write_section_files(tr, sub, latex)
+    if tables != "all":
+        # REPORT.md keeps every table: the chosen ones are re-drawn above, the others show the figures an
+        # earlier report drew for them (their sections' numbers are re-read from their CSVs either way).
+        fresh = {(tr.table.name, tr.variant): tr for tr in rep.tables}
+        everything = collect(results_dir, "all", profile)
+        for i, tr in enumerate(everything.tables):
+            if (tr.table.name, tr.variant) in fresh:
+                everything.tables[i] = fresh[tr.table.name, tr.variant]
+            else:
+                _adopt_figures(tr, sub)
+        everything.warnings = list(dict.fromkeys(rep.warnings + everything.warnings))
+        everything.skipped = list(dict.fromkeys(rep.skipped + everything.skipped))
+        rep = everything
     parts = [header(rep, results_dir), summary(rep)]
     parts += [section(tr, "report/") for tr in rep.tables]
     parts.append("## Skipped lines\n")
