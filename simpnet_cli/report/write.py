@@ -79,15 +79,18 @@ def render(results_dir: Path, tables: Any = "all", out_dir: Path | None = None, 
     for tr in rep.tables:
         _write_section_files(tr, sub, latex)
     if tables != "all":
-        # REPORT.md keeps every table: the chosen ones are re-drawn above, the others show the figures an
-        # earlier report drew for them (their sections' numbers are re-read from their CSVs either way).
+        # REPORT.md keeps every table that has runs: the chosen ones are re-drawn above, the others show the
+        # figures an earlier report drew for them (their numbers are re-read from their CSVs either way).
         fresh = {(tr.table.name, tr.variant): tr for tr in rep.tables}
         everything = collect(results_dir, "all", profile)
-        for i, tr in enumerate(everything.tables):
+        kept = []
+        for tr in everything.tables:
             if (tr.table.name, tr.variant) in fresh:
-                everything.tables[i] = fresh[tr.table.name, tr.variant]
-            else:
+                kept.append(fresh[tr.table.name, tr.variant])
+            elif tr.runs:
                 _adopt_figures(tr, sub)
+                kept.append(tr)
+        everything.tables = kept
         everything.warnings = list(dict.fromkeys(rep.warnings + everything.warnings))
         everything.skipped = list(dict.fromkeys(rep.skipped + everything.skipped))
         rep = everything
