@@ -332,15 +332,19 @@ def multirun(flags, overrides) -> int:
 
     primary, search = config_dirs(overrides)
     prepared = variants.prepare(overrides)
-    check_sweep(prepared, search, primary)
-    codes: list[int] = []  # exit codes of the jobs run in this process (a cluster's jobs report in their logs)
+    total = check_sweep(prepared, search, primary)
+    done: list[tuple[str, int]] = []  # (job's overrides, exit code) of the jobs run in this process
 
     @hydra.main(config_path=str(primary), config_name="config", version_base="1.3")
     def job(job_cfg):
         # A failed job prints its one line and returns its code: Hydra goes on with the other jobs.
-        variant = variants.from_overrides(HydraConfig.get().overrides.task)
-        codes.append(guarded(lambda: run_job(job_cfg, flags, variant), "--debug" in flags))
-        return codes[-1]
+        task = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra")]
+        variant = variants.from_overrides(task)
+        if not job_cfg.quiet:
+            print(f"sweep job {HydraConfig.get().job.num + 1}/{total}: {' '.join(task)}"
+                  + (f"  (variant: {variant.text()})" if variant else ""), file=sys.stderr, flush=True)
+        done.append((" ".join(task), guarded(lambda: run_job(job_cfg, flags, variant), "--debug" in flags)))
+        return done[-1][1]
 
     argv = sys.argv
     sys.argv = [argv[0], "--multirun", *prepared, *search]
@@ -348,7 +352,31 @@ def multirun(flags, overrides) -> int:
         job()
     finally:
         sys.argv = argv
-    return max(codes, default=0)
+    if done:  # the jobs of this process (a cluster's jobs report in their own logs, listed below)
+        failed = [task for task, code in done if code]
+        print(f"sweep: {len(done)} job(s), {len(done) - len(failed)} ok, {len(failed)} failed"
+              + "".join(f"\n  failed: {task}" for task in failed), file=sys.stderr)
+    if any(o.startswith("hydra/launcher=submitit") for o in overrides):
+        print_submitit_logs(overrides)
+    return max((code for _, code in done), default=0)
+
+
+def print_submitit_logs(overrides: list[str]) -> None:
+    """Where each job of a submitit launch writes its log: <sweep dir>/.submitit/<job id>/ (the launcher's
+    default folder); the sweep dir is hydra.sweep.dir= if given, else the newest under experiments/multirun."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.sweep.dir=")]
+    if given:
+        sweep = Path(given[-1])
+    else:
+        found = sorted(Path("experiments/multirun").glob("*"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            return
+        sweep = found[-1]
+    logs = sorted(sweep.glob(".submitit/*/*.out")) + sorted(sweep.glob(".submitit/*/*.err"))
+    if logs:
+        print("job logs:" + "".join(f"\n  {log}" for log in logs), file=sys.stderr)
+    else:
+        print(f"job logs: {sweep}/.submitit/<job id>/ (once the jobs start)", file=sys.stderr)
 
 
 def cmd_report(cfg, flags, variant) -> int:

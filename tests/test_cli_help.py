@@ -73,3 +73,18 @@ def test_show_prints_the_network_layer_by_layer_with_shapes_and_params(capsys):
     assert table[0].split()[:3] == ["conv41k3p1", "41x32x32", "1,148"]
     assert table[-1].split() == ["fc10", "10", "910"]
     assert sum(int(line.split()[-1].replace(",", "")) for line in table) == 300_213
+
+
+def test_a_sweep_names_each_job_and_ends_with_a_summary(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "simpnet_cli.cli", "run", "-m", "table=5", "row=P5",
+                           "net.dropout.head=0.1,0.2", "profile=smoke", "profile.train.iterations=2",
+                           f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/e", f"hydra.sweep.dir={tmp_path}/s"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    heads = [line for line in proc.stderr.splitlines() if line.startswith("sweep job ")]
+    assert [h.split()[2] for h in heads] == ["1/2:", "2/2:"]
+    assert "(variant: net.dropout.head=0.1)" in heads[0] and "(variant: net.dropout.head=0.2)" in heads[1]
+    assert "sweep: 2 job(s), 2 ok, 0 failed" in proc.stderr
