@@ -634,3 +634,20 @@ def test_report_of_one_table_keeps_the_other_tables_sections_and_figures(tmp_pat
     assert "## Table 2:" in md and "## Table 7:" in md
     assert "report/table2_ablation.png" in md and "report/table7_ablation.png" in md
     assert (rdir / "report" / "table2_ablation.png").stat().st_mtime_ns == drawn  # not re-drawn
+
+
+def test_a_variant_on_another_dataset_has_no_paper_yardstick(tmp_path):
+    """Table 12 on CIFAR-100 for a CIFAR-10 row: "Best - paper" is blank and the cited rows (other papers'
+    CIFAR figures) are left out of that variant's section."""
+    out = tmp_path / "results"
+    for seed, acc in enumerate([70.0, 71.0]):
+        row = run_row(tmp_path, "5M-C10", seed, acc, acc - 0.2, table="12", label="SimpNet 5.48M, CIFAR-10")
+        row.update(variant="dataset=cifar100", dataset="cifar100", config_hash=f"v{seed}")
+        results.append(out, "12", row)
+    rep = report.collect(out, "12")
+    (variant,) = [tr for tr in rep.tables if tr.variant]
+    (r,) = [r for r in variant.rows if r.row_id == "5M-C10"]
+    assert r.paper_acc is None and "not the paper's cifar10" in " ".join(r.notes)
+    assert not [row for row in variant.rows if row.kind == "cited"]
+    (paper,) = [tr for tr in rep.tables if not tr.variant]
+    assert [row for row in paper.rows if row.kind == "cited"]  # the paper's configuration keeps them

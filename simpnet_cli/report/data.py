@@ -293,7 +293,7 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
     profile, banner = _choose_profile(mine, wanted)
     shown = [r for r in mine if r["profile"] == profile]
     others = Counter(r["profile"] for r in mine if r["profile"] != profile)
-    rows = []
+    rows, other_dataset = [], False
     for row in table.rows:
         dataset = _dataset_name(row.get("dataset", ""), row.get("feed"))
         paper = row.get("paper") or {}
@@ -304,6 +304,12 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
             rr.notes.append(problem)
             warnings.append(f"table {table.name}, row {row['id']}: {problem}")
         runs = [r for r in shown if r["row_id"] == row["id"]]
+        ran_on = {str(r.get("dataset") or "") for r in runs} - {""}
+        if ran_on and ran_on != {dataset.split(" ")[0]}:
+            # A variant on another dataset: the paper's figure (and any cited row) is no yardstick for it.
+            rr.paper_acc, rr.paper_text = None, f"({rr.paper_text} on {dataset.split(' ')[0]})"
+            rr.notes.append(f"trained on {', '.join(sorted(ran_on))}, not the paper's {dataset.split(' ')[0]}")
+            other_dataset = True
         rr.ok_runs = [r for r in runs if r["status"] == "ok"]
         rr.diverged = sum(r["status"] == "diverged" for r in runs)
         now = _counted(table, row, warnings) if table.path is not None else None  # (own networks: from runs)
@@ -321,7 +327,7 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
         if dup:
             rr.notes.append(f"seed(s) {', '.join(map(str, dup))} recorded more than once (configs differ)")
         rows.append(rr)
-    for c in table.cited:
+    for c in ([] if other_dataset else table.cited):
         acc_spec = c.get("acc", c.get("error"))
         keys = sorted(acc_spec) if isinstance(acc_spec, dict) else [None]
         for key in keys:
