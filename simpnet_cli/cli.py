@@ -122,7 +122,15 @@ def plan_runs(cfg, variant):
     run_opts = {"precision": cfg.precision} if cfg.precision else None
     data_opts = {"svhn": {"extra": bool(cfg.svhn_extra)}} if cfg.svhn_extra is not None else None
     return runner.plan(chosen_tables(cfg, variant), tables.to_plain(cfg.row), tables.to_plain(cfg.seeds),
-                       profile, run_opts, data_opts, variant)
+                       profile, run_opts, data_opts, variant, base_profile(cfg))
+
+
+def base_profile(cfg) -> dict:
+    """The profile as its file says, before profile.* keys of the command line: what a run is compared with to
+    name its variant (a run with profile.train.eval_every=4 is not the paper's row, whatever the words typed)."""
+    from simpnet_cli.config import tables
+
+    return tables.load_named("profile", str(cfg.profile.name))
 
 
 def table_selector(cfg):
@@ -180,7 +188,8 @@ def show_records(cfg, variant=None) -> list[dict]:
         chosen = chosen_tables(cfg, variant)
     records = []
     for run in runner.plan(chosen, tables.to_plain(cfg.row), [0], tables.to_plain(cfg.profile),
-                           {"precision": cfg.precision} if cfg.precision else None, None, variant):
+                           {"precision": cfg.precision} if cfg.precision else None, None, variant,
+                           base_profile(cfg)):
         paper_p, total_p = network.count_params(run.spec, run.in_shape)
         records.append({
             "table": run.table, "row": run.label, "row_id": run.row_id, "variant": run.variant,
@@ -204,6 +213,7 @@ def cmd_show(cfg, flags, variant) -> int:
               f"{rec['iterations']} iterations)")
         if rec["variant"]:
             print(f"  variant: {rec['variant']}")
+        print(f"  {' '.join(rec['layers'])}")  # the reference's token line, then layer by layer
         print(f"  {'layer':<40} {'output':>12} {'params':>10}")
         for tokens, shape, params in rec["layer_table"]:
             out = f"{shape.c}x{shape.h}x{shape.w}" if (shape.h, shape.w) != (1, 1) else str(shape.c)

@@ -69,7 +69,8 @@ def test_list_json_gives_tables_and_rows(capsys):
 def test_show_prints_the_network_layer_by_layer_with_shapes_and_params(capsys):
     assert cli.main(["show", "table=2", "row=8L"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    table = lines[2:lines.index(next(line for line in lines if line.strip().startswith("params:")))]
+    assert lines[1].split()[0] == "conv41k3p1" and lines[1].split()[-1] == "fc10"  # the reference's token line
+    table = lines[3:lines.index(next(line for line in lines if line.strip().startswith("params:")))]
     assert table[0].split()[:3] == ["conv41k3p1", "41x32x32", "1,148"]
     assert table[-1].split() == ["fc10", "10", "910"]
     assert sum(int(line.split()[-1].replace(",", "")) for line in table) == 300_213

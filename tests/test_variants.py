@@ -153,7 +153,7 @@ def test_row_variant_trains_on_real_fashion_mnist(tmp_path, fashion_mnist_dir):
     row = rows[0]
     assert row["dataset"] == "fashion_mnist" and row["status"] == "ok" and row["iterations"] == 60
     assert row["variant"] == ("dataset=fashion_mnist batch_size=50 dataset.test_size=500 dataset.train_size=3000 "
-                              "iterations=60")
+                              "iterations=60 profile.train.eval_every=30")
     assert row["best_acc"] > 30, row  # ten classes: chance is 10%
 
 
@@ -376,8 +376,13 @@ def test_the_issues_table_4_sweep_runs_as_written(tmp_path):
     rows, bad = results.read(tmp_path / "results" / "table4.csv")
     assert not bad and len(rows) == 12
     from collections import Counter
+    # The cut-down profile is itself named in the variant (it changes what the runs compute), after the rows'
+    # own overrides: CIFAR-10 is the rows' own dataset, CIFAR-100 the variant.
+    cut = ("profile.data.test_size=4 profile.data.train_size=4 profile.train.batch_size=2 "
+           "profile.train.eval_every=1 profile.train.iterations=1")
     assert Counter((r["row_id"], r["variant"]) for r in rows) == {
-        ("WE10", ""): 3, ("BW10", ""): 3, ("WE10", "dataset=cifar100"): 3, ("BW10", "dataset=cifar100"): 3}
+        ("WE10", cut): 3, ("BW10", cut): 3, ("WE10", f"dataset=cifar100 {cut}"): 3,
+        ("BW10", f"dataset=cifar100 {cut}"): 3}
 
 
 # --------------------------------------------------------------------------- the recipe as variants (issue: recipes)
@@ -447,3 +452,27 @@ def test_net_widths_is_parsed_once_per_composed_run(monkeypatch, capsys):
     assert rec["variant"] == "net.pools_after=[3,7] net.widths=C64{3},C128{4}"
     # The variant's widths once, and the paper's row once (composed to tell a real variant from a no-op).
     assert sorted(seen) == sorted(["C64{3}, C128{4}", "C41, C43, C70{4}, C85, C90"])
+
+
+@pytest.mark.parametrize("args,want", [
+    (("precision=bf16",), "precision=bf16"),
+    (("profile.train.eval_every=4",), "profile.train.eval_every=4"),
+    (("profile.data.train_size=48",), "profile.data.train_size=48"),
+    (("profile.train.eval_every=2",), ""),                    # the smoke profile's own value: no change
+    (("profile.train.checkpoint_every=1",), ""),              # changes when files are written, not the run
+])
+def test_every_key_that_changes_the_run_names_its_variant(args, want, capsys):
+    """Two runs share a report cell only if they computed the same thing: keys outside the row (profile.*,
+    precision) that change the hash are in the variant; keys that do not change it are not."""
+    assert cli.main(["show", "table=2", "row=8L", "profile=smoke", *args, "--json"]) == 0
+    (rec,) = __import__("json").loads(capsys.readouterr().out)
+    assert rec["variant"] == want
+    assert cli.main(["show", "table=2", "row=8L", "profile=smoke", "--json"]) == 0
+    (plain,) = __import__("json").loads(capsys.readouterr().out)
+    assert (rec["config_hash"] == plain["config_hash"]) == (want == "")
+
+
+def test_svhn_extra_off_is_a_variant_of_the_svhn_rows_only(tmp_path, capsys):
+    for table, row, want in (("14", "slim-300K", "svhn_extra=false"), ("2", "8L", "")):
+        assert cli.main(["run", f"table={table}", f"row={row}", "svhn_extra=false", "--cfg", "job"]) == 0
+        assert f"variant: {want or chr(39) * 2}" in capsys.readouterr().out

@@ -338,8 +338,37 @@ def _parts(row: dict, profile: dict, run_opts: dict | None, data_opts: dict | No
     return net, dataset, solver, train, widths
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _unnamed_changes(run: RunSpec, profile: dict, base_profile: dict | None, run_opts: dict | None,
+                     data_opts: dict | None) -> list[tuple[str, Any]]:
+    """What the command line changed outside a row's own keys that this run computes with: profile.* keys that
+    differ from the profile's file, precision=, svhn_extra= (for the dataset it concerns)."""
+    changes = []
+    if base_profile is not None:
+        base, now = _flat(base_profile), _flat(profile)
+        for key in sorted(set(base) | set(now)):
+            part, _, name = key.partition(".")
+            if part not in ("train", "data") or name in NON_IDENTITY_TRAIN_KEYS or base.get(key) == now.get(key):
+                continue
+            changes.append((f"profile.{key}", now.get(key)))
+    for key, value in (run_opts or {}).items():
+        if value is not None and value != (base_profile or {}).get("train", {}).get(key):
+            changes.append((key, value))
+    name = run.dataset.get("name")
+    for key, value in ((data_opts or {}).get(name) or {}).items():
+        changes.append((f"{name}_{key}", value))
+    return changes
+
+
 def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | None = None,
-            data_opts: dict | None = None, overrides: RowOverrides | None = None) -> RunSpec:
+            data_opts: dict | None = None, overrides: RowOverrides | None = None,
+            base_profile: dict | None = None) -> RunSpec:
     """Merge template, row, dataset, solver, profile and command-line overrides into a RunSpec; check every
     key against the schema and that the network builds. Errors name the row, its file and the key.
 
@@ -358,15 +387,30 @@ def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | 
     except UserError as err:  # NotationError, NetworkError, ...: keep the type, say which row
         err.args = (f"{where}: {err}",)  # (re-creating it would need each subclass's own arguments)
         raise
-    if overrides:
-        # A variant is named by its overrides, unless they change nothing the run computes (dataset=cifar10 on
-        # a CIFAR-10 row): then it is the paper's row, and is recorded (and skipped) as that row.
-        variant = overrides.text(skip=("arch",) if table.path is None else (), widths=spec.widths)
+    unnamed = _unnamed_changes(spec, profile, base_profile, run_opts, data_opts)
+    if overrides or unnamed:
+        # A variant is named by its overrides and by the other keys that change what this run computes
+        # (profile.*, precision, svhn_extra), unless together they change nothing (dataset=cifar10 on a CIFAR-10
+        # row): then it is the paper's row under its profile, and is recorded (and skipped) as that row.
+        over = overrides or RowOverrides()
+        # A group choice that is the row's own (dataset=cifar10 on a CIFAR-10 row) changes nothing: not named.
+        same = tuple(g for g, choice in over.choices.items() if isinstance(row.get(g), str) and row[g] == choice)
+        words = over.text(skip=(("arch",) if table.path is None else ()) + same, widths=spec.widths)
+        variant = " ".join([words] * bool(words) + [f"{k}={_word(v)}" for k, v in unnamed])
         if table.path is not None and variant:
-            plain = resolve(table, row, seed, profile, run_opts, data_opts)
+            plain = resolve(table, row, seed, profile if base_profile is None else base_profile)
             variant = "" if plain.config_hash == spec.config_hash else variant
         spec = dataclasses.replace(spec, variant=variant)
     return spec
+
+
+def _word(value: Any) -> str:
+    """A value as the command line writes it: true/false, 4, 0.5, [1,2]."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
 
 
 def to_plain(cfg: Any) -> Any:

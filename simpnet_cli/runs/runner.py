@@ -54,7 +54,8 @@ def seeds_of(value) -> list[int]:
 
 
 def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: dict | None = None,
-         data_opts: dict | None = None, overrides: RowOverrides | None = None) -> list[tables.RunSpec]:
+         data_opts: dict | None = None, overrides: RowOverrides | None = None,
+         base_profile: dict | None = None) -> list[tables.RunSpec]:
     """Every (table, row, seed) the selectors name, resolved and validated, before anything trains: a bad key in
     the last row of ``table=all`` stops the command before the first run starts."""
     if row_sel is not None and len(chosen) > 1:
@@ -63,7 +64,7 @@ def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: di
     for table in chosen:
         for row in table.select(row_sel):
             for seed in seeds_of(seeds):
-                runs.append(tables.resolve(table, row, seed, profile, run_opts, data_opts, overrides))
+                runs.append(tables.resolve(table, row, seed, profile, run_opts, data_opts, overrides, base_profile))
     return runs
 
 
