@@ -224,13 +224,13 @@ def _duration(seconds: float) -> str:
 
 def dry_run_summary(runs: list[tables.RunSpec], opts) -> str:
     """Runs, iterations and an estimated time on this device, from a short measured warm-up per network."""
-    from simpnet_cli.runs import results
+    from simpnet_cli.runs import index
     from simpnet_cli.runs.runner import devices_for, pick_device
 
     device = pick_device(devices_for(opts)[0])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    recorded = {name: results.recorded(opts.results_dir, name) for name in {r.table for r in runs}}
+    recorded = {name: index.recorded(opts.results_dir, name, opts.runs_dir) for name in {r.table for r in runs}}
     todo, seen = [], set()
     for run in runs:
         if run.config_hash in seen or (run.row_id, run.config_hash, run.seed) in recorded[run.table]:
