@@ -6,7 +6,7 @@
   simpnet run -m table=4 row=WE10,BW10 hydra/launcher=submitit_slurm   (one cluster job per row)
   simpnet report [table=4] [--latex]         results/REPORT.md beside the paper's figures
   simpnet bench [rows=..]                    images/s of the eager loop and the runner's path
-  simpnet repair [table=4]                   rewrite a damaged results CSV from its good lines and run folders
+  simpnet repair [table=4]                   rebuild results/table<N>.csv from the run folders (or: simpnet index)
 
 Bad input gets one line on stderr and exit code 2; --debug shows the traceback instead.
 """
@@ -402,21 +402,24 @@ def cmd_report(cfg, flags, variant) -> int:
 
 
 def cmd_repair(cfg, flags, variant) -> int:
-    """Rewrite damaged results files from their good lines and the runs' folders (the old file is kept)."""
-    from simpnet_cli.runs import results
+    """Rebuild results CSVs (the index) from the run folders under runs_dir; `simpnet index` is the same."""
+    from simpnet_cli.runs import index, results, runner
 
-    results_dir = Path(cfg.results_dir)
+    results_dir, runs_dir = Path(cfg.results_dir), Path(cfg.runs_dir)
     if cfg.table is None or str(cfg.table) == "all":
-        names = sorted(p.stem.removeprefix("table") for p in results_dir.glob("table*.csv"))
+        names = sorted({results.table_of(p) for p in results_dir.glob("table*.csv")}
+                       | set(index.tables_recorded(runs_dir, results_dir)))
     else:
         names = [str(cfg.table).removeprefix("table")]
     if not names:
-        raise UserError(f"no results files (table*.csv) in {results_dir} to repair")
-    for name in names:
-        done = results.repair(results_dir, name, Path(cfg.runs_dir))
-        print(f"{results.csv_path(results_dir, name)}: {done['kept']} line(s) kept, {done['recovered']} recovered "
-              f"from {cfg.runs_dir}/, {done['duplicates']} duplicate(s) and {done['dropped']} damaged line(s) "
-              f"dropped" + (f"; the old file is {done['backup']}" if done["backup"] else ""), file=sys.stderr)
+        raise UserError(f"no results files (table*.csv) in {results_dir} and no runs recorded for it in {runs_dir}")
+    for name, idx in index.rebuild_tables(results_dir, runs_dir, names, runner.warn).items():
+        done = idx.counts()
+        print(f"{idx.path}: {'rebuilt' if done['changed'] else 'unchanged'} from {runs_dir}/: {done['lines']} "
+              f"line(s): {done['kept']} kept, {done['recovered']} recovered from run folders, {done['carried']} "
+              f"kept without a run folder; {done['duplicates']} duplicate(s) and {done['dropped']} damaged "
+              f"line(s) dropped, {done['refused']} run folder(s) refused"
+              + (f"; the old file is {done['backup']}" if done["backup"] else ""), file=sys.stderr)
     return 0
 
 
@@ -426,7 +429,8 @@ def cmd_bench(cfg, flags, variant) -> int:
     return bench.main(cfg, flags)
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "report": cmd_report, "bench": cmd_bench, "repair": cmd_repair}
+COMMANDS = {"list": cmd_list, "show": cmd_show, "report": cmd_report, "bench": cmd_bench, "repair": cmd_repair,
+            "index": cmd_repair}
 
 
 # `simpnet CMD --help`: what each command takes, with examples. Printing it is all --help does: nothing is composed,
@@ -467,8 +471,9 @@ HELP = {
     "export": ("simpnet export run_dir=PATH [format=torchscript|onnx] [out=FILE]",
                "Writes a finished run's network with its trained weights as TorchScript (run_dir/model.ts) or ONNX\n"
                "(run_dir/model.onnx; needs pip install 'simpnet[onnx]'). In Python: simpnet_cli.load_model(run_dir)."),
-    "repair": ("simpnet repair [table=N]",
-               "Rebuilds results/table<N>.csv from the run folders (the folders are the record)."),
+    "repair": ("simpnet repair [table=N]   (or: simpnet index [table=N])",
+               "Rebuilds results/table<N>.csv, an index, from the run folders under runs_dir (the folders are the\n"
+               "record); a healthy file is left as it is, a damaged one is kept beside it."),
 }
 
 
@@ -501,6 +506,7 @@ def check_hydra_keys(overrides: list[str], multirun: bool) -> None:
 
 
 def print_help(cmd: str) -> int:
+    cmd = "repair" if cmd == "index" else cmd  # the same command under two names
     if cmd not in HELP:
         raise UserError(f"unknown command {cmd!r}; commands: {', '.join(HELP)}")
     usage, text = HELP[cmd]
@@ -563,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "export":  # a run folder, not a config: nothing to compose
             return cmd_export(overrides)
         if cmd != "run" and cmd not in COMMANDS:
-            raise UserError(f"unknown command {cmd!r}; commands: list, show, run, report, bench, repair, export")
+            raise UserError(f"unknown command {cmd!r}; commands: list, show, run, report, bench, repair, index, export")
         check_hydra_keys(overrides, multirun=cmd == "run" and is_multirun(flags, overrides))
         if cmd == "show" and cfg_flags:
             cfg, variant = compose(overrides)

@@ -31,6 +31,38 @@ def fashion_mnist_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def finished_run():
+    """Makes a run folder as the runner leaves a finished run (config.yaml, result.json naming its run, the
+    table row's record for a results_dir), by hand and without training: ``make(run, results_dir, runs_dir,
+    finished_at=..., stamped=True, **result)`` returns the folder."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from simpnet_cli.nets import specs as network
+    from simpnet_cli.runs import index
+
+    def make(run, results_dir: Path, runs_dir: Path, finished_at: str = "2025-01-01T00:00:00Z",
+             stamped: bool = True, **over) -> Path:
+        run_dir = Path(runs_dir) / run.config_hash
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.yaml").exists():
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run.to_dict())))
+        paper, total = network.count_params(run.spec, run.in_shape)
+        result = {"status": "ok", "final_acc": 50.0, "best_acc": 51.5, "best_iter": 4, "iterations": 4,
+                  "epochs": 0.5, "wall_s": 1.0, "img_per_s": 32.0, "device": "cpu (1 threads)", "precision": "fp32",
+                  "step_mode": "eager", "params_paper": paper, "params_total": total, **over}
+        if stamped:
+            result.update(config_hash=run.config_hash, table=run.table, row_id=run.row_id, seed=run.seed,
+                          finished_at=finished_at)
+        (run_dir / "result.json").write_text(json.dumps(result))
+        index.write_record(run_dir, results_dir, index.record_of(run, run_dir, "smoke"))
+        return run_dir
+
+    return make
+
+
 # --------------------------------------------------------------------------- tiers
 # `make test` runs everything; `make test-fast` (pytest -m "not slow") skips the tests below, which train real
 # networks or drive whole commands in subprocesses, for an inner loop of about two minutes. A test is listed here

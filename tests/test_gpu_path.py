@@ -269,13 +269,13 @@ def test_a_failed_capture_continues_eagerly_with_the_same_figures(tmp_path, one_
 
 
 def test_step_mode_and_precision_reach_the_csv(tmp_path, one_thread):
-    from simpnet_cli.runs import runner
+    from simpnet_cli.runs import index
 
     run = run_spec("arch1", "adadelta_30k", "bf16", *FAMILIES["plain"][1])
     with pytest.warns(RuntimeWarning, match="capture failed"):  # said once, and the run goes on
         result = train.train_run(run, tmp_path / "run", CPU, tmp_path, False, backend=stand_in(fail_at="capture"))
-    line = runner.csv_row(run, result, tmp_path / "run", "smoke")
-    results.append(tmp_path / "results", run.table, line)
+    line = index.line_of(index.record_of(run, tmp_path / "run", "smoke"), result, "2025-01-01T00:00:00Z")
+    results.write(results.csv_path(tmp_path / "results", run.table), [results.format_line(line)])
     (row,), bad = results.read(results.csv_path(tmp_path / "results", run.table))
     assert not bad and row["precision"] == "bf16" and row["step_mode"].startswith("eager (capture failed")
 

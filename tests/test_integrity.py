@@ -1,6 +1,7 @@
-"""Nothing wrong is ever recorded (issue 11): results files that cannot be read back are never appended to and
-can be repaired, checkpoints are checksummed and refused when damaged, diverged runs record their real time,
-and malformed input of any shape ends in one line with exit 2 before anything is written.
+"""Nothing wrong is ever recorded (issue 11): results files that cannot be read back are rebuilt from the run
+folders without losing or duplicating a run, checkpoints are checksummed and refused when damaged, diverged
+runs record their real time, and malformed input of any shape ends in one line with exit 2 before anything
+is written.
 """
 from __future__ import annotations
 
@@ -64,25 +65,27 @@ def test_a_csv_resaved_with_a_bom_gains_no_duplicate_and_reports_its_lines(tmp_p
     assert "P5" in repr(rep)  # the report sees the runs of the file
 
 
-def test_a_damaged_header_stops_appends_and_repair_restores_the_file(tmp_path, capsys, one_thread):
+def test_a_damaged_header_is_rebuilt_by_the_next_run_and_the_damaged_file_kept(tmp_path, capsys, one_thread):
+    """A file we cannot read back never gains a duplicate or loses a run: its lines are matched to columns by
+    header name, so none is read (the report lists them all), and the next run rebuilds the file from the
+    run folders, keeping the damaged one beside it."""
     assert run_p5(tmp_path, "seeds=2") == 0
     path = csv5(tmp_path)
-    lines = path.read_text().splitlines()
-    path.write_text("tabl,row,@@garbage\n" + "\n".join(lines[1:]) + "\n")
+    healthy = path.read_text()
+    path.write_text("tabl,row,@@garbage\n" + "\n".join(healthy.splitlines()[1:]) + "\n")
     damaged = path.read_bytes()
-    capsys.readouterr()
-    code = run_p5(tmp_path, "seeds=3")  # seed 2 is new: it must not be trained into a file we cannot read
-    one_line(capsys, code, str(path), "header line is damaged", "simpnet repair")
-    assert path.read_bytes() == damaged
     good, bad = results.read(path)
-    assert len(good) == 2 and bad[0].lineno == 1  # the report still reads the good lines
-    assert cli.main(["repair", "table=5", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"]) == 0
-    assert "2 line(s) kept" in capsys.readouterr().err
-    assert path.read_text().splitlines()[0] == ",".join(results.COLUMNS)
-    assert list(path.parent.glob("table5.csv.damaged-*")), "the damaged file is kept as a backup"
-    assert run_p5(tmp_path, "seeds=3") == 0
+    assert not good and [b.lineno for b in bad] == [1, 2, 3] and "simpnet repair" in bad[0].why
+    capsys.readouterr()
+    assert run_p5(tmp_path, "seeds=3") == 0  # seeds 0 and 1 are recorded (in their folders), seed 2 is new
+    assert f"simpnet: warning: {path}:1: damaged header" in capsys.readouterr().err
     rows, bad = results.read(path)
     assert not bad and sorted(r["seed"] for r in rows) == [0, 1, 2]
+    assert path.read_text().startswith(healthy)
+    (backup,) = path.parent.glob("table5.csv.damaged-*")
+    assert backup.read_bytes() == damaged, "the damaged file is kept as a backup"
+    assert cli.main(["repair", "table=5", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"]) == 0
+    assert "unchanged" in capsys.readouterr().err and len(list(path.parent.glob("table5.csv.damaged-*"))) == 1
 
 
 def test_repair_recovers_runs_whose_lines_were_lost(tmp_path, capsys, one_thread):

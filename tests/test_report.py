@@ -29,6 +29,13 @@ def run_row(tmp: Path, row_id: str, seed: int, best: float, final: float, *, tab
     }
 
 
+def append(results_dir: Path, table: str, row: dict) -> None:
+    """One line added to a hand-made results file (the report reads what the index or a person wrote)."""
+    path = results.csv_path(results_dir, table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text((path.read_text() if path.exists() else results.HEADER) + results.format_line(row))
+
+
 def write_curve(row: dict, accs: list[float]) -> None:
     d = Path(row["run_dir"])
     d.mkdir(parents=True, exist_ok=True)
@@ -64,20 +71,20 @@ def results_dir(tmp_path: Path) -> Path:
     rdir = tmp_path / "results"
     for seed, (b, f) in enumerate(zip(BEST_8L, FINAL_8L)):
         row = run_row(tmp_path, "8L", seed, b, f)
-        results.append(rdir, "2", row)
+        append(rdir, "2", row)
         write_curve(row, [40.0, 80.0, b, f])
-    results.append(rdir, "2", run_row(tmp_path, "8L", 3, 10.0, float("nan"), status="diverged"))
+    append(rdir, "2", run_row(tmp_path, "8L", 3, 10.0, float("nan"), status="diverged"))
     for seed, (b, f) in enumerate(zip(BEST_10L, FINAL_10L)):
         row = run_row(tmp_path, "10L", seed, b, f)
-        results.append(rdir, "2", row)
+        append(rdir, "2", row)
         if seed == 0:
             write_curve(row, [45.0, 85.0, b, f])  # the other 10L runs have no curve.csv
-    results.append(rdir, "2", run_row(tmp_path, "9L", 0, BEST_9L[0], FINAL_9L[0]))
-    results.append(rdir, "2", run_row(tmp_path, "8L", 0, 55.0, 50.0, profile="smoke", wall_s=5))
+    append(rdir, "2", run_row(tmp_path, "9L", 0, BEST_9L[0], FINAL_9L[0]))
+    append(rdir, "2", run_row(tmp_path, "8L", 0, 55.0, 50.0, profile="smoke", wall_s=5))
     with open(results.csv_path(rdir, "2"), "a") as fh:
         fh.write("2,Arch1 8 layers,8L,7,cifar10\n")  # torn: 5 fields
-    results.append(rdir, "2", run_row(tmp_path, "99L", 0, 91.0, 90.0, label="no such row"))
-    results.append(rdir, "77", run_row(tmp_path, "8L", 0, 91.0, 90.0, table="77"))
+    append(rdir, "2", run_row(tmp_path, "99L", 0, 91.0, 90.0, label="no such row"))
+    append(rdir, "77", run_row(tmp_path, "8L", 0, 91.0, 90.0, table="77"))
     return rdir
 
 
@@ -165,7 +172,7 @@ def test_claims_significant_hold_and_fail(tmp_path: Path):
     accs = {"8L": [90.0, 90.1, 90.2], "9L": [91.0, 91.1, 91.2], "10L": [92.0, 92.1, 92.2], "13L": [93.0, 93.2, 93.1]}
     for rid, xs in accs.items():
         for seed, a in enumerate(xs):
-            results.append(rdir, "2", run_row(tmp_path, rid, seed, a, a - 0.5))
+            append(rdir, "2", run_row(tmp_path, rid, seed, a, a - 0.5))
     md = report.render(rdir, "2", plots=False).read_text()
     (tr,) = report.collect(rdir, "2").tables
     by_cmp = {tuple(c.comparisons): c for c in tr.claims}
@@ -181,10 +188,10 @@ def test_claims_significant_hold_and_fail(tmp_path: Path):
 def test_claims_inconclusive_and_one_run_each(tmp_path: Path):
     rdir = tmp_path / "results"
     for seed, (a, b) in enumerate([(90.0, 90.2), (90.4, 89.9), (90.1, 90.3)]):  # 9L vs 8L: within noise
-        results.append(rdir, "2", run_row(tmp_path, "9L", seed, a, a))
-        results.append(rdir, "2", run_row(tmp_path, "8L", seed, b, b))
-    results.append(rdir, "2", run_row(tmp_path, "10L", 0, 91.0, 91.0))
-    results.append(rdir, "2", run_row(tmp_path, "13L", 0, 90.0, 90.0))
+        append(rdir, "2", run_row(tmp_path, "9L", seed, a, a))
+        append(rdir, "2", run_row(tmp_path, "8L", seed, b, b))
+    append(rdir, "2", run_row(tmp_path, "10L", 0, 91.0, 91.0))
+    append(rdir, "2", run_row(tmp_path, "13L", 0, 90.0, 90.0))
     (tr,) = report.collect(rdir, "2").tables
     by_cmp = {tuple(c.comparisons): c for c in tr.claims}
     overall, (v98, v109) = by_cmp[("9L > 8L", "10L > 9L")].per_metric["best"]
@@ -197,14 +204,14 @@ def test_claims_inconclusive_and_one_run_each(tmp_path: Path):
 
 def test_smoke_only_table_is_labelled(tmp_path: Path):
     rdir = tmp_path / "results"
-    results.append(rdir, "2", run_row(tmp_path, "8L", 0, 30.0, 28.0, profile="smoke", wall_s=3))
-    results.append(rdir, "2", run_row(tmp_path, "8L", 1, 32.0, 29.0, profile="smoke", wall_s=3))
+    append(rdir, "2", run_row(tmp_path, "8L", 0, 30.0, 28.0, profile="smoke", wall_s=3))
+    append(rdir, "2", run_row(tmp_path, "8L", 1, 32.0, 29.0, profile="smoke", wall_s=3))
     md = report.render(rdir, "2").read_text()
     assert report.SMOKE_BANNER in md
     assert "Profile shown: **smoke**" in md
     assert mean_std([30.0, 32.0]) in row_line(md, "8L")
     # asking for the smoke profile when full runs exist shows smoke, still labelled
-    results.append(rdir, "2", run_row(tmp_path, "8L", 0, 90.0, 89.0))
+    append(rdir, "2", run_row(tmp_path, "8L", 0, 90.0, 89.0))
     md_full = report.render(rdir, "2").read_text()
     assert report.SMOKE_BANNER not in md_full and "90.00" in row_line(md_full, "8L")
     md_smoke = report.render(rdir, "2", profile="smoke").read_text()
@@ -236,7 +243,7 @@ def test_error_display_tables(tmp_path: Path):
     rdir = tmp_path / "results"
     for seed, acc in enumerate([99.70, 99.74]):
         rec = run_row(tmp_path, row["id"], seed, acc, acc - 0.02, table=t.name, label=row["label"])
-        results.append(rdir, t.name, rec)
+        append(rdir, t.name, rec)
     md = report.render(rdir, t.name).read_text()
     head = cells([ln for ln in md.splitlines() if ln.startswith("| Row")][0])
     col = dict(zip(head, cells(row_line(md, row["id"]))))
@@ -283,7 +290,7 @@ def stat_conf(tmp_path):
         rdir = tmp_path / "results"
         for rid in ("D", "M", "R", "X"):
             for seed, best in enumerate(STAT_BESTS):
-                results.append(rdir, "stats", run_row(tmp_path, rid, seed, best, best - 0.3, table="stats", label=rid))
+                append(rdir, "stats", run_row(tmp_path, rid, seed, best, best - 0.3, table="stats", label=rid))
         return rdir
     yield make
     tables.use_conf_dir(None)
@@ -418,7 +425,7 @@ def test_a_variant_is_reported_beside_the_papers_rows_with_its_own_claims(tmp_pa
             for seed, acc in enumerate(accs):
                 row = run_row(tmp_path, row_id, seed, acc, acc - 0.2, table="4", label=row_id)
                 row.update(variant=variant, config_hash=f"{row_id}{seed}{variant[:3]}")
-                results.append(out, "4", row)
+                append(out, "4", row)
     path = report.render(out, tables="4", plots=False)
     md = path.read_text()
     assert "## Table 4: Balanced distribution (Arch2)\n" in md
@@ -438,7 +445,7 @@ def test_networks_of_ones_own_are_reported_from_their_csv(tmp_path):
     for seed, acc in enumerate([61.0, 63.0]):
         row = run_row(tmp_path, "arch2", seed, acc, acc, table="custom", label="arch2 (a network of your own)")
         row.update(variant="net.widths=C64,C128{2}", config_hash=f"c{seed}")
-        results.append(out, "custom", row)
+        append(out, "custom", row)
     md = report.render(out, tables="custom", plots=False).read_text()
     assert "Table custom: Networks of your own" in md and "(variant: net.widths=C64,C128{2})" in md
     everything = report.render(out, plots=False).read_text()
@@ -465,7 +472,7 @@ def smoke_like(tmp_path: Path, table: str, seeds=(0, 1)) -> Path:
             best = 10.0 + 3 * i + 5 * seed
             rec = run_row(tmp_path, row["id"], seed, best, best - 2, table=table, profile="smoke", label=row["label"])
             rec["params_paper"] = counted[row["id"]]
-            results.append(rdir, table, rec)
+            append(rdir, table, rec)
     return rdir
 
 
@@ -556,7 +563,7 @@ def test_variants_are_drawn_beside_the_papers_rows_in_one_figure(tmp_path):
             for seed in (0, 1):
                 row = run_row(tmp_path, row_id, seed, acc + seed, acc, table="4", label=row_id)
                 row.update(variant=variant, config_hash=f"{row_id}{seed}{variant[:3]}")
-                results.append(out, "4", row)
+                append(out, "4", row)
     base, variant = report.collect(out, "4").tables
     ab = report_data.ablation_points([base, variant])
     assert ab.series == ["as printed (full runs)", "dataset=cifar100 (full runs)"]
@@ -576,7 +583,7 @@ def test_networks_of_ones_own_get_figures_too(tmp_path):
         row = run_row(tmp_path, "arch2", seed, acc, acc, table="custom", label="arch2 (a network of your own)")
         row.update(variant="net.widths=C64,C128{2}", config_hash=f"c{seed}")
         write_curve(row, [30.0, acc])
-        results.append(out, "custom", row)
+        append(out, "custom", row)
     md = report.render(out).read_text()
     assert "report/tablecustom_ablation.png" in md and "plots failed" not in md
 

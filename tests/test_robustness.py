@@ -3,8 +3,10 @@
 * A training process killed with SIGKILL mid-run resumes from its last checkpoint when the same command is
   run again, finished runs are skipped, the CSV holds one row per run, and the figures equal those of an
   uninterrupted run with the same seed (CPU, smoke-sized runs).
-* Several processes appending to one results CSV at once leave every row intact; a line torn by an older
-  crash is reported (by ``results.read`` and in ``simpnet report``), never dropped or duplicated.
+* Several commands at once on overlapping rows leave every finished run in each table's CSV exactly once
+  (the CSV is an index rebuilt from the run folders, never appended to); a line torn by an older crash is
+  reported (by ``results.read`` and in ``simpnet report``) and the rebuild keeps it in a backup, never
+  duplicates it.
 * A NaN loss stops its run with status ``diverged``; the table's other rows go on.
 * Each kind of bad input gets one line on stderr, a non-zero exit and no traceback, and leaves what was
   already recorded untouched.
@@ -22,7 +24,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import torch
 
 from simpnet_cli import cli
 from simpnet_cli.train import checkpoint
-from simpnet_cli.runs import results
+from simpnet_cli.runs import index, results
 from simpnet_cli.config import tables
 from simpnet_cli.train import loop as train
 
@@ -117,7 +118,7 @@ def fake_row(row_id: str = "P7", table: str = "5", seed: int = 0, config_hash: s
 def record_earlier(results_dir: Path, *tables_: str) -> dict[Path, bytes]:
     """Results recorded before the failing command: one row in each table's CSV. Returns their bytes."""
     for t in tables_:
-        results.append(results_dir, t, fake_row(table=t, row_id="EARLIER"))
+        results.write(results.csv_path(results_dir, t), [results.format_line(fake_row(table=t, row_id="EARLIER"))])
     return {p: p.read_bytes() for p in sorted(results_dir.glob("table*.csv"))}
 
 
@@ -318,65 +319,62 @@ def test_checkpoint_holds_the_whole_training_state(tmp_path, one_thread):
 
 # --------------------------------------------------------------------------- results files
 
-WRITER = textwrap.dedent("""
-    import json, sys, time
-    from pathlib import Path
-    from simpnet_cli.runs import results  # light: no torch, so every writer is at the gate quickly
-    w, n, go, out, base = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
-    while not go.exists():
-        time.sleep(0.001)
-    for i in range(n):
-        row = {**json.loads(base), "row_id": f"W{w}", "seed": i, "config_hash": f"{w:02x}{i:014x}",
-               "run_dir": "x" * (50 + 37 * w)}
-        results.append(out, "5", row)
-""")
-
-
-def test_concurrent_writers_leave_every_row_intact(tmp_path):
-    writers, n = 3, 100
-    go, out = tmp_path / "go", tmp_path / "results"
-    base = json.dumps(fake_row())
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(w), str(n), str(go), str(out), base])
-             for w in range(writers)]
-    time.sleep(1.0)  # let them all import and wait at the gate
-    go.touch()
-    assert [p.wait(120) for p in procs] == [0] * writers
-    path = results.csv_path(out, "5")
-    rows, bad = results.read(path)
-    assert bad == []
-    assert len(rows) == writers * n
-    for w in range(writers):
-        mine = [r for r in rows if r["row_id"] == f"W{w}"]
-        assert [r["seed"] for r in mine] == list(range(n))
-        assert all(r["run_dir"] == "x" * (50 + 37 * w) and r["config_hash"] == f"{w:02x}{r['seed']:014x}"
-                   for r in mine)
-    lines = path.read_text().split("\n")
-    assert lines[-1] == "" and lines.count(",".join(results.COLUMNS)) == 1 and lines[0] == ",".join(results.COLUMNS)
-    switches = sum(a["row_id"] != b["row_id"] for a, b in zip(rows, rows[1:]))
-    assert switches > 0, "the writers did not overlap; the test proved nothing"
+def test_concurrent_commands_on_overlapping_rows_leave_every_run_in_each_csv_once(tmp_path):
+    """Table 2, Table 7 (whose 3x3-300K is Table 2's 8L) and Table 2 again, all at once. Each command writes
+    only run folders and rebuilds the CSVs from them: every finished run is in each of its tables once."""
+    out, runs = tmp_path / "results", tmp_path / "experiments"
+    common = ["profile=smoke", "quiet=true", f"results_dir={out}", f"runs_dir={runs}"]
+    procs = [subprocess.Popen([*SIMPNET, "run", f"table={t}", *common], cwd=tmp_path, env=subprocess_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for t in ("2", "7", "2")]
+    logs = [p.communicate(timeout=600)[1] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0 and "Traceback" not in log, log
+    hashes = {}
+    for name in ("2", "7"):
+        path = results.csv_path(out, name)
+        rows, bad = results.read(path)
+        assert not bad, [str(b) for b in bad]
+        want = sorted(r["id"] for r in tables.load_table(name).rows)
+        assert sorted(r["row_id"] for r in rows) == want and len(path.read_text().splitlines()) == 1 + len(want)
+        for r in rows:
+            saved = json.loads((Path(r["run_dir"]) / "result.json").read_text())
+            assert r["status"] == "ok" and saved["config_hash"] == r["config_hash"] == Path(r["run_dir"]).name
+            assert saved["final_acc"] == r["final_acc"] and saved["params_total"] == r["params_total"]
+        hashes[name] = {r["row_id"]: r["config_hash"] for r in rows}
+    assert hashes["2"]["8L"] == hashes["7"]["3x3-300K"]
+    assert len(list(runs.iterdir())) == 4 + 6 - 1  # the shared network trained once
+    # The two Table 2 commands met on the same rows: one found them busy or already recorded.
+    assert any(w in logs[0] + logs[2] for w in ("busy", "skipped")), logs
 
 
 @pytest.mark.parametrize("cut", ["middle", "in_last_field", "after_last_comma"])
-def test_torn_line_is_reported_and_the_next_append_is_intact(tmp_path, cut):
-    out = tmp_path / "results"
-    results.append(out, "5", fake_row("P5"))
+def test_torn_line_is_reported_and_the_next_rebuild_is_intact(tmp_path, cut, finished_run):
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    p5, p3, p7 = planned(["run", "table=5", "row=[P5,P3,P7]", "profile=smoke"], results_dir=out, runs_dir=runs)
+    finished_run(p5, out, runs, "2025-01-01T00:00:01Z")
+    index.rebuild(out, "5", runs)
     path = results.csv_path(out, "5")
-    torn_full = results._format(fake_row("P3", config_hash="fedcba9876543210"))
+    torn_full = results.format_line(fake_row("P3", config_hash=p3.config_hash))
     at = {"middle": len(torn_full) // 2, "in_last_field": len(torn_full) - 6,
           "after_last_comma": torn_full.rindex(",") + 1}[cut]
     with open(path, "a") as fh:
         fh.write(torn_full[:at])  # an older crash: no newline
-    results.append(out, "5", fake_row("P7"))
     rows, bad = results.read(path)
-    assert [r["row_id"] for r in rows] == ["P5", "P7"]
+    assert [r["row_id"] for r in rows] == ["P5"]
     assert len(bad) == 1 and bad[0].lineno == 3 and bad[0].text == torn_full[:at]
-    assert results.recorded(out, "5") == {("P5", "0123456789abcdef", 0), ("P7", "0123456789abcdef", 0)}
-    assert path.read_text().count(torn_full[:at]) == 1  # kept for inspection, not duplicated
+    torn_file = path.read_text()
+    finished_run(p7, out, runs, "2025-01-01T00:00:02Z")  # P3's folder is gone: its line is lost in the tear
+    index.rebuild(out, "5", runs)
+    rows, bad = results.read(path)
+    assert [r["row_id"] for r in rows] == ["P5", "P7"] and not bad
+    assert index.recorded(out, "5", runs) == {("P5", p5.config_hash, 0), ("P7", p7.config_hash, 0)}
+    (backup,) = path.parent.glob("table5.csv.damaged-*")
+    assert backup.read_text() == torn_file and torn_full[:at] not in path.read_text()  # kept once, aside
 
 
-def test_run_warns_about_a_torn_line_and_records_that_run_again_without_training(tmp_path, capsys, one_thread):
-    """A crash tore the line of a finished run: the next `simpnet run` says so, keeps the torn line, and
-    records the run once more from its result.json instead of training it again."""
+def test_run_warns_about_a_torn_line_and_indexes_that_run_again_without_training(tmp_path, capsys, one_thread):
+    """A crash tore the line of a finished run: the next `simpnet run` says so, keeps the torn file aside, and
+    indexes the run once more from its folder instead of training it again."""
     out, runs = tmp_path / "results", tmp_path / "runs"
     args = ["run", "table=5", "row=P5", "profile=smoke", f"results_dir={out}", f"runs_dir={runs}"]
     assert cli.main(args) == 0
@@ -391,17 +389,19 @@ def test_run_warns_about_a_torn_line_and_records_that_run_again_without_training
     assert f"simpnet: warning: {path}:2:" in err and "torn" in err
     assert " iter " not in err, "a finished run is not trained again"
     rows, bad = results.read(path)
-    assert [r["row_id"] for r in rows] == ["P5"] and [b.lineno for b in bad] == [2]
-    assert path.read_text().startswith(torn + "\n")
-    assert cli.main(args) == 0  # and now it is recorded: skipped, nothing appended
+    assert [r["row_id"] for r in rows] == ["P5"] and not bad
+    assert path.read_text() == text
+    (backup,) = path.parent.glob("table5.csv.damaged-*")
+    assert backup.read_text() == torn  # kept for inspection
+    assert cli.main(args) == 0  # and now it is recorded: skipped, nothing written
     assert "already recorded" in capsys.readouterr().err
-    assert results.read(path)[0] == rows
+    assert results.read(path)[0] == rows and path.read_text() == text
 
 
 def test_report_lists_a_torn_line_as_skipped(tmp_path):
     out = tmp_path / "results"
-    results.append(out, "5", fake_row("P5"))
-    torn = results._format(fake_row("P3"))[:40]
+    results.write(results.csv_path(out, "5"), [results.format_line(fake_row("P5"))])
+    torn = results.format_line(fake_row("P3"))[:40]
     with open(results.csv_path(out, "5"), "a") as fh:
         fh.write(torn)
     proc = simpnet("report", "table=5", f"results_dir={out}", cwd=tmp_path)
@@ -412,20 +412,27 @@ def test_report_lists_a_torn_line_as_skipped(tmp_path):
     assert "table5.csv:3" in proc.stderr  # and warned about
 
 
-def test_full_disk_while_appending_leaves_the_csv_as_it_was(tmp_path, monkeypatch):
-    out = tmp_path / "results"
+def test_full_disk_while_rebuilding_leaves_the_csv_as_it_was(tmp_path, monkeypatch, finished_run):
+    out, runs = tmp_path / "results", tmp_path / "runs"
     snapshot = record_earlier(out, "5")
-    real_write = os.write
+    (p5,) = planned(["run", "table=5", "row=P5", "profile=smoke"], results_dir=out, runs_dir=runs)
+    finished_run(p5, out, runs, "2025-06-01T00:00:00Z")
+    real_write, calls = os.write, []
 
-    def half_write(fd, data):  # the disk fills part-way through the line
+    def filling(fd, data):  # the disk fills part-way through the file
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(fd, data[: len(data) // 2])
 
-    monkeypatch.setattr(results.os, "write", half_write)
-    with pytest.raises(results.UserError, match="cannot write results"):
-        results.append(out, "5", fake_row("P5"))
+    monkeypatch.setattr(results.os, "write", filling)
+    with pytest.raises(results.UserError, match="cannot write results.*disk is full"):
+        index.rebuild(out, "5", runs)
     monkeypatch.undo()
+    assert calls, "the rebuild did not write"
     assert_untouched(snapshot)
-    results.append(out, "5", fake_row("P5"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no half-written file is left behind"
+    index.rebuild(out, "5", runs)
     rows, bad = results.read(results.csv_path(out, "5"))
     assert [r["row_id"] for r in rows] == ["EARLIER", "P5"] and not bad
 

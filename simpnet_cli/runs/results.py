@@ -1,21 +1,21 @@
-"""results/table<N>.csv: one line per finished run, appended atomically, read back with every bad line reported.
+"""results/table<N>.csv: the format of a table's index of finished runs, read tolerantly, written atomically.
 
-Several processes (packed runs, SLURM jobs) append to the same file. Each append takes an exclusive
-``flock`` on a sidecar lock file and writes the whole line with one ``write`` on an O_APPEND descriptor,
-then fsyncs, so a line is either wholly there or not at all. A line torn by an older crash (a machine
-lost power mid-write before this scheme, or a file edited by hand) is never dropped silently: readers
-return it as a ``BadLine`` and the next append starts on a fresh line so it cannot glue onto it.
+The file is an index (runs/index.py rebuilds it from the run folders), never appended to: it is written whole
+to a temporary file beside it and renamed over it, so readers see the old file or the new one. It is still
+read tolerantly, because it may come from an older simpnet (which appended to it), a spreadsheet (BOM,
+reordered columns) or an editor: columns are matched by header name, never by position, an exact duplicate
+line counts once, and every line that is not a finished run of the file's table is returned as a ``BadLine``
+(the report lists it; a rebuild drops it and keeps the old file as a backup).
 """
 from __future__ import annotations
 
 import csv
 import errno
-import fcntl
 import io
 import math
 import os
 import re
-from contextlib import contextmanager, suppress
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +28,16 @@ COLUMNS = [
 ]
 NUMERIC = {"seed", "params_paper", "params_total", "final_acc", "best_acc", "best_iter", "iterations",
            "epochs", "wall_s", "img_per_s"}
+INTEGER = {"seed", "params_paper", "params_total", "best_iter", "iterations"}
 STATUSES = {"ok", "diverged"}
 # Columns that may be empty: ``variant`` is empty for a paper's row as printed (no overrides).
 MAY_BE_EMPTY = {"variant"}
 # Columns added after the first release: a file written before them reads them as these values.
 LATER_COLUMNS = {"variant": "", "step_mode": "eager"}
-# The last column: a line torn inside it still has every field, so its form is checked (an ISO 8601 time
-# to the second; the writer adds a Z).
+# An ISO 8601 time to the second (the writer adds a Z): a line torn inside its last column fails this.
 FINISHED_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:?\d\d)?")
+BOM = "\ufeff"  # a spreadsheet that re-saves the file as "UTF-8 with BOM" puts this before the header
+HEADER = ",".join(COLUMNS) + "\n"
 
 
 @dataclass(frozen=True)
@@ -44,123 +46,36 @@ class BadLine:
     lineno: int
     text: str
     why: str
+    duplicate: bool = False  # an exact copy of an earlier line: it carries nothing, so dropping it loses nothing
 
     def __str__(self) -> str:
         return f"{self.path}:{self.lineno}: {self.why}: {self.text[:80]!r}"
+
+
+@dataclass(frozen=True)
+class Line:
+    """A good line: its number, its fields as written (by column name) and as values (numbers parsed)."""
+    lineno: int
+    raw: dict
+    rec: dict
 
 
 def csv_path(results_dir: Path, table: str) -> Path:
     return Path(results_dir) / f"table{table}.csv"
 
 
-@contextmanager
-def _locked(path: Path):
-    lock = path.with_name(path.name + ".lock")
-    with open(lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def table_of(path: Path) -> str:
+    return Path(path).name.removeprefix("table").removesuffix(".csv")
 
 
-def _format(row: dict) -> str:
+def format_line(row: dict) -> str:
+    """One CSV line (with its newline) in the column order of ``COLUMNS``."""
     missing = [c for c in COLUMNS if row.get(c) is None or (row.get(c) == "" and c not in MAY_BE_EMPTY)]
     if missing:
         raise ValueError(f"result row lacks {missing}")
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerow([row[c] for c in COLUMNS])
     return buf.getvalue()
-
-
-class DamagedResults(UserError):
-    """A results file that cannot be read back reliably: nothing is appended to it until it is repaired."""
-
-
-BOM = "\ufeff"  # a spreadsheet that re-saves the file as "UTF-8 with BOM" puts this before the header
-OLD_COLUMNS = [c for c in COLUMNS if c not in LATER_COLUMNS]  # the layout before `variant` and `step_mode`
-
-
-def _header_kind(header: list[str]) -> str:
-    """``current``, ``old`` (written before the later columns: migrated on the next append) or ``damaged``."""
-    if header == COLUMNS:
-        return "current"
-    if header == OLD_COLUMNS:
-        return "old"
-    return "damaged"
-
-
-def _first_line(path: Path) -> str:
-    with open(path, "r", encoding="utf-8", errors="replace", newline="") as fh:
-        return fh.readline().rstrip("\r\n").removeprefix(BOM)
-
-
-def repair_hint(path: Path) -> str:
-    return (f"run `simpnet repair table={path.stem.removeprefix('table')} results_dir={path.parent}` to rewrite it "
-            f"from its good lines and the runs' folders (the damaged file is kept as a backup)")
-
-
-def check_appendable(path: Path) -> None:
-    """Raise ``DamagedResults`` unless ``path`` is absent, empty or starts with a header we can read back."""
-    path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    header = next(csv.reader([_first_line(path)]), [])
-    if _header_kind(header) == "damaged":
-        raise DamagedResults(f"{path}: its header line is damaged ({','.join(header)[:60]!r}), so its lines cannot "
-                             f"be matched to runs and nothing is appended; {repair_hint(path)}")
-
-
-def _migrate(path: Path) -> None:
-    """Rewrite a file of the old layout with the current header and the later columns' defaults (under the lock)."""
-    rows, bad = read(path)
-    if bad:
-        raise DamagedResults(f"{path}: written by an older simpnet and holding {len(bad)} damaged line(s); "
-                             f"{repair_hint(path)}")
-    text = ",".join(COLUMNS) + "\n" + "".join(_format({**row}) for row in rows)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def append(results_dir: Path, table: str, row: dict) -> Path:
-    """Append one run's row to results/table<N>.csv (header first if the file is new)."""
-    path = csv_path(results_dir, table)
-    line = _format(row)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(path):
-            check_appendable(path)
-            if path.exists() and path.stat().st_size and \
-                    _header_kind(next(csv.reader([_first_line(path)]))) == "old":
-                _migrate(path)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                size = os.fstat(fd).st_size
-                prefix = ""
-                if size == 0:
-                    prefix = ",".join(COLUMNS) + "\n"
-                else:
-                    with open(path, "rb") as fh:
-                        fh.seek(size - 1)
-                        if fh.read(1) != b"\n":
-                            prefix = "\n"  # an older torn line: keep it (reported by read), start afresh
-                data = (prefix + line).encode()
-                try:
-                    written = os.write(fd, data)
-                    if written != len(data):  # a full disk takes part of a line: take it back
-                        raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
-                    os.fsync(fd)
-                except OSError:
-                    with suppress(OSError):  # under the lock, so the file still ends where we found it
-                        os.ftruncate(fd, size)
-                    raise
-            finally:
-                os.close(fd)
-    except OSError as err:
-        why = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-        raise UserError(f"cannot write results to {path}: {why}") from None
-    return path
 
 
 def _check(rec: dict) -> str | None:
@@ -175,110 +90,102 @@ def _check(rec: dict) -> str | None:
             return f"column {c} is not finite"
     if rec["status"] not in STATUSES:
         return f"unknown status {rec['status']!r}"
-    if "finished_at" in rec and not FINISHED_AT.fullmatch(rec["finished_at"]):
+    if not FINISHED_AT.fullmatch(rec["finished_at"]):
         return f"column finished_at is not a time ({rec['finished_at']!r}): torn or edited line"
     return None
 
 
-def read(path: Path) -> tuple[list[dict], list[BadLine]]:
-    """Every well-formed row of one CSV (numbers as floats/ints) and every line that is not."""
+def typed(raw: dict) -> dict:
+    """A line's fields with its numbers as ints and floats."""
+    rec = dict(raw)
+    for c in NUMERIC:
+        rec[c] = int(float(rec[c])) if c in INTEGER else float(rec[c])
+    return rec
+
+
+def parse(path: Path, table: str | None = None) -> tuple[list[Line], list[BadLine]]:
+    """Every good line of one CSV and every line that is not, for the table ``table`` (by default the one the
+    file's name says). Columns are found by their header names."""
     path = Path(path)
+    table = table_of(path) if table is None else str(table)
     if not path.exists():
         return [], []
-    rows, bad = [], []
-    text = path.read_text(errors="replace").removeprefix(BOM)
-    lines = text.split("\n")
+    lines = path.read_text(errors="replace").removeprefix(BOM).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if not lines:
         return [], []
-    header = next(csv.reader([lines[0]]), [])
-    kind = _header_kind(header)
-    if kind == "damaged":
-        # Read the lines by the layout this version writes, so the report still shows every good line.
-        bad.append(BadLine(path, 1, lines[0], "damaged header (lines read by the current column layout)"))
-        header = COLUMNS
+    header = [h.strip() for h in next(csv.reader([lines[0]]), [])]
+    missing = [c for c in COLUMNS if c not in header and c not in LATER_COLUMNS]
+    if missing or len(set(header)) != len(header):
+        why = "damaged header: its lines cannot be matched to columns (`simpnet repair` rebuilds the file from " \
+              "the run folders)"
+        return [], [BadLine(path, 1, lines[0], why)] + [
+            BadLine(path, n, line, "not read: the header line is damaged")
+            for n, line in enumerate(lines[1:], 2) if line.strip()]
+    good, bad, seen = [], [], {}
     for n, line in enumerate(lines[1:], 2):
-        if not line.strip():
+        text = line.rstrip("\r")
+        if not text.strip():
             continue
+        if text in seen:
+            bad.append(BadLine(path, n, text, f"duplicate of line {seen[text]} (counted once)", duplicate=True))
+            continue
+        seen[text] = n
         try:
-            fields = next(csv.reader([line]))
+            fields = next(csv.reader([text]))
         except csv.Error as err:
-            bad.append(BadLine(path, n, line, f"unparsable ({err})"))
+            bad.append(BadLine(path, n, text, f"unparsable ({err})"))
             continue
-        layout = header if kind != "damaged" or len(fields) != len(OLD_COLUMNS) else OLD_COLUMNS
-        if len(fields) != len(layout):
-            bad.append(BadLine(path, n, line, f"{len(fields)} fields, expected {len(header)} (torn or edited line)"))
+        if len(fields) != len(header):
+            bad.append(BadLine(path, n, text, f"{len(fields)} fields, expected {len(header)} (torn or edited line)"))
             continue
-        rec = {**LATER_COLUMNS, **dict(zip(layout, fields))}
-        why = _check(rec)
+        raw = {**LATER_COLUMNS, **{h: f for h, f in zip(header, fields) if h in COLUMNS}}
+        why = _check(raw)
+        if why is None and raw["table"] != table:
+            why = f"a line of table {raw['table']!r} in the file of table {table!r}"
         if why:
-            bad.append(BadLine(path, n, line, why))
+            bad.append(BadLine(path, n, text, why))
             continue
-        for c in NUMERIC:
-            rec[c] = int(float(rec[c])) if c in ("seed", "params_paper", "params_total", "best_iter", "iterations") \
-                else float(rec[c])
-        rows.append(rec)
-    return rows, bad
+        good.append(Line(n, raw, typed(raw)))
+    return good, bad
 
 
-def recorded(results_dir: Path, table: str) -> set[tuple[str, str, int]]:
-    """(row_id, config_hash, seed) of every run already in the table's CSV: these are not recorded twice."""
-    rows, _ = read(csv_path(results_dir, table))
-    return {(r["row_id"], r["config_hash"], int(r["seed"])) for r in rows}
+def read(path: Path) -> tuple[list[dict], list[BadLine]]:
+    """Every well-formed row of one CSV (numbers as floats/ints) and every line that is not."""
+    good, bad = parse(path)
+    return [line.rec for line in good], bad
 
 
 def key(rec: dict) -> tuple[str, str, str, int]:
-    """What identifies a recorded run in a table: at most one line per key, whatever happened before."""
-    return (str(rec["table"]), str(rec["row_id"]), str(rec["config_hash"]), int(rec["seed"]))
+    """What identifies a recorded run in a table: at most one line per key."""
+    return (str(rec["table"]), str(rec["row_id"]), str(rec["config_hash"]), int(float(rec["seed"])))
 
 
-RECORDS = "records.json"  # in each run folder: {table: the CSV line recorded for it}, for `simpnet repair`
+def _why(err: OSError) -> str:
+    return "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
 
 
-def repair(results_dir: Path, table: str, runs_dir: Path) -> dict:
-    """Rewrite results/table<N>.csv from its good lines and the lines its runs' folders remember.
-
-    The good lines are kept in order (a damaged header or a BOM does not lose them), duplicates dropped, runs
-    recorded in ``runs_dir/*/records.json`` but missing from the file added back; the old file is kept beside
-    it as ``table<N>.csv.damaged-<time>``. Returns counts of what it did."""
-    import json
-    import shutil
-    import time
-
-    path = csv_path(results_dir, table)
-    with _locked(path) if path.parent.is_dir() else suppress():
-        rows, bad = read(path)
-        kept, seen = [], set()
-        for rec in rows:
-            if key(rec) not in seen:
-                seen.add(key(rec))
-                kept.append(rec)
-        recovered = 0
-        for records in sorted(Path(runs_dir).glob(f"*/{RECORDS}")):
-            try:
-                rec = json.loads(records.read_text()).get(str(table))
-            except (OSError, ValueError, AttributeError):
-                continue
-            if isinstance(rec, dict) and set(COLUMNS) <= set(rec) and key(rec) not in seen:
-                seen.add(key(rec))
-                kept.append(rec)
-                recovered += 1
-        backup = None
-        if path.exists():
-            backup = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.copy2(path, backup)
-        if not kept and not path.exists():
-            return {"kept": 0, "recovered": 0, "dropped": 0, "duplicates": 0, "backup": None}
-        text = ",".join(COLUMNS) + "\n" + "".join(_format(rec) for rec in kept)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def write(path: Path, lines: list[str]) -> None:
+    """Replace ``path`` with the header and ``lines`` (each from ``format_line`` or a line read back verbatim):
+    written to a temporary file in the same folder, fsynced and renamed, so a reader or a crash sees the old
+    file or the new one, and two writers racing leave one of their files whole."""
+    path = Path(path)
+    data = (HEADER + "".join(lines)).encode()
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"cannot rewrite {path}: {err.strerror or err}; the original is unchanged") from None
-    dropped = [b for b in bad if b.lineno != 1 or "header" not in b.why]
-    return {"kept": len(kept) - recovered, "recovered": recovered, "dropped": len(dropped),
-            "duplicates": len(rows) - (len(kept) - recovered), "backup": backup}
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write results to {path}: {_why(err)}; the file is as it was") from None

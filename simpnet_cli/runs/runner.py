@@ -1,30 +1,28 @@
 """Plan the runs a command asks for and execute them: skip finished ones, resume interrupted ones, record each.
 
-A run's identity is the hash of its resolved config and seed (tables.RunSpec.config_hash), its folder is
-``runs_dir/<hash>`` and its record is one line in ``results/table<N>.csv``. Rows that are the same network
-trained the same way in two tables (Table 2's 8-layer net is Table 7's 3x3 300K and Table 9's first row)
-share one run and get one line in each table's CSV.
+A run's identity is the hash of its resolved config and seed (tables.RunSpec.config_hash) and its folder,
+``runs_dir/<hash>``, is its record: ``results/table<N>.csv`` is an index rebuilt from the folders after each
+run and at the end of each command (runs/index.py). Rows that are the same network trained the same way in two
+tables (Table 2's 8-layer net is Table 7's 3x3 300K and Table 9's first row) share one run folder, with a
+record for each table row, and get one line in each table's CSV.
 """
 from __future__ import annotations
 
 import fcntl
-import json
 import multiprocessing as mp
 import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from simpnet_cli.runs import index
 from simpnet_cli.runs import progress
-from simpnet_cli.runs import results
 from simpnet_cli.config import tables
 from simpnet_cli.train import loop as train
 from simpnet_cli.errors import UserError
-from simpnet_cli.files import write_json
 from simpnet_cli.config.variants import RowOverrides
 
 
@@ -80,20 +78,6 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def csv_row(run: tables.RunSpec, result: dict, run_dir: Path, profile: str) -> dict:
-    return {
-        "table": run.table, "row": run.label, "row_id": run.row_id, "variant": run.variant, "seed": run.seed,
-        "dataset": run.dataset["name"], "params_paper": result["params_paper"],
-        "params_total": result["params_total"], "paper_params": run.paper.get("params", "-"),
-        "paper_acc": run.paper.get("acc", "-"), "final_acc": result["final_acc"], "best_acc": result["best_acc"],
-        "best_iter": result["best_iter"], "iterations": result["iterations"], "epochs": result["epochs"],
-        "wall_s": result["wall_s"], "img_per_s": result["img_per_s"], "device": result["device"],
-        "precision": result["precision"], "step_mode": result.get("step_mode", "eager"), "profile": profile, "status": result["status"],
-        "config_hash": run.config_hash, "run_dir": str(run_dir),
-        "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-
-
 class RunLock:
     """An exclusive, non-blocking lock on a run folder, so two processes never train the same run."""
 
@@ -147,12 +131,15 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str,
         shown = progress.Reporter({}, 0, quiet=opts.quiet, tty=False)
     run_dir = opts.runs_dir / run.config_hash
     name, key = progress.run_name(run), progress.run_key(run)
-    if (run.row_id, run.config_hash, run.seed) in results.recorded(opts.results_dir, run.table):
+    if index.is_recorded(opts.results_dir, opts.runs_dir, run):
         return "skipped", f"{name}: already recorded"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create run folder {run_dir}: {err.strerror or err}") from None
+    # The run's membership in this table goes in before it trains, so whichever process finishes the run
+    # (this one, or another that holds it now) indexes it in this table too.
+    index.write_record(run_dir, opts.results_dir, index.record_of(run, run_dir, opts.profile))
     with RunLock(run_dir) as locked:
         if not locked:
             return "busy", f"{name}: being trained by another process ({run_dir})"
@@ -163,26 +150,17 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str,
         if dev.type == "cpu" and opts.jobs_per_device > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs_per_device))
         shown.run_started(key, name, str(run_dir))
-        result = train.train_run(run, run_dir, dev, opts.data_dir, opts.download,
-                                 lambda msg: shown.note(key, msg), progress=lambda ev: shown.event(key, ev),
-                                 loggers=opts.logger)
-        # A second check under the run lock: another process may have recorded it meanwhile.
-        if (run.row_id, run.config_hash, run.seed) not in results.recorded(opts.results_dir, run.table):
-            line = csv_row(run, result, run_dir, opts.profile)
-            remember_record(run_dir, run.table, line)
-            results.append(opts.results_dir, run.table, line)
+        train.train_run(run, run_dir, dev, opts.data_dir, opts.download,
+                        lambda msg: shown.note(key, msg), progress=lambda ev: shown.event(key, ev),
+                        loggers=opts.logger)
+        # Checked against the folder's name and config.yaml (a finished result found here may be another
+        # run's), and tied to its run in result.json.
+        result = index.seal(run_dir)
+    # After the lock: a process that found this run busy has written its record before trying the lock.
+    index.rebuild_tables(opts.results_dir, opts.runs_dir,
+                         index.tables_recorded(opts.runs_dir, opts.results_dir, run_dir), warn, lasting=False)
     metric = f"final {result['final_acc']:.2f}%, best {result['best_acc']:.2f}% @ {result['best_iter']}"
     return result["status"], f"{name}: {result['status']} ({metric}, {result['img_per_s']:.0f} img/s)"
-
-
-def remember_record(run_dir: Path, table: str, line: dict) -> None:
-    """Keep the CSV line in the run folder too, so `simpnet repair` can rebuild a damaged results file."""
-    path = run_dir / results.RECORDS
-    try:
-        known = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        known = {}
-    write_json(path, {**(known if isinstance(known, dict) else {}), table: line})
 
 
 def _worker(run, opts, device_slots, shown=None):
@@ -205,22 +183,14 @@ def devices_for(opts: Options) -> list[str]:
     return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
 
 
-def warn_bad_lines(results_dir: Path, table_names: list[str]) -> None:
-    """Say which lines of the CSVs we are about to append to are torn or malformed. They are kept as they
-    are and do not count as recorded, so a run whose line was torn is recorded again (from its result.json
-    when it finished, without training again)."""
-    for name in table_names:
-        for bad in results.read(results.csv_path(results_dir, name))[1]:
-            print(f"simpnet: warning: {bad} (kept, not counted as a recorded run)", file=sys.stderr, flush=True)
+def warn(msg: str) -> None:
+    print(f"simpnet: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
     """Run everything in ``runs``: one after another, or ``jobs_per_device`` at once on every visible device."""
     check_writable(opts.results_dir, "results_dir")
     check_writable(opts.runs_dir, "runs_dir")
-    for name in sorted({r.table for r in runs}):  # a file we could not read back would gain duplicates
-        results.check_appendable(results.csv_path(opts.results_dir, name))
-    warn_bad_lines(opts.results_dir, sorted({r.table for r in runs}))
     counts: dict[str, int] = {}
 
     def tally(run: tables.RunSpec, outcome: str, msg: str) -> None:
@@ -238,8 +208,11 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
         if workers <= 1:  # in this process; the first bad input stops everything, with its own message
             for run in first + twins:
                 tally(run, *execute_one(run, opts, slots[0], shown))
-            return counts
-        execute_packed(first, twins, opts, slots, workers, shown, tally)
+        else:
+            execute_packed(first, twins, opts, slots, workers, shown, tally)
+    # Every table of the command, whatever its runs did: a damaged or stale file is rebuilt, runs killed
+    # before their rebuild are indexed, and what was refused or dropped is said once.
+    index.rebuild_tables(opts.results_dir, opts.runs_dir, {r.table for r in runs}, warn)
     if counts.get("error"):
         raise UserError(f"{counts['error']} run(s) failed; see the messages above")
     return counts
@@ -248,7 +221,7 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
 def progress_for(runs: list[tables.RunSpec], opts: Options, run_bars: bool) -> progress.Reporter:
     """The command's progress display: runs already recorded count as done; the iterations to train are
     those of every other distinct run (a resumed run's earlier ones are taken off when it starts)."""
-    recorded = {t: results.recorded(opts.results_dir, t) for t in {r.table for r in runs}}
+    recorded = {t: index.recorded(opts.results_dir, t, opts.runs_dir) for t in {r.table for r in runs}}
     expected, seen, done = {}, set(), 0
     for run in runs:
         if (run.row_id, run.config_hash, run.seed) in recorded[run.table]:

@@ -231,13 +231,13 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
     ``iters`` timed steps per network (default 20 on a GPU, 2 on the CPU), at ``batch_size`` images (default:
     the run's own) and scaled to the run's batch: ``iters=1 batch_size=8`` is a rough estimate in under a
     minute anywhere. ``say`` gets a line per network as it is timed, so a long estimate shows its progress."""
-    from simpnet_cli.runs import results
+    from simpnet_cli.runs import index
     from simpnet_cli.runs.runner import devices_for, pick_device
 
     device = pick_device(devices_for(opts)[0])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    recorded = {name: results.recorded(opts.results_dir, name) for name in {r.table for r in runs}}
+    recorded = {name: index.recorded(opts.results_dir, name, opts.runs_dir) for name in {r.table for r in runs}}
     todo, seen = [], set()
     for run in runs:
         if run.config_hash in seen or (run.row_id, run.config_hash, run.seed) in recorded[run.table]:
