@@ -243,6 +243,7 @@ def test_error_display_tables(tmp_path: Path):
     rdir = tmp_path / "results"
     for seed, acc in enumerate([99.70, 99.74]):
         rec = run_row(tmp_path, row["id"], seed, acc, acc - 0.02, table=t.name, label=row["label"])
+        rec["dataset"] = row["dataset"]  # (the fixture's default is CIFAR-10; this row's data is its own)
         append(rdir, t.name, rec)
     md = report.render(rdir, t.name).read_text()
     head = cells([ln for ln in md.splitlines() if ln.startswith("| Row")][0])
@@ -634,7 +635,7 @@ def test_report_of_one_table_keeps_the_other_tables_sections_and_figures(tmp_pat
         for seed, acc in enumerate([90.0, 90.5]):
             row = run_row(tmp_path, row_id, seed, acc, acc - 0.1, table=table)
             write_curve(row, [50.0, acc])
-            results.append(rdir, table, row)
+            append(rdir, table, row)
     report.render(rdir)  # draws both tables' figures
     drawn = (rdir / "report" / "table2_ablation.png").stat().st_mtime_ns
     md = report.render(rdir, "7").read_text()
@@ -650,7 +651,7 @@ def test_a_variant_on_another_dataset_has_no_paper_yardstick(tmp_path):
     for seed, acc in enumerate([70.0, 71.0]):
         row = run_row(tmp_path, "5M-C10", seed, acc, acc - 0.2, table="12", label="SimpNet 5.48M, CIFAR-10")
         row.update(variant="dataset=cifar100", dataset="cifar100", config_hash=f"v{seed}")
-        results.append(out, "12", row)
+        append(out, "12", row)
     rep = report.collect(out, "12")
     (variant,) = [tr for tr in rep.tables if tr.variant]
     (r,) = [r for r in variant.rows if r.row_id == "5M-C10"]
