@@ -125,12 +125,15 @@ def plan_runs(cfg, variant):
                        profile, run_opts, data_opts, variant, base_profile(cfg))
 
 
-def base_profile(cfg) -> dict:
+def base_profile(cfg) -> dict | None:
     """The profile as its file says, before profile.* keys of the command line: what a run is compared with to
     name its variant (a run with profile.train.eval_every=4 is not the paper's row, whatever the words typed)."""
     from simpnet_cli.config import tables
 
-    return tables.load_named("profile", str(cfg.profile.name))
+    try:
+        return tables.load_named("profile", str(cfg.profile.name))
+    except UserError:  # a profile of one's own whose `name` is not its file's: nothing to compare with
+        return None
 
 
 def table_selector(cfg):
