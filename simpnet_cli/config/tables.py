@@ -394,7 +394,8 @@ def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | 
         # row): then it is the paper's row under its profile, and is recorded (and skipped) as that row.
         over = overrides or RowOverrides()
         # A group choice that is the row's own (dataset=cifar10 on a CIFAR-10 row) changes nothing: not named.
-        same = tuple(g for g, choice in over.choices.items() if isinstance(row.get(g), str) and row[g] == choice)
+        same = tuple(g for g, choice in over.choices.items()
+                     if table.path is not None and isinstance(row.get(g), str) and row[g] == choice)
         words = over.text(skip=(("arch",) if table.path is None else ()) + same, widths=spec.widths)
         variant = " ".join([words] * bool(words) + [f"{k}={_word(v)}" for k, v in unnamed])
         if table.path is not None and variant:
