@@ -63,6 +63,17 @@ def finished_run():
     return make
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (runs that must match bit for bit, or share the cores with others)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- tiers
 # `make test` runs everything; `make test-fast` (pytest -m "not slow") skips the tests below, which train real
 # networks or drive whole commands in subprocesses, for an inner loop of about two minutes. A test is listed here

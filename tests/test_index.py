@@ -16,21 +16,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from simpnet_cli import cli
 from simpnet_cli.runs import index, results
 
 SMOKE = ["profile=smoke", "quiet=true"]
 SCRIPT = Path(sys.executable).with_name("simpnet")
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def dirs(tmp_path: Path) -> tuple[Path, Path]:

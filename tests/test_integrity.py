@@ -42,14 +42,6 @@ def one_line(capsys, code: int, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- results files
 
 def test_a_csv_resaved_with_a_bom_gains_no_duplicate_and_reports_its_lines(tmp_path, one_thread):

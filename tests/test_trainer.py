@@ -21,14 +21,6 @@ CPU = torch.device("cpu")
 TAGS = sorted(C.LOGGED.values())
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_run(iterations: int, eval_every: int, checkpoint_every: int) -> tables.RunSpec:
     table = tables.load_table("5")
     profile = {"train": {"iterations": iterations, "batch_size": 8, "eval_every": eval_every,
