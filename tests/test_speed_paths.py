@@ -88,7 +88,7 @@ def test_graphed_step_matches_eager_step_on_gpu():
         dev = torch.device("cuda")
         data = D.load(run.dataset, Path("."), False, dev, 100, 0)
         model = M.build_model(run.spec, run.in_shape, run.net).to(dev).to(memory_format=torch.channels_last)
-        opt = train.make_optimizer(run.solver, model.parameters(), capturable=graphs)
+        opt = train.make_optimizer(run.solver, model.parameters())
         step = captured_step.Step(model, opt, data, contextlib.nullcontext, graphs)
         trace = []
         for it in range(12):

@@ -45,8 +45,7 @@ def _setup(run: tables.RunSpec, device: torch.device, graphs: bool, precision: s
     if channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     graphs = graphs and device.type == "cuda"
-    optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.param_mults),
-                                     capturable=graphs)  # graphs: CUDA only here
+    optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.param_mults))
     autocast = train.autocast_for(precision, device)
     return captured_step.Step(model, optimizer, data, autocast, graphs, channels_last), model, data, batch
 
