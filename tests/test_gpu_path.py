@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -436,3 +437,136 @@ def test_the_sync_check_fails_on_a_body_that_reads_a_scalar(one_thread):
         with HostSyncCheck() as check:
             bad_body()
         assert ops & set(check.found), check.found
+
+
+# --------------------------------------------------------------------------- the lr in a tensor (issue 17, item 4)
+
+@pytest.mark.parametrize("solver", ["adadelta_30k", "nesterov_80k"])
+def test_an_lr_change_reaches_every_group_of_the_one_graph_without_a_recapture(one_thread, solver):
+    """The stand-in turns the numbers a body reads at capture into constants, as CUDA does; the rate still
+    follows the schedule (a drop at 5), at lr * lr_mult in each group, from one capture."""
+    run = with_mults(run_spec("arch1", solver, "fp32", *FAMILIES["plain"][1]))
+    weights = {}
+    for graphs in (False, True):
+        model, optimizer, data, autocast = setup(run)
+        made: list[StandInGraph] = []
+        base = stand_in(bake=optimizer)
+        backend = dataclasses.replace(base, new_graph=lambda: made.append(base.new_graph()) or made[-1])
+        step = captured_step.Step(model, optimizer, data, autocast, graphs, backend=backend if graphs else None)
+        for it in range(8):
+            step(it, train.lr_at(run.solver, it))
+        if graphs:
+            assert len(made) == 1 and made[0].replays == 7 and made[0].baked == []
+            assert [float(g["lr"]) for g in optimizer.param_groups] == \
+                [pytest.approx(train.lr_at(run.solver, 7) * g["lr_mult"], rel=1e-7) for g in optimizer.param_groups]
+        weights[graphs] = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in weights[False].items():
+        assert torch.equal(weights[True][name], value), name
+
+
+def test_the_solvers_read_a_tensor_lr_without_a_host_sync(one_thread):
+    for kind in ("adadelta_30k", "nesterov_80k"):
+        run = run_spec("arch1", kind, "fp32", *FAMILIES["plain"][1])
+        model, optimizer, data, autocast = setup(run)
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(0.1)
+        for _ in range(2):  # the first step makes the state; the second is what a replay runs
+            optimizer.zero_grad()
+            model(data.batch(0)[0]).sum().backward()
+            with HostSyncCheck() as check:
+                optimizer.step()
+        assert check.found == [], (kind, check.found)
+
+
+# --------------------------------------------------------------------------- a warm-up that fails midway (item 5)
+
+@pytest.mark.parametrize("solver", ["adadelta_30k", "nesterov_80k"])
+def test_a_warm_up_that_fails_after_updating_is_undone_before_the_eager_step(one_thread, solver):
+    """The warm-up's optimizer step updates every parameter (and makes its state), then the driver fails: the
+    eager fallback must start from the state before it, dropout's RNG included, and apply the update once."""
+    run = run_spec("arch1", solver, "fp32", *FAMILIES["plain-dropout"][1])
+    weights = {}
+    for graphs in (False, True):
+        model, optimizer, data, autocast = setup(run)
+        real_step, calls = optimizer.step, []
+
+        def failing_midway(*args, **kwargs):
+            real_step(*args, **kwargs)
+            calls.append(1)
+            if graphs and len(calls) == 1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        optimizer.step = failing_midway
+        step = captured_step.Step(model, optimizer, data, autocast, graphs, backend=stand_in() if graphs else None)
+        with pytest.warns(RuntimeWarning, match="continues eagerly") if graphs else contextlib.nullcontext():
+            for it in range(4):
+                step(it, 0.1)
+        assert int(step.updates) == 4
+        assert step.step_mode.startswith("eager (capture failed: RuntimeError: CUDA error") if graphs else True
+        weights[graphs] = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in weights[False].items():
+        assert torch.equal(weights[True][name], value), name
+
+
+# --------------------------------------------------------------------------- gpucheck's own logic (items 2, 3)
+
+def tiny_check_run(family: str = "plain", solver: str = "adadelta_30k") -> tables.RunSpec:
+    """gpucheck.check_run's recipe on a network of the test's size: lr drop at 5, an epoch every 2.5 steps."""
+    return run_spec("arch1", solver, "fp32", *FAMILIES[family][1])
+
+
+@pytest.mark.parametrize("family, solver", [("plain", "adadelta_30k"), ("plain-dropout", "nesterov_80k")])
+def test_graphed_vs_eager_passes_for_a_sound_graph_on_deterministic_kernels(one_thread, family, solver):
+    calls: list = []
+    before = (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+    verdict = gpucheck.graphed_vs_eager(tiny_check_run(family, solver), CPU, stand_in(calls), steps=8, eval_every=3)
+    assert verdict.startswith("first 3 steps within")
+    (capture,) = [c for c in calls if c[0] == "capture"]
+    assert capture[2:] == (True, True), "captured with cudnn.deterministic and deterministic algorithms"
+    assert (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled()) == before
+
+
+@pytest.mark.parametrize("broken, match", [
+    (dict(fail_at="capture"), "ran as 'eager \\(capture failed.*compare eager with eager"),
+    (dict(skip_optimizer=True), "first 3 steps differ from eager"),
+    (dict(times=2), "first 3 steps differ from eager"),
+], ids=["fell-back-to-eager", "skips-the-optimizer", "applies-twice"])
+def test_graphed_vs_eager_fails_for_a_graph_that_is_not_sound(one_thread, broken, match):
+    """A capture that fell back, a graph whose update kernels are missing (its update counter still counts, so
+    the run's own canary cannot see it) and a double-applied one: each fails the check."""
+    with pytest.raises(AssertionError, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        gpucheck.graphed_vs_eager(tiny_check_run(), CPU, stand_in(**broken), steps=8, eval_every=3)
+
+
+def trace(losses, early=0.0, final=0.0, mode="eager") -> "gpucheck.Trace":
+    """A made-up Trace: one weight tensor at 1 + ``early`` after the tight steps and 1 + ``final`` at the end."""
+    return gpucheck.Trace(list(losses), {"w": torch.tensor([1.0 + early])}, {"w": torch.tensor([1.0 + final])}, mode)
+
+
+def test_judge_compares_the_first_steps_tightly_and_the_horizon_against_backend_noise():
+    eager = trace([2.0] * 10)
+    noise = trace([2.0] * 3 + [2.0 * (1 + 1e-3)] * 7, final=1e-3)  # another conv backend: 0.1% after 10 steps
+    ok = gpucheck.judge(trace([2.0] * 3 + [2.0 * (1 + 2e-3)] * 7, final=2e-3, mode="cuda-graph"), eager, noise)
+    assert "10 steps within 2.0e-03 (another conv backend: 1.0e-03, limit 3.0e-03)" in ok
+    with pytest.raises(AssertionError, match=r"beyond 3 x the 1.00e-03"):  # drifts more than the noise allows
+        gpucheck.judge(trace([2.0] * 3 + [2.0 * 1.01] * 7, final=1e-2, mode="cuda-graph"), eager, noise)
+    with pytest.raises(AssertionError, match="first 3 steps differ from eager by 1.00e-04"):  # early, however noisy
+        gpucheck.judge(trace([2.0, 2.0, 2.0 * (1 + 1e-4)] + [2.0] * 7, mode="cuda-graph"), eager,
+                       trace([2.0] * 10, final=0.5))
+    with pytest.raises(AssertionError, match="compare eager with eager"):
+        gpucheck.judge(trace([2.0] * 10), eager, noise)
+
+
+def test_memory_check_wants_one_capture_in_the_graph_mode(one_thread):
+    run = tiny_check_run()
+    verdict = gpucheck.memory_across_lr_changes(run, CPU, stand_in(), reserved=lambda dev: 2**20)
+    assert verdict.startswith("one capture for 11 rates")
+    with pytest.raises(AssertionError, match="not as a CUDA graph"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        gpucheck.memory_across_lr_changes(run, CPU, stand_in(fail_at="new_graph"), reserved=lambda dev: 2**20)
+
+
+def test_backend_noise_is_measured_on_the_cpu(one_thread):
+    noise = gpucheck.backend_noise(tiny_check_run(), CPU)
+    assert 0 < noise < 1e-2  # the same math in oneDNN's kernels and torch's own: rounding, not a bug

@@ -93,8 +93,10 @@ def test_graphed_step_matches_eager_step_on_gpu():
         trace = []
         for it in range(12):
             step.reset_loss()
-            step(it, train.lr_at(run.solver, it) if it < 6 else 0.01)  # an lr change forces a re-capture
+            step(it, train.lr_at(run.solver, it) if it < 6 else 0.01)  # an lr change: a fill, no re-capture
             trace.append(step.loss_sum.item())
+        # a capture that fell back to eager would make this compare eager with eager
+        assert step.step_mode == ("cuda-graph" if graphs else "eager"), step.step_mode
         losses[graphs] = trace
     assert torch.allclose(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-4)
 
