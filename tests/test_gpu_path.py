@@ -570,3 +570,27 @@ def test_memory_check_wants_one_capture_in_the_graph_mode(one_thread):
 def test_backend_noise_is_measured_on_the_cpu(one_thread):
     noise = gpucheck.backend_noise(tiny_check_run(), CPU)
     assert 0 < noise < 1e-2  # the same math in oneDNN's kernels and torch's own: rounding, not a bug
+
+
+# --------------------------------------------------------------------------- make gpu-check's set-up (item 1)
+
+def test_gpu_check_setup_uses_what_is_here_and_installs_only_what_is_missing(tmp_path):
+    from simpnet_cli.tools import gpusetup
+
+    reqs = gpusetup.requirements()
+    assert any(r.startswith("torch") for r in reqs) and any(r.startswith("pytest") for r in reqs)
+    assert not any(r.startswith(("tensorboard", "hydra-submitit")) for r in reqs)  # the check's tests skip them
+    # this interpreter (the test's) has everything: no venv, no pip
+    assert gpusetup.unmet(reqs) == []
+    here = gpusetup.plan([], "2.14.1+cu130", None, tmp_path / "v", python="/usr/bin/python3")
+    assert (here.python, here.make_venv, here.install) == ("/usr/bin/python3", False, [])
+    # a machine's CUDA torch and nothing else: a venv that sees it, only the rest installed, torch pinned
+    missing = gpusetup.unmet(["torch>=2.4", "surely-not-a-package-of-this-machine>=1", "pytest>=999"])
+    assert missing == ["surely-not-a-package-of-this-machine>=1", "pytest>=999"]
+    bare = gpusetup.plan(missing, "2.14.1+cu130", tmp_path / "wheels", tmp_path / "v")
+    assert bare.python == str(tmp_path / "v" / "bin" / "python") and bare.make_venv and bare.install == missing
+    assert bare.pip_args == ["--no-index", "--find-links", str(tmp_path / "wheels"), "--constraint", "{constraints}"]
+    # no torch at all: pip brings one, from the index when no wheels are given
+    none = gpusetup.plan(["torch>=2.4"], None, None, tmp_path / "v")
+    assert none.install == ["torch>=2.4"] and none.pip_args == []
+    assert gpusetup.main(["--wheels", str(tmp_path / "absent")]) == 2  # a wrong WHEELS: one line, exit 2
