@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import fcntl
 import multiprocessing as mp
+import multiprocessing.connection  # noqa: F401 - mp.connection.wait
 import os
+import signal
 import sys
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from simpnet_cli.runs import index
 from simpnet_cli.runs import progress
 from simpnet_cli.config import tables
+from simpnet_cli.train import data as D
 from simpnet_cli.train import loop as train
 from simpnet_cli.errors import UserError
 from simpnet_cli.config.variants import RowOverrides
@@ -163,17 +165,29 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str,
     return result["status"], f"{name}: {result['status']} ({metric}, {result['img_per_s']:.0f} img/s)"
 
 
-def _worker(run, opts, device_slots, shown=None):
-    """One packed run in a pool process: it borrows a device slot for as long as it trains, so a device
-    never holds more than ``jobs_per_device`` runs whatever order the runs finish in. Its progress goes to
-    ``shown`` (in a pool process, a Forwarder to the parent's Reporter)."""
-    device = device_slots.get()
+def _child(run, opts, device, shown, conn) -> None:
+    """One packed run in a process of its own; its (outcome, message) goes back through ``conn``. Its progress
+    goes to ``shown`` (a Forwarder to the parent's Reporter)."""
     try:
-        return execute_one(run, opts, device, shown)
+        outcome = execute_one(run, opts, device, shown)
     except Exception as err:  # one run's failure (bad input, CUDA out of memory) must not stop the others
-        return "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}"
-    finally:
-        device_slots.put(device)
+        outcome = "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}"
+    conn.send(outcome)
+    conn.close()
+
+
+def death_cause(exitcode: int | None) -> str:
+    """Why a run's process ended without a result, from its exit code (minus a signal's number)."""
+    if exitcode is None or exitcode >= 0:
+        return f"its process exited with status {exitcode} before it reported"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    why = {"SIGKILL": "the kernel's out-of-memory killer, or a kill -9",
+           "SIGSEGV": "a crash in native code", "SIGABRT": "an abort, e.g. in the CUDA driver or a library",
+           "SIGBUS": "a crash in native code"}.get(name)
+    return f"its process was killed by {name}" + (f" ({why})" if why else "")
 
 
 def devices_for(opts: Options) -> list[str]:
@@ -209,13 +223,30 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
             for run in first + twins:
                 tally(run, *execute_one(run, opts, slots[0], shown))
         else:
-            execute_packed(first, twins, opts, slots, workers, shown, tally)
+            execute_packed(first, twins, fetch_datasets(first, opts), slots, workers, shown, tally)
     # Every table of the command, whatever its runs did: a damaged or stale file is rebuilt, runs killed
     # before their rebuild are indexed, and what was refused or dropped is said once.
     index.rebuild_tables(opts.results_dir, opts.runs_dir, {r.table for r in runs}, warn)
     if counts.get("error"):
         raise UserError(f"{counts['error']} run(s) failed; see the messages above")
     return counts
+
+
+def fetch_datasets(runs: list[tables.RunSpec], opts: Options) -> Options:
+    """With download=true, each dataset the runs read is fetched here, once, before any worker starts: workers
+    downloading into one folder at once would race on its files. The workers then only read (download=false)."""
+    if not opts.download:
+        return opts
+    seen = set()
+    for run in runs:
+        cfg = run.dataset
+        key = (cfg.get("torchvision"), cfg.get("name"), cfg.get("extra", True))
+        if cfg.get("source") == "synthetic" or key in seen:
+            continue
+        seen.add(key)
+        for train_split in (True, False):
+            D.load_split(cfg, opts.data_dir, train_split, True)
+    return replace(opts, download=False)
 
 
 def progress_for(runs: list[tables.RunSpec], opts: Options, run_bars: bool) -> progress.Reporter:
@@ -234,19 +265,49 @@ def progress_for(runs: list[tables.RunSpec], opts: Options, run_bars: bool) -> p
 
 def execute_packed(first, twins, opts: Options, slots: list[str], workers: int, shown: progress.Reporter,
                    tally) -> None:
-    # Processes, not threads: each packed run has its own CUDA context and Python interpreter, so one
-    # run's host overhead never stalls another's kernel launches.
-    # Their progress comes back through a queue: the parent shows one line per evaluation and the command's bar.
+    """Each run in a process of its own, at most ``workers`` at once, each holding one device slot, so a device
+    never holds more than ``jobs_per_device`` runs. Processes, not threads: each packed run has its own CUDA
+    context and interpreter, so one run's host overhead never stalls another's kernel launches. And not a pool:
+    a process that dies hard (the out-of-memory killer, a CUDA abort, a segfault) breaks a whole
+    ProcessPoolExecutor; here it ends its own run only, which is reported failed with its cause and resumes from
+    its last checkpoint on the next invocation, while the other runs go on."""
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        device_slots, events = manager.Queue(), manager.Queue()
-        for device in slots * max(1, opts.jobs_per_device):
-            device_slots.put(device)
-        pending = {pool.submit(_worker, run, opts, device_slots, progress.Forwarder(events)): run for run in first}
-        while pending:
-            finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            progress.drain(events, shown)  # a run's last events are queued before its future completes
-            for fut in finished:
-                tally(pending.pop(fut), *fut.result())
-        for run in twins:  # recorded from their first run's result.json (or trained if that one failed)
-            tally(run, *_worker(run, opts, device_slots, shown))
+    free = slots * max(1, opts.jobs_per_device)
+    todo, running, died = list(first), {}, set()
+    with ctx.Manager() as manager:
+        events = manager.Queue()  # progress: the parent shows one line per evaluation and the command's bar
+        try:
+            while todo or running:
+                while todo and free and len(running) < workers:
+                    run, device = todo.pop(0), free.pop(0)
+                    receive, send = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=_child, args=(run, opts, device, progress.Forwarder(events), send))
+                    proc.start()
+                    send.close()  # the child holds the sending end; the parent's copy would hide its death
+                    running[proc] = (run, device, receive)
+                mp.connection.wait([p.sentinel for p in running], timeout=0.5)
+                progress.drain(events, shown)  # a run's last events are queued before it reports
+                for proc in [p for p in running if p.exitcode is not None]:
+                    run, device, receive = running.pop(proc)
+                    free.append(device)
+                    try:
+                        outcome = receive.recv()
+                    except EOFError:
+                        died.add(run.config_hash)
+                        outcome = "error", (f"{progress.run_name(run)}: {death_cause(proc.exitcode)}; the other "
+                                            f"runs went on, and this one resumes from its last checkpoint on the "
+                                            f"next invocation")
+                    receive.close()
+                    tally(run, *outcome)
+        finally:
+            for proc in running:  # interrupted (Ctrl-C): the runs resume from their checkpoints next time
+                proc.terminate()
+                proc.join()
+    for run in twins:  # recorded from their first run's result.json (or trained here if that one failed)
+        if run.config_hash in died:  # not in this process: what killed that one would end the command
+            tally(run, "error", f"{progress.run_name(run)}: not trained, its run's process died (above)")
+            continue
+        try:
+            tally(run, *execute_one(run, opts, slots[0], shown))
+        except Exception as err:  # noqa: BLE001 - as in a packed run: the others are recorded
+            tally(run, "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}")
