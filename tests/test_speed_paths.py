@@ -130,3 +130,27 @@ def test_packed_runs_share_a_device_and_record_every_row_once(tmp_path):
     twin = {r["config_hash"] for r in rows2} & {r["config_hash"] for r in rows9}
     assert len(twin) == 1  # one network trained once, recorded in both tables
     assert len(list((tmp_path / "experiments").iterdir())) == 5  # 4 + 2 rows, one of them shared
+
+
+def test_packed_throughput_is_all_images_over_the_whole_span():
+    """Two processes of 1,000 images each, over 0-10 s and 5-15 s: 2,000 images in 15 s, not 100 + 100 img/s."""
+    from simpnet_cli.tools import bench
+
+    assert bench.packed_rate([(1000, 0.0, 10.0), (1000, 5.0, 15.0)]) == pytest.approx(2000 / 15)
+    assert bench.packed_rate([(500, 2.0, 4.0)]) == 250
+
+
+def test_mps_is_detected_from_its_daemon_or_its_control_pipe(tmp_path):
+    from simpnet_cli.tools import bench
+
+    proc, pipes = tmp_path / "proc", tmp_path / "mps"
+    (proc / "17").mkdir(parents=True)
+    (proc / "17" / "comm").write_text("python\n")
+    pipes.mkdir()
+    assert bench.mps_status(proc, str(pipes)) == "off"
+    (proc / "42").mkdir()
+    (proc / "42" / "comm").write_text("nvidia-cuda-mps\n")  # nvidia-cuda-mps-control, as the kernel cuts it
+    assert bench.mps_status(proc, str(pipes)) == "on (nvidia-cuda-mps runs)"
+    (proc / "42" / "comm").unlink()
+    (pipes / "control").write_text("")
+    assert bench.mps_status(proc, str(pipes)).startswith("on (control pipe")

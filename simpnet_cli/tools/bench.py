@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import queue
 import sys
 import time
@@ -55,9 +56,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(run: tables.RunSpec, device: torch.device, mode: str, iters: int, warmup: int,
-            barrier=None) -> float:
-    """Training images per second of ``mode`` on ``run``'s network (after ``warmup`` steps)."""
+def timed_steps(run: tables.RunSpec, device: torch.device, mode: str, iters: int, warmup: int,
+                barrier=None) -> tuple[int, float, float]:
+    """(images, start, end) of ``iters`` training steps of ``mode`` on ``run``'s network after ``warmup``
+    ones. The times are time.monotonic(): one clock for every process of the machine, so packed processes'
+    spans can be put side by side."""
     graphs, precision, channels_last = MODES[mode]
     if device.type == "cuda":
         torch.cuda.set_device(device)  # streams, graphs and synchronize follow the current device
@@ -69,11 +72,40 @@ def measure(run: tables.RunSpec, device: torch.device, mode: str, iters: int, wa
     _sync(device)
     if barrier is not None:
         barrier.wait()
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     for i in range(warmup, warmup + iters):
         step(i, lr)
     _sync(device)
-    return iters * batch / (time.perf_counter() - t0)
+    return iters * batch, t0, time.monotonic()
+
+
+def measure(run: tables.RunSpec, device: torch.device, mode: str, iters: int, warmup: int) -> float:
+    """Training images per second of ``mode`` on ``run``'s network (after ``warmup`` steps)."""
+    images, t0, t1 = timed_steps(run, device, mode, iters, warmup)
+    return images / (t1 - t0)
+
+
+def packed_rate(spans: list[tuple[int, float, float]]) -> float:
+    """Images per second of processes that trained at once: all their images over the span from the first
+    one's start to the last one's end. (The sum of each process's own rate overstates it: a process that
+    starts late or ends early had the device to fewer rivals for part of its time.)"""
+    return sum(images for images, _, _ in spans) / (max(end for _, _, end in spans) - min(s for _, s, _ in spans))
+
+
+def mps_status(proc: Path = Path("/proc"), pipe_dir: str | None = None) -> str:
+    """Whether NVIDIA's Multi-Process Service is on (packed processes then share the GPU's SMs instead of
+    time-slicing it): its daemon runs here, or its control pipe exists."""
+    for comm in proc.glob("[0-9]*/comm"):
+        try:
+            name = comm.read_text().strip()
+        except OSError:
+            continue
+        if name.startswith("nvidia-cuda-mps"):  # nvidia-cuda-mps-control / -server, cut to 15 characters
+            return f"on ({name} runs)"
+    pipe = Path(pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps") / "control"
+    if pipe.exists():
+        return f"on (control pipe {pipe})"
+    return "off"
 
 
 def flops_per_step(run: tables.RunSpec, device: torch.device) -> int:
@@ -86,12 +118,12 @@ def flops_per_step(run: tables.RunSpec, device: torch.device) -> int:
 
 
 def _packed_worker(run, device, mode, iters, warmup, barrier, out):
-    out.put(measure(run, torch.device(device), mode, iters, warmup, barrier))
+    out.put(timed_steps(run, torch.device(device), mode, iters, warmup, barrier))
 
 
 def measure_packed(run: tables.RunSpec, device: str, n: int, iters: int, warmup: int,
                    mode: str = "runner fp32") -> float:
-    """Total images per second of ``n`` processes training the same row at once on one device."""
+    """Total images per second of ``n`` processes training the same row at once on one device (packed_rate)."""
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(n, timeout=600), ctx.Queue()
     procs = [ctx.Process(target=_packed_worker, args=(run, device, mode, iters, warmup, barrier, out))
@@ -99,7 +131,7 @@ def measure_packed(run: tables.RunSpec, device: str, n: int, iters: int, warmup:
     for p in procs:
         p.start()
     try:
-        rates = [out.get(timeout=1800) for _ in procs]  # a worker that died (OOM, CUDA error) never answers
+        spans = [out.get(timeout=1800) for _ in procs]  # a worker that died (OOM, CUDA error) never answers
     except queue.Empty:
         raise UserError(f"a packed benchmark process of {n} did not report (exit codes "
                         f"{[p.exitcode for p in procs]}); run with fewer packed runs or check GPU memory") from None
@@ -108,7 +140,7 @@ def measure_packed(run: tables.RunSpec, device: str, n: int, iters: int, warmup:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    return sum(rates)
+    return packed_rate(spans)
 
 
 def _run_for(ref: str, batch_size: int | None) -> tables.RunSpec:
@@ -205,6 +237,9 @@ def main(cfg, flags) -> int:
         lines += [f"'fp32' modes compute as **{train.effective_precision('fp32', device)}** (PyTorch's defaults).", ""]
     if b.rows:
         lines += speed_lines(b, device)
+        if device.type == "cuda" and any(int(p) > 1 for p in b.pack):
+            lines += ["", f"Packed runs: all their images over the span from the first process's start to the last "
+                          f"one's end. NVIDIA MPS: **{mps_status()}** (README: packing runs on one GPU)."]
     if b.s1:
         lines += s1_lines(b, device)
     if b.precision.rows:
