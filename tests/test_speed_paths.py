@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_writes_markdown_with_device_and_rates(tmp_path, capsys):
     out = tmp_path / "bench.md"
     code = main(["bench", "bench.rows=[5/P5]", "bench.iters=2", "bench.warmup=1", "bench.s1=false",
-                 "bench.batch_size=8", "bench.pack=[1]", f"bench.out={out}", "device=cpu"])
+                 "bench.batch_size=8", "bench.pack=[1]", "bench.grouped.rows=[]", f"bench.out={out}", "device=cpu"])
     assert code == 0
     text = out.read_text()
     assert train.device_name(torch.device("cpu")) in text
@@ -105,7 +105,7 @@ def test_graphed_step_matches_eager_step_on_gpu():
                     reason="Fashion-MNIST is not installed (Debian package dataset-fashion-mnist)")
 def test_bench_precision_check_trains_both_precisions_on_fashion_mnist(tmp_path):
     out = tmp_path / "bench.md"
-    code = main(["bench", "bench.rows=[]", "bench.s1=false", "bench.precision.rows=[13/slim-300K]",
+    code = main(["bench", "bench.rows=[]", "bench.s1=false", "bench.grouped.rows=[]", "bench.precision.rows=[13/slim-300K]",
                  "bench.precision.seeds=2", "bench.precision.iterations=3", "bench.precision.batch_size=20",
                  "bench.precision.train_size=200", "bench.precision.test_size=100", f"bench.out={out}",
                  f"data_dir={tmp_path}/data", "device=cpu"])
@@ -154,3 +154,25 @@ def test_mps_is_detected_from_its_daemon_or_its_control_pipe(tmp_path):
     (proc / "42" / "comm").unlink()
     (pipes / "control").write_text("")
     assert bench.mps_status(proc, str(pipes)).startswith("on (control pipe")
+
+
+def test_grouped_conv_probe_times_every_conv_alone_grouped_and_padded_and_says_cpu(tmp_path):
+    from simpnet_cli.config import tables as T
+    from simpnet_cli.tools import bench
+
+    out = tmp_path / "bench.md"
+    code = main(["bench", "bench.rows=[]", "bench.s1=false", "bench.grouped.rows=[2/8L]", f"bench.out={out}",
+                 "device=cpu"])
+    assert code == 0
+    text = out.read_text()
+    assert "CPU figures, at batch 2 for one step in fp32" in text and train.device_name(torch.device("cpu")) in text
+    lines = [line for line in text.splitlines() if line.startswith("| 2/8L |")]
+    t = T.load_table("2")
+    convs = bench.conv_layers(T.resolve(t, t.row("8L"), 0, {}))
+    assert len(lines) == len(convs) == 8  # 8 layers, all convolutions (the classifier is the last conv's fc)
+    cin, cout, k, stride, pad, h, w = convs[0]
+    assert (cin, k, h, w) == (3, 3, 32, 32)
+    assert lines[0].split("|")[3].strip() == f"3 -> {cout}, 3x3/1, 32x32"
+    for line in lines:
+        one, grouped, padded = (float(c.split()[0]) for c in line.split("|")[4:7])
+        assert one > 0 and grouped > 0 and padded > 0

@@ -165,15 +165,16 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str,
     return result["status"], f"{name}: {result['status']} ({metric}, {result['img_per_s']:.0f} img/s)"
 
 
-def _child(run, opts, device, shown, conn) -> None:
-    """One packed run in a process of its own; its (outcome, message) goes back through ``conn``. Its progress
-    goes to ``shown`` (a Forwarder to the parent's Reporter)."""
-    try:
-        outcome = execute_one(run, opts, device, shown)
-    except Exception as err:  # one run's failure (bad input, CUDA out of memory) must not stop the others
-        outcome = "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}"
-    conn.send(outcome)
-    conn.close()
+def _slot_worker(opts, device, shown, conn) -> None:
+    """A packed worker holding one device slot: trains the runs the parent sends through ``conn``, one at a time,
+    and sends back each one's (outcome, message), until it gets None. Its progress goes to ``shown`` (a
+    Forwarder to the parent's Reporter)."""
+    while (run := conn.recv()) is not None:
+        try:
+            outcome = execute_one(run, opts, device, shown)
+        except Exception as err:  # one run's failure (bad input, CUDA out of memory) must not stop the others
+            outcome = "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}"
+        conn.send(outcome)
 
 
 def death_cause(exitcode: int | None) -> str:
@@ -263,46 +264,94 @@ def progress_for(runs: list[tables.RunSpec], opts: Options, run_bars: bool) -> p
     return progress.Reporter(expected, len(runs), done, quiet=opts.quiet, run_bars=run_bars)
 
 
+class _Slot:
+    """A worker process on one device slot, and the run it trains (None: idle)."""
+
+    def __init__(self, ctx, opts: Options, device: str, shown):
+        self.device, self.run = device, None
+        self.conn, theirs = ctx.Pipe()
+        self.proc = ctx.Process(target=_slot_worker, args=(opts, device, shown, theirs))
+        self.proc.start()
+        theirs.close()  # only the worker holds its end, so its death reads as end-of-file here
+
+    def outcome(self):
+        """(outcome, message) if the run has reported, "died" if the worker is dead, None while it trains."""
+        if not self.conn.poll():
+            return None
+        try:
+            return self.conn.recv()
+        except (EOFError, ConnectionResetError):
+            self.proc.join()
+            return "died"
+
+
 def execute_packed(first, twins, opts: Options, slots: list[str], workers: int, shown: progress.Reporter,
                    tally) -> None:
-    """Each run in a process of its own, at most ``workers`` at once, each holding one device slot, so a device
-    never holds more than ``jobs_per_device`` runs. Processes, not threads: each packed run has its own CUDA
-    context and interpreter, so one run's host overhead never stalls another's kernel launches. And not a pool:
-    a process that dies hard (the out-of-memory killer, a CUDA abort, a segfault) breaks a whole
-    ProcessPoolExecutor; here it ends its own run only, which is reported failed with its cause and resumes from
-    its last checkpoint on the next invocation, while the other runs go on."""
+    """``workers`` processes, each holding one device slot, so a device never holds more than
+    ``jobs_per_device`` runs. Processes, not threads: each packed run has its own CUDA context and interpreter,
+    so one run's host overhead never stalls another's kernel launches. Not a ProcessPoolExecutor: one worker
+    dying hard (the out-of-memory killer, a CUDA abort, a segfault) breaks such a pool and every run in it.
+    Here the parent knows which run each worker holds: a dead worker's run is reported failed with its cause
+    (it resumes from its last checkpoint on the next invocation), a fresh worker takes the slot, and the other
+    runs go on."""
     ctx = mp.get_context("spawn")
-    free = slots * max(1, opts.jobs_per_device)
-    todo, running, died = list(first), {}, set()
+    todo, died = list(first), set()
+    devices = (slots * max(1, opts.jobs_per_device))[:workers]
+    pool: list[_Slot | None] = [None] * len(devices)  # a worker is started when a run needs it
+
+    def next_run():
+        while todo:
+            run = todo.pop(0)
+            if not index.is_recorded(opts.results_dir, opts.runs_dir, run):
+                return run
+            tally(run, "skipped", f"{progress.run_name(run)}: already recorded")  # no worker needed to say so
+        return None
+
     with ctx.Manager() as manager:
         events = manager.Queue()  # progress: the parent shows one line per evaluation and the command's bar
         try:
-            while todo or running:
-                while todo and free and len(running) < workers:
-                    run, device = todo.pop(0), free.pop(0)
-                    receive, send = ctx.Pipe(duplex=False)
-                    proc = ctx.Process(target=_child, args=(run, opts, device, progress.Forwarder(events), send))
-                    proc.start()
-                    send.close()  # the child holds the sending end; the parent's copy would hide its death
-                    running[proc] = (run, device, receive)
-                mp.connection.wait([p.sentinel for p in running], timeout=0.5)
+            while True:
+                for i, w in enumerate(pool):
+                    if w is not None and w.run is not None:
+                        continue
+                    run = next_run()
+                    if run is None:
+                        break
+                    if w is None or not w.proc.is_alive():
+                        pool[i] = w = _Slot(ctx, opts, devices[i], progress.Forwarder(events))
+                    w.conn.send(run)
+                    w.run = run
+                busy = [w for w in pool if w is not None and w.run is not None]
+                if not busy:
+                    break
+                mp.connection.wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=0.5)
                 progress.drain(events, shown)  # a run's last events are queued before it reports
-                for proc in [p for p in running if p.exitcode is not None]:
-                    run, device, receive = running.pop(proc)
-                    free.append(device)
-                    try:
-                        outcome = receive.recv()
-                    except EOFError:
+                for i, w in enumerate(pool):
+                    outcome = w.outcome() if w is not None and w.run is not None else None
+                    if outcome is None:
+                        continue
+                    run, w.run = w.run, None
+                    if outcome == "died":  # the slot gets a fresh worker when a run needs it
                         died.add(run.config_hash)
-                        outcome = "error", (f"{progress.run_name(run)}: {death_cause(proc.exitcode)}; the other "
+                        pool[i] = None
+                        outcome = "error", (f"{progress.run_name(run)}: {death_cause(w.proc.exitcode)}; the other "
                                             f"runs went on, and this one resumes from its last checkpoint on the "
                                             f"next invocation")
-                    receive.close()
                     tally(run, *outcome)
         finally:
-            for proc in running:  # interrupted (Ctrl-C): the runs resume from their checkpoints next time
-                proc.terminate()
-                proc.join()
+            live = [w for w in pool if w is not None]
+            for w in live:
+                if w.run is None and w.proc.is_alive():
+                    try:
+                        w.conn.send(None)  # done: the worker returns
+                    except OSError:
+                        pass
+                else:  # interrupted (Ctrl-C) mid-run: it resumes from its checkpoint next time
+                    w.proc.terminate()
+            for w in live:
+                w.proc.join(timeout=30)
+                if w.proc.is_alive():
+                    w.proc.kill()
     for run in twins:  # recorded from their first run's result.json (or trained here if that one failed)
         if run.config_hash in died:  # not in this process: what killed that one would end the command
             tally(run, "error", f"{progress.run_name(run)}: not trained, its run's process died (above)")

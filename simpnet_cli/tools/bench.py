@@ -189,6 +189,75 @@ def s1_lines(b, device: torch.device) -> list[str]:
     return lines
 
 
+def conv_layers(run: tables.RunSpec) -> list[tuple[int, int, int, int, int, int, int]]:
+    """(in channels, out channels, kernel, stride, padding, height, width) of every convolution of ``run``'s
+    network, in network order, read off one forward pass (grouped or depthwise convs are left out)."""
+    model = M.build_model(run.spec, run.in_shape, run.net)
+    found = []
+
+    def hook(conv, inputs, _):
+        h, w = inputs[0].shape[-2:]
+        found.append((conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0],
+                      int(h), int(w)))
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
+    handles = [c.register_forward_hook(hook) for c in convs]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, run.in_shape.c, run.in_shape.h, run.in_shape.w))
+    for h in handles:
+        h.remove()
+    return found
+
+
+def conv_ms(cin: int, cout: int, k: int, stride: int, pad: int, h: int, w: int, groups: int, batch: int,
+            device: torch.device, iters: int, warmup: int, dtype: torch.dtype) -> float:
+    """Milliseconds of one forward + backward (input and weight gradients) of one convolution, channels-last."""
+    conv = torch.nn.Conv2d(cin, cout, k, stride, pad, groups=groups).to(device, dtype,
+                                                                         memory_format=torch.channels_last)
+    x = torch.randn(batch, cin, h, w, device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    grad = torch.ones_like(conv(x))
+    for i in range(warmup + iters):
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        conv(x).backward(grad)
+    _sync(device)
+    return (time.perf_counter() - t0) / iters * 1000
+
+
+def grouped_lines(g, device: torch.device) -> list[str]:
+    """For the stacking work: each conv of the rows alone, as ``groups`` stacked copies in one grouped conv
+    (``groups`` x the channels), and the same with each group's channels padded to a multiple of 8 (tensor
+    cores want multiples of 8), in bf16. On the CPU it runs at batch 2 for one step in fp32 (most CPUs emulate
+    bf16 convolutions, slowly): it checks the probe, not the GPU."""
+    cpu = device.type != "cuda"
+    batch, iters, warmup = (2, 1, 1) if cpu else (int(g.batch_size), int(g.iters), int(g.warmup))
+    dtype = torch.float32 if cpu else torch.bfloat16
+    n = int(g.groups)
+    pad8 = lambda c: -(-c // 8) * 8  # noqa: E731
+    lines = ["", f"## Grouped convolutions: one conv vs {n} stacked in one grouped conv ({'fp32' if cpu else 'bf16'}, "
+                 f"channels-last, forward + backward, batch {batch}) on {train.device_name(device)}", ""]
+    if cpu:
+        lines += ["> CPU figures, at batch 2 for one step in fp32: they check the probe, not the GPU's speed.", ""]
+    lines += [f"| row | conv | in -> out, kernel, input | one conv, ms | groups={n}, ms (x one) | "
+              f"groups={n} padded to 8, ms (x one) |", "|---|---|---|---|---|---|"]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    for ref in g.rows:
+        run = _run_for(ref, batch)
+        for i, (cin, cout, k, stride, pad, h, w) in enumerate(conv_layers(run), 1):
+            shape = (k, stride, pad, h, w)
+            one = conv_ms(cin, cout, *shape, 1, batch, device, iters, warmup, dtype)
+            grouped = conv_ms(n * cin, n * cout, *shape, n, batch, device, iters, warmup, dtype)
+            padded = conv_ms(n * pad8(cin), n * pad8(cout), *shape, n, batch, device, iters, warmup, dtype)
+            lines.append(f"| {ref} | {i} | {cin} -> {cout}, {k}x{k}/{stride}, {h}x{w} | {one:.3f} | "
+                         f"{grouped:.3f} ({grouped / one:.2f}) | {padded:.3f} ({padded / one:.2f}) |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def precision_lines(p, device: torch.device, data_dir: Path) -> list[str]:
     """Final test accuracy of fp32 and bf16 training of one-channel 28x28 rows on real Fashion-MNIST, over
     seeds: does mixed precision move a row by more than its seed spread?"""
@@ -242,6 +311,8 @@ def main(cfg, flags) -> int:
                           f"one's end. NVIDIA MPS: **{mps_status()}** (README: packing runs on one GPU)."]
     if b.s1:
         lines += s1_lines(b, device)
+    if b.grouped.rows:
+        lines += grouped_lines(b.grouped, device)
     if b.precision.rows:
         lines += precision_lines(b.precision, device, Path(cfg.data_dir))
     out = Path(b.out)

@@ -77,8 +77,8 @@ def sigkill_and_resume(work: Path) -> str:
     return f"resumed and finished: {row['step_mode']}, {row['precision']}, final {row['final_acc']}%"
 
 
-# The first steps of a graphed run replay the eager step's kernels on deterministic cuDNN: they agree to
-# rounding (the graph reads its lr from a tensor, a multiply where eager passes a scalar).
+# The first steps of a graphed run replay the eager step's kernels, chosen alike by deterministic cuDNN, and the
+# solvers scale by the lr in the same kernel whether it is a tensor or a number: they agree to float rounding.
 TIGHT_STEPS, TIGHT = 3, 1e-5
 # Beyond them, a graphed run may drift from eager as far as the same recipe drifts when only its convolution
 # backend changes (same math, other kernels: the noise every reproduction of the paper lives with), times a
