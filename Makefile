@@ -50,7 +50,8 @@ bench: install
 # eager, memory across lr changes, bench alone and packed; figures into results/benchmarks.md. On a machine
 # without CUDA it runs the CPU proofs and says which GPU steps it skipped. It uses the machine's own torch (no
 # venv if $(PY) imports everything; else .venv-gpu with system site-packages and only what is missing) and
-# needs no network with WHEELS=DIR, a folder of wheels (simpnet_cli/tools/gpusetup.py).
+# needs no network with WHEELS=DIR, a folder of wheels (`pip wheel -w DIR ...` on a connected machine;
+# simpnet_cli/tools/gpusetup.py says which).
 WHEELS ?=
 gpu-check:
 	$(PY) -m simpnet_cli.tools.gpusetup $(if $(WHEELS),--wheels $(WHEELS))

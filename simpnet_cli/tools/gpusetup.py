@@ -116,13 +116,20 @@ def plan(missing: list[str], torch_here: str | None, wheels: Path | None, venv: 
     return p
 
 
-def run_step(name: str, cmd: list[str]) -> None:
+def run_step(name: str, cmd: list[str], hint: str = "") -> None:
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO)
     say(f"{name}: {time.monotonic() - t0:.1f} s")
     if proc.returncode != 0:
-        say(f"{name} failed (exit {proc.returncode}): {' '.join(cmd)}")
+        say(f"{name} failed (exit {proc.returncode}): {' '.join(cmd)}{hint}")
         raise SystemExit(2)
+
+
+def wheels_hint(reqs: list[str]) -> str:
+    """How to fill a WHEELS folder on a connected machine: built wheels (a source archive in it would need
+    build tools the offline machine may lack), with their dependencies."""
+    return "; WHEELS must hold wheels, made on a connected machine with: python -m pip wheel -w DIR " + \
+        " ".join(f"'{r}'" for r in reqs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             constraints.write_text(f"torch=={here}\n" if here else "")
             pip_args = [a.replace("{constraints}", str(constraints)) for a in p.pip_args]
             say(f"installing {', '.join(still)}")
-            run_step("pip install", [p.python, "-m", "pip", "install", "-q", *pip_args, *still])
+            run_step("pip install", [p.python, "-m", "pip", "install", "-q", *pip_args, *still],
+                     wheels_hint(still) if args.wheels else "")
     say(f"set-up done in {time.monotonic() - t_all:.1f} s; running the check with {p.python}")
     return subprocess.run([p.python, "-m", "simpnet_cli.tools.gpucheck"], cwd=REPO).returncode
 
