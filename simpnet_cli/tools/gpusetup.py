@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     reqs = requirements()
     here = torch_version()
     p = plan(unmet(reqs), here, args.wheels)
-    for note in p.notes:
-        say(note)
+    say(f"{sys.executable} lacks {', '.join(p.install)}" if p.install else p.notes[0])
     if p.make_venv:
         run_step(f"venv {VENV.name} with system site-packages", [sys.executable, "-m", "venv",
                                                                   "--system-site-packages", str(VENV)])
@@ -157,11 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         if still is None:
             say(f"{p.python} cannot run the probe; installing all of {p.install}")
             still = p.install
-        if still:
+        if not still:
+            say(f"{VENV.name} already holds them")
+        else:
             constraints = VENV / "constraints.txt"
             constraints.write_text(f"torch=={here}\n" if here else "")
             pip_args = [a.replace("{constraints}", str(constraints)) for a in p.pip_args]
-            say(f"installing {', '.join(still)}")
+            for note in p.notes:
+                say(note)
+            say(f"installing {', '.join(still)} into {VENV.name}")
             run_step("pip install", [p.python, "-m", "pip", "install", "-q", *pip_args, *still],
                      wheels_hint(still) if args.wheels else "")
     say(f"set-up done in {time.monotonic() - t_all:.1f} s; running the check with {p.python}")
