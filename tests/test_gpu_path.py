@@ -519,7 +519,7 @@ def tiny_check_run(family: str = "plain", solver: str = "adadelta_30k") -> table
 def test_graphed_vs_eager_passes_for_a_sound_graph_on_deterministic_kernels(one_thread, family, solver):
     calls: list = []
     before = (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
-    verdict = gpucheck.graphed_vs_eager(tiny_check_run(family, solver), CPU, stand_in(calls), steps=8, eval_every=3)
+    verdict = gpucheck.graphed_vs_eager(tiny_check_run(family, solver), CPU, stand_in(calls), steps=6, eval_every=3)
     assert verdict.startswith("first 3 steps within")
     (capture,) = [c for c in calls if c[0] == "capture"]
     assert capture[2:] == (True, True), "captured with cudnn.deterministic and deterministic algorithms"
@@ -536,7 +536,7 @@ def test_graphed_vs_eager_fails_for_a_graph_that_is_not_sound(one_thread, broken
     the run's own canary cannot see it) and a double-applied one: each fails the check."""
     with pytest.raises(AssertionError, match=match), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        gpucheck.graphed_vs_eager(tiny_check_run(), CPU, stand_in(**broken), steps=8, eval_every=3)
+        gpucheck.graphed_vs_eager(tiny_check_run(), CPU, stand_in(**broken), steps=6, eval_every=3)
 
 
 def trace(losses, early=0.0, final=0.0, mode="eager") -> "gpucheck.Trace":
