@@ -121,8 +121,12 @@ FAMILIES = {
     "plain-dropout": ("arch1", ["net.widths=C8, C12{2}, C16{3}", "net.pools_after=[3,6]",
                                 "net.dropout.conv={1-5: 0.2}", "net.dropout.pool={1-2: 0.3}",
                                 "net.dropout.head=0.3"]),
-    "resnet32": ("resnet32", []),
-    "squeezenet": ("squeezenet11", ["net.saf_dropout=0.2"]),
+    # The residual and fire families at a quarter of their widths (the same blocks, shortcuts and conv count, so
+    # the recipe's conv indices still hold): every kind of layer, at a sixteenth of the arithmetic.
+    "resnet32": ("resnet32", ["net.stages=[{width:4,blocks:5},{width:8,blocks:5,shortcut:conv_k2_then_pool},"
+                              "{width:16,blocks:5,shortcut:conv_k2s2}]"]),
+    "squeezenet": ("squeezenet11", ["net.saf_dropout=0.2", "net.stem.out=16",
+                                    "net.fires=[[4,16],[4,16],pool,[8,32],[8,32],pool,[12,48],[12,48],[16,64],[16,64]]"]),
 }
 CASES = [pytest.param(f, s, "fp32", id=f"{f}-{s}-fp32") for f in FAMILIES for s in ("adadelta_30k", "nesterov_80k")]
 CASES += [pytest.param(f, s, "bf16", id=f"{f}-{s}-bf16")

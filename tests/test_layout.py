@@ -41,3 +41,16 @@ def test_the_check_sees_a_lazy_import(tmp_path):
 def test_every_module_lives_in_a_layer():
     loose = sorted(p.stem for p in PACKAGE.glob("*.py"))
     assert loose == ["__init__", "cli", "errors", "files"]
+
+
+REPORT_ORDER = ["claims", "data", "text", "plots", "write"]
+
+
+@pytest.mark.parametrize("module", REPORT_ORDER)
+def test_the_report_modules_import_one_way(module):
+    """claims -> data -> text / plots -> write: no module of simpnet_cli.report imports one after it (text may
+    draw with plots), so none loads a later one, even lazily."""
+    allowed = set(REPORT_ORDER[:REPORT_ORDER.index(module)]) | ({"plots"} if module == "text" else set())
+    names = {n.split(".")[2] for n in imported(PACKAGE / "report" / f"{module}.py") if n.count(".") >= 2
+             and n.split(".")[1] == "report" and n.split(".")[2] in REPORT_ORDER}
+    assert names <= allowed, f"simpnet_cli.report.{module} imports {sorted(names - allowed)}"

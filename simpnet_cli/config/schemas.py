@@ -11,6 +11,7 @@ depend on the defaults written here.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -394,10 +395,24 @@ def _key_of(err: OmegaConfBaseException) -> str:
     return str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
 
 
+# Values already found valid, per schema: checking is a pure function of them, and OmegaConf's merge costs ~30 ms,
+# which every resolve of every row paid again (a report resolves each row of every table).
+_valid: set[tuple[type, str]] = set()
+
+
+@lru_cache(maxsize=None)
+def _structured(schema: type) -> Any:
+    return OmegaConf.structured(schema)
+
+
 def _check(part: str, schema: type, values: dict) -> None:
     """Merge ``values`` into ``schema`` (types, unknown keys, missing keys) and build it (ranges)."""
+    seen = (schema, repr(values))  # repr, not JSON: 0 and "0", 1 and 1.0 and True stay apart
+    if seen in _valid:
+        return
     try:
-        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+        OmegaConf.to_object(OmegaConf.merge(_structured(schema), values))
+        _valid.add(seen)
     except ConfigError as err:
         raise ConfigError(f"{part}.{err}") from None
     except OmegaConfBaseException as err:

@@ -8,6 +8,7 @@ run's identity.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -80,6 +81,17 @@ def known_names(kind: str) -> list[str]:
 
 
 def _yaml(path: Path) -> dict:
+    """A config file's contents (a fresh copy: callers may change it). Parsed once per version of the file: a
+    command that resolves every row reads the same few files hundreds of times."""
+    try:
+        stat = Path(path).stat()
+    except FileNotFoundError:
+        raise UserError(f"missing config file {path}") from None
+    return copy.deepcopy(_parsed_yaml(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@lru_cache(maxsize=512)
+def _parsed_yaml(path: str, mtime_ns: int, size: int) -> Any:
     try:
         return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except FileNotFoundError:
