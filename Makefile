@@ -22,13 +22,16 @@ smoke: install
 	$(SIMPNET) run table=2 profile=smoke results_dir=results/smoke runs_dir=experiments/smoke
 	$(SIMPNET) report table=2 results_dir=results/smoke
 
-# Everything, then the 15 slowest tests (CI prints them too).
+# Everything, then the 15 slowest tests (CI prints them too). One pytest worker per core (pytest-xdist), each
+# test on one torch thread: small CPU kernels gain little from a second thread, and two workers that each spin
+# two OpenMP threads on two cores run many times slower.
+TEST_ARGS ?= -n auto --dist worksteal
 test: install
-	$(BIN)/python -m pytest -q --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(TEST_ARGS) --durations=15
 
 # The inner loop: everything but the tests marked slow (tests/conftest.py lists them).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(TEST_ARGS) -m "not slow" --durations=10
 
 report: install
 	$(SIMPNET) report

@@ -80,7 +80,7 @@ def one_thread():
 # by file and name prefix, so the tiers are declared in one place.
 SLOW = {
     "test_variants.py": ("test_the_issues_table_4_sweep", "test_sweep_", "test_a_variant_sweep",
-                         "test_row_variant_trains_on_real", "test_a_network_in_no_table"),
+                         "test_a_network_in_no_table"),
     "test_train.py": ("test_slim_300k_learns", "test_short_run", "test_load_model_rebuilds", "test_same_seed",
                       "test_interrupted_run"),
     "test_smoke_tables.py": ("test_smoke_run_records", "test_rerun_adds_no_lines", "test_twin_rows_share"),

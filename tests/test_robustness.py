@@ -42,6 +42,8 @@ SIMPNET = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "simpnet_
 # Smoke-sized overrides (synthetic CIFAR-shaped data on the CPU) long enough to be killed part-way.
 RESUME_ARGS = ["run", "table=5", "row=[P5,P3]", "profile=smoke", "profile.train.iterations=60",
                "profile.train.eval_every=10", "profile.train.checkpoint_every=3"]
+# The smoke profile on a quarter of its data, for tests about what is recorded rather than what is learnt.
+TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=8"]
 CURVE_FIGURES = ["iter", "test_acc", "test_loss", "train_loss", "lr"]  # wall_s is a time, not a figure
 CSV_FIGURES = ["final_acc", "best_acc", "best_iter", "iterations", "epochs", "params_paper", "params_total",
                "status", "config_hash"]
@@ -323,7 +325,7 @@ def test_concurrent_commands_on_overlapping_rows_leave_every_run_in_each_csv_onc
     """Table 2, Table 7 (whose 3x3-300K is Table 2's 8L) and Table 2 again, all at once. Each command writes
     only run folders and rebuilds the CSVs from them: every finished run is in each of its tables once."""
     out, runs = tmp_path / "results", tmp_path / "experiments"
-    common = ["profile=smoke", "quiet=true", f"results_dir={out}", f"runs_dir={runs}"]
+    common = ["profile=smoke", "quiet=true", f"results_dir={out}", f"runs_dir={runs}", *TINY]
     procs = [subprocess.Popen([*SIMPNET, "run", f"table={t}", *common], cwd=tmp_path, env=subprocess_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for t in ("2", "7", "2")]
     logs = [p.communicate(timeout=600)[1] for p in procs]

@@ -29,8 +29,13 @@ def smoke_dirs(tmp_path_factory):
     return {"root": root, "results": root / "results", "runs": root / "experiments", "done": set()}
 
 
+# The smoke profile on a quarter of its data (batches of 2, 8 test images): every row still builds, trains four
+# iterations, evaluates twice, checkpoints and records, at a quarter of the arithmetic (Table 12's 5-8M networks).
+TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=8"]
+
+
 def _run_args(name: str, dirs: dict) -> list[str]:
-    return ["run", f"table={name}", "profile=smoke", "quiet=true",
+    return ["run", f"table={name}", "profile=smoke", "quiet=true", *TINY,
             f"results_dir={dirs['results']}", f"runs_dir={dirs['runs']}", f"data_dir={dirs['root'] / 'data'}"]
 
 

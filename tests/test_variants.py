@@ -141,22 +141,6 @@ def test_show_prints_the_resolved_network_of_a_variant(capsys):
     assert "GP-MAX drop0.3 fc100" in out
 
 
-def test_row_variant_trains_on_real_fashion_mnist(tmp_path, fashion_mnist_dir):
-    # The first command; a short schedule and subsets keep it a test (full length: 36,600 iterations).
-    proc = simpnet("run", "table=13", "row=slim-300K", "dataset=fashion_mnist", f"data_dir={fashion_mnist_dir}",
-                   "iterations=60", "batch_size=50", "profile.train.eval_every=30", "dataset.train_size=3000",
-                   "dataset.test_size=500", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
-                   "quiet=true", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows, bad = results.read(tmp_path / "results" / "table13.csv")
-    assert not bad and len(rows) == 1
-    row = rows[0]
-    assert row["dataset"] == "fashion_mnist" and row["status"] == "ok" and row["iterations"] == 60
-    assert row["variant"] == ("dataset=fashion_mnist batch_size=50 dataset.test_size=500 dataset.train_size=3000 "
-                              "iterations=60 profile.train.eval_every=30")
-    assert row["best_acc"] > 30, row  # ten classes: chance is 10%
-
-
 def test_sweep_two_datasets_by_two_rows_records_four_variants_and_reruns_nothing(tmp_path):
     args = ["run", "-m", "table=13", "row=slim-300K,SimpNet", "dataset=fashion_mnist,cifar10", "profile=smoke",
             "quiet=true", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
