@@ -1,0 +1,207 @@
+"""Several runs in one training step (issue 20), proven on the CPU in float64.
+
+k runs of one network, trained together (grouped: one stacked network; branched: k networks as k branches of
+one step) for 20 steps across an lr change, must end where each run ends trained alone: weights, BatchNorm
+running statistics, solver state and every step's loss within 1e-10, for every network family, each with
+its row's real solver.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from simpnet_cli.config import tables
+from simpnet_cli.config import variants
+from simpnet_cli.nets import modules as M
+from simpnet_cli.nets import stacked as S
+from simpnet_cli.train import data as D
+from simpnet_cli.train import loop as train
+from simpnet_cli.train import stacked_step
+
+CPU = torch.device("cpu")
+TOL = 1e-10
+STEPS = 20
+SEEDS = (0, 1, 2)
+
+
+def tiny_run(arch: str, solver: str, *net: str, seed: int = 0) -> tables.RunSpec:
+    """A tiny network of ``arch`` on 12x12 synthetic images in batches of 8 (20 images: an epoch wraps inside
+    a batch), its solver's rate dropping tenfold at iteration 5."""
+    over = variants.from_overrides(variants.prepare([
+        f"solver={solver}", "solver.schedule.kind=multistep", "solver.schedule.gamma=0.1",
+        "solver.schedule.steps=[5]", "dataset=cifar10", "dataset.size=12", *net]))
+    table = tables.custom_table("stack-test", arch, {})
+    profile = {"train": {"iterations": STEPS, "batch_size": 8, "eval_every": 5, "checkpoint_every": 10,
+                         "precision": "fp32"},
+               "data": {"source": "synthetic", "train_size": 20, "test_size": 16}}
+    return tables.resolve(table, table.rows[0], seed, profile, overrides=over)
+
+
+# Widths that are no multiple of 8, so every family trains with ghost channels.
+FAMILIES = {
+    "plain": ("arch1", "adadelta_30k", ["net.widths=C5, C6{2}, C7", "net.pools_after=[2,4]"]),
+    "strided": ("arch1", "nesterov_80k", ["net.widths=C5, C6{2}, C7", "net.pools_after=[2,4]",
+                                          "net.downsample=strided_conv"]),
+    "saf-dropout": ("arch1", "adadelta_30k", ["net.widths=C5, C6{2}, C7", "net.pools_after=[2,4]",
+                                              "net.dropout.conv={1-3: 0.2}", "net.dropout.pool={1-2: 0.3}",
+                                              "net.dropout.head=0.3"]),
+    "residual": ("resnet32", "nesterov_80k", ["net.stages=[{width: 4, blocks: 2}, {width: 6, blocks: 1, "
+                                              "shortcut: conv_k2_then_pool}, {width: 5, blocks: 1, "
+                                              "shortcut: conv_k2s2}]"]),
+    "fire": ("squeezenet11", "adadelta_30k", ["net.stem={out: 6, k: 3, p: 0}", "net.fires=[[3, 5], pool, [4, 6]]",
+                                             "net.saf_dropout=0.2", "net.init.on_convs=[-1]"]),
+    # Table 10's form: conv -> pool -> BN, convs without BatchNorm, no global pooling (the classifier reads a
+    # 2x2 map), and lr/decay multipliers on the last two convs' biases and on the classifier
+    "multipliers": ("arch2", "adadelta_30k", ["net.widths=C5, C6{2}, C7", "net.pools_after=[2,4]",
+                                              "net.bn_after_pool=[2]", "net.conv_suffix={4: nobn}",
+                                              "net.global_pool=none",
+                                              "net.param_mults={convs: {indices: [-2, -1], bias: {lr: 2, decay: 0}},"
+                                              " classifier: {weight: {lr: 1, decay: 1}, bias: {lr: 2, decay: 0}}}"]),
+}
+
+
+@pytest.fixture
+def float64(monkeypatch, one_thread):
+    """Images normalised in float64 (the models are made float64 by the tests): differences are then the
+    order of summation, not rounding to float32."""
+    monkeypatch.setattr(D.DeviceData, "normalize", lambda self, x: (x.double() - self.shift) * self.scale)
+
+
+def family_run(family: str, seed: int = 0) -> tables.RunSpec:
+    arch, solver, net = FAMILIES[family]
+    return tiny_run(arch, solver, *net, seed=seed)
+
+
+def alone(run: tables.RunSpec, tmp_path, seed: int) -> tuple[train.TrainState, list[float]]:
+    """Run ``seed`` of ``run`` trained by itself, as train_run builds it; with its loss at every step."""
+    state = train.build(dataclasses.replace(run, seed=seed), tmp_path / f"alone{seed}", CPU, tmp_path, False,
+                        print, None)
+    state.model.double()
+    losses = []
+    for it in range(STEPS):
+        state.step.reset_loss()
+        state.step(it, train.lr_at(run.solver, it))
+        losses.append(state.step.loss_sum.item())
+    return state, losses
+
+
+def together(run: tables.RunSpec, tmp_path, how: str, seeds=SEEDS, backend=None):
+    """The seeds of ``run`` trained in one step (``how``: grouped or branched); the runs' ordinary models and
+    optimizers handed back at the end. Returns (states, losses per run, the shared step)."""
+    states, generators = [], []
+    for seed in seeds:
+        state = train.build(dataclasses.replace(run, seed=seed), tmp_path / f"{how}{seed}", CPU, tmp_path, False,
+                            print, None)
+        state.model.double()
+        states.append(state)
+        generators.append(stacked_step.generator_now(CPU))  # where this run's dropout would draw from now
+    net = S.build_stacked(run.spec, run.in_shape, len(seeds), run.net).double() if how == "grouped" else None
+    step = stacked_step.shared_step(
+        how, [s.model for s in states], [s.optimizer for s in states], [s.data for s in states],
+        states[0].autocast, backend is not None, generators,
+        make_optimizer=lambda n: train.make_optimizer(run.solver, train.param_groups(n, run.param_mults)),
+        net=net, backend=backend)
+    losses = [[] for _ in seeds]
+    for it in range(STEPS):
+        for member in step.members:
+            member.reset_loss()
+        step(it, [train.lr_at(run.solver, it)] * len(seeds))
+        for i, member in enumerate(step.members):
+            losses[i].append(member.loss_sum.item())
+    for i, state in enumerate(states):
+        step.hand_back(i, state.model, state.optimizer)
+    return states, losses, step
+
+
+def assert_close(a, b, what: str) -> None:
+    if torch.is_tensor(a):
+        assert a.shape == b.shape and a.dtype == b.dtype, what
+        assert torch.allclose(a.double(), b.double(), rtol=0, atol=TOL), \
+            f"{what}: differs by {(a.double() - b.double()).abs().max().item():.3g}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for key in a:
+            assert_close(a[key], b[key], f"{what}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for n, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{what}[{n}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=0, abs=TOL), what
+    else:
+        assert a == b, what
+
+
+def assert_same_as_alone(run, tmp_path, states, losses) -> None:
+    for i, seed in enumerate(SEEDS):
+        twin, twin_losses = alone(run, tmp_path, seed)
+        assert_close(losses[i], twin_losses, f"seed {seed}: losses")
+        assert_close(states[i].model.state_dict(), twin.model.state_dict(), f"seed {seed}: model")
+        assert_close(states[i].optimizer.state_dict(), twin.optimizer.state_dict(), f"seed {seed}: solver")
+    assert len({tuple(x) for x in losses}) == len(SEEDS), "the seeds trained alike: the test would prove nothing"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grouped_runs_equal_their_separate_twins(family, tmp_path, float64):
+    run = family_run(family)
+    states, losses, step = together(run, tmp_path, "grouped")
+    assert_same_as_alone(run, tmp_path, states, losses)
+    assert [m.step_mode for m in step.members] == ["eager, stacked 3 (grouped)"] * 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_branched_runs_equal_their_separate_twins(family, tmp_path, float64):
+    run = family_run(family)
+    states, losses, step = together(run, tmp_path, "branched")
+    assert_same_as_alone(run, tmp_path, states, losses)
+    assert [m.step_mode for m in step.members] == ["eager, stacked 3 (branched)"] * 3
+
+
+@pytest.mark.parametrize("family", ["plain", "fire", "multipliers"])
+def test_ghost_channels_stay_zero_and_real_blocks_are_first(family, tmp_path, float64):
+    run = family_run(family)
+    states, _, step = together(run, tmp_path, "grouped")
+    net = step.model
+    assert net.align == 8
+    ghosts = 0
+    for name, param in net.named_parameters():
+        ghost = torch.ones_like(param, dtype=torch.bool)
+        for i in range(net.k):
+            ghost[net.slots[name].at(i)] = False
+        ghosts += int(ghost.sum())
+        assert not param[ghost].any(), f"{name}: a ghost weight moved"
+        for key, value in step.optimizer.state[param].items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                assert not value[ghost].any(), f"{name}: the solver's {key} of a ghost moved"
+    assert ghosts > 0, "no ghost channels: the widths were meant to need padding"
+    # every conv but the first (it reads the images) reads blocks of a multiple of 8 channels per model
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.in_channels % (8 * net.k) == 0 for c in convs[1:]), "conv inputs not aligned to 8 per model"
+
+
+def test_stacked_forward_equals_each_model_and_unstacks_exactly():
+    run = family_run("residual")
+    models = []
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        models.append(M.build_model(run.spec, run.in_shape, run.net).double().eval())
+    net = S.build_stacked(run.spec, run.in_shape, len(models), run.net).double().eval()
+    S.stack_weights(net, [m.state_dict() for m in models])
+    x = [torch.randn(4, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in SEEDS]
+    out = net(torch.cat(x, 1))
+    assert out.shape == (len(models), 4, 10)
+    for i, model in enumerate(models):
+        assert torch.allclose(out[i], model(x[i]), rtol=0, atol=TOL)
+        back = S.unstack_weights(net, i)
+        assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
+def test_stacking_models_whose_batch_counters_differ_is_refused():
+    run = family_run("plain")
+    a, b = (M.build_model(run.spec, run.in_shape, run.net) for _ in range(2))
+    b[0][1].num_batches_tracked += 1
+    net = S.build_stacked(run.spec, run.in_shape, 2, run.net)
+    with pytest.raises(ValueError, match="num_batches_tracked differs"):
+        S.stack_weights(net, [a.state_dict(), b.state_dict()])
