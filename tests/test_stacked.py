@@ -18,6 +18,7 @@ from simpnet_cli.nets import modules as M
 from simpnet_cli.nets import stacked as S
 from simpnet_cli.train import data as D
 from simpnet_cli.train import loop as train
+from simpnet_cli.train import captured_step
 from simpnet_cli.train import stacked_step
 
 CPU = torch.device("cpu")
@@ -205,3 +206,56 @@ def test_stacking_models_whose_batch_counters_differ_is_refused():
     net = S.build_stacked(run.spec, run.in_shape, 2, run.net)
     with pytest.raises(ValueError, match="num_batches_tracked differs"):
         S.stack_weights(net, [a.state_dict(), b.state_dict()])
+
+
+# --------------------------------------------------------------------------- the CUDA-graph path, with stand-ins
+
+from test_gpu_path import HostSyncCheck, StandInGraph, stand_in  # noqa: E402 - the stand-ins live there
+
+
+@pytest.mark.parametrize("how", ["grouped", "branched"])
+def test_a_graphed_shared_step_with_recapture_equals_the_eager_one(how, tmp_path, float64):
+    run = family_run("saf-dropout")
+    calls: list = []
+    graphed, graphed_losses, step = together(run, tmp_path / "graphed", how, backend=stand_in(calls))
+    eager, eager_losses, _ = together(run, tmp_path / "eager", how)
+    assert_close(graphed_losses, eager_losses, "losses")
+    for i in range(len(SEEDS)):
+        assert_close(graphed[i].model.state_dict(), eager[i].model.state_dict(), f"run {i}: model")
+        assert_close(graphed[i].optimizer.state_dict(), eager[i].optimizer.state_dict(), f"run {i}: solver")
+    assert [c[0] for c in calls].count("capture") == 2, "one capture, and one more at the lr change"
+    assert step.updates.tolist() == [STEPS] * len(SEEDS), "one update per run per iteration"
+    assert [m.step_mode for m in step.members] == [f"cuda-graph, stacked 3 ({how})"] * 3
+
+
+def test_branched_capture_forks_each_run_onto_its_own_stream_once(tmp_path, float64):
+    run = family_run("plain")
+    calls: list = []
+    together(run, tmp_path, "branched", backend=stand_in(calls))
+    streams = [c for c in calls if c[0] == "new_stream"]
+    assert len(streams) == 1 + len(SEEDS), "the capture stream and one stream per branch, made once"
+    scopes = [c[1] for c in calls if c[0] == "stream_scope"]
+    branch_streams = set(map(id, scopes)) - {id(scopes[0])}
+    assert len(branch_streams) == len(SEEDS)
+
+
+@pytest.mark.parametrize("times", [0, 2])
+def test_the_update_counts_show_a_graph_that_does_nothing_or_too_much_for_every_run(times, tmp_path, float64):
+    run = family_run("plain")
+    backend = captured_step.GraphBackend(**{**stand_in().__dict__, "new_graph": lambda: StandInGraph(times)})
+    _, _, step = together(run, tmp_path, "grouped", backend=backend)
+    # 2 warm-ups (iterations 0 and 5) trained once each, the 18 replays ``times`` times
+    assert step.updates.tolist() == [2 + 18 * times] * len(SEEDS)
+
+
+@pytest.mark.parametrize("family", ["saf-dropout", "residual", "fire", "multipliers"])
+@pytest.mark.parametrize("how", ["grouped", "branched"])
+def test_the_captured_shared_step_has_no_host_sync(family, how, tmp_path, float64):
+    run = family_run(family)
+    graphs: list[StandInGraph] = []
+    backend = captured_step.GraphBackend(**{**stand_in().__dict__,
+                                            "new_graph": lambda: graphs.append(StandInGraph()) or graphs[-1]})
+    together(run, tmp_path, how, backend=backend)
+    with HostSyncCheck() as check:
+        graphs[-1].body()
+    assert check.found == [], f"host-synchronising ops in the captured step: {check.found}"
