@@ -98,6 +98,7 @@ def options(cfg) -> "runner.Options":  # noqa: F821 - imported lazily to keep `s
         runs_dir=Path(cfg.runs_dir),
         device=str(cfg.profile.get("device", "auto") if cfg.device == "auto" else cfg.device),
         jobs_per_device=int(cfg.jobs_per_device), profile=str(cfg.profile.name), quiet=bool(cfg.quiet),
+        stack=cfg.get("stack", "auto"), stack_mode=str(cfg.get("stack_mode", "grouped")),
         logger=callbacks.logger_names(logger if logger is None or isinstance(logger, str) else list(logger)))
 
 

@@ -7,17 +7,29 @@ its row's real solver.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from simpnet_cli.config import tables
 from simpnet_cli.config import variants
+from simpnet_cli.errors import UserError
 from simpnet_cli.nets import modules as M
 from simpnet_cli.nets import stacked as S
+from simpnet_cli.runs import runner
+from simpnet_cli.train import checkpoint
 from simpnet_cli.train import data as D
 from simpnet_cli.train import loop as train
+from simpnet_cli.train import together
 from simpnet_cli.train import captured_step
 from simpnet_cli.train import stacked_step
 
@@ -27,9 +39,10 @@ STEPS = 20
 SEEDS = (0, 1, 2)
 
 
-def tiny_run(arch: str, solver: str, *net: str, seed: int = 0) -> tables.RunSpec:
-    """A tiny network of ``arch`` on 12x12 synthetic images in batches of 8 (20 images: an epoch wraps inside
-    a batch), its solver's rate dropping tenfold at iteration 5."""
+def tiny(arch: str, solver: str, *net: str):
+    """(table, profile, overrides) of a tiny network of ``arch`` on 12x12 synthetic images in batches of 8
+    (20 images: an epoch wraps inside a batch), its solver's rate dropping tenfold at iteration 5, evaluated
+    every 5 iterations and checkpointed every 10."""
     over = variants.from_overrides(variants.prepare([
         f"solver={solver}", "solver.schedule.kind=multistep", "solver.schedule.gamma=0.1",
         "solver.schedule.steps=[5]", "dataset=cifar10", "dataset.size=12", *net]))
@@ -37,6 +50,11 @@ def tiny_run(arch: str, solver: str, *net: str, seed: int = 0) -> tables.RunSpec
     profile = {"train": {"iterations": STEPS, "batch_size": 8, "eval_every": 5, "checkpoint_every": 10,
                          "precision": "fp32"},
                "data": {"source": "synthetic", "train_size": 20, "test_size": 16}}
+    return table, profile, over
+
+
+def tiny_run(arch: str, solver: str, *net: str, seed: int = 0) -> tables.RunSpec:
+    table, profile, over = tiny(arch, solver, *net)
     return tables.resolve(table, table.rows[0], seed, profile, overrides=over)
 
 
@@ -88,7 +106,7 @@ def alone(run: tables.RunSpec, tmp_path, seed: int) -> tuple[train.TrainState, l
     return state, losses
 
 
-def together(run: tables.RunSpec, tmp_path, how: str, seeds=SEEDS, backend=None):
+def in_one_step(run: tables.RunSpec, tmp_path, how: str, seeds=SEEDS, backend=None):
     """The seeds of ``run`` trained in one step (``how``: grouped or branched); the runs' ordinary models and
     optimizers handed back at the end. Returns (states, losses per run, the shared step)."""
     states, generators = [], []
@@ -147,7 +165,7 @@ def assert_same_as_alone(run, tmp_path, states, losses) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_grouped_runs_equal_their_separate_twins(family, tmp_path, float64):
     run = family_run(family)
-    states, losses, step = together(run, tmp_path, "grouped")
+    states, losses, step = in_one_step(run, tmp_path, "grouped")
     assert_same_as_alone(run, tmp_path, states, losses)
     assert [m.step_mode for m in step.members] == ["eager, stacked 3 (grouped)"] * 3
 
@@ -155,7 +173,7 @@ def test_grouped_runs_equal_their_separate_twins(family, tmp_path, float64):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_branched_runs_equal_their_separate_twins(family, tmp_path, float64):
     run = family_run(family)
-    states, losses, step = together(run, tmp_path, "branched")
+    states, losses, step = in_one_step(run, tmp_path, "branched")
     assert_same_as_alone(run, tmp_path, states, losses)
     assert [m.step_mode for m in step.members] == ["eager, stacked 3 (branched)"] * 3
 
@@ -163,7 +181,7 @@ def test_branched_runs_equal_their_separate_twins(family, tmp_path, float64):
 @pytest.mark.parametrize("family", ["plain", "fire", "multipliers"])
 def test_ghost_channels_stay_zero_and_real_blocks_are_first(family, tmp_path, float64):
     run = family_run(family)
-    states, _, step = together(run, tmp_path, "grouped")
+    states, _, step = in_one_step(run, tmp_path, "grouped")
     net = step.model
     assert net.align == 8
     ghosts = 0
@@ -217,8 +235,8 @@ from test_gpu_path import HostSyncCheck, StandInGraph, stand_in  # noqa: E402 - 
 def test_a_graphed_shared_step_with_recapture_equals_the_eager_one(how, tmp_path, float64):
     run = family_run("saf-dropout")
     calls: list = []
-    graphed, graphed_losses, step = together(run, tmp_path / "graphed", how, backend=stand_in(calls))
-    eager, eager_losses, _ = together(run, tmp_path / "eager", how)
+    graphed, graphed_losses, step = in_one_step(run, tmp_path / "graphed", how, backend=stand_in(calls))
+    eager, eager_losses, _ = in_one_step(run, tmp_path / "eager", how)
     assert_close(graphed_losses, eager_losses, "losses")
     for i in range(len(SEEDS)):
         assert_close(graphed[i].model.state_dict(), eager[i].model.state_dict(), f"run {i}: model")
@@ -231,7 +249,7 @@ def test_a_graphed_shared_step_with_recapture_equals_the_eager_one(how, tmp_path
 def test_branched_capture_forks_each_run_onto_its_own_stream_once(tmp_path, float64):
     run = family_run("plain")
     calls: list = []
-    together(run, tmp_path, "branched", backend=stand_in(calls))
+    in_one_step(run, tmp_path, "branched", backend=stand_in(calls))
     streams = [c for c in calls if c[0] == "new_stream"]
     assert len(streams) == 1 + len(SEEDS), "the capture stream and one stream per branch, made once"
     scopes = [c[1] for c in calls if c[0] == "stream_scope"]
@@ -243,7 +261,7 @@ def test_branched_capture_forks_each_run_onto_its_own_stream_once(tmp_path, floa
 def test_the_update_counts_show_a_graph_that_does_nothing_or_too_much_for_every_run(times, tmp_path, float64):
     run = family_run("plain")
     backend = captured_step.GraphBackend(**{**stand_in().__dict__, "new_graph": lambda: StandInGraph(times)})
-    _, _, step = together(run, tmp_path, "grouped", backend=backend)
+    _, _, step = in_one_step(run, tmp_path, "grouped", backend=backend)
     # 2 warm-ups (iterations 0 and 5) trained once each, the 18 replays ``times`` times
     assert step.updates.tolist() == [2 + 18 * times] * len(SEEDS)
 
@@ -255,7 +273,164 @@ def test_the_captured_shared_step_has_no_host_sync(family, how, tmp_path, float6
     graphs: list[StandInGraph] = []
     backend = captured_step.GraphBackend(**{**stand_in().__dict__,
                                             "new_graph": lambda: graphs.append(StandInGraph()) or graphs[-1]})
-    together(run, tmp_path, how, backend=backend)
+    in_one_step(run, tmp_path, how, backend=backend)
     with HostSyncCheck() as check:
         graphs[-1].body()
     assert check.found == [], f"host-synchronising ops in the captured step: {check.found}"
+
+
+# --------------------------------------------------------------------------- runs trained together by the runner
+
+def family_plan(family: str, seeds=3) -> list[tables.RunSpec]:
+    arch, solver, net = FAMILIES[family]
+    table, profile, over = tiny(arch, solver, *net)
+    return runner.plan([table], None, seeds, profile, overrides=over)
+
+
+def options(root, stack="off", **over) -> runner.Options:
+    return runner.Options(data_dir=root / "data", download=False, results_dir=root / "results",
+                          runs_dir=root / "runs", device="cpu", jobs_per_device=1, profile="test", quiet=True,
+                          stack=stack, **over)
+
+
+def test_stack_groups_take_the_seeds_of_one_network_n_at_a_time():
+    a, b = family_plan("saf-dropout"), family_plan("plain", seeds=2)
+    assert runner.stack_groups(a + b, 2) == [a[:2], [a[2]], b]
+    assert runner.stack_groups(a + b, 1) == [[r] for r in a + b]
+    assert runner.stack_groups(a + b, 4) == [a, b]
+    cpu = torch.device("cpu")
+    assert [runner.stack_size(v, cpu) for v in ("auto", "off", 3, "2")] == [1, 1, 3, 2]
+
+
+@pytest.mark.parametrize("value", [0, -1, "many", True, 2.5, "2x"])
+def test_a_bad_stack_is_one_line_before_anything_trains(value, tmp_path):
+    with pytest.raises(UserError, match=r"^stack=.*: use auto, off, or the number of runs"):
+        runner.execute(family_plan("plain"), options(tmp_path, stack=value))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_bad_stack_mode_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"^stack_mode='sideways': use grouped or branched$"):
+        runner.execute(family_plan("plain"), options(tmp_path, stack=3, stack_mode="sideways"))
+
+
+def read_curve(run_dir) -> list[dict]:
+    with open(run_dir / "curve.csv") as fh:
+        return [{k: float(v) for k, v in row.items() if k != "wall_s"} for row in csv.DictReader(fh)]
+
+
+def assert_same_record(a, b, tol: float) -> None:
+    """Two run folders hold the same training (curves and weights within ``tol``; float32 here)."""
+    ca, cb = read_curve(a), read_curve(b)
+    assert [c["iter"] for c in ca] == [c["iter"] for c in cb] == [5, 10, 15, 20]
+    for x, y in zip(ca, cb):
+        assert x == pytest.approx(y, rel=tol, abs=tol)
+    wa, wb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+    assert wa.keys() == wb.keys()
+    for name in wb:
+        assert torch.allclose(wa[name].double(), wb[name].double(), rtol=tol, atol=tol), name
+
+
+@pytest.mark.parametrize("how", ["grouped", "branched"])
+def test_stacked_runs_write_exactly_what_single_runs_write(how, tmp_path, one_thread):
+    runs = family_plan("saf-dropout")
+    counts = runner.execute(runs, options(tmp_path / "stacked", stack=3, stack_mode=how))
+    assert counts == {"ok": 3}
+    runner.execute(runs, options(tmp_path / "single", stack="auto"))  # auto: separately on the CPU
+    for run in runs:
+        stacked, single = (tmp_path / kind / "runs" / run.config_hash for kind in ("stacked", "single"))
+        assert sorted(p.name for p in stacked.iterdir()) == sorted(p.name for p in single.iterdir())
+        rs, r1 = (json.loads((d / "result.json").read_text()) for d in (stacked, single))
+        assert rs.keys() == r1.keys() and rs["iterations"] == r1["iterations"] == STEPS
+        assert (rs["step_mode"], r1["step_mode"]) == (f"eager, stacked 3 ({how})", "eager")
+        assert_same_record(stacked, single, 1e-4 if how == "grouped" else 0)
+    lines = {kind: (tmp_path / kind / "results" / "tablestack-test.csv").read_text().splitlines()
+             for kind in ("stacked", "single")}
+    assert len(lines["stacked"]) == len(lines["single"]) == 4, "a header and one line per run"
+    assert lines["stacked"][0] == lines["single"][0]
+    # finished runs are recorded: running the command again trains nothing
+    assert runner.execute(runs, options(tmp_path / "stacked", stack=3, stack_mode=how)) == {"skipped": 3}
+
+
+def stacked_accuracies(net: S.StackedNet, data: D.DeviceData) -> list[float]:
+    """Each model's test accuracy (%) evaluated inside the stack (the test images given to every model)."""
+    net.eval()
+    correct = torch.zeros(net.k)
+    with torch.no_grad():
+        for x, y in data.test_batches():
+            logits = net(x.repeat(1, net.k, 1, 1))
+            correct += (logits.argmax(2) == y).sum(1)
+    return (100.0 * correct / len(data.test_y)).tolist()
+
+
+def test_an_unstacked_model_loads_and_scores_what_it_scored_inside_the_stack(tmp_path, one_thread):
+    from simpnet_cli import load_model
+
+    runs = family_plan("residual")
+    dirs = [tmp_path / r.config_hash for r in runs]
+    for run, run_dir in zip(runs, dirs):
+        train.write_config(run, run_dir)
+    states, step = together.build_together(runs, dirs, CPU, tmp_path, False, "grouped", print)
+    results = together.fit_together(states, step, [[] for _ in runs])
+    inside = stacked_accuracies(step.model, states[0].data)
+    for state, result, acc in zip(states, results, inside):
+        train.write_outcome(state, result)
+        model = load_model(state.run_dir)
+        assert not model.training
+        alone_acc, _ = train.evaluate(model, state.data, state.autocast)
+        assert alone_acc == pytest.approx(acc, abs=1e-9) == pytest.approx(result["final_acc"], abs=1e-3)
+
+
+KILL_AFTER_CHECKPOINTS = """
+import os, pickle, signal, sys
+import torch
+torch.set_num_threads(1)
+from simpnet_cli.runs import runner
+from simpnet_cli.train import callbacks
+
+runs, opts, after = pickle.load(open(sys.argv[1], "rb"))
+real, written = callbacks.Checkpoints.on_checkpoint, []
+
+def on_checkpoint(self, state):
+    real(self, state)
+    written.append(state.run.seed)
+    if len(written) == after:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would: no clean-up at all
+
+callbacks.Checkpoints.on_checkpoint = on_checkpoint
+runner.execute(runs, opts)
+"""
+
+
+def kill_after_checkpoints(tmp_path, runs, opts, after: int) -> None:
+    """Train ``runs`` in a child process that is SIGKILLed right after its ``after``-th checkpoint write."""
+    plan = tmp_path / "plan.pkl"
+    plan.write_bytes(pickle.dumps((runs, opts, after)))
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AFTER_CHECKPOINTS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(plan)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("after, resumed_mode", [(3, "eager, stacked 3 (grouped)"), (2, "eager")],
+                         ids=["killed-after-the-groups-checkpoints", "killed-between-two-runs-checkpoints"])
+def test_a_stacked_run_killed_and_resumed_equals_the_uninterrupted_one(after, resumed_mode, tmp_path, one_thread):
+    runs = family_plan("saf-dropout")
+    straight = options(tmp_path / "straight", stack=3)
+    runner.execute(runs, straight)
+    killed = options(tmp_path / "killed", stack=3)
+    kill_after_checkpoints(tmp_path, runs, killed, after)
+    at = [checkpoint.iteration(killed.runs_dir / r.config_hash / "checkpoint.pt") for r in runs]
+    assert at == [10, 10, 10][:after] + [None] * (3 - after)
+    assert not any((killed.runs_dir / r.config_hash / "result.json").exists() for r in runs)
+    assert runner.execute(runs, killed) == {"ok": 3}
+    for run in runs:
+        resumed = killed.runs_dir / run.config_hash
+        result = json.loads((resumed / "result.json").read_text())
+        assert result["step_mode"] == resumed_mode
+        # resumed together: the very same arithmetic; one at a time: a grouped conv's sums in another order
+        assert_same_record(resumed, straight.runs_dir / run.config_hash, 0 if after == 3 else 1e-4)
+        assert not (resumed / "checkpoint.pt").exists()

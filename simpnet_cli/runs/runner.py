@@ -5,10 +5,16 @@ A run's identity is the hash of its resolved config and seed (tables.RunSpec.con
 run and at the end of each command (runs/index.py). Rows that are the same network trained the same way in two
 tables (Table 2's 8-layer net is Table 7's 3x3 300K and Table 9's first row) share one run folder, with a
 record for each table row, and get one line in each table's CSV.
+
+Runs that can share a training step (the same network, data, solver, schedule and length: the seeds of one
+row) are trained together in groups of ``stack`` (train/together.py); each still gets its own folder, record
+and CSV line, and resumes alone or with its group.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -21,7 +27,10 @@ import torch
 from simpnet_cli.runs import index
 from simpnet_cli.runs import progress
 from simpnet_cli.config import tables
+from simpnet_cli.train import callbacks
+from simpnet_cli.train import checkpoint
 from simpnet_cli.train import loop as train
+from simpnet_cli.train import together
 from simpnet_cli.errors import UserError
 from simpnet_cli.config.variants import RowOverrides
 
@@ -38,6 +47,8 @@ class Options:
     profile: str
     quiet: bool = False
     logger: str | tuple[str, ...] = "csv"  # train.callbacks.logger_names: csv, tensorboard, mlflow or several
+    stack: str | int = "off"  # auto | off | N: runs sharing one training step (stack_size)
+    stack_mode: str = "grouped"  # how stacked runs share it: grouped | branched (train/together.py)
 
 
 def seeds_of(value) -> list[int]:
@@ -64,6 +75,44 @@ def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: di
             for seed in seeds_of(seeds):
                 runs.append(tables.resolve(table, row, seed, profile, run_opts, data_opts, overrides, base_profile))
     return runs
+
+
+def stack_size(stack, device: torch.device) -> int:
+    """How many runs share one training step: ``off`` 1, ``N`` N, ``auto`` 1 on the CPU (a grouped backward is
+    about twice as slow there as k separate ones) and, until the GPU measurement of issue 20 exists, 1 there too."""
+    if isinstance(stack, str) and stack in ("auto", "off"):
+        return 1
+    try:
+        size = int(stack)
+    except (TypeError, ValueError):
+        size = 0
+    if isinstance(stack, bool) or size < 1 or str(stack).strip() != str(size):
+        raise UserError(f"stack={stack!r}: use auto, off, or the number of runs trained in one step (stack=3)")
+    return size
+
+
+def stack_mode(mode: str) -> str:
+    if mode not in together.HOWS:
+        raise UserError(f"stack_mode={mode!r}: use {' or '.join(together.HOWS)}")
+    return mode
+
+
+def share_key(run: tables.RunSpec) -> str:
+    """Runs with equal keys can be trained in one step: all of the run's identity but its seed."""
+    return json.dumps({k: v for k, v in run.identity().items() if k != "seed"}, sort_keys=True, default=str)
+
+
+def stack_groups(runs: list[tables.RunSpec], size: int) -> list[list[tables.RunSpec]]:
+    """``runs`` cut into groups of at most ``size`` that can share a step, in the order of their first runs."""
+    by_key: dict[str, list[list[tables.RunSpec]]] = {}
+    groups = []
+    for run in runs:
+        chunks = by_key.setdefault(share_key(run), [])
+        if not chunks or len(chunks[-1]) >= size:
+            chunks.append([])
+            groups.append(chunks[-1])
+        chunks[-1].append(run)
+    return groups
 
 
 def pick_device(name: str) -> torch.device:
@@ -145,10 +194,7 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str,
             return "busy", f"{name}: being trained by another process ({run_dir})"
         remove_stale_temporaries(run_dir)
         dev = pick_device(device)
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)  # streams, graphs and synchronize default to the current device
-        if dev.type == "cpu" and opts.jobs_per_device > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs_per_device))
+        prepare_device(dev, opts)
         shown.run_started(key, name, str(run_dir))
         train.train_run(run, run_dir, dev, opts.data_dir, opts.download,
                         lambda msg: shown.note(key, msg), progress=lambda ev: shown.event(key, ev),
@@ -159,19 +205,90 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str,
     # After the lock: a process that found this run busy has written its record before trying the lock.
     index.rebuild_tables(opts.results_dir, opts.runs_dir,
                          index.tables_recorded(opts.runs_dir, opts.results_dir, run_dir), warn, lasting=False)
+    return result["status"], finished_message(name, result)
+
+
+def finished_message(name: str, result: dict) -> str:
     metric = f"final {result['final_acc']:.2f}%, best {result['best_acc']:.2f}% @ {result['best_iter']}"
-    return result["status"], f"{name}: {result['status']} ({metric}, {result['img_per_s']:.0f} img/s)"
+    return f"{name}: {result['status']} ({metric}, {result['img_per_s']:.0f} img/s)"
 
 
-def _worker(run, opts, device_slots, shown=None):
-    """One packed run in a pool process: it borrows a device slot for as long as it trains, so a device
-    never holds more than ``jobs_per_device`` runs whatever order the runs finish in. Its progress goes to
-    ``shown`` (in a pool process, a Forwarder to the parent's Reporter)."""
+def prepare_device(dev: torch.device, opts: Options) -> None:
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # streams, graphs and synchronize default to the current device
+    if dev.type == "cpu" and opts.jobs_per_device > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs_per_device))
+
+
+def execute_group(group: list[tables.RunSpec], opts: Options, device: str,
+                  shown: progress.Reporter | progress.Forwarder | None = None) -> list[tuple[tables.RunSpec, str, str]]:
+    """Train the runs of ``group`` (one stack_groups group) in one step, as ``execute_one`` trains one: those
+    already recorded are skipped, those another process holds are busy. Runs whose checkpoints stand at
+    different iterations (killed between two of the group's checkpoint writes) resume one at a time."""
+    if len(group) == 1:
+        return [(group[0], *execute_one(group[0], opts, device, shown))]
+    if shown is None:
+        shown = progress.Reporter({}, 0, quiet=opts.quiet, tty=False)
+    outcomes, todo = [], []
+    for run in group:
+        if index.is_recorded(opts.results_dir, opts.runs_dir, run):
+            outcomes.append((run, "skipped", f"{progress.run_name(run)}: already recorded"))
+            continue
+        run_dir = opts.runs_dir / run.config_hash
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create run folder {run_dir}: {err.strerror or err}") from None
+        index.write_record(run_dir, opts.results_dir, index.record_of(run, run_dir, opts.profile))
+        todo.append(run)
+    alone = []
+    with contextlib.ExitStack() as locks:
+        held = []
+        for run in todo:
+            run_dir = opts.runs_dir / run.config_hash
+            if locks.enter_context(RunLock(run_dir)):
+                remove_stale_temporaries(run_dir)
+                held.append(run)
+            else:
+                outcomes.append((run, "busy", f"{progress.run_name(run)}: being trained by another process "
+                                              f"({run_dir})"))
+        starts = {checkpoint.iteration(opts.runs_dir / r.config_hash / callbacks.CHECKPOINT) or 0 for r in held}
+        if len(held) < 2 or len(starts) > 1:
+            alone = held  # trained (or resumed) one at a time, once the locks are let go
+        else:
+            dev = pick_device(device)
+            prepare_device(dev, opts)
+            keys = [progress.run_key(r) for r in held]
+            for run, key in zip(held, keys):
+                shown.run_started(key, progress.run_name(run), str(opts.runs_dir / run.config_hash))
+            together.train_together(
+                held, [opts.runs_dir / r.config_hash for r in held], dev, opts.data_dir, opts.download,
+                opts.stack_mode, lambda msg: shown.note(keys[0], msg),
+                progress=[lambda ev, key=key: shown.event(key, ev) for key in keys], loggers=opts.logger)
+            for run in held:
+                result = index.seal(opts.runs_dir / run.config_hash)
+                outcomes.append((run, result["status"], finished_message(progress.run_name(run), result)))
+    for run in held:
+        if run not in alone:
+            index.rebuild_tables(opts.results_dir, opts.runs_dir,
+                                 index.tables_recorded(opts.runs_dir, opts.results_dir, opts.runs_dir / run.config_hash),
+                                 warn, lasting=False)
+    for run in alone:
+        outcomes.append((run, *execute_one(run, opts, device, shown)))
+    order = {id(r): n for n, r in enumerate(group)}
+    return sorted(outcomes, key=lambda o: order[id(o[0])])
+
+
+def _worker(group, opts, device_slots, shown=None):
+    """One packed group of runs (one stack_groups group: usually a single run) in a pool process: it borrows a
+    device slot for as long as it trains, so a device never holds more than ``jobs_per_device`` of them
+    whatever order they finish in. Its progress goes to ``shown`` (in a pool process, a Forwarder to the
+    parent's Reporter). Returns [(run, outcome, message)]."""
     device = device_slots.get()
     try:
-        return execute_one(run, opts, device, shown)
+        return execute_group(group, opts, device, shown)
     except Exception as err:  # one run's failure (bad input, CUDA out of memory) must not stop the others
-        return "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}"
+        return [(run, "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}") for run in group]
     finally:
         device_slots.put(device)
 
@@ -203,13 +320,16 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
         (twins if run.config_hash in seen else first).append(run)
         seen.add(run.config_hash)
     slots = devices_for(opts)
-    workers = min(len(slots) * max(1, opts.jobs_per_device), len(first))
+    groups = stack_groups(first, stack_size(opts.stack, torch.device(slots[0])))
+    stack_mode(opts.stack_mode)
+    workers = min(len(slots) * max(1, opts.jobs_per_device), len(groups))
     with progress_for(runs, opts, run_bars=workers <= 1) as shown:
         if workers <= 1:  # in this process; the first bad input stops everything, with its own message
-            for run in first + twins:
-                tally(run, *execute_one(run, opts, slots[0], shown))
+            for group in groups + [[twin] for twin in twins]:
+                for outcome in execute_group(group, opts, slots[0], shown):
+                    tally(*outcome)
         else:
-            execute_packed(first, twins, opts, slots, workers, shown, tally)
+            execute_packed(groups, twins, opts, slots, workers, shown, tally)
     # Every table of the command, whatever its runs did: a damaged or stale file is rebuilt, runs killed
     # before their rebuild are indexed, and what was refused or dropped is said once.
     index.rebuild_tables(opts.results_dir, opts.runs_dir, {r.table for r in runs}, warn)
@@ -232,7 +352,7 @@ def progress_for(runs: list[tables.RunSpec], opts: Options, run_bars: bool) -> p
     return progress.Reporter(expected, len(runs), done, quiet=opts.quiet, run_bars=run_bars)
 
 
-def execute_packed(first, twins, opts: Options, slots: list[str], workers: int, shown: progress.Reporter,
+def execute_packed(groups, twins, opts: Options, slots: list[str], workers: int, shown: progress.Reporter,
                    tally) -> None:
     # Processes, not threads: each packed run has its own CUDA context and Python interpreter, so one
     # run's host overhead never stalls another's kernel launches.
@@ -242,11 +362,15 @@ def execute_packed(first, twins, opts: Options, slots: list[str], workers: int, 
         device_slots, events = manager.Queue(), manager.Queue()
         for device in slots * max(1, opts.jobs_per_device):
             device_slots.put(device)
-        pending = {pool.submit(_worker, run, opts, device_slots, progress.Forwarder(events)): run for run in first}
+        pending = {pool.submit(_worker, group, opts, device_slots, progress.Forwarder(events)): group
+                   for group in groups}
         while pending:
             finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             progress.drain(events, shown)  # a run's last events are queued before its future completes
             for fut in finished:
-                tally(pending.pop(fut), *fut.result())
+                pending.pop(fut)
+                for outcome in fut.result():
+                    tally(*outcome)
         for run in twins:  # recorded from their first run's result.json (or trained if that one failed)
-            tally(run, *_worker(run, opts, device_slots, shown))
+            for outcome in _worker([run], opts, device_slots, shown):
+                tally(*outcome)
