@@ -153,29 +153,19 @@ def assert_close(a, b, what: str) -> None:
         assert a == b, what
 
 
-def assert_same_as_alone(run, tmp_path, states, losses) -> None:
-    for i, seed in enumerate(SEEDS):
-        twin, twin_losses = alone(run, tmp_path, seed)
-        assert_close(losses[i], twin_losses, f"seed {seed}: losses")
-        assert_close(states[i].model.state_dict(), twin.model.state_dict(), f"seed {seed}: model")
-        assert_close(states[i].optimizer.state_dict(), twin.optimizer.state_dict(), f"seed {seed}: solver")
-    assert len({tuple(x) for x in losses}) == len(SEEDS), "the seeds trained alike: the test would prove nothing"
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_grouped_runs_equal_their_separate_twins(family, tmp_path, float64):
+def test_grouped_and_branched_runs_equal_their_separate_twins(family, tmp_path, float64):
     run = family_run(family)
-    states, losses, step = in_one_step(run, tmp_path, "grouped")
-    assert_same_as_alone(run, tmp_path, states, losses)
-    assert [m.step_mode for m in step.members] == ["eager, stacked 3 (grouped)"] * 3
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_branched_runs_equal_their_separate_twins(family, tmp_path, float64):
-    run = family_run(family)
-    states, losses, step = in_one_step(run, tmp_path, "branched")
-    assert_same_as_alone(run, tmp_path, states, losses)
-    assert [m.step_mode for m in step.members] == ["eager, stacked 3 (branched)"] * 3
+    twins = [alone(run, tmp_path, seed) for seed in SEEDS]
+    assert len({tuple(losses) for _, losses in twins}) == len(SEEDS), "the seeds trained alike: proves nothing"
+    for how in ("grouped", "branched"):
+        states, losses, step = in_one_step(run, tmp_path / how, how)
+        for i, (twin, twin_losses) in enumerate(twins):
+            assert_close(losses[i], twin_losses, f"{how}, seed {SEEDS[i]}: losses")
+            assert_close(states[i].model.state_dict(), twin.model.state_dict(), f"{how}, seed {SEEDS[i]}: model")
+            assert_close(states[i].optimizer.state_dict(), twin.optimizer.state_dict(),
+                         f"{how}, seed {SEEDS[i]}: solver")
+        assert [m.step_mode for m in step.members] == [f"eager, stacked 3 ({how})"] * 3
 
 
 @pytest.mark.parametrize("family", ["plain", "fire", "multipliers"])
@@ -415,22 +405,54 @@ def kill_after_checkpoints(tmp_path, runs, opts, after: int) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The seeds of saf-dropout trained together by the runner, uninterrupted: (runs, options)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs, opts = family_plan("saf-dropout"), options(tmp_path_factory.mktemp("straight"), stack=3)
+    runner.execute(runs, opts)
+    torch.set_num_threads(before)
+    return runs, opts
+
+
+def assert_resumed_equals_straight(runs, resumed: runner.Options, straight: runner.Options, mode: str, tol: float):
+    for run in runs:
+        run_dir = resumed.runs_dir / run.config_hash
+        assert json.loads((run_dir / "result.json").read_text())["step_mode"] == mode
+        assert_same_record(run_dir, straight.runs_dir / run.config_hash, tol)
+        assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_an_interrupted_stacked_run_resumes_together_to_the_same_record(straight, tmp_path, monkeypatch, one_thread):
+    runs, straight_opts = straight
+    real_lr_at = train.lr_at
+
+    def crashing_lr_at(solver, iteration):
+        if iteration == 13:
+            raise KeyboardInterrupt
+        return real_lr_at(solver, iteration)
+
+    opts = options(tmp_path, stack=3)
+    monkeypatch.setattr(train, "lr_at", crashing_lr_at)
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute(runs, opts)
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    assert [checkpoint.iteration(opts.runs_dir / r.config_hash / "checkpoint.pt") for r in runs] == [10] * 3
+    assert runner.execute(runs, opts) == {"ok": 3}
+    assert_resumed_equals_straight(runs, opts, straight_opts, "eager, stacked 3 (grouped)", 0)
+
+
 @pytest.mark.parametrize("after, resumed_mode", [(3, "eager, stacked 3 (grouped)"), (2, "eager")],
-                         ids=["killed-after-the-groups-checkpoints", "killed-between-two-runs-checkpoints"])
-def test_a_stacked_run_killed_and_resumed_equals_the_uninterrupted_one(after, resumed_mode, tmp_path, one_thread):
-    runs = family_plan("saf-dropout")
-    straight = options(tmp_path / "straight", stack=3)
-    runner.execute(runs, straight)
-    killed = options(tmp_path / "killed", stack=3)
+                         ids=["after-the-groups-checkpoints", "between-two-runs-checkpoints"])
+def test_a_stacked_run_killed_and_resumed_equals_the_uninterrupted_one(after, resumed_mode, straight, tmp_path,
+                                                                       one_thread):
+    runs, straight_opts = straight
+    killed = options(tmp_path, stack=3)
     kill_after_checkpoints(tmp_path, runs, killed, after)
     at = [checkpoint.iteration(killed.runs_dir / r.config_hash / "checkpoint.pt") for r in runs]
     assert at == [10, 10, 10][:after] + [None] * (3 - after)
     assert not any((killed.runs_dir / r.config_hash / "result.json").exists() for r in runs)
     assert runner.execute(runs, killed) == {"ok": 3}
-    for run in runs:
-        resumed = killed.runs_dir / run.config_hash
-        result = json.loads((resumed / "result.json").read_text())
-        assert result["step_mode"] == resumed_mode
-        # resumed together: the very same arithmetic; one at a time: a grouped conv's sums in another order
-        assert_same_record(resumed, straight.runs_dir / run.config_hash, 0 if after == 3 else 1e-4)
-        assert not (resumed / "checkpoint.pt").exists()
+    # resumed together: the very same arithmetic; one at a time: a grouped conv's sums in another order
+    assert_resumed_equals_straight(runs, killed, straight_opts, resumed_mode, 0 if after == 3 else 1e-4)
