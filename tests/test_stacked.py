@@ -456,3 +456,36 @@ def test_a_stacked_run_killed_and_resumed_equals_the_uninterrupted_one(after, re
     assert runner.execute(runs, killed) == {"ok": 3}
     # resumed together: the very same arithmetic; one at a time: a grouped conv's sums in another order
     assert_resumed_equals_straight(runs, killed, straight_opts, resumed_mode, 0 if after == 3 else 1e-4)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+def test_bench_reports_separate_grouped_and_branched_at_each_k_on_a_labelled_device(tmp_path, capsys, one_thread):
+    from simpnet_cli.cli import main
+
+    out = tmp_path / "bench.md"
+    code = main(["bench", "bench.rows=[5/P5]", "bench.iters=1", "bench.warmup=1", "bench.s1=false",
+                 "bench.batch_size=4", "bench.pack=[1]", "bench.stack=[1,2]", f"bench.out={out}", "device=cpu"])
+    assert code == 0
+    text = out.read_text()
+    assert train.device_name(CPU) in text and "eager, CPU" in text
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith("| 5/P5 | 1 |") or line.startswith("| 5/P5 | 2 |")]
+    assert [(r[1], r[2]) for r in rows] == [(k, how) for k in ("1", "2") for how in ("separate", "grouped", "branched")]
+    for _, k, _, per_run, total, _ in rows:
+        assert float(total.replace(",", "")) == pytest.approx(int(k) * float(per_run.replace(",", "")), rel=0.01, abs=1)
+        assert float(total.replace(",", "")) > 0
+
+
+def test_dry_run_times_the_runs_as_they_would_be_stacked(tmp_path, capsys, one_thread):
+    from simpnet_cli.cli import main
+
+    code = main(["run", "table=5", "row=P5", "seeds=2", "stack=2", "stack_mode=branched", "--dry-run",
+                 "dry_run.iters=1", "dry_run.batch_size=2", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/e"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert [line for line in captured.err.splitlines() if line.startswith("dry-run: timing")] == [
+        "dry-run: timing network 1/1 (table 5, row P5, 53,370 params, 2 runs in one step, branched)"]
+    assert "up to 2 runs in one step (branched) per device" in captured.out
+    assert "| 5 | 2 |" in captured.out
+    assert not (tmp_path / "e").exists()
