@@ -489,3 +489,29 @@ def test_dry_run_times_the_runs_as_they_would_be_stacked(tmp_path, capsys, one_t
     assert "up to 2 runs in one step (branched) per device" in captured.out
     assert "| 5 | 2 |" in captured.out
     assert not (tmp_path / "e").exists()
+
+
+def test_a_run_that_diverges_stops_alone_and_the_others_train_on_undisturbed(tmp_path, one_thread):
+    runs = family_plan("plain")
+
+    class Poison:
+        """Run 1 starts from NaN weights: its loss is NaN from the first step."""
+
+        def on_start(self, state):
+            with torch.no_grad():
+                next(state.model.parameters()).fill_(float("nan"))
+
+    dirs = [tmp_path / "together" / r.config_hash for r in runs]
+    for run, run_dir in zip(runs, dirs):
+        train.write_config(run, run_dir)
+    states, step = together.build_together(runs, dirs, CPU, tmp_path, False, "grouped", print)
+    callbacks = [train.run_callbacks(train.loggers_for("csv"), None, [Poison()] if i == 1 else [])
+                 for i in range(len(runs))]
+    results = together.fit_together(states, step, callbacks)
+    assert [r["status"] for r in results] == ["ok", "diverged", "ok"]
+    assert results[1]["iterations"] == 5 and results[0]["iterations"] == results[2]["iterations"] == STEPS
+    for i in (0, 2):
+        train.write_outcome(states[i], results[i])
+        single = train.train_run(runs[i], tmp_path / "single" / str(i), CPU, tmp_path, False)
+        assert single["final_acc"] == results[i]["final_acc"]
+        assert_same_record(dirs[i], tmp_path / "single" / str(i), 1e-4)
