@@ -164,12 +164,14 @@ class BranchedStep(SharedStep):
             branch._set_lr(lr)
 
     def _branch(self, i: int, plan) -> None:
-        if self.batches.device.type == "cpu":
-            # run i's dropout draws from its own state; on a GPU (a captured graph cannot swap host RNG
-            # states) the branches draw independent masks from the device's generator instead
-            generator_to_global(self.generators[i], self.batches.device)
+        dev = self.batches.device
+        if dev.type == "cpu" or not self.graphs:
+            # run i's dropout draws from its own state, swapped into the global RNG around its branch; a
+            # captured CUDA graph cannot swap RNG states, so there the branches draw independent masks from
+            # the device's generator instead (not those of lone runs)
+            generator_to_global(self.generators[i], dev)
             self.branches[i]._body(*plan)
-            self.generators[i].set_state(torch.get_rng_state())
+            self.generators[i].set_state(generator_now(dev).get_state())
         else:
             self.branches[i]._body(*plan)
 
