@@ -460,7 +460,7 @@ HELP = {
             "results/table<N>.csv.\n"
             "  seeds=3 or seeds=[0,7]   profile=smoke (a few steps on synthetic data)   device=cuda:1\n"
             "  jobs_per_device=4   precision=bf16   profile.train.eval_every=4   profile.data.train_size=512\n"
-            "  stack=3 (a row's seeds in one training step; stack_mode=grouped|branched; auto: separately for now)\n"
+            "  stack=3 (a row's seeds in one training step; stack_mode=grouped|branched; auto: on a GPU as measured)\n"
             "  quiet=true   logger=[csv,tensorboard] (or mlflow)   --cfg job (print each resolved run, train nothing)\n"
             "  --dry-run (runs, iterations and an estimated time; trains nothing; quick and rough:\n"
             "    dry_run.iters=1 dry_run.batch_size=8)\n"

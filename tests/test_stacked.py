@@ -292,6 +292,49 @@ def test_stack_groups_take_the_seeds_of_one_network_n_at_a_time():
     assert [runner.stack_size(v, cpu) for v in ("auto", "off", 3, "2")] == [1, 1, 3, 2]
 
 
+def fake_timer(rates: dict, calls: list):
+    """A stand-in for together.time_steps: ``rates[how]`` img/s, each call logged."""
+    def timer(run, device, how, k, iters, warmup):
+        calls.append((run.seed, how, k))
+        return rates[how]
+    return timer
+
+
+@pytest.mark.parametrize("rates, expected", [
+    ({"separate": 900.0, "grouped": 2500.0, "branched": 1800.0}, (3, "grouped")),
+    ({"separate": 900.0, "grouped": 700.0, "branched": 1800.0}, (3, "branched")),
+    ({"separate": 900.0, "grouped": 700.0, "branched": 850.0}, (1, "separate")),  # never slower than separate
+])
+def test_stack_auto_on_a_gpu_keeps_the_fastest_way_measured_once_per_device_and_network(rates, expected):
+    runs, cache, calls = family_plan("plain"), {}, []
+    gpu = torch.device("cuda")  # (a device name only: nothing runs on it)
+    assert runner.auto_choice(runs, gpu, "H100", cache, fake_timer(rates, calls)) == expected
+    assert sorted(c[1] for c in calls) == ["branched", "grouped", "separate"] and {c[2] for c in calls} == {3}
+    assert runner.auto_choice(runs, gpu, "H100", cache, fake_timer(rates, calls)) == expected
+    assert len(calls) == 3, "measured once per device and network"
+    runner.auto_choice(runs, gpu, "H200", cache, fake_timer(rates, calls))
+    runner.auto_choice(family_plan("strided"), gpu, "H100", cache, fake_timer(rates, calls))
+    assert len(calls) == 9, "another device or another network is measured again"
+
+
+def test_stack_auto_trains_separately_on_the_cpu_without_measuring(tmp_path):
+    calls: list = []
+    groups = runner.plan_groups(family_plan("plain"), options(tmp_path, stack="auto"), CPU,
+                                fake_timer({"separate": 1.0, "grouped": 9.0, "branched": 9.0}, calls))
+    assert [(len(g), how) for g, how in groups] == [(1, "separate")] * 3 and calls == []
+
+
+def test_stack_auto_plans_each_network_as_measured_and_keeps_the_measurements(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    runs = family_plan("plain", seeds=5) + family_plan("strided", seeds=2)
+    timer = fake_timer({"separate": 900.0, "grouped": 2500.0, "branched": 1800.0}, [])
+    groups = runner.plan_groups(runs, options(tmp_path, stack="auto"), torch.device("cuda"), timer)
+    assert [(len(g), how) for g, how in groups] == [(4, "grouped"), (1, "separate"), (2, "grouped")]
+    kept = json.loads((tmp_path / "runs" / runner.STACK_CHOICES).read_text())
+    assert len(kept) == 2 and all(k.startswith("NVIDIA H100 80GB HBM3 | ") for k in kept)
+    assert {v["fastest"] for v in kept.values()} == {"grouped"}
+
+
 @pytest.mark.parametrize("value", [0, -1, "many", True, 2.5, "2x"])
 def test_a_bad_stack_is_one_line_before_anything_trains(value, tmp_path):
     with pytest.raises(UserError, match=r"^stack=.*: use auto, off, or the number of runs"):

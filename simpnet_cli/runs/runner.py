@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -32,6 +33,7 @@ from simpnet_cli.train import checkpoint
 from simpnet_cli.train import loop as train
 from simpnet_cli.train import together
 from simpnet_cli.errors import UserError
+from simpnet_cli.files import read_json, write_json
 from simpnet_cli.config.variants import RowOverrides
 
 
@@ -78,8 +80,8 @@ def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: di
 
 
 def stack_size(stack, device: torch.device) -> int:
-    """How many runs share one training step: ``off`` 1, ``N`` N, ``auto`` 1 on the CPU (a grouped backward is
-    about twice as slow there as k separate ones) and, until the GPU measurement of issue 20 exists, 1 there too."""
+    """How many runs share one training step by ``stack=``: ``off`` 1, ``N`` N, ``auto`` 1 (on a GPU,
+    ``plan_groups`` measures instead; on the CPU a grouped backward is about twice as slow as k separate ones)."""
     if isinstance(stack, str) and stack in ("auto", "off"):
         return 1
     try:
@@ -102,17 +104,62 @@ def share_key(run: tables.RunSpec) -> str:
     return json.dumps({k: v for k, v in run.identity().items() if k != "seed"}, sort_keys=True, default=str)
 
 
-def stack_groups(runs: list[tables.RunSpec], size: int) -> list[list[tables.RunSpec]]:
-    """``runs`` cut into groups of at most ``size`` that can share a step, in the order of their first runs."""
+def stack_groups(runs: list[tables.RunSpec], size: int | dict[str, int]) -> list[list[tables.RunSpec]]:
+    """``runs`` cut into groups of at most ``size`` (or ``size[share_key(run)]``) that can share a step, in the
+    order of their first runs."""
     by_key: dict[str, list[list[tables.RunSpec]]] = {}
     groups = []
     for run in runs:
-        chunks = by_key.setdefault(share_key(run), [])
-        if not chunks or len(chunks[-1]) >= size:
+        key = share_key(run)
+        chunks = by_key.setdefault(key, [])
+        if not chunks or len(chunks[-1]) >= (size if isinstance(size, int) else size[key]):
             chunks.append([])
             groups.append(chunks[-1])
         chunks[-1].append(run)
     return groups
+
+
+AUTO_MOST = 4            # stack=auto puts at most this many runs in one step
+AUTO_TIMING = (20, 10)   # (timed steps, warm-up steps) of each way stack=auto compares
+STACK_CHOICES = "stack_choices.json"  # in runs_dir: what stack=auto measured, per device and network
+
+
+def auto_choice(runs: list[tables.RunSpec], device: torch.device, device_label: str, cache: dict,
+                timer=together.time_steps) -> tuple[int, str]:
+    """(runs per step, how) for ``runs`` (one share_key) by ``stack=auto`` on ``device``: the fastest of
+    separate, grouped and branched at k = min(AUTO_MOST, len(runs)) by ``timer`` (total img/s), measured once
+    per device and network and kept in ``cache``; separate on the CPU, where no shared step pays."""
+    k = min(AUTO_MOST, len(runs))
+    if k < 2 or device.type != "cuda":
+        return 1, "separate"
+    entry = f"{device_label} | {hashlib.sha256(share_key(runs[0]).encode()).hexdigest()[:16]} | k={k}"
+    if entry not in cache:
+        rates = {how: timer(runs[0], device, how, k, *AUTO_TIMING) for how in together.TIMED}
+        cache[entry] = {"fastest": max(rates, key=rates.get), "img_per_s": {h: round(r, 1) for h, r in rates.items()}}
+    fastest = cache[entry]["fastest"]
+    return (1, "separate") if fastest == "separate" else (k, fastest)
+
+
+def plan_groups(runs: list[tables.RunSpec], opts: Options, device: torch.device,
+                timer=together.time_steps) -> list[tuple[list[tables.RunSpec], str]]:
+    """The runs cut into groups that share one training step, each with how it shares it ("separate" for a
+    group of one): as ``stack`` and ``stack_mode`` say, or, for ``stack=auto`` on a GPU, as measured."""
+    how = stack_mode(opts.stack_mode)
+    if opts.stack != "auto" or device.type != "cuda":
+        size = stack_size(opts.stack, device)
+        return [(g, how if len(g) > 1 else "separate") for g in stack_groups(runs, size)]
+    cache_path = opts.runs_dir / STACK_CHOICES
+    cache = read_json(cache_path) or {}
+    chosen: dict[str, tuple[int, str]] = {}
+    for run in runs:
+        key = share_key(run)
+        if key not in chosen:
+            chosen[key] = auto_choice([r for r in runs if share_key(r) == key], device, train.device_name(device),
+                                      cache, timer)
+    check_writable(opts.runs_dir, "runs_dir")
+    write_json(cache_path, cache)
+    return [(g, chosen[share_key(g[0])][1] if len(g) > 1 else "separate")
+            for g in stack_groups(runs, {key: k for key, (k, _) in chosen.items()})]
 
 
 def pick_device(name: str) -> torch.device:
@@ -220,9 +267,9 @@ def prepare_device(dev: torch.device, opts: Options) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs_per_device))
 
 
-def execute_group(group: list[tables.RunSpec], opts: Options, device: str,
+def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: str,
                   shown: progress.Reporter | progress.Forwarder | None = None) -> list[tuple[tables.RunSpec, str, str]]:
-    """Train the runs of ``group`` (one stack_groups group) in one step, as ``execute_one`` trains one: those
+    """Train the runs of ``group`` (one plan_groups group) in one ``how`` step, as ``execute_one`` trains one: those
     already recorded are skipped, those another process holds are busy. Runs whose checkpoints stand at
     different iterations (killed between two of the group's checkpoint writes) resume one at a time."""
     if len(group) == 1:
@@ -263,7 +310,7 @@ def execute_group(group: list[tables.RunSpec], opts: Options, device: str,
                 shown.run_started(key, progress.run_name(run), str(opts.runs_dir / run.config_hash))
             together.train_together(
                 held, [opts.runs_dir / r.config_hash for r in held], dev, opts.data_dir, opts.download,
-                opts.stack_mode, lambda msg: shown.note(keys[0], msg),
+                how, lambda msg: shown.note(keys[0], msg),
                 progress=[lambda ev, key=key: shown.event(key, ev) for key in keys], loggers=opts.logger)
             for run in held:
                 result = index.seal(opts.runs_dir / run.config_hash)
@@ -279,14 +326,14 @@ def execute_group(group: list[tables.RunSpec], opts: Options, device: str,
     return sorted(outcomes, key=lambda o: order[id(o[0])])
 
 
-def _worker(group, opts, device_slots, shown=None):
+def _worker(group, how, opts, device_slots, shown=None):
     """One packed group of runs (one stack_groups group: usually a single run) in a pool process: it borrows a
     device slot for as long as it trains, so a device never holds more than ``jobs_per_device`` of them
     whatever order they finish in. Its progress goes to ``shown`` (in a pool process, a Forwarder to the
     parent's Reporter). Returns [(run, outcome, message)]."""
     device = device_slots.get()
     try:
-        return execute_group(group, opts, device, shown)
+        return execute_group(group, how, opts, device, shown)
     except Exception as err:  # one run's failure (bad input, CUDA out of memory) must not stop the others
         return [(run, "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}") for run in group]
     finally:
@@ -320,13 +367,12 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
         (twins if run.config_hash in seen else first).append(run)
         seen.add(run.config_hash)
     slots = devices_for(opts)
-    groups = stack_groups(first, stack_size(opts.stack, torch.device(slots[0])))
-    stack_mode(opts.stack_mode)
+    groups = plan_groups(first, opts, torch.device(slots[0]))
     workers = min(len(slots) * max(1, opts.jobs_per_device), len(groups))
     with progress_for(runs, opts, run_bars=workers <= 1) as shown:
         if workers <= 1:  # in this process; the first bad input stops everything, with its own message
-            for group in groups + [[twin] for twin in twins]:
-                for outcome in execute_group(group, opts, slots[0], shown):
+            for group, how in groups + [([twin], "separate") for twin in twins]:
+                for outcome in execute_group(group, how, opts, slots[0], shown):
                     tally(*outcome)
         else:
             execute_packed(groups, twins, opts, slots, workers, shown, tally)
@@ -362,8 +408,8 @@ def execute_packed(groups, twins, opts: Options, slots: list[str], workers: int,
         device_slots, events = manager.Queue(), manager.Queue()
         for device in slots * max(1, opts.jobs_per_device):
             device_slots.put(device)
-        pending = {pool.submit(_worker, group, opts, device_slots, progress.Forwarder(events)): group
-                   for group in groups}
+        pending = {pool.submit(_worker, group, how, opts, device_slots, progress.Forwarder(events)): group
+                   for group, how in groups}
         while pending:
             finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             progress.drain(events, shown)  # a run's last events are queued before its future completes
@@ -372,5 +418,5 @@ def execute_packed(groups, twins, opts: Options, slots: list[str], workers: int,
                 for outcome in fut.result():
                     tally(*outcome)
         for run in twins:  # recorded from their first run's result.json (or trained if that one failed)
-            for outcome in _worker([run], opts, device_slots, shown):
+            for outcome in _worker([run], "separate", opts, device_slots, shown):
                 tally(*outcome)

@@ -78,32 +78,6 @@ def measure(run: tables.RunSpec, device: torch.device, mode: str, iters: int, wa
     return iters * batch / (time.perf_counter() - t0)
 
 
-STACK_HOWS = ("separate", "grouped", "branched")
-
-
-def measure_stacked(run: tables.RunSpec, device: torch.device, how: str, k: int, iters: int, warmup: int) -> float:
-    """Total training images per second of ``k`` seeds of ``run``: trained one after another ("separate", each
-    as the runner's step: ``measure``) or in one step ("grouped" or "branched", train/together.py)."""
-    if how == "separate":
-        return measure(run, device, "runner fp32" if device.type == "cuda" else "eager fp32", iters, warmup)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    batch = int(run.train["batch_size"])
-    ds = {**run.dataset, "source": "synthetic", "train_size": max(20 * batch, 2000), "test_size": batch}
-    runs = [dataclasses.replace(run, dataset=ds, seed=seed) for seed in range(k)]
-    _, step = together.build_together(runs, [Path(".")] * k, device, Path("."), False, how, lambda s: None)
-    lrs = [train.lr_at(run.solver, 0)] * k
-    for i in range(warmup):
-        step(i, lrs)
-    _sync(device)
-    t0 = time.perf_counter()
-    for i in range(warmup, warmup + iters):
-        step(i, lrs)
-    _sync(device)
-    return k * iters * batch / (time.perf_counter() - t0)
-
-
 def stack_lines(b, device: torch.device) -> list[str]:
     """img/s per run and in total of k seeds trained separately, grouped and branched, for each row and k."""
     lines = ["", f"## Several runs in one step (k seeds of a row; {'CUDA graphs' if device.type == 'cuda' else 'eager, CPU'})",
@@ -112,8 +86,8 @@ def stack_lines(b, device: torch.device) -> list[str]:
         run = _run_for(ref, b.batch_size)
         for k in (int(k) for k in b.stack):
             base = None
-            for how in STACK_HOWS:
-                total = measure_stacked(run, device, how, k, int(b.iters), int(b.warmup))
+            for how in together.TIMED:
+                total = together.time_steps(run, device, how, k, int(b.iters), int(b.warmup))
                 base = base or total
                 lines.append(f"| {ref} | {k} | {how} | {total / k:,.0f} | {total:,.0f} | {total / base:.2f}x |")
                 print(lines[-1], flush=True)
@@ -277,7 +251,7 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
     the run's own) and scaled to the run's batch: ``iters=1 batch_size=8`` is a rough estimate in under a
     minute anywhere. ``say`` gets a line per network as it is timed, so a long estimate shows its progress."""
     from simpnet_cli.runs import index
-    from simpnet_cli.runs.runner import devices_for, pick_device, stack_groups, stack_mode, stack_size
+    from simpnet_cli.runs.runner import devices_for, pick_device, plan_groups
 
     device = pick_device(devices_for(opts)[0])
     if device.type == "cuda":
@@ -297,16 +271,17 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
     iters = iters or default_iters
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise UserError(f"dry_run.batch_size={batch_size!r}: give a whole number of images >= 1")
-    # The runs as the runner would train them: one at a time, or stacked k to a step (runner.stack_groups).
-    size, how = stack_size(opts.stack, device), stack_mode(opts.stack_mode)
-    group_of = {id(run): len(group) for group in stack_groups(todo, size) for run in group}
+    # The runs as the runner would train them: one at a time, or k to a step (runner.plan_groups).
+    groups = plan_groups(todo, opts, device)
+    group_of = {id(run): (len(group), how) for group, how in groups for run in group}
+    size = max((len(group) for group, _ in groups), default=1)
     speed: dict[tuple, float] = {}
     per_table: dict[str, list[float]] = {}
     networks = len({(repr(r.spec), r.train["batch_size"], r.train.get("precision", "fp32"), r.in_shape,
                      group_of[id(r)]) for r in todo})
     for run in todo:
-        k = group_of[id(run)]
-        key = (repr(run.spec), run.train["batch_size"], run.train.get("precision", "fp32"), run.in_shape, k)
+        k, how = group_of[id(run)]
+        key = (repr(run.spec), run.train["batch_size"], run.train.get("precision", "fp32"), run.in_shape, (k, how))
         if key not in speed:
             mode = "runner bf16" if key[2] == "bf16" and device.type == "cuda" else \
                 "runner fp32" if device.type == "cuda" else "eager fp32"
@@ -316,7 +291,7 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
             timed = run if batch_size is None else dataclasses.replace(run, train={**run.train, "batch_size": batch_size})
             # a stacked step trains k runs at once, so each of them costs a k-th of its time: its images per
             # second, counted over all k, are each run's share
-            images_per_s = (measure_stacked(timed, device, how, k, iters, warmup) if k > 1
+            images_per_s = (together.time_steps(timed, device, how, k, iters, warmup) if k > 1
                             else measure(timed, device, mode, iters, warmup))
             speed[key] = images_per_s / run.train["batch_size"]  # steps/s at the run's own batch
         per_table.setdefault(run.table, [0, 0, 0.0])
@@ -325,10 +300,12 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
         entry[1] += run.train["iterations"]
         entry[2] += run.train["iterations"] / speed[key]
     slots = len(devices_for(opts))
+    shared_hows = ", ".join(sorted({how for group, how in groups if len(group) > 1}))
+    stacking = f"up to {size} runs in one step ({shared_hows})" if size > 1 else "one run at a time"
     lines = [f"{len(runs)} run(s) asked for, {len(todo)} still to train ({len(runs) - len(todo)} recorded or "
              f"shared with another table); estimate on {train.device_name(device)} from {iters} timed steps "
              + (f"at batch {batch_size} (scaled to each run's batch: rough) " if batch_size is not None else "")
-             + f"per network, {f'up to {size} runs in one step ({how})' if size > 1 else 'one run at a time'} "
+             + f"per network, {stacking} "
              + f"per device, {slots} device(s), evaluation excluded:",
              "| table | runs | iterations | estimated time |", "|---|---|---|---|"]
     total = [0, 0, 0.0]

@@ -12,6 +12,8 @@ one run at a time).
 """
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -26,6 +28,7 @@ from simpnet_cli.train import loop
 from simpnet_cli.train import stacked_step
 
 HOWS = ("grouped", "branched")
+TIMED = ("separate",) + HOWS  # the ways k runs can be trained, as time_steps measures them
 
 
 def build_together(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: torch.device, data_dir: Path,
@@ -164,3 +167,32 @@ def train_together(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: to
     for state, result in zip(states, results):
         loop.write_outcome(state, result)
     return results
+
+
+def time_steps(run: RunSpec, device: torch.device, how: str, k: int, iters: int, warmup: int) -> float:
+    """Total training images per second of ``k`` seeds of ``run`` (its network, solver and batch, on synthetic
+    data of its dataset's shape: speed does not depend on pixel values) trained ``how``: "separate" (one run's
+    step, k of them one after another) or in one "grouped" or "branched" step. ``warmup`` steps come first
+    (capture, cuDNN's choice of kernels)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # as a run: fixed shapes
+    batch = int(run.train["batch_size"])
+    ds = {**run.dataset, "source": "synthetic", "train_size": max(20 * batch, 2000), "test_size": batch}
+    runs = [dataclasses.replace(run, dataset=ds, seed=seed) for seed in range(1 if how == "separate" else k)]
+    if how == "separate":
+        step = loop.build(runs[0], Path("."), device, Path("."), False, lambda s: None, None).step
+        lr = loop.lr_at(run.solver, 0)
+    else:
+        step = build_together(runs, [Path(".")] * k, device, Path("."), False, how, lambda s: None)[1]
+        lr = [loop.lr_at(run.solver, 0)] * k
+    for i in range(warmup):
+        step(i, lr)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + iters):
+        step(i, lr)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return len(runs) * iters * batch / (time.perf_counter() - t0)
