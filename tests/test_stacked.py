@@ -256,6 +256,18 @@ def test_the_update_counts_show_a_graph_that_does_nothing_or_too_much_for_every_
     assert step.updates.tolist() == [2 + 18 * times] * len(SEEDS)
 
 
+@pytest.mark.parametrize("how", ["grouped", "branched"])
+@pytest.mark.parametrize("times", [0, 2])
+def test_the_canary_stops_stacked_runs_whose_graph_does_nothing_or_too_much(how, times, tmp_path, one_thread):
+    runs = family_plan("plain")
+    backend = captured_step.GraphBackend(**{**stand_in().__dict__, "new_graph": lambda: StandInGraph(times)})
+    with pytest.raises(UserError, match=r"applied \d+ updates in 5 iterations \(cuda-graph, stacked 3 "
+                                        + f"\\({how}\\)\\)"):
+        together.train_together(runs, [tmp_path / r.config_hash for r in runs], CPU, tmp_path, False, how,
+                                backend=backend)
+    assert not any((tmp_path / r.config_hash / "result.json").exists() for r in runs)
+
+
 @pytest.mark.parametrize("family", ["saf-dropout", "residual", "fire", "multipliers"])
 @pytest.mark.parametrize("how", ["grouped", "branched"])
 def test_the_captured_shared_step_has_no_host_sync(family, how, tmp_path, float64):

@@ -113,7 +113,7 @@ def evaluate(model: torch.nn.Module, data: D.DeviceData, autocast) -> tuple[floa
     return 100.0 * correct.item() / n, loss.item() / n
 
 
-class _Hooks:
+class Hooks:
     """Calls one hook on every callback that has it, in order."""
 
     def __init__(self, callbacks: Iterable):
@@ -138,7 +138,7 @@ class _Hooks:
 
 def fit(state: TrainState, callbacks: Iterable) -> dict:
     """Train ``state`` to its last iteration (or until a callback stops it); return the run's result."""
-    hooks = _Hooks(callbacks)
+    hooks = Hooks(callbacks)
     try:
         hooks("on_start", state)
         state.start_clock()

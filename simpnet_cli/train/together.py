@@ -65,7 +65,7 @@ class _Group:
 
     def __init__(self, states, step: stacked_step.SharedStep, callbacks):
         self.states, self.step = list(states), step
-        self.hooks = [loop._Hooks(cbs) for cbs in callbacks]
+        self.hooks = [loop.Hooks(cbs) for cbs in callbacks]
         self.active = list(range(len(self.states)))
         self.results: list[dict | None] = [None] * len(self.states)
 
