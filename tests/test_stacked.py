@@ -106,27 +106,27 @@ def alone(run: tables.RunSpec, tmp_path, seed: int) -> tuple[train.TrainState, l
     return state, losses
 
 
-def in_one_step(run: tables.RunSpec, tmp_path, how: str, seeds=SEEDS, backend=None):
-    """The seeds of ``run`` trained in one step (``how``: grouped or branched); the runs' ordinary models and
-    optimizers handed back at the end. Returns (states, losses per run, the shared step)."""
+def in_one_step(run: tables.RunSpec, tmp_path, how: str, seeds=SEEDS, backend=None, runs=None):
+    """The seeds of ``run`` (or ``runs``) trained in one step (``how``: grouped or branched); the runs'
+    ordinary models and optimizers handed back at the end. Returns (states, losses per run, the shared step)."""
+    runs = runs or [dataclasses.replace(run, seed=seed) for seed in seeds]
     states, generators = [], []
-    for seed in seeds:
-        state = train.build(dataclasses.replace(run, seed=seed), tmp_path / f"{how}{seed}", CPU, tmp_path, False,
-                            print, None)
+    for one in runs:
+        state = train.build(one, tmp_path / f"{how}{one.seed}", CPU, tmp_path, False, print, None)
         state.model.double()
         states.append(state)
         generators.append(stacked_step.generator_now(CPU))  # where this run's dropout would draw from now
-    net = S.build_stacked(run.spec, run.in_shape, len(seeds), run.net).double() if how == "grouped" else None
+    net = S.build_stacked(run.spec, run.in_shape, len(runs), run.net).double() if how == "grouped" else None
     step = stacked_step.shared_step(
         how, [s.model for s in states], [s.optimizer for s in states], [s.data for s in states],
         states[0].autocast, backend is not None, generators,
         make_optimizer=lambda n: train.make_optimizer(run.solver, train.param_groups(n, run.param_mults)),
         net=net, backend=backend)
-    losses = [[] for _ in seeds]
+    losses = [[] for _ in runs]
     for it in range(STEPS):
         for member in step.members:
             member.reset_loss()
-        step(it, [train.lr_at(run.solver, it)] * len(seeds))
+        step(it, [train.lr_at(one.solver, it) for one in runs])
         for i, member in enumerate(step.members):
             losses[i].append(member.loss_sum.item())
     for i, state in enumerate(states):
@@ -166,6 +166,23 @@ def test_grouped_and_branched_runs_equal_their_separate_twins(family, tmp_path, 
             assert_close(states[i].optimizer.state_dict(), twin.optimizer.state_dict(),
                          f"{how}, seed {SEEDS[i]}: solver")
         assert [m.step_mode for m in step.members] == [f"eager, stacked 3 ({how})"] * 3
+
+
+@pytest.mark.parametrize("how", ["grouped", "branched"])
+@pytest.mark.parametrize("family", ["multipliers"])
+def test_runs_on_different_rates_and_schedules_in_one_step_equal_their_separate_twins(family, how, tmp_path,
+                                                                                     float64):
+    run = family_run(family)
+    schedules = [{"lr": run.solver["lr"]}, {"lr": run.solver["lr"] * 0.5},
+                 {"lr": run.solver["lr"] * 2, "schedule": {**run.solver["schedule"], "steps": [3, 12]}}]
+    runs = [dataclasses.replace(run, seed=seed, solver={**run.solver, **change})
+            for seed, change in zip(SEEDS, schedules)]
+    states, losses, _ = in_one_step(run, tmp_path, how, runs=runs)
+    for one, state, run_losses in zip(runs, states, losses):
+        twin, twin_losses = alone(one, tmp_path / f"alone-lr{one.solver['lr']}", one.seed)
+        assert_close(run_losses, twin_losses, f"lr {one.solver['lr']}: losses")
+        assert_close(state.model.state_dict(), twin.model.state_dict(), f"lr {one.solver['lr']}: model")
+        assert_close(state.optimizer.state_dict(), twin.optimizer.state_dict(), f"lr {one.solver['lr']}: solver")
 
 
 @pytest.mark.parametrize("family", ["plain", "fire", "multipliers"])
@@ -231,7 +248,8 @@ def test_a_graphed_shared_step_with_recapture_equals_the_eager_one(how, tmp_path
     for i in range(len(SEEDS)):
         assert_close(graphed[i].model.state_dict(), eager[i].model.state_dict(), f"run {i}: model")
         assert_close(graphed[i].optimizer.state_dict(), eager[i].optimizer.state_dict(), f"run {i}: solver")
-    assert [c[0] for c in calls].count("capture") == 2, "one capture, and one more at the lr change"
+    # the grouped step keeps the rates on the device: one capture; branched re-captures at the lr change
+    assert [c[0] for c in calls].count("capture") == (1 if how == "grouped" else 2)
     assert step.updates.tolist() == [STEPS] * len(SEEDS), "one update per run per iteration"
     assert [m.step_mode for m in step.members] == [f"cuda-graph, stacked 3 ({how})"] * 3
 
@@ -295,11 +313,15 @@ def options(root, stack="off", **over) -> runner.Options:
                           stack=stack, **over)
 
 
-def test_stack_groups_take_the_seeds_of_one_network_n_at_a_time():
+def test_stack_groups_take_the_runs_of_one_network_n_at_a_time():
     a, b = family_plan("saf-dropout"), family_plan("plain", seeds=2)
     assert runner.stack_groups(a + b, 2) == [a[:2], [a[2]], b]
     assert runner.stack_groups(a + b, 1) == [[r] for r in a + b]
     assert runner.stack_groups(a + b, 4) == [a, b]
+    # a variant on another rate or schedule shares the step (each run's rate is its own); another solver not
+    slower = [dataclasses.replace(r, solver={**r.solver, "lr": r.solver["lr"] / 2}) for r in b]
+    decayed = [dataclasses.replace(r, solver={**r.solver, "weight_decay": 0.0}) for r in b]
+    assert runner.stack_groups(b + slower + decayed, 4) == [b + slower, decayed]
     cpu = torch.device("cpu")
     assert [runner.stack_size(v, cpu) for v in ("auto", "off", 3, "2")] == [1, 1, 3, 2]
 

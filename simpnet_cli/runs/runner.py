@@ -100,8 +100,11 @@ def stack_mode(mode: str) -> str:
 
 
 def share_key(run: tables.RunSpec) -> str:
-    """Runs with equal keys can be trained in one step: all of the run's identity but its seed."""
-    return json.dumps({k: v for k, v in run.identity().items() if k != "seed"}, sort_keys=True, default=str)
+    """Runs with equal keys can be trained in one step: all of the run's identity but its seed and its
+    learning rate and schedule (each run of a shared step keeps its own rate)."""
+    identity = {k: v for k, v in run.identity().items() if k != "seed"}
+    identity["solver"] = {k: v for k, v in identity["solver"].items() if k not in ("lr", "schedule")}
+    return json.dumps(identity, sort_keys=True, default=str)
 
 
 def stack_groups(runs: list[tables.RunSpec], size: int | dict[str, int]) -> list[list[tables.RunSpec]]:

@@ -107,22 +107,47 @@ class SharedStep(captured_step.Step):
         raise NotImplementedError
 
 
+# What the captured-step logic sees as the grouped step's rate: it never changes, so an lr change (or runs on
+# different schedules) needs no re-capture; the runs' rates are in ``GroupedStep.lr_now`` on the device.
+RATES_ON_DEVICE = "rates on the device"
+
+
 class GroupedStep(SharedStep):
-    """The k runs as one ``StackedNet`` with one optimizer (its param groups carry the runs' multipliers)."""
+    """The k runs as one ``StackedNet`` with one optimizer (its param groups carry the runs' multipliers).
+
+    Each run's learning rate is an entry of ``lr_now``, a device tensor set before every step. The optimizer
+    steps at each group's multiplier alone (a base rate of 1), and each run's block of every parameter is
+    then scaled back to its own rate: new = old + lr_i * (stepped - old). That is exact for these solvers,
+    whose state never sees the rate (AdaDelta's histories and Nesterov's momentum are of the unscaled step),
+    up to the rounding of one subtraction."""
     how = "grouped"
 
     def __init__(self, net: S.StackedNet, optimizer, datas, autocast, graphs, generators, backend=None):
         super().__init__(net, optimizer, datas, autocast, graphs, generators, backend)
         net.use_generators(self.generators)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        dtype = self.params[0].dtype if self.params else torch.float32
+        self.lr_now = torch.zeros(self.k, dtype=dtype, device=self.batches.device)
 
-    def _set_lr(self, lrs) -> None:
-        if len(set(lrs)) != 1:
-            raise ValueError(f"grouped runs share one optimizer, so one learning rate; got {list(lrs)}")
-        super()._set_lr(lrs[0])
+    def __call__(self, iteration: int, lrs) -> None:
+        self.lr_now.copy_(torch.tensor(list(lrs), dtype=self.lr_now.dtype))
         self.lrs = list(lrs)
+        super().__call__(iteration, RATES_ON_DEVICE)
+
+    def _set_lr(self, lr) -> None:
+        for group in self.optimizer.param_groups:  # the base rate 1: lr_now scales each run's block after
+            group["lr"] = group.get("lr_mult", 1)
+
+    def _rates_per_run(self) -> None:
+        """Every parameter's block of run i (its first dimension holds the k blocks) stepped at lr_now[i]."""
+        with torch.no_grad():
+            for param, before in zip(self.params, self._before):
+                rate = self.lr_now.repeat_interleave(param.shape[0] // self.k)
+                param.sub_(before).mul_(rate.view(-1, *[1] * (param.dim() - 1))).add_(before)
 
     def _body(self, *plan) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        self._before = [p.detach().clone() for p in self.params]
         plans = self.batches.split(plan)
         x = torch.cat([data.images(*p) for data, p in zip(self.batches.datas, plans)], 1)
         if self.channels_last:
@@ -133,6 +158,8 @@ class GroupedStep(SharedStep):
                               for i, (data, p) in enumerate(zip(self.batches.datas, plans))])
         losses.sum().backward()  # disjoint parameters: each model's gradient is that of its own loss
         self.optimizer.step()
+        self._rates_per_run()
+        self._before = None
         self._count(losses)
 
     def take_over(self, models, optimizers) -> None:
