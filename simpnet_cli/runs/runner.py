@@ -6,9 +6,10 @@ run and at the end of each command (runs/index.py). Rows that are the same netwo
 tables (Table 2's 8-layer net is Table 7's 3x3 300K and Table 9's first row) share one run folder, with a
 record for each table row, and get one line in each table's CSV.
 
-Runs that can share a training step (the same network, data, solver, schedule and length: the seeds of one
-row) are trained together in groups of ``stack`` (train/together.py); each still gets its own folder, record
-and CSV line, and resumes alone or with its group.
+Runs that can share a training step (the same network, data, solver and length, whatever their seeds, rates
+and schedules: a row's seeds and its lr variants) are trained together, ``stack`` at a time or as ``stack=auto``
+measures (train/together.py); each still gets its own folder, record and CSV line, and resumes alone or with
+its group.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: di
 
 def stack_size(stack, device: torch.device) -> int:
     """How many runs share one training step by ``stack=``: ``off`` 1, ``N`` N, ``auto`` 1 (on a GPU,
-    ``plan_groups`` measures instead; on the CPU a grouped backward is about twice as slow as k separate ones)."""
+    ``plan_groups`` measures instead; on the CPU a shared step is no faster than k separate ones: simpnet bench)."""
     if isinstance(stack, str) and stack in ("auto", "off"):
         return 1
     try:
@@ -330,7 +331,7 @@ def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: 
 
 
 def _worker(group, how, opts, device_slots, shown=None):
-    """One packed group of runs (one stack_groups group: usually a single run) in a pool process: it borrows a
+    """One packed group of runs (one plan_groups group: usually a single run) in a pool process: it borrows a
     device slot for as long as it trains, so a device never holds more than ``jobs_per_device`` of them
     whatever order they finish in. Its progress goes to ``shown`` (in a pool process, a Forwarder to the
     parent's Reporter). Returns [(run, outcome, message)]."""
