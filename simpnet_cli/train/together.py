@@ -1,4 +1,5 @@
-"""Runs trained together: k runs of one network, schedule and length stepped by one shared step (issue 20).
+"""Runs trained together: k runs of one network, solver and length (each with its own seed, rate and
+schedule) stepped by one shared step (issue 20).
 
 Each run stays a run: its own ``TrainState`` (ordinary model and optimizer, its data order, curve, clock), its
 own callbacks (checkpoint and resume, divergence guard, update audit, loggers, progress) and its own files,
