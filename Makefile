@@ -47,10 +47,14 @@ bench: install
 	$(SIMPNET) bench
 
 # The GPU path end to end (under 10 minutes on one GPU): CPU proofs, SIGKILL-and-resume on CUDA, graphed vs
-# eager, memory across re-captures, bench alone and packed; figures into results/benchmarks.md. On a machine
-# without CUDA it runs the CPU proofs and says which GPU steps it skipped.
-gpu-check: install
-	$(BIN)/python -m simpnet_cli.tools.gpucheck
+# eager, memory across lr changes, bench alone and packed; figures into results/benchmarks.md. On a machine
+# without CUDA it runs the CPU proofs and says which GPU steps it skipped. It uses the machine's own torch (no
+# venv if $(PY) imports everything; else .venv-gpu with system site-packages and only what is missing) and
+# needs no network with WHEELS=DIR, a folder of wheels (`pip wheel -w DIR ...` on a connected machine;
+# simpnet_cli/tools/gpusetup.py says which).
+WHEELS ?=
+gpu-check:
+	$(PY) -m simpnet_cli.tools.gpusetup $(if $(WHEELS),--wheels $(WHEELS))
 
 clean-smoke:
 	rm -rf results/smoke experiments/smoke

@@ -472,7 +472,8 @@ HELP = {
     "bench": ("simpnet bench [bench.rows=[\"2/8L\"]] [bench.iters=300] [bench.pack=[4]]",
               "Images/s of the eager loop and the runner's step for chosen rows, written to results/benchmarks.md.\n"
               "  bench.rows=[\"2/8L\",\"12/5M-C10\"]  bench.batch_size=100  bench.warmup=30  bench.s1=false\n"
-              "  bench.precision.rows=[\"13/slim-300K\"] (fp32 vs bf16 accuracy on Fashion-MNIST)"),
+              "  bench.precision.rows=[\"13/slim-300K\"] (fp32 vs bf16 accuracy on Fashion-MNIST)\n"
+              "  bench.grouped.rows=[] (skip the probe of each conv alone vs three stacked in one grouped conv)"),
     "export": ("simpnet export run_dir=PATH [format=torchscript|onnx] [out=FILE]",
                "Writes a finished run's network with its trained weights as TorchScript (run_dir/model.ts) or ONNX\n"
                "(run_dir/model.onnx; needs pip install 'simpnet[onnx]'). In Python: simpnet_cli.load_model(run_dir)."),

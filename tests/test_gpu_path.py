@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from simpnet_cli.train import checkpoint
 from simpnet_cli.train import captured_step
+from simpnet_cli.train import solvers
+from simpnet_cli.tools import gpucheck
 from simpnet_cli.runs import results
 from simpnet_cli.config import tables
 from simpnet_cli.train import loop as train
@@ -42,22 +46,29 @@ class StandInStream:
 
 class StandInGraph:
     """Capture records the body; replay runs it ``times`` times (1: a correct graph; 0: an empty one;
-    2: a double-applied one)."""
+    2: a double-applied one). With ``skip_optimizer`` the replay runs without the optimizer's update (a graph
+    whose update kernels went missing; its update counter still counts). ``baked``: (dict, key, value) of the
+    Python numbers the body read at capture; a real graph holds them as constants, so replay puts them back."""
 
-    def __init__(self, times: int = 1):
-        self.body, self.times, self.replays = None, times, 0
+    def __init__(self, times: int = 1, skip_optimizer: bool = False):
+        self.body, self.times, self.replays, self.skip_optimizer, self.baked = None, times, 0, skip_optimizer, []
 
     def replay(self) -> None:
         self.replays += 1
-        for _ in range(self.times):
-            self.body()
+        for where, key, value in self.baked:
+            where[key] = value
+        with contextlib.ExitStack() as stack:
+            if self.skip_optimizer:
+                for cls in (solvers.AdaDelta, solvers.Nesterov):
+                    stack.enter_context(mock.patch.object(cls, "step", lambda self, closure=None: None))
+            for _ in range(self.times):
+                self.body()
 
-    def pool(self):
-        return ("pool", id(self))
 
-
-def stand_in(calls: list | None = None, times: int = 1, fail_at: str | None = None) -> captured_step.GraphBackend:
-    """A backend that logs its calls in ``calls``; ``fail_at`` makes that call raise, as a broken driver would."""
+def stand_in(calls: list | None = None, times: int = 1, fail_at: str | None = None, skip_optimizer: bool = False,
+             bake: torch.optim.Optimizer | None = None) -> captured_step.GraphBackend:
+    """A backend that logs its calls in ``calls``; ``fail_at`` makes that call raise, as a broken driver would.
+    ``bake``: the optimizer whose group lrs a capture turns into constants if they are numbers."""
     calls = calls if calls is not None else []
 
     def log(name, *args):
@@ -74,12 +85,14 @@ def stand_in(calls: list | None = None, times: int = 1, fail_at: str | None = No
         log("new_stream", dev)
         return StandInStream(dev)
 
-    def capture(graph, body, stream, pool):
-        log("capture", stream, pool)
+    def capture(graph, body, stream):
+        log("capture", stream, torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
         graph.body = body  # recorded, not run: the warm-up already trained this iteration
+        if bake is not None:
+            graph.baked = [(g, "lr", g["lr"]) for g in bake.param_groups if not torch.is_tensor(g["lr"])]
 
     return captured_step.GraphBackend(
-        new_graph=lambda: (log("new_graph"), StandInGraph(times))[1],
+        new_graph=lambda: (log("new_graph"), StandInGraph(times, skip_optimizer))[1],
         new_stream=new_stream,
         device_scope=lambda dev: scope("device_scope", dev),
         stream_scope=lambda stream: scope("stream_scope", stream),
@@ -162,14 +175,14 @@ def test_graphed_run_with_recapture_eval_wrap_and_resume_equals_the_eager_run(tm
     monkeypatch.undo()
     graphed = train.train_run(run, tmp_path / "graphed", CPU, tmp_path, False, backend=stand_in(calls))
     assert graphed["step_mode"] == "cuda-graph" and graphed["iterations"] == 10
-    # Captures: at iteration 0 before the kill at 4; at 4 (the resumed process) and 5 (the lr drop) after.
-    assert sum(1 for c in calls if c[0] == "capture") == 3
+    # Captures: at iteration 0 before the kill at 4 and at 4 in the resumed process; the lr drop at 5 needs none.
+    assert sum(1 for c in calls if c[0] == "capture") == 2
     assert_same_run(tmp_path / "graphed", tmp_path / "eager")
     for key in ("final_acc", "best_acc", "best_iter"):
         assert graphed[key] == pytest.approx(eager[key], abs=1e-6), key
 
 
-def test_one_update_per_iteration_and_replays_between_captures(one_thread):
+def test_one_update_per_iteration_and_one_capture_for_the_whole_schedule(one_thread):
     run = run_spec("arch1", "adadelta_30k", "fp32", *FAMILIES["plain"][1])
     model, optimizer, data, autocast = setup(run)
     graphs: list[StandInGraph] = []
@@ -179,7 +192,7 @@ def test_one_update_per_iteration_and_replays_between_captures(one_thread):
     for it in range(8):
         step(it, train.lr_at(run.solver, it))
         assert int(step.updates) == it + 1
-    assert len(graphs) == 2 and [g.replays for g in graphs] == [4, 2]  # captured at 0 and 5; replayed between
+    assert len(graphs) == 1 and graphs[0].replays == 7  # captured at 0; the lr drop at 5 is a fill, not a capture
 
 
 # Caffe's lr/decay multipliers: the classifier and two conv biases in groups of their own (train.param_groups).
@@ -225,7 +238,7 @@ def test_group_multipliers_hold_in_every_update_across_a_recapture(one_thread, s
         real_step = optimizer.step
 
         def recording_step(*args, **kwargs):
-            seen.append([(g["lr"], g["weight_decay"], g["lr_mult"], g["decay_mult"])
+            seen.append([(float(g["lr"]), g["weight_decay"], g["lr_mult"], g["decay_mult"])
                          for g in optimizer.param_groups])
             return real_step(*args, **kwargs)
 
@@ -237,8 +250,9 @@ def test_group_multipliers_hold_in_every_update_across_a_recapture(one_thread, s
         assert step.step_mode == ("cuda-graph" if graphs else "eager") and int(step.updates) == 8
         assert len(seen) == 8  # one per update: the stand-in's capture records the body without running it
         for lr, groups in zip(lrs, seen):
+            # a graph's rates are float32 tensors on the device: equal to lr * lr_mult to float32's precision
             assert [(g_lr, g_wd) for g_lr, g_wd, _, _ in groups] == \
-                [(lr * m, run.solver["weight_decay"] * d) for _, _, m, d in groups]
+                [(pytest.approx(lr * m, rel=1e-7), run.solver["weight_decay"] * d) for _, _, m, d in groups]
         assert [(m, d) for _, _, m, d in seen[-1]] == [(1, 1), (2, 0), (1, 0)]
         weights[graphs] = {k: v.clone() for k, v in model.state_dict().items()}
     for name, value in weights[False].items():
@@ -318,8 +332,7 @@ def test_one_capture_stream_per_run_made_on_the_runs_device(one_thread):
     assert all(c[1] == data.device for c in calls if c[0] == "device_scope")
     stream = step._stream
     assert all(c[1] is stream for c in calls if c[0] in ("stream_scope", "capture"))
-    pools = [c[2] for c in calls if c[0] == "capture"]
-    assert pools[0] is None and pools[1] == step._pool, "re-captures share the first graph's memory pool"
+    assert names.count("capture") == 1, "the lr drop at 5 is read from a tensor: no re-capture, no pool to share"
 
 
 def test_in_place_mutated_tensors_keep_their_storage_between_replays(one_thread):
@@ -424,3 +437,160 @@ def test_the_sync_check_fails_on_a_body_that_reads_a_scalar(one_thread):
         with HostSyncCheck() as check:
             bad_body()
         assert ops & set(check.found), check.found
+
+
+# --------------------------------------------------------------------------- the lr in a tensor (issue 17, item 4)
+
+@pytest.mark.parametrize("solver", ["adadelta_30k", "nesterov_80k"])
+def test_an_lr_change_reaches_every_group_of_the_one_graph_without_a_recapture(one_thread, solver):
+    """The stand-in turns the numbers a body reads at capture into constants, as CUDA does; the rate still
+    follows the schedule (a drop at 5), at lr * lr_mult in each group, from one capture."""
+    run = with_mults(run_spec("arch1", solver, "fp32", *FAMILIES["plain"][1]))
+    weights = {}
+    for graphs in (False, True):
+        model, optimizer, data, autocast = setup(run)
+        made: list[StandInGraph] = []
+        base = stand_in(bake=optimizer)
+        backend = dataclasses.replace(base, new_graph=lambda: made.append(base.new_graph()) or made[-1])
+        step = captured_step.Step(model, optimizer, data, autocast, graphs, backend=backend if graphs else None)
+        for it in range(8):
+            step(it, train.lr_at(run.solver, it))
+        if graphs:
+            assert len(made) == 1 and made[0].replays == 7 and made[0].baked == []
+            assert [float(g["lr"]) for g in optimizer.param_groups] == \
+                [pytest.approx(train.lr_at(run.solver, 7) * g["lr_mult"], rel=1e-7) for g in optimizer.param_groups]
+        weights[graphs] = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in weights[False].items():
+        assert torch.equal(weights[True][name], value), name
+
+
+def test_the_solvers_read_a_tensor_lr_without_a_host_sync(one_thread):
+    for kind in ("adadelta_30k", "nesterov_80k"):
+        run = run_spec("arch1", kind, "fp32", *FAMILIES["plain"][1])
+        model, optimizer, data, autocast = setup(run)
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(0.1)
+        for _ in range(2):  # the first step makes the state; the second is what a replay runs
+            optimizer.zero_grad()
+            model(data.batch(0)[0]).sum().backward()
+            with HostSyncCheck() as check:
+                optimizer.step()
+        assert check.found == [], (kind, check.found)
+
+
+# --------------------------------------------------------------------------- a warm-up that fails midway (item 5)
+
+@pytest.mark.parametrize("solver", ["adadelta_30k", "nesterov_80k"])
+def test_a_warm_up_that_fails_after_updating_is_undone_before_the_eager_step(one_thread, solver):
+    """The warm-up's optimizer step updates every parameter (and makes its state), then the driver fails: the
+    eager fallback must start from the state before it, dropout's RNG included, and apply the update once."""
+    run = run_spec("arch1", solver, "fp32", *FAMILIES["plain-dropout"][1])
+    weights = {}
+    for graphs in (False, True):
+        model, optimizer, data, autocast = setup(run)
+        real_step, calls = optimizer.step, []
+
+        def failing_midway(*args, **kwargs):
+            real_step(*args, **kwargs)
+            calls.append(1)
+            if graphs and len(calls) == 1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        optimizer.step = failing_midway
+        step = captured_step.Step(model, optimizer, data, autocast, graphs, backend=stand_in() if graphs else None)
+        with pytest.warns(RuntimeWarning, match="continues eagerly") if graphs else contextlib.nullcontext():
+            for it in range(4):
+                step(it, 0.1)
+        assert int(step.updates) == 4
+        assert step.step_mode.startswith("eager (capture failed: RuntimeError: CUDA error") if graphs else True
+        weights[graphs] = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in weights[False].items():
+        assert torch.equal(weights[True][name], value), name
+
+
+# --------------------------------------------------------------------------- gpucheck's own logic (items 2, 3)
+
+def tiny_check_run(family: str = "plain", solver: str = "adadelta_30k") -> tables.RunSpec:
+    """gpucheck.check_run's recipe on a network of the test's size: lr drop at 5, an epoch every 2.5 steps."""
+    return run_spec("arch1", solver, "fp32", *FAMILIES[family][1])
+
+
+@pytest.mark.parametrize("family, solver", [("plain", "adadelta_30k"), ("plain-dropout", "nesterov_80k")])
+def test_graphed_vs_eager_passes_for_a_sound_graph_on_deterministic_kernels(one_thread, family, solver):
+    calls: list = []
+    before = (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+    verdict = gpucheck.graphed_vs_eager(tiny_check_run(family, solver), CPU, stand_in(calls), steps=6, eval_every=3)
+    assert verdict.startswith("first 3 steps within")
+    (capture,) = [c for c in calls if c[0] == "capture"]
+    assert capture[2:] == (True, True), "captured with cudnn.deterministic and deterministic algorithms"
+    assert (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled()) == before
+
+
+@pytest.mark.parametrize("broken, match", [
+    (dict(fail_at="capture"), "ran as 'eager \\(capture failed.*compare eager with eager"),
+    (dict(skip_optimizer=True), "first 3 steps differ from eager"),
+    (dict(times=2), "first 3 steps differ from eager"),
+], ids=["fell-back-to-eager", "skips-the-optimizer", "applies-twice"])
+def test_graphed_vs_eager_fails_for_a_graph_that_is_not_sound(one_thread, broken, match):
+    """A capture that fell back, a graph whose update kernels are missing (its update counter still counts, so
+    the run's own canary cannot see it) and a double-applied one: each fails the check."""
+    with pytest.raises(AssertionError, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        gpucheck.graphed_vs_eager(tiny_check_run(), CPU, stand_in(**broken), steps=6, eval_every=3)
+
+
+def trace(losses, early=0.0, final=0.0, mode="eager") -> "gpucheck.Trace":
+    """A made-up Trace: one weight tensor at 1 + ``early`` after the tight steps and 1 + ``final`` at the end."""
+    return gpucheck.Trace(list(losses), {"w": torch.tensor([1.0 + early])}, {"w": torch.tensor([1.0 + final])}, mode)
+
+
+def test_judge_compares_the_first_steps_tightly_and_the_horizon_against_backend_noise():
+    eager = trace([2.0] * 10)
+    noise = trace([2.0] * 3 + [2.0 * (1 + 1e-3)] * 7, final=1e-3)  # another conv backend: 0.1% after 10 steps
+    ok = gpucheck.judge(trace([2.0] * 3 + [2.0 * (1 + 2e-3)] * 7, final=2e-3, mode="cuda-graph"), eager, noise)
+    assert "10 steps within 2.0e-03 (another conv backend: 1.0e-03, limit 3.0e-03)" in ok
+    with pytest.raises(AssertionError, match=r"beyond 3 x the 1.00e-03"):  # drifts more than the noise allows
+        gpucheck.judge(trace([2.0] * 3 + [2.0 * 1.01] * 7, final=1e-2, mode="cuda-graph"), eager, noise)
+    with pytest.raises(AssertionError, match="first 3 steps differ from eager by 1.00e-04"):  # early, however noisy
+        gpucheck.judge(trace([2.0, 2.0, 2.0 * (1 + 1e-4)] + [2.0] * 7, mode="cuda-graph"), eager,
+                       trace([2.0] * 10, final=0.5))
+    with pytest.raises(AssertionError, match="compare eager with eager"):
+        gpucheck.judge(trace([2.0] * 10), eager, noise)
+
+
+def test_memory_check_wants_one_capture_in_the_graph_mode(one_thread):
+    run = tiny_check_run()
+    verdict = gpucheck.memory_across_lr_changes(run, CPU, stand_in(), reserved=lambda dev: 2**20)
+    assert verdict.startswith("one capture for 11 rates")
+    with pytest.raises(AssertionError, match="not as a CUDA graph"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        gpucheck.memory_across_lr_changes(run, CPU, stand_in(fail_at="new_graph"), reserved=lambda dev: 2**20)
+
+
+def test_backend_noise_is_measured_on_the_cpu(one_thread):
+    noise = gpucheck.backend_noise(tiny_check_run(), CPU)
+    assert 0 < noise < 1e-2  # the same math in oneDNN's kernels and torch's own: rounding, not a bug
+
+
+# --------------------------------------------------------------------------- make gpu-check's set-up (item 1)
+
+def test_gpu_check_setup_uses_what_is_here_and_installs_only_what_is_missing(tmp_path):
+    from simpnet_cli.tools import gpusetup
+
+    reqs = gpusetup.requirements()
+    assert any(r.startswith("torch") for r in reqs) and any(r.startswith("pytest") for r in reqs)
+    assert not any(r.startswith(("tensorboard", "hydra-submitit")) for r in reqs)  # the check's tests skip them
+    # this interpreter (the test's) has everything: no venv, no pip
+    assert gpusetup.unmet(reqs) == []
+    here = gpusetup.plan([], "2.14.1+cu130", None, tmp_path / "v", python="/usr/bin/python3")
+    assert (here.python, here.make_venv, here.install) == ("/usr/bin/python3", False, [])
+    # a machine's CUDA torch and nothing else: a venv that sees it, only the rest installed, torch pinned
+    missing = gpusetup.unmet(["torch>=2.4", "surely-not-a-package-of-this-machine>=1", "pytest>=999"])
+    assert missing == ["surely-not-a-package-of-this-machine>=1", "pytest>=999"]
+    bare = gpusetup.plan(missing, "2.14.1+cu130", tmp_path / "wheels", tmp_path / "v")
+    assert bare.python == str(tmp_path / "v" / "bin" / "python") and bare.make_venv and bare.install == missing
+    assert bare.pip_args == ["--no-index", "--find-links", str(tmp_path / "wheels"), "--constraint", "{constraints}"]
+    # no torch at all: pip brings one, from the index when no wheels are given
+    none = gpusetup.plan(["torch>=2.4"], None, None, tmp_path / "v")
+    assert none.install == ["torch>=2.4"] and none.pip_args == []
+    assert gpusetup.main(["--wheels", str(tmp_path / "absent")]) == 2  # a wrong WHEELS: one line, exit 2

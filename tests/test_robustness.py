@@ -568,3 +568,89 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     rows, bad = results.read(results.csv_path(out, "5"))
     assert [r["row_id"] for r in rows] == ["EARLIER", "P5"] and not bad
     assert rows[1]["iterations"] == 8
+
+
+# --------------------------------------------------------------------------- packed runs (issue 17, items 7 and 8)
+
+def _locker(lock: Path) -> int | None:
+    """The pid holding the flock on ``lock`` (runner.RunLock), read from /proc/locks."""
+    ino = os.stat(lock).st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "FLOCK" in fields and fields[-3].endswith(f":{ino}"):
+            return int(fields[-4])
+    return None
+
+
+def test_sigkill_of_a_packed_worker_fails_its_run_only_and_it_resumes_next_time(tmp_path):
+    """jobs_per_device=2 on the CPU: the process training P3 is killed with SIGKILL past its first checkpoint
+    (what the out-of-memory killer does). The command goes on with the other rows, names the dead run and its
+    cause, exits 2; the same command again resumes P3 from its checkpoint and records it."""
+    args = ["run", "table=5", "profile=smoke", "profile.train.iterations=16", "profile.train.eval_every=8",
+            "profile.train.checkpoint_every=2", "jobs_per_device=2", "device=cpu", "results_dir=results",
+            "runs_dir=experiments"]
+    runs = planned(args, results_dir=Path("results"), runs_dir=Path("experiments"))
+    p3 = next(r for r in runs if r.row_id == "P3")
+    folder = tmp_path / "experiments" / p3.config_hash
+    command = subprocess.Popen([*SIMPNET, *args], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            it = _checkpoint_iteration(folder / "checkpoint.pt") if (folder / "checkpoint.pt").exists() else None
+            pid = _locker(folder / ".lock") if it and (folder / ".lock").exists() else None
+            if pid is not None:
+                break
+            assert command.poll() is None, "the command finished before P3 could be killed: make it longer"
+            assert time.monotonic() < deadline, "no checkpoint of P3 appeared"
+            time.sleep(0.05)
+        assert pid != command.pid  # the worker, not the command
+        os.kill(pid, signal.SIGKILL)
+        _, err = command.communicate(timeout=240)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert command.returncode == 2, err
+    assert "table 5 row P3 seed 0: its process was killed by SIGKILL (the kernel's out-of-memory killer" in err
+    assert "1 run(s) failed" in err and "Traceback" not in err
+    rows, _ = results.read(tmp_path / "results" / "table5.csv")
+    assert sorted(r["row_id"] for r in rows) == sorted(r.row_id for r in runs if r.row_id != "P3")
+    assert all(r["status"] == "ok" for r in rows)
+    resume_at = _checkpoint_iteration(folder / "checkpoint.pt")
+
+    again = simpnet(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming {p3.config_hash} at iteration {resume_at}" in again.stderr
+    rows, _ = results.read(tmp_path / "results" / "table5.csv")
+    assert sorted(r["row_id"] for r in rows) == sorted(r.row_id for r in runs)
+
+
+def test_a_dead_workers_cause_is_named_from_its_exit_code():
+    from simpnet_cli.runs import runner
+
+    assert runner.death_cause(-signal.SIGKILL) == ("its process was killed by SIGKILL (the kernel's "
+                                                  "out-of-memory killer, or a kill -9)")
+    assert runner.death_cause(-signal.SIGSEGV).endswith("SIGSEGV (a crash in native code)")
+    assert "SIGABRT (an abort, e.g. in the CUDA driver" in runner.death_cause(-signal.SIGABRT)
+    assert runner.death_cause(1) == "its process exited with status 1 before it reported"
+
+
+def test_packed_runs_download_each_dataset_once_in_the_parent_before_the_workers(tmp_path, monkeypatch):
+    """download=true with jobs_per_device=2: the parent fetches CIFAR-10 and CIFAR-100 (both splits) once each,
+    and the workers get download=false, so none of them writes into the data folder."""
+    from conftest import resolve_row
+    from simpnet_cli.runs import runner
+
+    runs = [resolve_row("2", "8L"), resolve_row("2", "9L"), resolve_row("2", "8L", seed=1),
+            resolve_row("2", "8L", dataset="cifar100")]
+    fetched, handed = [], {}
+    monkeypatch.setattr(runner.D, "load_split",
+                        lambda cfg, data_dir, train, download: fetched.append((cfg["name"], train, download)))
+    monkeypatch.setattr(runner, "execute_packed",
+                        lambda first, twins, opts, *rest: handed.update(opts=opts, runs=len(first)))
+    opts = runner.Options(data_dir=tmp_path / "data", download=True, results_dir=tmp_path / "results",
+                          runs_dir=tmp_path / "runs", device="cpu", jobs_per_device=2, profile="default", quiet=True)
+    runner.execute(runs, opts)
+    names = sorted({r.dataset["name"] for r in runs})
+    assert len(names) == 2 and sorted(fetched) == sorted((n, t, True) for n in names for t in (False, True))
+    assert handed["runs"] == 4 and handed["opts"].download is False

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_writes_markdown_with_device_and_rates(tmp_path, capsys):
     out = tmp_path / "bench.md"
     code = main(["bench", "bench.rows=[5/P5]", "bench.iters=2", "bench.warmup=1", "bench.s1=false",
-                 "bench.batch_size=8", "bench.pack=[1]", "bench.stack=[]", f"bench.out={out}", "device=cpu"])
+                 "bench.batch_size=8", "bench.pack=[1]", "bench.stack=[]", "bench.grouped.rows=[]", f"bench.out={out}",
+                 "device=cpu"])
     assert code == 0
     text = out.read_text()
     assert train.device_name(torch.device("cpu")) in text
@@ -61,7 +62,16 @@ def test_quick_dry_run_says_which_network_it_times_and_scales_the_batch(tmp_path
     assert main(["run", "table=2", "--dry-run", "dry_run.iters=0"]) == 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+def installed(module: str) -> bool:
+    """find_spec of a submodule imports its parent, which raises when the parent is absent too (a machine with
+    hydra-core alone has no hydra_plugins package: make gpu-check's minimal set-up)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not installed("hydra_plugins.hydra_submitit_launcher"),
                     reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
 def test_submitit_local_launcher_runs_one_job_per_row_into_one_csv(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -88,13 +98,15 @@ def test_graphed_step_matches_eager_step_on_gpu():
         dev = torch.device("cuda")
         data = D.load(run.dataset, Path("."), False, dev, 100, 0)
         model = M.build_model(run.spec, run.in_shape, run.net).to(dev).to(memory_format=torch.channels_last)
-        opt = train.make_optimizer(run.solver, model.parameters(), capturable=graphs)
+        opt = train.make_optimizer(run.solver, model.parameters())
         step = captured_step.Step(model, opt, data, contextlib.nullcontext, graphs)
         trace = []
         for it in range(12):
             step.reset_loss()
-            step(it, train.lr_at(run.solver, it) if it < 6 else 0.01)  # an lr change forces a re-capture
+            step(it, train.lr_at(run.solver, it) if it < 6 else 0.01)  # an lr change: a fill, no re-capture
             trace.append(step.loss_sum.item())
+        # a capture that fell back to eager would make this compare eager with eager
+        assert step.step_mode == ("cuda-graph" if graphs else "eager"), step.step_mode
         losses[graphs] = trace
     assert torch.allclose(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-4)
 
@@ -103,7 +115,7 @@ def test_graphed_step_matches_eager_step_on_gpu():
                     reason="Fashion-MNIST is not installed (Debian package dataset-fashion-mnist)")
 def test_bench_precision_check_trains_both_precisions_on_fashion_mnist(tmp_path):
     out = tmp_path / "bench.md"
-    code = main(["bench", "bench.rows=[]", "bench.s1=false", "bench.precision.rows=[13/slim-300K]",
+    code = main(["bench", "bench.rows=[]", "bench.s1=false", "bench.grouped.rows=[]", "bench.precision.rows=[13/slim-300K]",
                  "bench.precision.seeds=2", "bench.precision.iterations=3", "bench.precision.batch_size=20",
                  "bench.precision.train_size=200", "bench.precision.test_size=100", f"bench.out={out}",
                  f"data_dir={tmp_path}/data", "device=cpu"])
@@ -128,3 +140,49 @@ def test_packed_runs_share_a_device_and_record_every_row_once(tmp_path):
     twin = {r["config_hash"] for r in rows2} & {r["config_hash"] for r in rows9}
     assert len(twin) == 1  # one network trained once, recorded in both tables
     assert len(list((tmp_path / "experiments").iterdir())) == 5  # 4 + 2 rows, one of them shared
+
+
+def test_packed_throughput_is_all_images_over_the_whole_span():
+    """Two processes of 1,000 images each, over 0-10 s and 5-15 s: 2,000 images in 15 s, not 100 + 100 img/s."""
+    from simpnet_cli.tools import bench
+
+    assert bench.packed_rate([(1000, 0.0, 10.0), (1000, 5.0, 15.0)]) == pytest.approx(2000 / 15)
+    assert bench.packed_rate([(500, 2.0, 4.0)]) == 250
+
+
+def test_mps_is_detected_from_its_daemon_or_its_control_pipe(tmp_path):
+    from simpnet_cli.tools import bench
+
+    proc, pipes = tmp_path / "proc", tmp_path / "mps"
+    (proc / "17").mkdir(parents=True)
+    (proc / "17" / "comm").write_text("python\n")
+    pipes.mkdir()
+    assert bench.mps_status(proc, str(pipes)) == "off"
+    (proc / "42").mkdir()
+    (proc / "42" / "comm").write_text("nvidia-cuda-mps\n")  # nvidia-cuda-mps-control, as the kernel cuts it
+    assert bench.mps_status(proc, str(pipes)) == "on (nvidia-cuda-mps runs)"
+    (proc / "42" / "comm").unlink()
+    (pipes / "control").write_text("")
+    assert bench.mps_status(proc, str(pipes)).startswith("on (control pipe")
+
+
+def test_grouped_conv_probe_times_every_conv_alone_grouped_and_padded_and_says_cpu(tmp_path):
+    from simpnet_cli.config import tables as T
+    from simpnet_cli.tools import bench
+
+    out = tmp_path / "bench.md"
+    code = main(["bench", "bench.rows=[]", "bench.s1=false", "bench.grouped.rows=[2/8L]", f"bench.out={out}",
+                 "device=cpu"])
+    assert code == 0
+    text = out.read_text()
+    assert "CPU figures, at batch 2 for one step in fp32" in text and train.device_name(torch.device("cpu")) in text
+    lines = [line for line in text.splitlines() if line.startswith("| 2/8L |")]
+    t = T.load_table("2")
+    convs = bench.conv_layers(T.resolve(t, t.row("8L"), 0, {}))
+    assert len(lines) == len(convs) == 8  # 8 layers, all convolutions (the classifier is the last conv's fc)
+    cin, cout, k, stride, pad, h, w = convs[0]
+    assert (cin, k, h, w) == (3, 3, 32, 32)
+    assert lines[0].split("|")[3].strip() == f"3 -> {cout}, 3x3/1, 32x32"
+    for line in lines:
+        one, grouped, padded = (float(c.split()[0]) for c in line.split("|")[4:7])
+        assert one > 0 and grouped > 0 and padded > 0

@@ -18,10 +18,11 @@ import fcntl
 import hashlib
 import json
 import multiprocessing as mp
+import multiprocessing.connection  # noqa: F401 - mp.connection.wait
 import os
+import signal
 import sys
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from simpnet_cli.runs import progress
 from simpnet_cli.config import tables
 from simpnet_cli.train import callbacks
 from simpnet_cli.train import checkpoint
+from simpnet_cli.train import data as D
 from simpnet_cli.train import loop as train
 from simpnet_cli.train import together
 from simpnet_cli.errors import UserError
@@ -330,18 +332,33 @@ def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: 
     return sorted(outcomes, key=lambda o: order[id(o[0])])
 
 
-def _worker(group, how, opts, device_slots, shown=None):
-    """One packed group of runs (one plan_groups group: usually a single run) in a pool process: it borrows a
-    device slot for as long as it trains, so a device never holds more than ``jobs_per_device`` of them
-    whatever order they finish in. Its progress goes to ``shown`` (in a pool process, a Forwarder to the
-    parent's Reporter). Returns [(run, outcome, message)]."""
-    device = device_slots.get()
+def _slot_worker(opts, device, shown, conn) -> None:
+    """A packed worker holding one device slot: trains the jobs the parent sends through ``conn``, one at a time,
+    and sends back each one's [(the run's place in the group, outcome, message)], until it gets None. A job is one
+    plan_groups group and how it shares its step (usually a single run, "separate"): a stacked group trains together
+    in this one process, on this one slot. Its progress goes to ``shown`` (a Forwarder to the parent's Reporter)."""
+    while (job := conn.recv()) is not None:
+        group, how = job
+        try:
+            outcomes = execute_group(group, how, opts, device, shown)
+        except Exception as err:  # one group's failure (bad input, CUDA out of memory) must not stop the others
+            outcomes = [(run, "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}") for run in group]
+        place = {id(run): n for n, run in enumerate(group)}
+        conn.send([(place[id(run)], outcome, message) for run, outcome, message in outcomes])
+
+
+def death_cause(exitcode: int | None) -> str:
+    """Why a run's process ended without a result, from its exit code (minus a signal's number)."""
+    if exitcode is None or exitcode >= 0:
+        return f"its process exited with status {exitcode} before it reported"
     try:
-        return execute_group(group, how, opts, device, shown)
-    except Exception as err:  # one run's failure (bad input, CUDA out of memory) must not stop the others
-        return [(run, "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}") for run in group]
-    finally:
-        device_slots.put(device)
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    why = {"SIGKILL": "the kernel's out-of-memory killer, or a kill -9",
+           "SIGSEGV": "a crash in native code", "SIGABRT": "an abort, e.g. in the CUDA driver or a library",
+           "SIGBUS": "a crash in native code"}.get(name)
+    return f"its process was killed by {name}" + (f" ({why})" if why else "")
 
 
 def devices_for(opts: Options) -> list[str]:
@@ -379,13 +396,30 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
                 for outcome in execute_group(group, how, opts, slots[0], shown):
                     tally(*outcome)
         else:
-            execute_packed(groups, twins, opts, slots, workers, shown, tally)
+            execute_packed(groups, twins, fetch_datasets(first, opts), slots, workers, shown, tally)
     # Every table of the command, whatever its runs did: a damaged or stale file is rebuilt, runs killed
     # before their rebuild are indexed, and what was refused or dropped is said once.
     index.rebuild_tables(opts.results_dir, opts.runs_dir, {r.table for r in runs}, warn)
     if counts.get("error"):
         raise UserError(f"{counts['error']} run(s) failed; see the messages above")
     return counts
+
+
+def fetch_datasets(runs: list[tables.RunSpec], opts: Options) -> Options:
+    """With download=true, each dataset the runs read is fetched here, once, before any worker starts: workers
+    downloading into one folder at once would race on its files. The workers then only read (download=false)."""
+    if not opts.download:
+        return opts
+    seen = set()
+    for run in runs:
+        cfg = run.dataset
+        key = (cfg.get("torchvision"), cfg.get("name"), cfg.get("extra", True))
+        if cfg.get("source") == "synthetic" or key in seen:
+            continue
+        seen.add(key)
+        for train_split in (True, False):
+            D.load_split(cfg, opts.data_dir, train_split, True)
+    return replace(opts, download=False)
 
 
 def progress_for(runs: list[tables.RunSpec], opts: Options, run_bars: bool) -> progress.Reporter:
@@ -402,25 +436,114 @@ def progress_for(runs: list[tables.RunSpec], opts: Options, run_bars: bool) -> p
     return progress.Reporter(expected, len(runs), done, quiet=opts.quiet, run_bars=run_bars)
 
 
+class _Slot:
+    """A worker process on one device slot, and the job (a group of runs, and how they share a step) it
+    trains (None: idle)."""
+
+    def __init__(self, ctx, opts: Options, device: str, shown):
+        self.device, self.job = device, None
+        self.conn, theirs = ctx.Pipe()
+        self.proc = ctx.Process(target=_slot_worker, args=(opts, device, shown, theirs))
+        self.proc.start()
+        theirs.close()  # only the worker holds its end, so its death reads as end-of-file here
+
+    def outcome(self):
+        """[(the run's place in the group, outcome, message)] once the job has reported, "died" if the worker is
+        dead, None while it trains."""
+        if not self.conn.poll():
+            return None
+        try:
+            return self.conn.recv()
+        except (EOFError, ConnectionResetError):
+            self.proc.join()
+            return "died"
+
+
 def execute_packed(groups, twins, opts: Options, slots: list[str], workers: int, shown: progress.Reporter,
                    tally) -> None:
-    # Processes, not threads: each packed run has its own CUDA context and Python interpreter, so one
-    # run's host overhead never stalls another's kernel launches.
-    # Their progress comes back through a queue: the parent shows one line per evaluation and the command's bar.
+    """``workers`` processes, each holding one device slot and training one job at a time: a plan_groups group,
+    one run or a stack of runs trained together in one step in that one process, so a device never holds more
+    than ``jobs_per_device`` jobs. Processes, not threads: each packed job has its own CUDA context and
+    interpreter, so one job's host overhead never stalls another's kernel launches. Not a ProcessPoolExecutor:
+    one worker dying hard (the out-of-memory killer, a CUDA abort, a segfault) breaks such a pool and every run
+    in it. Here the parent knows which job each worker holds: a dead worker's runs are reported failed with its
+    cause (they resume from their last checkpoints on the next invocation), a fresh worker takes the slot, and
+    the other jobs go on."""
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        device_slots, events = manager.Queue(), manager.Queue()
-        for device in slots * max(1, opts.jobs_per_device):
-            device_slots.put(device)
-        pending = {pool.submit(_worker, group, how, opts, device_slots, progress.Forwarder(events)): group
-                   for group, how in groups}
-        while pending:
-            finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            progress.drain(events, shown)  # a run's last events are queued before its future completes
-            for fut in finished:
-                pending.pop(fut)
-                for outcome in fut.result():
-                    tally(*outcome)
-        for run in twins:  # recorded from their first run's result.json (or trained if that one failed)
-            for outcome in _worker([run], "separate", opts, device_slots, shown):
-                tally(*outcome)
+    jobs, died = list(groups), set()
+    devices = (slots * max(1, opts.jobs_per_device))[:workers]
+    pool: list[_Slot | None] = [None] * len(devices)  # a worker is started when a job needs it
+
+    def next_job():
+        """The next group with runs still to train, as (runs, how); recorded runs are skipped here, without a
+        worker, and a group left with one run trains it alone."""
+        while jobs:
+            group, how = jobs.pop(0)
+            left = []
+            for run in group:
+                if index.is_recorded(opts.results_dir, opts.runs_dir, run):
+                    tally(run, "skipped", f"{progress.run_name(run)}: already recorded")  # no worker needed
+                else:
+                    left.append(run)
+            if left:
+                return left, (how if len(left) > 1 else "separate")
+        return None
+
+    with ctx.Manager() as manager:
+        events = manager.Queue()  # progress: the parent shows one line per evaluation and the command's bar
+        try:
+            while True:
+                for i, w in enumerate(pool):
+                    if w is not None and w.job is not None:
+                        continue
+                    job = next_job()
+                    if job is None:
+                        break
+                    if w is None or not w.proc.is_alive():
+                        pool[i] = w = _Slot(ctx, opts, devices[i], progress.Forwarder(events))
+                    w.conn.send(job)
+                    w.job = job
+                busy = [w for w in pool if w is not None and w.job is not None]
+                if not busy:
+                    break
+                mp.connection.wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=0.5)
+                progress.drain(events, shown)  # a run's last events are queued before its job reports
+                for i, w in enumerate(pool):
+                    reported = w.outcome() if w is not None and w.job is not None else None
+                    if reported is None:
+                        continue
+                    (group, _), w.job = w.job, None
+                    if reported == "died":  # the slot gets a fresh worker when a job needs it
+                        died.update(run.config_hash for run in group)
+                        pool[i] = None
+                        cause = death_cause(w.proc.exitcode)
+                        shared = f" (it trained {len(group)} runs together)" if len(group) > 1 else ""
+                        for run in group:
+                            tally(run, "error", f"{progress.run_name(run)}: {cause}{shared}; the other runs went "
+                                                f"on, and this one resumes from its last checkpoint on the next "
+                                                f"invocation")
+                        continue
+                    for place, outcome, message in reported:
+                        tally(group[place], outcome, message)
+        finally:
+            live = [w for w in pool if w is not None]
+            for w in live:
+                if w.job is None and w.proc.is_alive():
+                    try:
+                        w.conn.send(None)  # done: the worker returns
+                    except OSError:
+                        pass
+                else:  # interrupted (Ctrl-C) mid-job: its runs resume from their checkpoints next time
+                    w.proc.terminate()
+            for w in live:
+                w.proc.join(timeout=30)
+                if w.proc.is_alive():
+                    w.proc.kill()
+    for run in twins:  # recorded from their first run's result.json (or trained here if that one failed)
+        if run.config_hash in died:  # not in this process: what killed that one would end the command
+            tally(run, "error", f"{progress.run_name(run)}: not trained, its run's process died (above)")
+            continue
+        try:
+            tally(run, *execute_one(run, opts, slots[0], shown))
+        except Exception as err:  # noqa: BLE001 - as in a packed run: the others are recorded
+            tally(run, "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}")

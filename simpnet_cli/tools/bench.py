@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import queue
 import sys
 import time
@@ -46,8 +47,7 @@ def _setup(run: tables.RunSpec, device: torch.device, graphs: bool, precision: s
     if channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     graphs = graphs and device.type == "cuda"
-    optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.param_mults),
-                                     capturable=graphs)  # graphs: CUDA only here
+    optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.param_mults))
     autocast = train.autocast_for(precision, device)
     return captured_step.Step(model, optimizer, data, autocast, graphs, channels_last), model, data, batch
 
@@ -57,9 +57,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(run: tables.RunSpec, device: torch.device, mode: str, iters: int, warmup: int,
-            barrier=None) -> float:
-    """Training images per second of ``mode`` on ``run``'s network (after ``warmup`` steps)."""
+def timed_steps(run: tables.RunSpec, device: torch.device, mode: str, iters: int, warmup: int,
+                barrier=None) -> tuple[int, float, float]:
+    """(images, start, end) of ``iters`` training steps of ``mode`` on ``run``'s network after ``warmup``
+    ones. The times are time.monotonic(): one clock for every process of the machine, so packed processes'
+    spans can be put side by side."""
     graphs, precision, channels_last = MODES[mode]
     if device.type == "cuda":
         torch.cuda.set_device(device)  # streams, graphs and synchronize follow the current device
@@ -71,11 +73,40 @@ def measure(run: tables.RunSpec, device: torch.device, mode: str, iters: int, wa
     _sync(device)
     if barrier is not None:
         barrier.wait()
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     for i in range(warmup, warmup + iters):
         step(i, lr)
     _sync(device)
-    return iters * batch / (time.perf_counter() - t0)
+    return iters * batch, t0, time.monotonic()
+
+
+def measure(run: tables.RunSpec, device: torch.device, mode: str, iters: int, warmup: int) -> float:
+    """Training images per second of ``mode`` on ``run``'s network (after ``warmup`` steps)."""
+    images, t0, t1 = timed_steps(run, device, mode, iters, warmup)
+    return images / (t1 - t0)
+
+
+def packed_rate(spans: list[tuple[int, float, float]]) -> float:
+    """Images per second of processes that trained at once: all their images over the span from the first
+    one's start to the last one's end. (The sum of each process's own rate overstates it: a process that
+    starts late or ends early had the device to fewer rivals for part of its time.)"""
+    return sum(images for images, _, _ in spans) / (max(end for _, _, end in spans) - min(s for _, s, _ in spans))
+
+
+def mps_status(proc: Path = Path("/proc"), pipe_dir: str | None = None) -> str:
+    """Whether NVIDIA's Multi-Process Service is on (packed processes then share the GPU's SMs instead of
+    time-slicing it): its daemon runs here, or its control pipe exists."""
+    for comm in proc.glob("[0-9]*/comm"):
+        try:
+            name = comm.read_text().strip()
+        except OSError:
+            continue
+        if name.startswith("nvidia-cuda-mps"):  # nvidia-cuda-mps-control / -server, cut to 15 characters
+            return f"on ({name} runs)"
+    pipe = Path(pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps") / "control"
+    if pipe.exists():
+        return f"on (control pipe {pipe})"
+    return "off"
 
 
 def stack_lines(b, device: torch.device) -> list[str]:
@@ -104,12 +135,12 @@ def flops_per_step(run: tables.RunSpec, device: torch.device) -> int:
 
 
 def _packed_worker(run, device, mode, iters, warmup, barrier, out):
-    out.put(measure(run, torch.device(device), mode, iters, warmup, barrier))
+    out.put(timed_steps(run, torch.device(device), mode, iters, warmup, barrier))
 
 
 def measure_packed(run: tables.RunSpec, device: str, n: int, iters: int, warmup: int,
                    mode: str = "runner fp32") -> float:
-    """Total images per second of ``n`` processes training the same row at once on one device."""
+    """Total images per second of ``n`` processes training the same row at once on one device (packed_rate)."""
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(n, timeout=600), ctx.Queue()
     procs = [ctx.Process(target=_packed_worker, args=(run, device, mode, iters, warmup, barrier, out))
@@ -117,7 +148,7 @@ def measure_packed(run: tables.RunSpec, device: str, n: int, iters: int, warmup:
     for p in procs:
         p.start()
     try:
-        rates = [out.get(timeout=1800) for _ in procs]  # a worker that died (OOM, CUDA error) never answers
+        spans = [out.get(timeout=1800) for _ in procs]  # a worker that died (OOM, CUDA error) never answers
     except queue.Empty:
         raise UserError(f"a packed benchmark process of {n} did not report (exit codes "
                         f"{[p.exitcode for p in procs]}); run with fewer packed runs or check GPU memory") from None
@@ -126,7 +157,7 @@ def measure_packed(run: tables.RunSpec, device: str, n: int, iters: int, warmup:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    return sum(rates)
+    return packed_rate(spans)
 
 
 def _run_for(ref: str, batch_size: int | None) -> tables.RunSpec:
@@ -172,6 +203,75 @@ def s1_lines(b, device: torch.device) -> list[str]:
         rate = measure(run, device, mode, int(b.iters), int(b.warmup))
         lines.append(f"| 7/{row_id} | {paper_min} | {30000 * run.train['batch_size'] / rate / 60:.2f} | {rate:,.0f} |")
         print(lines[-1], flush=True)
+    return lines
+
+
+def conv_layers(run: tables.RunSpec) -> list[tuple[int, int, int, int, int, int, int]]:
+    """(in channels, out channels, kernel, stride, padding, height, width) of every convolution of ``run``'s
+    network, in network order, read off one forward pass (grouped or depthwise convs are left out)."""
+    model = M.build_model(run.spec, run.in_shape, run.net)
+    found = []
+
+    def hook(conv, inputs, _):
+        h, w = inputs[0].shape[-2:]
+        found.append((conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0],
+                      int(h), int(w)))
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
+    handles = [c.register_forward_hook(hook) for c in convs]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, run.in_shape.c, run.in_shape.h, run.in_shape.w))
+    for h in handles:
+        h.remove()
+    return found
+
+
+def conv_ms(cin: int, cout: int, k: int, stride: int, pad: int, h: int, w: int, groups: int, batch: int,
+            device: torch.device, iters: int, warmup: int, dtype: torch.dtype) -> float:
+    """Milliseconds of one forward + backward (input and weight gradients) of one convolution, channels-last."""
+    conv = torch.nn.Conv2d(cin, cout, k, stride, pad, groups=groups).to(device, dtype,
+                                                                         memory_format=torch.channels_last)
+    x = torch.randn(batch, cin, h, w, device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    grad = torch.ones_like(conv(x))
+    for i in range(warmup + iters):
+        if i == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        conv(x).backward(grad)
+    _sync(device)
+    return (time.perf_counter() - t0) / iters * 1000
+
+
+def grouped_lines(g, device: torch.device) -> list[str]:
+    """For the stacking work: each conv of the rows alone, as ``groups`` stacked copies in one grouped conv
+    (``groups`` x the channels), and the same with each group's channels padded to a multiple of 8 (tensor
+    cores want multiples of 8), in bf16. On the CPU it runs at batch 2 for one step in fp32 (most CPUs emulate
+    bf16 convolutions, slowly): it checks the probe, not the GPU."""
+    cpu = device.type != "cuda"
+    batch, iters, warmup = (2, 1, 1) if cpu else (int(g.batch_size), int(g.iters), int(g.warmup))
+    dtype = torch.float32 if cpu else torch.bfloat16
+    n = int(g.groups)
+    pad8 = lambda c: -(-c // 8) * 8  # noqa: E731
+    lines = ["", f"## Grouped convolutions: one conv vs {n} stacked in one grouped conv ({'fp32' if cpu else 'bf16'}, "
+                 f"channels-last, forward + backward, batch {batch}) on {train.device_name(device)}", ""]
+    if cpu:
+        lines += ["> CPU figures, at batch 2 for one step in fp32: they check the probe, not the GPU's speed.", ""]
+    lines += [f"| row | conv | in -> out, kernel, input | one conv, ms | groups={n}, ms (x one) | "
+              f"groups={n} padded to 8, ms (x one) |", "|---|---|---|---|---|---|"]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    for ref in g.rows:
+        run = _run_for(ref, batch)
+        for i, (cin, cout, k, stride, pad, h, w) in enumerate(conv_layers(run), 1):
+            shape = (k, stride, pad, h, w)
+            one = conv_ms(cin, cout, *shape, 1, batch, device, iters, warmup, dtype)
+            grouped = conv_ms(n * cin, n * cout, *shape, n, batch, device, iters, warmup, dtype)
+            padded = conv_ms(n * pad8(cin), n * pad8(cout), *shape, n, batch, device, iters, warmup, dtype)
+            lines.append(f"| {ref} | {i} | {cin} -> {cout}, {k}x{k}/{stride}, {h}x{w} | {one:.3f} | "
+                         f"{grouped:.3f} ({grouped / one:.2f}) | {padded:.3f} ({padded / one:.2f}) |")
+            print(lines[-1], flush=True)
     return lines
 
 
@@ -223,10 +323,15 @@ def main(cfg, flags) -> int:
         lines += [f"'fp32' modes compute as **{train.effective_precision('fp32', device)}** (PyTorch's defaults).", ""]
     if b.rows:
         lines += speed_lines(b, device)
+        if device.type == "cuda" and any(int(p) > 1 for p in b.pack):
+            lines += ["", f"Packed runs: all their images over the span from the first process's start to the last "
+                          f"one's end. NVIDIA MPS: **{mps_status()}** (README: packing runs on one GPU)."]
     if b.get("stack"):
         lines += stack_lines(b, device)
     if b.s1:
         lines += s1_lines(b, device)
+    if b.grouped.rows:
+        lines += grouped_lines(b.grouped, device)
     if b.precision.rows:
         lines += precision_lines(b.precision, device, Path(cfg.data_dir))
     out = Path(b.out)

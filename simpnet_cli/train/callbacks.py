@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
-import torch
 
 from simpnet_cli.errors import UserError
 from simpnet_cli.files import atomic_write
@@ -74,10 +73,6 @@ class Checkpoints(Callback):
         # (the checkpoint may come from a run with(out) CUDA graphs, or predate the lr/decay multipliers).
         for group, own in zip(optimizer.param_groups, settings):
             group.update(own)
-        if optimizer.defaults.get("capturable"):  # capturable optimizers keep step counts on the params' device
-            for param, opt_state in optimizer.state.items():
-                if torch.is_tensor(opt_state.get("step")):
-                    opt_state["step"] = opt_state["step"].to(param.device, torch.float32)
         start = int(ckpt["iteration"])
         state.iteration = state.start = start
         state.curve, state.train_time, state.best = ckpt["curve"], ckpt["train_time"], tuple(ckpt["best"])

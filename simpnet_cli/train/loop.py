@@ -222,12 +222,12 @@ def build(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path, dow
     paper_params, total_params = network.count_params(run.spec, run.in_shape)
     assert total_params == M.count_trainable(model), "spec and module disagree on parameter count"
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes (one batch size, one image size): tune once
+        # Fixed shapes (one batch size, one image size): tune once. Not when cuDNN is asked to be deterministic
+        # (gpucheck's comparisons): autotuning picks kernels by their timing, so two runs could differ.
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
     # CUDA graphs on a GPU; a test's stand-in backend runs the same capture logic on the CPU.
     graphs = bool(tr.get("graphs", True)) and (device.type == "cuda" or backend is not None)
-    # capturable: the optimizer keeps its step counts on the GPU, as a captured graph needs (CUDA only)
-    optimizer = make_optimizer(run.solver, param_groups(model, run.param_mults),
-                               capturable=graphs and device.type == "cuda")
+    optimizer = make_optimizer(run.solver, param_groups(model, run.param_mults))
     autocast = autocast_for(precision, device)
     model.train()
     step = captured_step.Step(model, optimizer, data, autocast, graphs, backend=backend)

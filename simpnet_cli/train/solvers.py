@@ -111,10 +111,86 @@ def param_groups(model: torch.nn.Module, param_mults: Mapping | None) -> list[di
     return [{"params": params, "lr_mult": lr, "decay_mult": decay} for (lr, decay), params in groups.items()]
 
 
-def make_optimizer(solver: dict, groups_or_params, capturable: bool = False) -> torch.optim.Optimizer:
+def _apply(params: list[torch.Tensor], updates: list[torch.Tensor], lr) -> None:
+    """params -= lr * updates (Caffe's order: the scaled update, then the subtraction). A tensor lr is read by
+    the kernel, never by the host: inside a CUDA graph it is read at every replay, so a schedule that changes it
+    in place needs no new capture. A number takes the same two kernels, so an eager run and a graphed one
+    round alike (``alpha=-lr`` would fuse them and round once)."""
+    torch._foreach_mul_(updates, lr)
+    torch._foreach_sub_(params, updates)
+
+
+class AdaDelta(torch.optim.Optimizer):
+    """Caffe's AdaDelta (rho = momentum, eps = delta): the decay added to the gradient, histories of the unscaled
+    update, the step scaled by the group's lr. torch.optim.Adadelta's arithmetic, with the same state names (so
+    its checkpoints load), written here because torch's reads a tensor lr with a host sync on every device but
+    CUDA with capturable=True: the CPU proofs of the captured step would run other code than the GPU's graph."""
+
+    def __init__(self, params, lr, rho: float, eps: float, weight_decay: float):
+        super().__init__(params, {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            for p, st in zip(params, states):
+                if not st:
+                    st["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["acc_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            square, acc = [st["square_avg"] for st in states], [st["acc_delta"] for st in states]
+            rho, eps = group["rho"], group["eps"]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            torch._foreach_mul_(square, rho)
+            torch._foreach_addcmul_(square, grads, grads, value=1 - rho)
+            std = torch._foreach_add(square, eps)
+            torch._foreach_sqrt_(std)
+            delta = torch._foreach_add(acc, eps)
+            torch._foreach_sqrt_(delta)
+            torch._foreach_div_(delta, std)
+            torch._foreach_mul_(delta, grads)
+            torch._foreach_mul_(acc, rho)
+            torch._foreach_addcmul_(acc, delta, delta, value=1 - rho)
+            _apply(params, delta, group["lr"])
+
+
+class Nesterov(torch.optim.Optimizer):
+    """Nesterov momentum as torch.optim.SGD(nesterov=True, dampening=0) computes it (state ``momentum_buffer``,
+    so its checkpoints load): v = momentum * v + g, p -= lr * (g + momentum * v), with g the gradient plus the
+    decay. torch's SGD reads a tensor lr with a host sync, which a captured step cannot hold."""
+
+    def __init__(self, params, lr, momentum: float, weight_decay: float):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            momentum, bufs = group["momentum"], []
+            for p, g in zip(params, grads):
+                st = self.state[p]
+                if st.get("momentum_buffer") is None:  # the first step: v = g (torch's SGD)
+                    st["momentum_buffer"] = g.clone()
+                else:
+                    st["momentum_buffer"].mul_(momentum).add_(g)
+                bufs.append(st["momentum_buffer"])
+            _apply(params, torch._foreach_add(grads, bufs, alpha=momentum), group["lr"])
+
+
+def make_optimizer(solver: dict, groups_or_params) -> torch.optim.Optimizer:
     """The run's solver over ``param_groups(...)`` (or plain parameters: one group at lr 1 / decay 1). Each
     group's lr is solver lr * lr_mult and its weight_decay solver weight_decay * decay_mult, as Caffe's
-    local_rate and local_decay; ``captured_step.Step`` keeps lr_mult when the schedule changes the rate."""
+    local_rate and local_decay; ``captured_step.Step`` keeps lr_mult when the schedule changes the rate. Neither
+    solver keeps a step count or reads its lr on the host, so the same optimizer runs eagerly or captured."""
     groups = list(groups_or_params)
     if not all(isinstance(g, Mapping) for g in groups):
         groups = [{"params": groups}]
@@ -124,12 +200,9 @@ def make_optimizer(solver: dict, groups_or_params, capturable: bool = False) -> 
               for g in groups]
     kind = solver["type"]
     if kind == "adadelta":
-        # Caffe's AdaDelta (rho = momentum, eps = delta) adds the decay to the gradient, keeps its histories
-        # of the unscaled update and scales the step by lr * lr_mult: torch's Adadelta exactly.
-        return torch.optim.Adadelta(groups, lr=lr, rho=solver["rho"], eps=solver["eps"],
-                                    weight_decay=decay, capturable=capturable)
+        return AdaDelta(groups, lr=lr, rho=solver["rho"], eps=solver["eps"], weight_decay=decay)
     if kind == "nesterov":
-        return torch.optim.SGD(groups, lr=lr, momentum=solver["momentum"], nesterov=True, weight_decay=decay)
+        return Nesterov(groups, lr=lr, momentum=solver["momentum"], weight_decay=decay)
     raise UserError(f"unknown solver type {kind!r} (adadelta or nesterov)")
 
 

@@ -54,8 +54,7 @@ def build_together(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: to
     step = stacked_step.shared_step(
         how, [s.model for s in states], [s.optimizer for s in states], [s.data for s in states], first.autocast,
         graphs, generators, net=net, backend=backend,
-        make_optimizer=lambda n: loop.make_optimizer(first.run.solver, loop.param_groups(n, first.run.param_mults),
-                                                     capturable=graphs and device.type == "cuda"))
+        make_optimizer=lambda n: loop.make_optimizer(first.run.solver, loop.param_groups(n, first.run.param_mults)))
     for state, member in zip(states, step.members):
         state.step = member
     return states, step
