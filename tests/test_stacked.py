@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -106,9 +107,10 @@ def alone(run: tables.RunSpec, tmp_path, seed: int) -> tuple[train.TrainState, l
     return state, losses
 
 
-def in_one_step(run: tables.RunSpec, tmp_path, how: str, seeds=SEEDS, backend=None, runs=None):
+def in_one_step(run: tables.RunSpec, tmp_path, how: str, seeds=SEEDS, backend=None, runs=None, made=None):
     """The seeds of ``run`` (or ``runs``) trained in one step (``how``: grouped or branched); the runs'
-    ordinary models and optimizers handed back at the end. Returns (states, losses per run, the shared step)."""
+    ordinary models and optimizers handed back at the end. Returns (states, losses per run, the shared step).
+    ``made``: called with the shared step before it trains."""
     runs = runs or [dataclasses.replace(run, seed=seed) for seed in seeds]
     states, generators = [], []
     for one in runs:
@@ -122,6 +124,8 @@ def in_one_step(run: tables.RunSpec, tmp_path, how: str, seeds=SEEDS, backend=No
         states[0].autocast, backend is not None, generators,
         make_optimizer=lambda n: train.make_optimizer(run.solver, train.param_groups(n, run.param_mults)),
         net=net, backend=backend)
+    if made is not None:
+        made(step)
     losses = [[] for _ in runs]
     for it in range(STEPS):
         for member in step.members:
@@ -142,6 +146,10 @@ def assert_close(a, b, what: str) -> None:
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), what
         for key in a:
+            if key == "lr" and torch.is_tensor(a[key]) != torch.is_tensor(b[key]):
+                # a graphed step's groups read their rate from a 0-dim tensor, an eager one's is a number
+                assert_close(float(a[key]), float(b[key]), f"{what}.{key}")
+                continue
             assert_close(a[key], b[key], f"{what}.{key}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), what
@@ -238,20 +246,71 @@ def test_stacking_models_whose_batch_counters_differ_is_refused():
 from test_gpu_path import HostSyncCheck, StandInGraph, stand_in  # noqa: E402 - the stand-ins live there
 
 
+def baking(calls: list) -> tuple[captured_step.GraphBackend, Callable]:
+    """The stand-in backend, whose capture turns every number lr the shared step's optimizers hold (the grouped
+    one's, or each branch's) into a constant of the graph, as a real capture does; and the ``made`` hook of
+    ``in_one_step`` that tells it the step."""
+    base, held = stand_in(calls), {}
+
+    def capture(graph, body, stream):
+        base.capture(graph, body, stream)
+        step = held["step"]
+        optimizers = [b.optimizer for b in step.branches] if step.how == "branched" else [step.optimizer]
+        graph.baked = [(g, "lr", g["lr"]) for o in optimizers for g in o.param_groups if not torch.is_tensor(g["lr"])]
+
+    return captured_step.GraphBackend(**{**base.__dict__, "capture": capture}), lambda step: held.update(step=step)
+
+
 @pytest.mark.parametrize("how", ["grouped", "branched"])
-def test_a_graphed_shared_step_with_recapture_equals_the_eager_one(how, tmp_path, float64):
+def test_a_graphed_shared_step_across_an_lr_change_equals_the_eager_one_with_one_capture(how, tmp_path, float64):
+    """The lr drops inside the run: the one graph must read each run's new rate (a rate baked into the graph as
+    a number would stay the old one at replay, which the stand-in reproduces)."""
     run = family_run("saf-dropout")
+    assert len({train.lr_at(run.solver, it) for it in range(STEPS)}) > 1, "no lr change: proves nothing"
     calls: list = []
-    graphed, graphed_losses, step = in_one_step(run, tmp_path / "graphed", how, backend=stand_in(calls))
+    backend, made = baking(calls)
+    graphed, graphed_losses, step = in_one_step(run, tmp_path / "graphed", how, backend=backend, made=made)
     eager, eager_losses, _ = in_one_step(run, tmp_path / "eager", how)
     assert_close(graphed_losses, eager_losses, "losses")
     for i in range(len(SEEDS)):
         assert_close(graphed[i].model.state_dict(), eager[i].model.state_dict(), f"run {i}: model")
         assert_close(graphed[i].optimizer.state_dict(), eager[i].optimizer.state_dict(), f"run {i}: solver")
-    # the grouped step keeps the rates on the device: one capture; branched re-captures at the lr change
-    assert [c[0] for c in calls].count("capture") == (1 if how == "grouped" else 2)
+    # both keep the rates on the device (grouped: lr_now; branched: each branch's lr tensors): one capture
+    assert [c[0] for c in calls].count("capture") == 1
     assert step.updates.tolist() == [STEPS] * len(SEEDS), "one update per run per iteration"
     assert [m.step_mode for m in step.members] == [f"cuda-graph, stacked 3 ({how})"] * 3
+
+
+@pytest.mark.parametrize("how", ["grouped", "branched"])
+def test_a_shared_warm_up_that_fails_after_updating_is_undone_before_the_eager_step(how, tmp_path, float64):
+    """The warm-up's update is applied (grouped: the stacked solver's; branched: every branch's but the last, so
+    it stops midway), then the driver fails: the eager fallback starts from the state before it, each run's
+    dropout generator included, and every run equals its eager twin with one update per iteration."""
+    run = family_run("saf-dropout")
+
+    def fail_once(step):
+        optimizer = step.branches[-1].optimizer if how == "branched" else step.optimizer
+        real, calls = optimizer.step, []
+
+        def failing_midway(*args, **kwargs):
+            real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        optimizer.step = failing_midway
+
+    with pytest.warns(RuntimeWarning, match="continues eagerly"):
+        failed, failed_losses, step = in_one_step(run, tmp_path / "failed", how, backend=stand_in(), made=fail_once)
+    eager, eager_losses, _ = in_one_step(run, tmp_path / "eager", how)
+    assert [m.step_mode for m in step.members] == \
+        [f"eager (capture failed: RuntimeError: CUDA error: an illegal memory access was encountered), stacked 3 "
+         f"({how})"] * 3
+    assert step.updates.tolist() == [STEPS] * len(SEEDS), "one update per run per iteration"
+    assert_close(failed_losses, eager_losses, "losses")
+    for i in range(len(SEEDS)):
+        assert_close(failed[i].model.state_dict(), eager[i].model.state_dict(), f"run {i}: model")
+        assert_close(failed[i].optimizer.state_dict(), eager[i].optimizer.state_dict(), f"run {i}: solver")
 
 
 def test_branched_capture_forks_each_run_onto_its_own_stream_once(tmp_path, float64):

@@ -9,7 +9,10 @@ same shapes in one step makes each launch do k times the work. Two exact ways:
 * ``BranchedStep``: the k ordinary models and optimizers, each run's body one branch of the step (in a
   captured graph, each on its own stream), so one replay launches all of them with no grouped kernels.
 
-Both are ``captured_step.Step``s: the capture, re-capture on an lr change and fall-back logic is that class's.
+Both are ``captured_step.Step``s: the capture and fall-back logic (with its snapshot and restore of a failed
+warm-up) is that class's. As there, a run is captured once and a rate change is a fill of device tensors the
+graph reads, never a re-capture: grouped, each run's rate is an entry of ``GroupedStep.lr_now``; branched, each
+branch is a ``captured_step.Step`` whose groups read their own lr tensors.
 Each run reads its own figures through a ``Member`` (its loss sum, non-finite flag and update count are one
 entry of the step's per-model vectors). Each run's dropout draws from its own generator, holding exactly the
 state a lone run's global RNG would have, so on the CPU a run's masks are those it draws when trained alone.
@@ -100,6 +103,16 @@ class SharedStep(captured_step.Step):
         self.bad.logical_or_(~torch.isfinite(losses))
         self.updates.add_(1)
 
+    def _snapshot(self) -> dict:
+        saved = super()._snapshot()
+        saved["generators"] = [g.get_state() for g in self.generators]  # the runs' dropout draws from them
+        return saved
+
+    def _restore(self, saved: dict) -> None:
+        super()._restore(saved)
+        for g, state in zip(self.generators, saved["generators"]):
+            g.set_state(state)
+
     def take_over(self, models: Sequence[torch.nn.Module], optimizers: Sequence[torch.optim.Optimizer]) -> None:
         raise NotImplementedError
 
@@ -107,8 +120,8 @@ class SharedStep(captured_step.Step):
         raise NotImplementedError
 
 
-# What the captured-step logic sees as the grouped step's rate: it never changes, so an lr change (or runs on
-# different schedules) needs no re-capture; the runs' rates are in ``GroupedStep.lr_now`` on the device.
+# What the captured-step logic sees as the grouped step's rate: it never changes (the optimizer's groups stay at
+# their multipliers); the runs' rates are in ``GroupedStep.lr_now`` on the device, which the graph reads.
 RATES_ON_DEVICE = "rates on the device"
 
 
@@ -130,13 +143,19 @@ class GroupedStep(SharedStep):
         self.lr_now = torch.zeros(self.k, dtype=dtype, device=self.batches.device)
 
     def __call__(self, iteration: int, lrs) -> None:
-        self.lr_now.copy_(torch.tensor(list(lrs), dtype=self.lr_now.dtype))
-        self.lrs = list(lrs)
+        lrs = list(lrs)
+        if lrs != self.lrs:  # no copy for unchanged rates (most steps), as captured_step.Step's _set_lr
+            self.lr_now.copy_(torch.tensor(lrs, dtype=self.lr_now.dtype))
+            self.lrs = lrs
         super().__call__(iteration, RATES_ON_DEVICE)
 
     def _set_lr(self, lr) -> None:
-        for group in self.optimizer.param_groups:  # the base rate 1: lr_now scales each run's block after
+        """The base rate 1 (``lr`` is always RATES_ON_DEVICE): each group at its multiplier, a number the graph
+        may hold as a constant; lr_now scales each run's block after the step. Set on every call, since a
+        checkpoint's load_state_dict (or a restore after a failed warm-up) replaces the groups' entries."""
+        for group in self.optimizer.param_groups:
             group["lr"] = group.get("lr_mult", 1)
+        self._lr = lr
 
     def _rates_per_run(self) -> None:
         """Every parameter's block of run i (its first dimension holds the k blocks) stepped at lr_now[i]."""
@@ -181,14 +200,35 @@ class BranchedStep(SharedStep):
 
     def __init__(self, models, optimizers, datas, autocast, graphs, generators, backend=None):
         super().__init__(None, None, datas, autocast, graphs, generators, backend)
-        self.branches = [captured_step.Step(m, o, d, autocast, False) for m, o, d in zip(models, optimizers, datas)]
+        # Each branch a Step that is never captured itself (only its _body and _set_lr are used) but, where this
+        # step captures, keeps its groups' rates in device tensors: the graph reads them, so a run's rate change
+        # is a fill (a number would be baked into the graph at capture, and no re-capture comes).
+        self.branches = [captured_step.Step(m, o, d, autocast, self.graphs, backend=backend)
+                         for m, o, d in zip(models, optimizers, datas)]
         for branch, member in zip(self.branches, self.members):  # each branch counts into its run's entries
             branch.loss_sum, branch.bad, branch.updates = member.loss_sum, member.bad, member.updates
         self._branch_streams = None
 
     def _set_lr(self, lrs) -> None:
+        lrs = list(lrs)
+        if self.graphs and self._graph is not None and lrs == self._lr:
+            return  # the branches' tensors already hold them: no kernel launch for unchanged rates
         for branch, lr in zip(self.branches, lrs):
             branch._set_lr(lr)
+        self._lr = lrs
+
+    def _snapshot(self) -> dict:
+        """Each branch's model, optimizer, counters and RNGs (captured_step.Step's snapshot), and the runs'
+        dropout generators: this step has no model or optimizer of its own."""
+        return {"branches": [b._snapshot() for b in self.branches],
+                "generators": [g.get_state() for g in self.generators]}
+
+    def _restore(self, saved: dict) -> None:
+        for branch, own in zip(self.branches, saved["branches"]):
+            branch._restore(own)
+        for g, state in zip(self.generators, saved["generators"]):
+            g.set_state(state)
+        self._lr = None
 
     def _branch(self, i: int, plan) -> None:
         dev = self.batches.device
