@@ -367,9 +367,9 @@ def family_plan(family: str, seeds=3) -> list[tables.RunSpec]:
 
 
 def options(root, stack="off", **over) -> runner.Options:
-    return runner.Options(data_dir=root / "data", download=False, results_dir=root / "results",
-                          runs_dir=root / "runs", device="cpu", jobs_per_device=1, profile="test", quiet=True,
-                          stack=stack, **over)
+    return runner.Options(**{"data_dir": root / "data", "download": False, "results_dir": root / "results",
+                             "runs_dir": root / "runs", "device": "cpu", "jobs_per_device": 1, "profile": "test",
+                             "quiet": True, "stack": stack, **over})
 
 
 def test_stack_groups_take_the_runs_of_one_network_n_at_a_time():
@@ -476,6 +476,19 @@ def test_stacked_runs_write_exactly_what_single_runs_write(how, tmp_path, one_th
     assert lines["stacked"][0] == lines["single"][0]
     # finished runs are recorded: running the command again trains nothing
     assert runner.execute(runs, options(tmp_path / "stacked", stack=3, stack_mode=how)) == {"skipped": 3}
+
+
+def test_packed_stacked_groups_are_one_job_per_worker_slot(tmp_path, one_thread):
+    """jobs_per_device=2 with stack=2: each group trains together in one worker (its runs' step is shared, so
+    they were in one process), a lone leftover run alone; every run is recorded once, and again is skipped."""
+    saf, plain = family_plan("saf-dropout"), family_plan("plain", seeds=2)
+    opts = options(tmp_path, stack=2, jobs_per_device=2)
+    assert [len(g) for g, _ in runner.plan_groups(saf + plain, opts, CPU)] == [2, 1, 2]
+    assert runner.execute(saf + plain, opts) == {"ok": 5}
+    modes = [json.loads((tmp_path / "runs" / r.config_hash / "result.json").read_text())["step_mode"]
+             for r in saf + plain]
+    assert modes == ["eager, stacked 2 (grouped)"] * 2 + ["eager"] + ["eager, stacked 2 (grouped)"] * 2
+    assert runner.execute(saf + plain, opts) == {"skipped": 5}
 
 
 def stacked_accuracies(net: S.StackedNet, data: D.DeviceData) -> list[float]:
