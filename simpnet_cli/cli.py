@@ -98,6 +98,7 @@ def options(cfg) -> "runner.Options":  # noqa: F821 - imported lazily to keep `s
         runs_dir=Path(cfg.runs_dir),
         device=str(cfg.profile.get("device", "auto") if cfg.device == "auto" else cfg.device),
         jobs_per_device=int(cfg.jobs_per_device), profile=str(cfg.profile.name), quiet=bool(cfg.quiet),
+        stack=cfg.get("stack", "auto"), stack_mode=str(cfg.get("stack_mode", "grouped")),
         logger=callbacks.logger_names(logger if logger is None or isinstance(logger, str) else list(logger)))
 
 
@@ -459,6 +460,7 @@ HELP = {
             "results/table<N>.csv.\n"
             "  seeds=3 or seeds=[0,7]   profile=smoke (a few steps on synthetic data)   device=cuda:1\n"
             "  jobs_per_device=4   precision=bf16   profile.train.eval_every=4   profile.data.train_size=512\n"
+            "  stack=3 (a row's seeds in one training step; stack_mode=grouped|branched; auto: on a GPU as measured)\n"
             "  quiet=true   logger=[csv,tensorboard] (or mlflow)   --cfg job (print each resolved run, train nothing)\n"
             "  --dry-run (runs, iterations and an estimated time; trains nothing; quick and rough:\n"
             "    dry_run.iters=1 dry_run.batch_size=8)\n"

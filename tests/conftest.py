@@ -91,6 +91,7 @@ SLOW = {
     "test_integrity.py": ("test_fuzz_malformed_command_lines", "test_at_most_one_line_per_run"),
     "test_progress.py": ("test_a_terminal_gets_bars", "test_redirected_stderr"),
     "test_report.py": ("test_networks_of_ones_own", "test_empty_results_render"),
+    "test_stacked.py": ("test_a_stacked_run_killed_and_resumed",),
 }
 
 

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_writes_markdown_with_device_and_rates(tmp_path, capsys):
     out = tmp_path / "bench.md"
     code = main(["bench", "bench.rows=[5/P5]", "bench.iters=2", "bench.warmup=1", "bench.s1=false",
-                 "bench.batch_size=8", "bench.pack=[1]", "bench.grouped.rows=[]", f"bench.out={out}", "device=cpu"])
+                 "bench.batch_size=8", "bench.pack=[1]", "bench.stack=[]", "bench.grouped.rows=[]", f"bench.out={out}",
+                 "device=cpu"])
     assert code == 0
     text = out.read_text()
     assert train.device_name(torch.device("cpu")) in text

@@ -5,10 +5,18 @@ A run's identity is the hash of its resolved config and seed (tables.RunSpec.con
 run and at the end of each command (runs/index.py). Rows that are the same network trained the same way in two
 tables (Table 2's 8-layer net is Table 7's 3x3 300K and Table 9's first row) share one run folder, with a
 record for each table row, and get one line in each table's CSV.
+
+Runs that can share a training step (the same network, data, solver and length, whatever their seeds, rates
+and schedules: a row's seeds and its lr variants) are trained together, ``stack`` at a time or as ``stack=auto``
+measures (train/together.py); each still gets its own folder, record and CSV line, and resumes alone or with
+its group.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
+import json
 import multiprocessing as mp
 import multiprocessing.connection  # noqa: F401 - mp.connection.wait
 import os
@@ -22,9 +30,13 @@ import torch
 from simpnet_cli.runs import index
 from simpnet_cli.runs import progress
 from simpnet_cli.config import tables
+from simpnet_cli.train import callbacks
+from simpnet_cli.train import checkpoint
 from simpnet_cli.train import data as D
 from simpnet_cli.train import loop as train
+from simpnet_cli.train import together
 from simpnet_cli.errors import UserError
+from simpnet_cli.files import read_json, write_json
 from simpnet_cli.config.variants import RowOverrides
 
 
@@ -40,6 +52,8 @@ class Options:
     profile: str
     quiet: bool = False
     logger: str | tuple[str, ...] = "csv"  # train.callbacks.logger_names: csv, tensorboard, mlflow or several
+    stack: str | int = "off"  # auto | off | N: runs sharing one training step (stack_size)
+    stack_mode: str = "grouped"  # how stacked runs share it: grouped | branched (train/together.py)
 
 
 def seeds_of(value) -> list[int]:
@@ -66,6 +80,92 @@ def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: di
             for seed in seeds_of(seeds):
                 runs.append(tables.resolve(table, row, seed, profile, run_opts, data_opts, overrides, base_profile))
     return runs
+
+
+def stack_size(stack, device: torch.device) -> int:
+    """How many runs share one training step by ``stack=``: ``off`` 1, ``N`` N, ``auto`` 1 (on a GPU,
+    ``plan_groups`` measures instead; on the CPU a shared step is no faster than k separate ones: simpnet bench)."""
+    if isinstance(stack, str) and stack in ("auto", "off"):
+        return 1
+    try:
+        size = int(stack)
+    except (TypeError, ValueError):
+        size = 0
+    if isinstance(stack, bool) or size < 1 or str(stack).strip() != str(size):
+        raise UserError(f"stack={stack!r}: use auto, off, or the number of runs trained in one step (stack=3)")
+    return size
+
+
+def stack_mode(mode: str) -> str:
+    if mode not in together.HOWS:
+        raise UserError(f"stack_mode={mode!r}: use {' or '.join(together.HOWS)}")
+    return mode
+
+
+def share_key(run: tables.RunSpec) -> str:
+    """Runs with equal keys can be trained in one step: all of the run's identity but its seed and its
+    learning rate and schedule (each run of a shared step keeps its own rate)."""
+    identity = {k: v for k, v in run.identity().items() if k != "seed"}
+    identity["solver"] = {k: v for k, v in identity["solver"].items() if k not in ("lr", "schedule")}
+    return json.dumps(identity, sort_keys=True, default=str)
+
+
+def stack_groups(runs: list[tables.RunSpec], size: int | dict[str, int]) -> list[list[tables.RunSpec]]:
+    """``runs`` cut into groups of at most ``size`` (or ``size[share_key(run)]``) that can share a step, in the
+    order of their first runs."""
+    by_key: dict[str, list[list[tables.RunSpec]]] = {}
+    groups = []
+    for run in runs:
+        key = share_key(run)
+        chunks = by_key.setdefault(key, [])
+        if not chunks or len(chunks[-1]) >= (size if isinstance(size, int) else size[key]):
+            chunks.append([])
+            groups.append(chunks[-1])
+        chunks[-1].append(run)
+    return groups
+
+
+AUTO_MOST = 4            # stack=auto puts at most this many runs in one step
+AUTO_TIMING = (20, 10)   # (timed steps, warm-up steps) of each way stack=auto compares
+STACK_CHOICES = "stack_choices.json"  # in runs_dir: what stack=auto measured, per device and network
+
+
+def auto_choice(runs: list[tables.RunSpec], device: torch.device, device_label: str, cache: dict,
+                timer=together.time_steps) -> tuple[int, str]:
+    """(runs per step, how) for ``runs`` (one share_key) by ``stack=auto`` on ``device``: the fastest of
+    separate, grouped and branched at k = min(AUTO_MOST, len(runs)) by ``timer`` (total img/s), measured once
+    per device and network and kept in ``cache``; separate on the CPU, where no shared step pays."""
+    k = min(AUTO_MOST, len(runs))
+    if k < 2 or device.type != "cuda":
+        return 1, "separate"
+    entry = f"{device_label} | {hashlib.sha256(share_key(runs[0]).encode()).hexdigest()[:16]} | k={k}"
+    if entry not in cache:
+        rates = {how: timer(runs[0], device, how, k, *AUTO_TIMING) for how in together.TIMED}
+        cache[entry] = {"fastest": max(rates, key=rates.get), "img_per_s": {h: round(r, 1) for h, r in rates.items()}}
+    fastest = cache[entry]["fastest"]
+    return (1, "separate") if fastest == "separate" else (k, fastest)
+
+
+def plan_groups(runs: list[tables.RunSpec], opts: Options, device: torch.device,
+                timer=together.time_steps) -> list[tuple[list[tables.RunSpec], str]]:
+    """The runs cut into groups that share one training step, each with how it shares it ("separate" for a
+    group of one): as ``stack`` and ``stack_mode`` say, or, for ``stack=auto`` on a GPU, as measured."""
+    how = stack_mode(opts.stack_mode)
+    if opts.stack != "auto" or device.type != "cuda":
+        size = stack_size(opts.stack, device)
+        return [(g, how if len(g) > 1 else "separate") for g in stack_groups(runs, size)]
+    cache_path = opts.runs_dir / STACK_CHOICES
+    cache = read_json(cache_path) or {}
+    chosen: dict[str, tuple[int, str]] = {}
+    for run in runs:
+        key = share_key(run)
+        if key not in chosen:
+            chosen[key] = auto_choice([r for r in runs if share_key(r) == key], device, train.device_name(device),
+                                      cache, timer)
+    check_writable(opts.runs_dir, "runs_dir")
+    write_json(cache_path, cache)
+    return [(g, chosen[share_key(g[0])][1] if len(g) > 1 else "separate")
+            for g in stack_groups(runs, {key: k for key, (k, _) in chosen.items()})]
 
 
 def pick_device(name: str) -> torch.device:
@@ -147,10 +247,7 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str,
             return "busy", f"{name}: being trained by another process ({run_dir})"
         remove_stale_temporaries(run_dir)
         dev = pick_device(device)
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)  # streams, graphs and synchronize default to the current device
-        if dev.type == "cpu" and opts.jobs_per_device > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs_per_device))
+        prepare_device(dev, opts)
         shown.run_started(key, name, str(run_dir))
         train.train_run(run, run_dir, dev, opts.data_dir, opts.download,
                         lambda msg: shown.note(key, msg), progress=lambda ev: shown.event(key, ev),
@@ -161,20 +258,93 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str,
     # After the lock: a process that found this run busy has written its record before trying the lock.
     index.rebuild_tables(opts.results_dir, opts.runs_dir,
                          index.tables_recorded(opts.runs_dir, opts.results_dir, run_dir), warn, lasting=False)
+    return result["status"], finished_message(name, result)
+
+
+def finished_message(name: str, result: dict) -> str:
     metric = f"final {result['final_acc']:.2f}%, best {result['best_acc']:.2f}% @ {result['best_iter']}"
-    return result["status"], f"{name}: {result['status']} ({metric}, {result['img_per_s']:.0f} img/s)"
+    return f"{name}: {result['status']} ({metric}, {result['img_per_s']:.0f} img/s)"
+
+
+def prepare_device(dev: torch.device, opts: Options) -> None:
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # streams, graphs and synchronize default to the current device
+    if dev.type == "cpu" and opts.jobs_per_device > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs_per_device))
+
+
+def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: str,
+                  shown: progress.Reporter | progress.Forwarder | None = None) -> list[tuple[tables.RunSpec, str, str]]:
+    """Train the runs of ``group`` (one plan_groups group) in one ``how`` step, as ``execute_one`` trains one: those
+    already recorded are skipped, those another process holds are busy. Runs whose checkpoints stand at
+    different iterations (killed between two of the group's checkpoint writes) resume one at a time."""
+    if len(group) == 1:
+        return [(group[0], *execute_one(group[0], opts, device, shown))]
+    if shown is None:
+        shown = progress.Reporter({}, 0, quiet=opts.quiet, tty=False)
+    outcomes, todo = [], []
+    for run in group:
+        if index.is_recorded(opts.results_dir, opts.runs_dir, run):
+            outcomes.append((run, "skipped", f"{progress.run_name(run)}: already recorded"))
+            continue
+        run_dir = opts.runs_dir / run.config_hash
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create run folder {run_dir}: {err.strerror or err}") from None
+        index.write_record(run_dir, opts.results_dir, index.record_of(run, run_dir, opts.profile))
+        todo.append(run)
+    alone = []
+    with contextlib.ExitStack() as locks:
+        held = []
+        for run in todo:
+            run_dir = opts.runs_dir / run.config_hash
+            if locks.enter_context(RunLock(run_dir)):
+                remove_stale_temporaries(run_dir)
+                held.append(run)
+            else:
+                outcomes.append((run, "busy", f"{progress.run_name(run)}: being trained by another process "
+                                              f"({run_dir})"))
+        starts = {checkpoint.iteration(opts.runs_dir / r.config_hash / callbacks.CHECKPOINT) or 0 for r in held}
+        if len(held) < 2 or len(starts) > 1:
+            alone = held  # trained (or resumed) one at a time, once the locks are let go
+        else:
+            dev = pick_device(device)
+            prepare_device(dev, opts)
+            keys = [progress.run_key(r) for r in held]
+            for run, key in zip(held, keys):
+                shown.run_started(key, progress.run_name(run), str(opts.runs_dir / run.config_hash))
+            together.train_together(
+                held, [opts.runs_dir / r.config_hash for r in held], dev, opts.data_dir, opts.download,
+                how, lambda msg: shown.note(keys[0], msg),
+                progress=[lambda ev, key=key: shown.event(key, ev) for key in keys], loggers=opts.logger)
+            for run in held:
+                result = index.seal(opts.runs_dir / run.config_hash)
+                outcomes.append((run, result["status"], finished_message(progress.run_name(run), result)))
+    for run in held:
+        if run not in alone:
+            index.rebuild_tables(opts.results_dir, opts.runs_dir,
+                                 index.tables_recorded(opts.runs_dir, opts.results_dir, opts.runs_dir / run.config_hash),
+                                 warn, lasting=False)
+    for run in alone:
+        outcomes.append((run, *execute_one(run, opts, device, shown)))
+    order = {id(r): n for n, r in enumerate(group)}
+    return sorted(outcomes, key=lambda o: order[id(o[0])])
 
 
 def _slot_worker(opts, device, shown, conn) -> None:
-    """A packed worker holding one device slot: trains the runs the parent sends through ``conn``, one at a time,
-    and sends back each one's (outcome, message), until it gets None. Its progress goes to ``shown`` (a
-    Forwarder to the parent's Reporter)."""
-    while (run := conn.recv()) is not None:
+    """A packed worker holding one device slot: trains the jobs the parent sends through ``conn``, one at a time,
+    and sends back each one's [(the run's place in the group, outcome, message)], until it gets None. A job is one
+    plan_groups group and how it shares its step (usually a single run, "separate"): a stacked group trains together
+    in this one process, on this one slot. Its progress goes to ``shown`` (a Forwarder to the parent's Reporter)."""
+    while (job := conn.recv()) is not None:
+        group, how = job
         try:
-            outcome = execute_one(run, opts, device, shown)
-        except Exception as err:  # one run's failure (bad input, CUDA out of memory) must not stop the others
-            outcome = "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}"
-        conn.send(outcome)
+            outcomes = execute_group(group, how, opts, device, shown)
+        except Exception as err:  # one group's failure (bad input, CUDA out of memory) must not stop the others
+            outcomes = [(run, "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}") for run in group]
+        place = {id(run): n for n, run in enumerate(group)}
+        conn.send([(place[id(run)], outcome, message) for run, outcome, message in outcomes])
 
 
 def death_cause(exitcode: int | None) -> str:
@@ -218,13 +388,15 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
         (twins if run.config_hash in seen else first).append(run)
         seen.add(run.config_hash)
     slots = devices_for(opts)
-    workers = min(len(slots) * max(1, opts.jobs_per_device), len(first))
+    groups = plan_groups(first, opts, torch.device(slots[0]))
+    workers = min(len(slots) * max(1, opts.jobs_per_device), len(groups))
     with progress_for(runs, opts, run_bars=workers <= 1) as shown:
         if workers <= 1:  # in this process; the first bad input stops everything, with its own message
-            for run in first + twins:
-                tally(run, *execute_one(run, opts, slots[0], shown))
+            for group, how in groups + [([twin], "separate") for twin in twins]:
+                for outcome in execute_group(group, how, opts, slots[0], shown):
+                    tally(*outcome)
         else:
-            execute_packed(first, twins, fetch_datasets(first, opts), slots, workers, shown, tally)
+            execute_packed(groups, twins, fetch_datasets(first, opts), slots, workers, shown, tally)
     # Every table of the command, whatever its runs did: a damaged or stale file is rebuilt, runs killed
     # before their rebuild are indexed, and what was refused or dropped is said once.
     index.rebuild_tables(opts.results_dir, opts.runs_dir, {r.table for r in runs}, warn)
@@ -265,17 +437,19 @@ def progress_for(runs: list[tables.RunSpec], opts: Options, run_bars: bool) -> p
 
 
 class _Slot:
-    """A worker process on one device slot, and the run it trains (None: idle)."""
+    """A worker process on one device slot, and the job (a group of runs, and how they share a step) it
+    trains (None: idle)."""
 
     def __init__(self, ctx, opts: Options, device: str, shown):
-        self.device, self.run = device, None
+        self.device, self.job = device, None
         self.conn, theirs = ctx.Pipe()
         self.proc = ctx.Process(target=_slot_worker, args=(opts, device, shown, theirs))
         self.proc.start()
         theirs.close()  # only the worker holds its end, so its death reads as end-of-file here
 
     def outcome(self):
-        """(outcome, message) if the run has reported, "died" if the worker is dead, None while it trains."""
+        """[(the run's place in the group, outcome, message)] once the job has reported, "died" if the worker is
+        dead, None while it trains."""
         if not self.conn.poll():
             return None
         try:
@@ -285,26 +459,34 @@ class _Slot:
             return "died"
 
 
-def execute_packed(first, twins, opts: Options, slots: list[str], workers: int, shown: progress.Reporter,
+def execute_packed(groups, twins, opts: Options, slots: list[str], workers: int, shown: progress.Reporter,
                    tally) -> None:
-    """``workers`` processes, each holding one device slot, so a device never holds more than
-    ``jobs_per_device`` runs. Processes, not threads: each packed run has its own CUDA context and interpreter,
-    so one run's host overhead never stalls another's kernel launches. Not a ProcessPoolExecutor: one worker
-    dying hard (the out-of-memory killer, a CUDA abort, a segfault) breaks such a pool and every run in it.
-    Here the parent knows which run each worker holds: a dead worker's run is reported failed with its cause
-    (it resumes from its last checkpoint on the next invocation), a fresh worker takes the slot, and the other
-    runs go on."""
+    """``workers`` processes, each holding one device slot and training one job at a time: a plan_groups group,
+    one run or a stack of runs trained together in one step in that one process, so a device never holds more
+    than ``jobs_per_device`` jobs. Processes, not threads: each packed job has its own CUDA context and
+    interpreter, so one job's host overhead never stalls another's kernel launches. Not a ProcessPoolExecutor:
+    one worker dying hard (the out-of-memory killer, a CUDA abort, a segfault) breaks such a pool and every run
+    in it. Here the parent knows which job each worker holds: a dead worker's runs are reported failed with its
+    cause (they resume from their last checkpoints on the next invocation), a fresh worker takes the slot, and
+    the other jobs go on."""
     ctx = mp.get_context("spawn")
-    todo, died = list(first), set()
+    jobs, died = list(groups), set()
     devices = (slots * max(1, opts.jobs_per_device))[:workers]
-    pool: list[_Slot | None] = [None] * len(devices)  # a worker is started when a run needs it
+    pool: list[_Slot | None] = [None] * len(devices)  # a worker is started when a job needs it
 
-    def next_run():
-        while todo:
-            run = todo.pop(0)
-            if not index.is_recorded(opts.results_dir, opts.runs_dir, run):
-                return run
-            tally(run, "skipped", f"{progress.run_name(run)}: already recorded")  # no worker needed to say so
+    def next_job():
+        """The next group with runs still to train, as (runs, how); recorded runs are skipped here, without a
+        worker, and a group left with one run trains it alone."""
+        while jobs:
+            group, how = jobs.pop(0)
+            left = []
+            for run in group:
+                if index.is_recorded(opts.results_dir, opts.runs_dir, run):
+                    tally(run, "skipped", f"{progress.run_name(run)}: already recorded")  # no worker needed
+                else:
+                    left.append(run)
+            if left:
+                return left, (how if len(left) > 1 else "separate")
         return None
 
     with ctx.Manager() as manager:
@@ -312,41 +494,46 @@ def execute_packed(first, twins, opts: Options, slots: list[str], workers: int, 
         try:
             while True:
                 for i, w in enumerate(pool):
-                    if w is not None and w.run is not None:
+                    if w is not None and w.job is not None:
                         continue
-                    run = next_run()
-                    if run is None:
+                    job = next_job()
+                    if job is None:
                         break
                     if w is None or not w.proc.is_alive():
                         pool[i] = w = _Slot(ctx, opts, devices[i], progress.Forwarder(events))
-                    w.conn.send(run)
-                    w.run = run
-                busy = [w for w in pool if w is not None and w.run is not None]
+                    w.conn.send(job)
+                    w.job = job
+                busy = [w for w in pool if w is not None and w.job is not None]
                 if not busy:
                     break
                 mp.connection.wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=0.5)
-                progress.drain(events, shown)  # a run's last events are queued before it reports
+                progress.drain(events, shown)  # a run's last events are queued before its job reports
                 for i, w in enumerate(pool):
-                    outcome = w.outcome() if w is not None and w.run is not None else None
-                    if outcome is None:
+                    reported = w.outcome() if w is not None and w.job is not None else None
+                    if reported is None:
                         continue
-                    run, w.run = w.run, None
-                    if outcome == "died":  # the slot gets a fresh worker when a run needs it
-                        died.add(run.config_hash)
+                    (group, _), w.job = w.job, None
+                    if reported == "died":  # the slot gets a fresh worker when a job needs it
+                        died.update(run.config_hash for run in group)
                         pool[i] = None
-                        outcome = "error", (f"{progress.run_name(run)}: {death_cause(w.proc.exitcode)}; the other "
-                                            f"runs went on, and this one resumes from its last checkpoint on the "
-                                            f"next invocation")
-                    tally(run, *outcome)
+                        cause = death_cause(w.proc.exitcode)
+                        shared = f" (it trained {len(group)} runs together)" if len(group) > 1 else ""
+                        for run in group:
+                            tally(run, "error", f"{progress.run_name(run)}: {cause}{shared}; the other runs went "
+                                                f"on, and this one resumes from its last checkpoint on the next "
+                                                f"invocation")
+                        continue
+                    for place, outcome, message in reported:
+                        tally(group[place], outcome, message)
         finally:
             live = [w for w in pool if w is not None]
             for w in live:
-                if w.run is None and w.proc.is_alive():
+                if w.job is None and w.proc.is_alive():
                     try:
                         w.conn.send(None)  # done: the worker returns
                     except OSError:
                         pass
-                else:  # interrupted (Ctrl-C) mid-run: it resumes from its checkpoint next time
+                else:  # interrupted (Ctrl-C) mid-job: its runs resume from their checkpoints next time
                     w.proc.terminate()
             for w in live:
                 w.proc.join(timeout=30)

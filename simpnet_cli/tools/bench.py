@@ -25,6 +25,7 @@ from simpnet_cli.nets import modules as M
 from simpnet_cli.nets import specs as network
 from simpnet_cli.config import tables
 from simpnet_cli.train import loop as train
+from simpnet_cli.train import together
 from simpnet_cli.errors import UserError
 
 # Table S1 of the supplement: minutes for 30,000 iterations of the 1.6M rows on a GTX 1080 (Caffe).
@@ -106,6 +107,22 @@ def mps_status(proc: Path = Path("/proc"), pipe_dir: str | None = None) -> str:
     if pipe.exists():
         return f"on (control pipe {pipe})"
     return "off"
+
+
+def stack_lines(b, device: torch.device) -> list[str]:
+    """img/s per run and in total of k seeds trained separately, grouped and branched, for each row and k."""
+    lines = ["", f"## Several runs in one step (k seeds of a row; {'CUDA graphs' if device.type == 'cuda' else 'eager, CPU'})",
+             "", "| row | k | mode | img/s per run | img/s total | vs separate |", "|---|---|---|---|---|---|"]
+    for ref in b.rows:
+        run = _run_for(ref, b.batch_size)
+        for k in (int(k) for k in b.stack):
+            base = None
+            for how in together.TIMED:
+                total = together.time_steps(run, device, how, k, int(b.iters), int(b.warmup))
+                base = base or total
+                lines.append(f"| {ref} | {k} | {how} | {total / k:,.0f} | {total:,.0f} | {total / base:.2f}x |")
+                print(lines[-1], flush=True)
+    return lines
 
 
 def flops_per_step(run: tables.RunSpec, device: torch.device) -> int:
@@ -309,6 +326,8 @@ def main(cfg, flags) -> int:
         if device.type == "cuda" and any(int(p) > 1 for p in b.pack):
             lines += ["", f"Packed runs: all their images over the span from the first process's start to the last "
                           f"one's end. NVIDIA MPS: **{mps_status()}** (README: packing runs on one GPU)."]
+    if b.get("stack"):
+        lines += stack_lines(b, device)
     if b.s1:
         lines += s1_lines(b, device)
     if b.grouped.rows:
@@ -337,7 +356,7 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
     the run's own) and scaled to the run's batch: ``iters=1 batch_size=8`` is a rough estimate in under a
     minute anywhere. ``say`` gets a line per network as it is timed, so a long estimate shows its progress."""
     from simpnet_cli.runs import index
-    from simpnet_cli.runs.runner import devices_for, pick_device
+    from simpnet_cli.runs.runner import devices_for, pick_device, plan_groups
 
     device = pick_device(devices_for(opts)[0])
     if device.type == "cuda":
@@ -357,19 +376,28 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
     iters = iters or default_iters
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise UserError(f"dry_run.batch_size={batch_size!r}: give a whole number of images >= 1")
+    # The runs as the runner would train them: one at a time, or k to a step (runner.plan_groups).
+    groups = plan_groups(todo, opts, device)
+    group_of = {id(run): (len(group), how) for group, how in groups for run in group}
+    size = max((len(group) for group, _ in groups), default=1)
     speed: dict[tuple, float] = {}
     per_table: dict[str, list[float]] = {}
-    networks = len({(repr(r.spec), r.train["batch_size"], r.train.get("precision", "fp32"), r.in_shape)
-                    for r in todo})
+    networks = len({(repr(r.spec), r.train["batch_size"], r.train.get("precision", "fp32"), r.in_shape,
+                     group_of[id(r)]) for r in todo})
     for run in todo:
-        key = (repr(run.spec), run.train["batch_size"], run.train.get("precision", "fp32"), run.in_shape)
+        k, how = group_of[id(run)]
+        key = (repr(run.spec), run.train["batch_size"], run.train.get("precision", "fp32"), run.in_shape, (k, how))
         if key not in speed:
             mode = "runner bf16" if key[2] == "bf16" and device.type == "cuda" else \
                 "runner fp32" if device.type == "cuda" else "eager fp32"
             say(f"dry-run: timing network {len(speed) + 1}/{networks} (table {run.table}, row {run.row_id}, "
-                f"{network.count_params(run.spec, run.in_shape)[0]:,} params)")
+                f"{network.count_params(run.spec, run.in_shape)[0]:,} params"
+                + (f", {k} runs in one step, {how})" if k > 1 else ")"))
             timed = run if batch_size is None else dataclasses.replace(run, train={**run.train, "batch_size": batch_size})
-            images_per_s = measure(timed, device, mode, iters, warmup)
+            # a stacked step trains k runs at once, so each of them costs a k-th of its time: its images per
+            # second, counted over all k, are each run's share
+            images_per_s = (together.time_steps(timed, device, how, k, iters, warmup) if k > 1
+                            else measure(timed, device, mode, iters, warmup))
             speed[key] = images_per_s / run.train["batch_size"]  # steps/s at the run's own batch
         per_table.setdefault(run.table, [0, 0, 0.0])
         entry = per_table[run.table]
@@ -377,10 +405,13 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
         entry[1] += run.train["iterations"]
         entry[2] += run.train["iterations"] / speed[key]
     slots = len(devices_for(opts))
+    shared_hows = ", ".join(sorted({how for group, how in groups if len(group) > 1}))
+    stacking = f"up to {size} runs in one step ({shared_hows})" if size > 1 else "one run at a time"
     lines = [f"{len(runs)} run(s) asked for, {len(todo)} still to train ({len(runs) - len(todo)} recorded or "
              f"shared with another table); estimate on {train.device_name(device)} from {iters} timed steps "
              + (f"at batch {batch_size} (scaled to each run's batch: rough) " if batch_size is not None else "")
-             + f"per network, one run at a time per device, {slots} device(s), evaluation excluded:",
+             + f"per network, {stacking} "
+             + f"per device, {slots} device(s), evaluation excluded:",
              "| table | runs | iterations | estimated time |", "|---|---|---|---|"]
     total = [0, 0, 0.0]
     for name, (n, it, secs) in per_table.items():

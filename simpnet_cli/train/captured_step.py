@@ -78,8 +78,9 @@ class Step:
         self.step_mode = "cuda-graph" if self.graphs else "eager"
         self._graph, self._static, self._stream, self._lr = None, None, None, None
         # In a graph, each group's lr lives in a tensor of its own that the captured kernels read at replay.
+        # (A shared step of branches has no optimizer of its own: each branch is a Step; train/stacked_step.py.)
         self._lrs = [torch.zeros((), dtype=g["params"][0].dtype, device=dev) for g in optimizer.param_groups] \
-            if self.graphs else None
+            if self.graphs and optimizer is not None else None
         self._warmed_up = False
 
     def reset_loss(self) -> None:

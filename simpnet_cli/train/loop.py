@@ -13,6 +13,7 @@ divergence guard, the update audit, progress, loggers) is a callback's (train/ca
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,7 @@ def evaluate(model: torch.nn.Module, data: D.DeviceData, autocast) -> tuple[floa
     return 100.0 * correct.item() / n, loss.item() / n
 
 
-class _Hooks:
+class Hooks:
     """Calls one hook on every callback that has it, in order."""
 
     def __init__(self, callbacks: Iterable):
@@ -137,7 +138,7 @@ class _Hooks:
 
 def fit(state: TrainState, callbacks: Iterable) -> dict:
     """Train ``state`` to its last iteration (or until a callback stops it); return the run's result."""
-    hooks = _Hooks(callbacks)
+    hooks = Hooks(callbacks)
     try:
         hooks("on_start", state)
         state.start_clock()
@@ -203,15 +204,18 @@ def read_result(run_dir: Path) -> dict | None:
 
 
 def build(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path, download: bool,
-          log: Callable[[str], None], backend: captured_step.GraphBackend | None) -> TrainState:
-    """The run's data, network, optimizer and step, at iteration 0."""
+          log: Callable[[str], None], backend: captured_step.GraphBackend | None,
+          data: D.DeviceData | None = None) -> TrainState:
+    """The run's data, network, optimizer and step, at iteration 0. ``data``: the run's dataset already on
+    the device (another seed's: runs trained together share the images, each with its own order)."""
     tr = run.train
     iterations, batch_size = int(tr["iterations"]), int(tr["batch_size"])
     eval_every = int(tr.get("eval_every", 500))
     precision = tr.get("precision", "fp32")
 
     torch.manual_seed(run.seed)
-    data = D.load(run.dataset, data_dir, download, device, batch_size, run.seed)
+    data = (D.load(run.dataset, data_dir, download, device, batch_size, run.seed) if data is None
+            else dataclasses.replace(data, seed=run.seed))
     model = M.build_model(run.spec, run.in_shape, run.net).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -248,17 +252,32 @@ def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path,
     if done:
         return done
     chosen = loggers_for(loggers)  # an unknown logger or a missing package stops the run before it trains
+    write_config(run, run_dir)
+    state = build(run, run_dir, device, data_dir, download, log, backend)
+    result = fit(state, run_callbacks(chosen, progress, callbacks))
+    write_outcome(state, result)
+    return result
+
+
+def write_config(run: RunSpec, run_dir: Path) -> None:
+    """The run folder with its ``config.yaml`` (the resolved run), before it trains."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run.to_dict())))
     except OSError as err:
         raise UserError(f"cannot write the run directory {run_dir}: {err.strerror or err}") from None
-    state = build(run, run_dir, device, data_dir, download, log, backend)
-    # Order matters: a resume restores the state before anyone reads it; the guard and the audit stop a run
-    # before its figures are logged or shown.
-    result = fit(state, [C.Checkpoints(), C.DivergenceGuard(), C.UpdateAudit(), *chosen,
-                         *([C.Progress(progress)] if progress is not None else []), *callbacks])
-    atomic_write(run_dir / "model.pt", lambda tmp: save_pt(state.model.state_dict(), tmp))
-    write_json(run_dir / "result.json", result)
-    (run_dir / C.CHECKPOINT).unlink(missing_ok=True)  # only now: until result.json exists, it is the run
-    return result
+
+
+def run_callbacks(loggers: list[Callback], progress: Callable[[Event], None] | None,
+                  extra: Iterable[Callback]) -> list[Callback]:
+    """A run's callbacks. Order matters: a resume restores the state before anyone reads it; the guard and the
+    audit stop a run before its figures are logged or shown."""
+    return [C.Checkpoints(), C.DivergenceGuard(), C.UpdateAudit(), *loggers,
+            *([C.Progress(progress)] if progress is not None else []), *extra]
+
+
+def write_outcome(state: TrainState, result: dict) -> None:
+    """A finished run's weights, then its result.json (a run is finished exactly when that file exists)."""
+    atomic_write(state.run_dir / "model.pt", lambda tmp: save_pt(state.model.state_dict(), tmp))
+    write_json(state.run_dir / "result.json", result)
+    (state.run_dir / C.CHECKPOINT).unlink(missing_ok=True)  # only now: until result.json exists, it is the run
