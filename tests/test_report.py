@@ -645,3 +645,23 @@ def test_a_variant_on_another_dataset_has_no_paper_yardstick(tmp_path):
     assert not [row for row in variant.rows if row.kind == "cited"]
     (paper,) = [tr for tr in rep.tables if not tr.variant]
     assert [row for row in paper.rows if row.kind == "cited"]  # the paper's configuration keeps them
+
+
+def test_curves_title_names_the_variant_and_short_runs(tmp_path):
+    """A figure is read apart from its section: its title says which variant it shows and that the runs
+    stopped before their rows' schedules end."""
+    from simpnet_cli.report import plots
+
+    out = tmp_path / "results"
+    full = T2.row("8L")["iterations"]
+    for seed, acc in enumerate([60.0, 61.0]):
+        row = run_row(tmp_path, "8L", seed, acc, acc - 0.5)
+        append(out, "2", row)  # 1,000 iterations
+        variant = dict(row, variant="net.dropout.head=0.3", config_hash=f"v{seed}", iterations=full)
+        append(out, "2", variant)
+    rep = report.collect(out, "2")
+    paper, = [tr for tr in rep.tables if not tr.variant]
+    other, = [tr for tr in rep.tables if tr.variant]
+    assert f"short runs: 1,000 of {full:,} iterations" in plots.curves_title(paper)
+    assert "net.dropout.head=0.3" not in plots.curves_title(paper)
+    assert plots.curves_title(other).endswith("\nnet.dropout.head=0.3") and "short" not in plots.curves_title(other)

@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Text
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from simpnet_cli.report.claims import mean_var
 from simpnet_cli.report.data import (PAPER_STATS, Ablation, TableReport, ablation_points, axis_slots,
@@ -256,6 +256,25 @@ def params_plot(tr: TableReport, path: Path) -> Path | None:
 
 # --------------------------------------------------------------------------- test curves
 
+def curves_title(tr: TableReport) -> str:
+    """The curves figure's title: the table, the profile, the variant (a figure is read apart from its section)
+    and, when the runs stopped before their rows' schedules end, how far they went."""
+    title = (f"Table {tr.table.name}: test {'error' if tr.error_display else 'accuracy'} during training "
+             f"({tr.profile} runs; dashed = diverged)")
+    schedule = {r["id"]: r.get("iterations") for r in tr.table.rows}
+    short = sorted({(int(run["iterations"]), int(schedule[run["row_id"]])) for run in tr.runs
+                    if isinstance(schedule.get(run["row_id"]), int) and _is_number(run.get("iterations"))
+                    and int(run["iterations"]) < schedule[run["row_id"]]})
+    if short:
+        ran = ", ".join(f"{done:,} of {full:,}" for done, full in short[:3]) + (", ..." if len(short) > 3 else "")
+        title += f"\nshort runs: {ran} iterations of the row's schedule"
+    return title + (f"\n{tr.variant}" if tr.variant else "")
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def curves_plot(tr: TableReport, path: Path, results_dir: Path) -> tuple[Path | None, str, list[str]]:
     """Test accuracy (error for error tables) against iteration, one line per run, one colour per row."""
     err = tr.error_display
@@ -284,9 +303,9 @@ def curves_plot(tr: TableReport, path: Path, results_dir: Path) -> tuple[Path | 
     if not found:
         return None, note, warnings
     ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a 4-iteration run has no iteration 2.5
     ax.set_ylabel("test error (%)" if err else "test accuracy (%)")
-    ax.set_title(f"Table {tr.table.name}: test {'error' if err else 'accuracy'} during training "
-                 f"({tr.profile} runs; dashed = diverged)", fontsize=10)
+    ax.set_title(curves_title(tr), fontsize=10)
     # beside the axes: a legend inside would cover curves
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="row", frameon=False)
     ax.grid(alpha=0.3)
