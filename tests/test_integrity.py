@@ -457,6 +457,7 @@ def nothing_written(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, needles", [
     (["~seeds"], ["seeds", "missing"]),
+    (["~table"], ["table"]),
     (["~results_dir"], ["results_dir", "missing"]),
     (["seeds=[99999999999999999999]"], ["seeds", "99999999999999999999"]),
     (["iterations=100000000000000000000"], ["iterations"]),
@@ -465,11 +466,18 @@ def nothing_written(tmp_path: Path) -> None:
     (["net.paddings={1: 100000}"], ["memory", "net.paddings"]),
     (["profile.data.train_size=1000000000"], ["memory", "train_size"]),
     (["batch_size=10000000"], ["memory", "batch_size"]),
-], ids=["delete-seeds", "delete-results_dir", "seed-overflow", "iterations-overflow", "train_size-overflow",
+], ids=["delete-seeds", "delete-table", "delete-results_dir", "seed-overflow", "iterations-overflow", "train_size-overflow",
         "huge-widths", "huge-padding", "huge-data", "huge-batch"])
-def test_class5_deletions_overflows_and_impossible_memory_are_one_line(tmp_path, capsys, args, needles):
+def test_class5_deletions_overflows_and_impossible_memory_are_one_line(tmp_path, capsys, monkeypatch, args, needles):
     """Issue 19, class 5: caught before anything trains (the memory a run needs is estimated from its network,
     batch and data, and compared with the device's), also for --dry-run, which would build the network."""
+    from simpnet_cli.tools import bench
+
+    def must_not_start(*args, **kwargs):  # were a check missed, fail here rather than exhaust the machine
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(train, "train_run", must_not_start)
+    monkeypatch.setattr(bench, "measure", must_not_start)
     for mode in ([], ["--dry-run"]):
         one_line(capsys, cli.main(run_args(tmp_path, *args, *mode)), *needles)
         nothing_written(tmp_path)
