@@ -21,6 +21,10 @@ from simpnet_cli.errors import UserError
 
 USAGE = __doc__.split("\n\n")[1]
 FLAGS = {"--json", "--debug", "--dry-run", "--latex", "-m", "--multirun", "--help", "-h"}
+# The flags each command reads (and --debug, --help everywhere): any other is refused, not silently ignored
+# (`simpnet run --json` would otherwise train with no JSON anywhere).
+COMMAND_FLAGS = {"list": {"--json"}, "show": {"--json", "--cfg=job"}, "run": {"--dry-run", "-m", "--multirun", "--cfg=job"},
+                 "report": {"--latex"}, "bench": set(), "repair": set(), "index": set(), "export": set()}
 
 
 def config_dirs(overrides: list[str]) -> tuple[Path, list[str]]:
@@ -52,6 +56,11 @@ def hydra_error(err: Exception) -> UserError:
     return UserError(f"bad override: {first}{hint}")
 
 
+def defaults_loop(primary: Path) -> UserError:
+    return UserError(f"{primary / 'config.yaml'}: its defaults include the config itself, directly or through "
+                     f"another file (a loop); remove that entry")
+
+
 def compose(overrides: list[str]):
     """(the config for ``overrides``, their row overrides), with Hydra's errors turned into one line each."""
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -67,24 +76,20 @@ def compose(overrides: list[str]):
     try:
         with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=prepared + search)
-        return cfg, variants.from_overrides(prepared)
+        variant = variants.from_overrides(prepared)
     except (HydraException, OmegaConfBaseException) as err:
         raise hydra_error(err) from None
+    except RecursionError:
+        raise defaults_loop(primary) from None
+    check_options(cfg)
+    return cfg, variant
 
 
 def check_options(cfg) -> None:
-    """Top-level keys that no row validates: checked before anything trains."""
-    jobs = cfg.jobs_per_device
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise UserError(f"jobs_per_device={jobs!r}: give a whole number of at least 1")
-    for key in ("results_dir", "runs_dir", "data_dir"):
-        value = cfg.get(key)
-        if value is None or not str(value).strip():
-            raise UserError(f"{key} is empty: give a folder ({key}=PATH)")
-    if cfg.precision is not None and cfg.precision not in ("fp32", "bf16"):
-        raise UserError(f"precision={cfg.precision}: use fp32 or bf16"
-                        + (" (fp16 would need loss scaling, which cannot run in a CUDA graph)"
-                           if cfg.precision == "fp16" else ""))
+    """Every top-level key (config/schemas.py: check_top), checked before anything is planned or trained."""
+    from simpnet_cli.config import schemas, tables
+
+    schemas.check_top(tables.to_plain(cfg))
 
 
 def options(cfg) -> "runner.Options":  # noqa: F821 - imported lazily to keep `simpnet list` quick
@@ -94,8 +99,8 @@ def options(cfg) -> "runner.Options":  # noqa: F821 - imported lazily to keep `s
     check_options(cfg)
     logger = cfg.get("logger")  # a list from the command line is a ListConfig; logger_names checks the names
     return runner.Options(
-        data_dir=Path(cfg.data_dir), download=bool(cfg.download), results_dir=Path(cfg.results_dir),
-        runs_dir=Path(cfg.runs_dir),
+        data_dir=Path(str(cfg.data_dir)), download=bool(cfg.download),
+        results_dir=Path(str(cfg.results_dir)), runs_dir=Path(str(cfg.runs_dir)),
         device=str(cfg.profile.get("device", "auto") if cfg.device == "auto" else cfg.device),
         jobs_per_device=int(cfg.jobs_per_device), profile=str(cfg.profile.name), quiet=bool(cfg.quiet),
         stack=cfg.get("stack", "auto"), stack_mode=str(cfg.get("stack_mode", "grouped")),
@@ -252,11 +257,13 @@ def run_job(cfg, flags, variant) -> int:
     from simpnet_cli.runs import runner
 
     runs = plan_runs(cfg, variant)
+    opts = options(cfg)
+    # device=cuda on a machine without one, a network too big for it: said before anything is printed or timed
+    # (runner.execute checks the rest, folders and datasets, before its first run trains)
+    runner.preflight(runs, opts, full=False)
     if "--cfg=job" in flags:  # Hydra's habit: show what would run, resolved, and run nothing
         print_resolved(runs)
         return 0
-    opts = options(cfg)
-    runner.pick_device(opts.device)  # device=cuda on a machine without one: say so before anything trains
     if "--dry-run" in flags:
         from simpnet_cli.tools import bench
 
@@ -285,7 +292,9 @@ def print_resolved(runs) -> None:
                       "params": network.count_params(run.spec, run.in_shape)[0]}
         doc["recipe"] = run.recipe()
         docs.append(doc)
-    print(yaml.safe_dump_all(docs, sort_keys=False, width=120), end="")
+    # libyaml's emitter where installed: the pure-Python one takes ~35 ms a run (seeds=30000: 20 minutes)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    print(yaml.dump_all(docs, Dumper=dumper, sort_keys=False, width=120), end="")
 
 
 def is_multirun(flags, overrides) -> bool:
@@ -323,16 +332,23 @@ def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from simpnet_cli.config import variants
+    from simpnet_cli.runs import runner
 
-    jobs = sweep_jobs(prepared)
+    jobs, planned = sweep_jobs(prepared), []
     with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
         for job in jobs:
             try:
                 cfg = hydra_compose(config_name="config", overrides=job + search)
             except (HydraException, OmegaConfBaseException) as err:
                 raise hydra_error(err) from None
+            except RecursionError:
+                raise defaults_loop(primary) from None
             check_options(cfg)
-            plan_runs(cfg, variants.from_overrides(job))
+            planned.append((plan_runs(cfg, variants.from_overrides(job)), options(cfg)))
+    # Then what the jobs will meet when they run (devices, memory, output folders, datasets): every job's
+    # config is good by now, so a folder this creates is one a job would have created.
+    for runs, opts in planned:
+        runner.preflight(runs, opts)
     return len(jobs)
 
 
@@ -397,7 +413,7 @@ def cmd_report(cfg, flags, variant) -> int:
     from simpnet_cli.report import write as report
 
     try:
-        out = report.render(Path(cfg.results_dir), tables=table_selector(cfg), latex="--latex" in flags)
+        out = report.render(Path(str(cfg.results_dir)), tables=table_selector(cfg), latex="--latex" in flags)
     except OSError as err:  # a read-only or full results folder
         raise UserError(f"cannot write the report under {cfg.results_dir}: {err.strerror or err}"
                         + (f" ({err.filename})" if err.filename else "")) from None
@@ -409,12 +425,15 @@ def cmd_repair(cfg, flags, variant) -> int:
     """Rebuild results CSVs (the index) from the run folders under runs_dir; `simpnet index` is the same."""
     from simpnet_cli.runs import index, results, runner
 
-    results_dir, runs_dir = Path(cfg.results_dir), Path(cfg.runs_dir)
-    if cfg.table is None or str(cfg.table) == "all":
+    from simpnet_cli.config import tables
+
+    results_dir, runs_dir = Path(str(cfg.results_dir)), Path(str(cfg.runs_dir))
+    chosen = tables.to_plain(cfg.table)
+    if chosen is None or chosen == "all":
         names = sorted({results.table_of(p) for p in results_dir.glob("table*.csv")}
                        | set(index.tables_recorded(runs_dir, results_dir)))
-    else:
-        names = [str(cfg.table).removeprefix("table")]
+    else:  # one name or a list of them (checked by check_top as names, never paths)
+        names = [str(t).removeprefix("table") for t in (chosen if isinstance(chosen, list) else [chosen])]
     if not names:
         raise UserError(f"no results files (table*.csv) in {results_dir} and no runs recorded for it in {runs_dir}")
     for name, idx in index.rebuild_tables(results_dir, runs_dir, names, runner.warn).items():
@@ -549,8 +568,38 @@ def guarded(fn, debug: bool) -> int:
     return code
 
 
+class TolerantStream:
+    """stderr for a command that trains: a write that fails (``2>/dev/full``: ENOSPC; ``2>&1 | head -c 1``: the
+    reader left, EPIPE) is dropped, never raised: progress lines are not worth a run, and a run stopped by its
+    own progress line would record nothing and fail the same way every time."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):  # (ValueError: the stream was closed)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run" and not isinstance(sys.stderr, TolerantStream):
+        stderr, sys.stderr = sys.stderr, TolerantStream(sys.stderr)
+        try:
+            return main(argv)
+        finally:
+            sys.stderr = stderr
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
@@ -572,6 +621,10 @@ def main(argv: list[str] | None = None) -> int:
         unknown = flags - FLAGS - cfg_flags
         if unknown:
             raise UserError(f"unknown flag(s) {', '.join(sorted(unknown))}; flags: {', '.join(sorted(FLAGS))}")
+        ignored = flags - COMMAND_FLAGS.get(cmd, flags) - {"--debug", "--help", "-h"}
+        if ignored:
+            takes = sorted(COMMAND_FLAGS[cmd] | {"--debug"})
+            raise UserError(f"simpnet {cmd} does not take {', '.join(sorted(ignored))} (it takes {', '.join(takes)})")
         if cmd == "export":  # a run folder, not a config: nothing to compose
             return cmd_export(overrides)
         if cmd != "run" and cmd not in COMMANDS:

@@ -1,13 +1,15 @@
 """Nothing wrong is ever recorded (issue 11): results files that cannot be read back are rebuilt from the run
 folders without losing or duplicating a run, checkpoints are checksummed and refused when damaged, diverged
 runs record their real time, and malformed input of any shape ends in one line with exit 2 before anything
-is written.
+is written. Issue 19's classes 5-12 have a section each below (``test_classN_...``), then a fuzz test of every
+key with values of every type, and a run given names that look like paths writes nowhere else.
 """
 from __future__ import annotations
 
 import errno
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -437,3 +439,535 @@ def test_report_into_a_read_only_folder_is_one_line(tmp_path, capsys, monkeypatc
     capsys.readouterr()
     one_line(capsys, cli.main(["report", f"results_dir={results_dir}"]), "cannot write the report",
              "Read-only file system")
+
+
+# --------------------------------------------------------------------------- issue 19: bad input is refused before
+# anything trains (one line, exit 2), whatever its kind; each class of the issue has its cases here.
+
+def run_args(tmp_path: Path, *extra: str, table: str = "5", row: str | None = "P5") -> list[str]:
+    return ["run", f"table={table}", *([f"row={row}"] if row else []), *SMOKE, f"results_dir={tmp_path}/results",
+            f"runs_dir={tmp_path}/runs", *extra]
+
+
+def nothing_written(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), "nothing may train"
+    assert not list((tmp_path / "results").glob("table*.csv")) if (tmp_path / "results").exists() else True
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["~seeds"], ["seeds", "missing"]),
+    (["~table"], ["table"]),
+    (["~results_dir"], ["results_dir", "missing"]),
+    (["seeds=[99999999999999999999]"], ["seeds", "99999999999999999999"]),
+    (["iterations=100000000000000000000"], ["iterations"]),
+    (["profile.data.train_size=100000000000"], ["train_size"]),
+    (["net.widths=C100000{2}", "net.pools_after=[1]", "net.init.on_convs=[]"], ["memory", "net.widths"]),
+    (["net.paddings={1: 100000}"], ["memory", "net.paddings"]),
+    (["profile.data.train_size=1000000000"], ["memory", "train_size"]),
+    (["batch_size=10000000"], ["memory", "batch_size"]),
+], ids=["delete-seeds", "delete-table", "delete-results_dir", "seed-overflow", "iterations-overflow", "train_size-overflow",
+        "huge-widths", "huge-padding", "huge-data", "huge-batch"])
+def test_class5_deletions_overflows_and_impossible_memory_are_one_line(tmp_path, capsys, monkeypatch, args, needles):
+    """Issue 19, class 5: caught before anything trains (the memory a run needs is estimated from its network,
+    batch and data, and compared with the device's), also for --dry-run, which would build the network."""
+    from simpnet_cli.tools import bench
+
+    def must_not_start(*args, **kwargs):  # were a check missed, fail here rather than exhaust the machine
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(train, "train_run", must_not_start)
+    monkeypatch.setattr(bench, "measure", must_not_start)
+    for mode in ([], ["--dry-run"]):
+        one_line(capsys, cli.main(run_args(tmp_path, *args, *mode)), *needles)
+        nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["dataset.name=''"], ["dataset.name", "non-empty"]),
+    (["arch=arch1", "net.widths=C8{3}", "net.pools_after=[3]", "custom.table=''"], ["custom.table"]),
+], ids=["empty-dataset-name", "empty-custom-table"])
+def test_class6_a_field_of_the_results_line_is_checked_before_training(tmp_path, capsys, args, needles):
+    """Issue 19, class 6: a value that only the results line needs used to fail after training, so the run was
+    never recorded and every re-run trained and failed again."""
+    row = None if "arch=arch1" in args else "P5"
+    argv = run_args(tmp_path, *args, row=row)
+    if row is None:
+        argv.remove("table=5")
+    one_line(capsys, cli.main(argv), *needles)
+    nothing_written(tmp_path)
+
+
+def conf_dir_with(tmp_path: Path, row: dict | None = None, **table) -> Path:
+    """A conf_dir holding tables/tablex.yaml: one row (``row`` over a good one) and ``table`` keys over a good
+    table's."""
+    import json
+
+    root = tmp_path / "conf"
+    (root / "tables").mkdir(parents=True, exist_ok=True)
+    good_row = {"id": "A", "label": "a", "net": {"widths": "C8{3}", "pools_after": [3]},
+                "paper": {"params": "1K", "acc": 50.0}}
+    text = {"title": "t", "row_defaults": {"arch": "arch1", "dataset": "cifar10", "solver": "adadelta_30k",
+                                           "iterations": 10},
+            "rows": [{**good_row, **(row or {})}], **table}
+    (root / "tables" / "tablex.yaml").write_text(json.dumps(text))
+    return root
+
+
+def run_conf_dir(tmp_path: Path, root: Path, *extra: str, command: str = "run") -> int:
+    try:
+        if command == "run":
+            return cli.main(run_args(tmp_path, f"conf_dir={root}", *extra, table="x", row=None))
+        return cli.main([command, "table=x", f"conf_dir={root}", f"results_dir={tmp_path}/results"])
+    finally:
+        tables.use_conf_dir(None)
+
+
+@pytest.mark.parametrize("row, needles", [
+    ({"id": ""}, ["row", "id", "non-empty"]),
+    ({"label": ""}, ["label", "non-empty"]),
+    ({"label": None}, ["label"]),
+    ({"paper": {"params": None, "acc": 90.1}}, ["paper.params"]),
+    ({"paper": {"params": "1K", "acc": None}}, ["paper.acc"]),
+    ({"label": "two\nlines"}, ["label", "one line"]),
+], ids=["empty-id", "empty-label", "null-label", "null-paper-params", "null-paper-acc", "label-newline"])
+def test_class6_a_conf_dir_row_without_what_its_line_needs_is_refused(tmp_path, capsys, row, needles):
+    one_line(capsys, run_conf_dir(tmp_path, conf_dir_with(tmp_path, row)), "tablex.yaml", *needles)
+    nothing_written(tmp_path)
+
+
+def test_class6_the_good_conf_dir_table_runs(tmp_path, capsys, one_thread):
+    """The table the cases above break trains and is recorded: each refusal is the broken field's doing."""
+    assert run_conf_dir(tmp_path, conf_dir_with(tmp_path)) == 0
+    rows, bad = results.read(tmp_path / "results" / "tablex.csv")
+    assert [r["row_id"] for r in rows] == ["A"] and not bad
+
+
+@pytest.mark.parametrize("row, table, needles", [
+    ({"paper": 5}, {}, ["paper", "mapping"]),
+    ({"net": ["C16"]}, {}, ["net", "mapping"]),
+    ({"dataset": 5}, {}, ["dataset"]),
+    ({"solver": ["x"]}, {}, ["solver"]),
+    ({"test_interval": "often"}, {}, ["test_interval"]),
+    ({}, {"claims": "abc"}, ["claims", "list"]),
+    ({}, {"claims": [{"text": "t", "holds_if": "A > B"}]}, ["claims[0].holds_if"]),
+    ({}, {"cited": [5]}, ["cited[0]"]),
+    ({}, {"title": ["a"]}, ["title"]),
+    ({}, {"display": "percent"}, ["display"]),
+    ({}, {"axis": 5}, ["axis"]),
+], ids=["paper-5", "net-list", "dataset-int", "solver-list", "test_interval-text", "claims-text",
+        "holds_if-text", "cited-int", "title-list", "display", "axis-int"])
+def test_class7_conf_dir_values_of_the_wrong_type_are_one_line_for_every_command(tmp_path, capsys, row, table,
+                                                                                    needles):
+    root = conf_dir_with(tmp_path, row, **table)
+    for command in ("run", "list", "report"):
+        one_line(capsys, run_conf_dir(tmp_path, root, command=command), "tablex.yaml", *needles)
+    nothing_written(tmp_path)
+
+
+def test_class7_a_config_yaml_that_includes_itself_is_one_line(tmp_path, capsys):
+    root = tmp_path / "conf"
+    shutil.copytree(tables.DEFAULT_CONF_DIR, root)
+    text = (root / "config.yaml").read_text().replace("defaults:\n", "defaults:\n  - config\n", 1)
+    (root / "config.yaml").write_text(text)
+    try:
+        code = cli.main(run_args(tmp_path, f"conf_dir={root}"))
+    finally:
+        tables.use_conf_dir(None)
+    one_line(capsys, code, "config")
+    nothing_written(tmp_path)
+
+
+def test_class7_a_results_file_that_is_a_folder_is_one_line_before_training(tmp_path, capsys):
+    (tmp_path / "results" / "table5.csv").mkdir(parents=True)
+    one_line(capsys, run_p5(tmp_path), "table5.csv", "not a file")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("column, value", [("best_iter", "inf"), ("iterations", "nan"), ("seed", "-inf"),
+                                           ("params_total", "1e400"), ("seed", "1.5")])
+def test_class7_inf_or_nan_in_an_integer_column_is_a_bad_line_not_a_crash(tmp_path, capsys, column, value):
+    from tests.test_robustness import fake_row  # noqa: E402 - the results line the robustness tests write
+
+    path = results.csv_path(tmp_path / "results", "5")
+    lines = [results.format_line(fake_row("P5")), results.format_line(fake_row("P3", status="diverged"))]
+    results.write(path, lines)
+    text = path.read_text().splitlines()
+    header = text[0].split(",")
+    for n in (1, 2):  # an ok line and a diverged one (whose accuracies may be NaN, but never its counts)
+        fields = next(iter(__import__("csv").reader([text[n]])))
+        fields[header.index(column)] = value
+        text[n] = ",".join(fields)
+    path.write_text("\n".join(text) + "\n")
+    rows, bad = results.read(path)
+    assert not rows and len(bad) == 2 and all(column in b.why for b in bad), [str(b) for b in bad]
+    if column == "best_iter":  # (the report reads the file as repair does; once is enough: it is slow)
+        assert cli.main(["report", "table=5", f"results_dir={tmp_path}/results"]) == 0
+    assert cli.main(["repair", "table=5", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-gzip"])
+def test_class7_a_truncated_dataset_archive_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, damage):
+    import gzip
+
+    copy = tmp_path / "system_copy"
+    copy.mkdir()
+    whole = gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 4000)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (copy / name).write_bytes(whole[: len(whole) // 2] if damage == "truncated" else b"not a gzip file")
+    argv = ["run", "table=13", "row=slim-300K", "device=cpu", "quiet=true", f"data_dir={tmp_path}/data",
+            f"dataset.system_copy={copy}", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"]
+    one_line(capsys, cli.main(argv), "damaged", str(copy))
+    assert not [p for p in (tmp_path / "data").rglob("*") if p.is_file()], "no partial file is left to be read"
+
+
+def diverging_run_interrupted_after_its_checkpoint(tmp_path: Path, monkeypatch) -> tuple[tables.RunSpec, Path]:
+    """A run whose learning rate jumps to 1e30 at iteration 4, killed right after its checkpoint there: its
+    loss turns NaN at the first steps after the resume."""
+    table = tables.load_table("5")
+    row = {**table.row("P5"), "solver": {"base": "nesterov_50k",
+                                         "schedule": {"kind": "piecewise", "points": {0: 0.01, 4: 1.0e30}}}}
+    profile = {"train": {"iterations": 12, "batch_size": 8, "eval_every": 4, "checkpoint_every": 4,
+                         "precision": "fp32"}, "data": {"source": "synthetic", "train_size": 40, "test_size": 16}}
+    run = tables.resolve(table, row, 0, profile)
+    real = checkpoint.atomic_write
+
+    def die_after_checkpoint(path, write):
+        real(path, write)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "atomic_write", die_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run(run, tmp_path / "run", torch.device("cpu"), tmp_path, False)
+    monkeypatch.undo()
+    assert checkpoint.iteration(tmp_path / "run" / "checkpoint.pt") == 4
+    return run, tmp_path / "run"
+
+
+def test_class8_a_divergence_right_after_a_resume_is_recorded_as_diverged(tmp_path, monkeypatch, one_thread):
+    """Issue 19, class 8: the NaN right after the resume was taken for a corrupt checkpoint, so the run could
+    never finish. The checkpoint is checked when it is restored (its weights, solver state and loss are
+    finite), so the NaN that follows is the run's own divergence."""
+    run, run_dir = diverging_run_interrupted_after_its_checkpoint(tmp_path, monkeypatch)
+    result = train.train_run(run, run_dir, torch.device("cpu"), tmp_path, False)
+    assert result["status"] == "diverged" and 4 < result["iterations"] <= 12, result
+    assert (run_dir / "result.json").exists()
+
+
+def test_class8_a_checkpoint_with_nan_solver_state_is_still_refused(tmp_path, monkeypatch, one_thread):
+    run, run_dir = interrupted_run(tmp_path, monkeypatch)
+    ckpt = run_dir / "checkpoint.pt"
+    state = checkpoint.read(ckpt, run.config_hash)
+    for buffers in state["optimizer"]["state"].values():
+        for value in buffers.values():
+            if torch.is_tensor(value) and value.is_floating_point():
+                value.fill_(float("inf"))
+    checkpoint.save(ckpt, state, run.config_hash)
+    with pytest.raises(checkpoint.CheckpointError, match="solver state.*NaN or infinite right after resuming"):
+        train.train_run(run, run_dir, torch.device("cpu"), tmp_path, False)
+    assert not (run_dir / "result.json").exists()
+
+
+# --------------------------------------------------------------------------- issue 19: fuzz, every key, every type
+
+# Values of every type, as a command line writes them (Hydra's grammar): whole numbers of every size, floats
+# (also non-finite), booleans, null, texts (also paths and reserved words), lists and mappings.
+FUZZ_VALUES = ["0", "-1", "2", "1099511627776", "99999999999999999999", "1.5", "-0.0", "inf", "nan", "1e300",
+               "true", "false", "null", "abc", "''", "../x", "all", "[]", "[1,2]", "[a]", "{a: 1}", "{}"]
+FUZZ_ROW_KEYS = ["iterations", "batch_size", "test_interval", "arch", "dataset", "feed", "solver", "net.widths",
+                 "net.pools_after", "net.kernel", "net.kernels", "net.paddings", "net.groups", "net.dropout.head",
+                 "net.dropout.conv", "net.bn_fraction", "net.init.default", "net.init.on_convs", "net.conv_suffix",
+                 "net.param_mults.convs.indices", "net.global_pool", "solver.lr", "solver.momentum",
+                 "solver.weight_decay", "solver.schedule", "solver.schedule.steps", "solver.schedule.gamma",
+                 "dataset.name", "dataset.classes", "dataset.size", "dataset.channels", "dataset.extra",
+                 "feed.augment", "feed.input"]
+FUZZ_TOP_KEYS = sorted({"table", "row", "seeds", "conf_dir", "data_dir", "download", "results_dir", "runs_dir",
+                        "device", "jobs_per_device", "precision", "svhn_extra", "quiet", "logger", "dry_run.iters",
+                        "dry_run.batch_size", "custom.table", "custom.iterations", "custom.dataset",
+                        "profile.name", "profile.device", "profile.train.batch_size", "profile.train.eval_every",
+                        "profile.train.checkpoint_every", "profile.train.precision", "profile.train.graphs",
+                        "profile.data.train_size", "profile.data.test_size", "profile.data.source"})
+# Values of every type as a table file holds them (YAML), for each field of a table and of its row.
+FUZZ_FILE_VALUES = [0, -1, 7, 2**40, 10**20, 1.5, float("inf"), float("nan"), True, False, None, "", "abc",
+                    "../x", [], [1, 2], ["C16"], {}, {"a": 1}, {"base": "nowhere"}]
+FUZZ_FILE_FIELDS = ["title", "display", "axis", "cited", "claims", "note", "row_defaults", "rows",
+                    "row.id", "row.label", "row.arch", "row.dataset", "row.solver", "row.feed", "row.iterations",
+                    "row.test_interval", "row.net", "row.paper", "row.note", "row.net.widths",
+                    "row.net.pools_after", "row.paper.params", "row.paper.acc"]
+
+
+def fuzz_command_lines(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    keys = FUZZ_ROW_KEYS + FUZZ_TOP_KEYS
+    return [(key, rng.choice(FUZZ_VALUES)) for key in rng.sample(keys, n)]
+
+
+def fuzz_file_fields(n: int, seed: int) -> list[tuple[str, object]]:
+    rng = random.Random(seed)
+    return [(field, rng.choice(FUZZ_FILE_VALUES)) for field in
+            [rng.choice(FUZZ_FILE_FIELDS) for _ in range(n)]]
+
+
+def check_outcome(code: int, err: str, out: str, names: tuple[str, ...]) -> list[dict]:
+    """Exit 0 with the resolved runs on stdout, or exit 2 with one line naming the key; never a traceback."""
+    import yaml
+
+    assert "Traceback" not in err and "internal error" not in err, err
+    if code == 0:
+        docs = [d for d in yaml.safe_load_all(out) if d]
+        assert docs, "exit 0 must plan runs"
+        return docs
+    assert code == 2, f"exit {code}: {err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("simpnet: error: "), err
+    assert any(name.lower() in lines[0].lower() for name in names), f"none of {names} in {lines[0]!r}"
+    return []
+
+
+@pytest.mark.parametrize("key, value", fuzz_command_lines(len(FUZZ_ROW_KEYS + FUZZ_TOP_KEYS), seed=19),
+                         ids=lambda v: str(v))
+def test_fuzz_every_key_with_values_of_every_type(tmp_path, capsys, key, value):
+    """Issue 19: each key, row or top-level, with a value of a random type: validated (--cfg job plans and
+    checks every run as `simpnet run` would, and trains nothing)."""
+    argv = ["run", "table=5", "row=P5", "profile=smoke", f"results_dir={tmp_path}/results",
+            f"runs_dir={tmp_path}/runs"]
+    argv = [a for a in argv if a.split("=")[0] != key] + [f"{key}={value}", "--cfg", "job"]
+    code = cli.main(argv)
+    tables.use_conf_dir(None)
+    got = capsys.readouterr()
+    # named by the key or its last part (the message says `net.widths=...` or `widths: ...`); a group choice
+    # that names no config is said by Hydra as "dataset/abc"
+    docs = check_outcome(code, got.err, got.out, (key, key.split(".")[-1]))
+    if docs and key in FUZZ_ROW_KEYS:
+        # A record is correct when it names the key in its variant or computes what the paper's row computes.
+        (plain,) = planned_runs(["table=5", "row=P5", "profile=smoke"])
+        for doc in docs:
+            assert key in doc["variant"] or doc["config_hash"] == plain.config_hash, (key, value, doc["variant"])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def planned_runs(args: list[str]):
+    cfg, variant = cli.compose(args)
+    return cli.plan_runs(cfg, variant)
+
+
+@pytest.mark.parametrize("field, value", fuzz_file_fields(30, seed=19), ids=lambda v: repr(v)[:30])
+def test_fuzz_every_conf_dir_field_with_values_of_every_type(tmp_path, capsys, field, value):
+    import copy
+
+    import yaml
+
+    root = tmp_path / "conf"
+    (root / "tables").mkdir(parents=True)
+    table = copy.deepcopy(TABLE_OK)
+    part, _, name = field.partition(".")
+    target = table if part != "row" else table["rows"][0]
+    *inner, last = name.split(".") if part == "row" else [field]
+    for step in inner:
+        target = target.setdefault(step, {})
+    target[last] = value
+    (root / "tables" / "tablefuzz.yaml").write_text(yaml.safe_dump(table))
+    try:
+        code = cli.main(["run", "table=fuzz", "profile=smoke", f"conf_dir={root}", f"results_dir={tmp_path}/results",
+                         f"runs_dir={tmp_path}/runs", "--cfg", "job"])
+    finally:
+        tables.use_conf_dir(None)
+    got = capsys.readouterr()
+    docs = check_outcome(code, got.err, got.out, (last, "tablefuzz.yaml"))
+    for doc in docs:
+        assert doc["table"] == "fuzz" and doc["row_id"] == str(table["rows"][0]["id"]), doc
+
+
+# --------------------------------------------------------------------------- issue 19, class 10: bad input accepted
+
+@pytest.mark.parametrize("args, needles", [
+    (["seeds=[1.5]"], ["seeds", "1.5"]),
+    (["seeds='\"12\"'"], ["seeds", "12"]),
+    (["seeds=[true,false]"], ["seeds", "True"]),
+    (["seeds=[0,0]"], ["seeds", "once"]),
+    (["seeds=[]"], ["seeds"]),
+    (["download=no"], ["download", "true or false"]),
+    (["quiet=yes"], ["quiet", "true or false"]),
+    (["svhn_extra=no"], ["svhn_extra"]),
+    (["row=[]"], ["row", "empty"]),
+    (["+foo=1"], ["foo", "unknown key"]),
+    (["+profile.foo=1"], ["profile.foo", "unknown key"]),
+    (["+custom.foo=1"], ["custom.foo", "unknown key"]),
+    (["logger=5"], ["logger"]),
+    (["dataset=null"], ["dataset"]),
+    (["arch=2"], ["arch"]),
+    (["--json"], ["--json", "run does not take"]),
+], ids=["seed-float", "seed-quoted", "seed-bools", "seed-twice", "seeds-empty", "download-no", "quiet-yes",
+        "svhn_extra-no", "row-empty", "plus-key", "plus-profile-key", "plus-custom-key", "logger-int",
+        "dataset-null", "arch-int"] + ["run-json"])
+def test_class10_values_of_the_wrong_kind_are_refused_not_read_loosely(tmp_path, capsys, args, needles):
+    one_line(capsys, cli.main(run_args(tmp_path, *args)), *needles)
+    nothing_written(tmp_path)
+
+
+def test_class10_an_empty_table_selection_and_ignored_flags_are_refused(tmp_path, capsys):
+    one_line(capsys, cli.main(run_args(tmp_path, table="[]", row=None)), "table", "empty")
+    one_line(capsys, cli.main(["list", "--latex"]), "list does not take --latex")
+    one_line(capsys, cli.main(["report", "--dry-run", f"results_dir={tmp_path}/results"]), "--dry-run")
+    nothing_written(tmp_path)
+
+
+# --------------------------------------------------------------------------- issue 19, class 11: names, not paths
+
+@pytest.mark.parametrize("command, args, needles", [
+    ("run", ["arch=arch1", "net.widths=C8{3}", "net.pools_after=[3]", "custom.table=../../../escape"],
+     ["custom.table"]),
+    ("run", ["arch=arch1", "net.widths=C8{3}", "net.pools_after=[3]", "custom.table=all"], ["custom.table", "reserved"]),
+    ("run", ["arch=arch1", "net.widths=C8{3}", "net.pools_after=[3]", "custom.table=null"], ["custom.table"]),
+    ("run", ["table=../tables/table2"], ["table", "../tables/table2"]),
+    ("run", ["table=5", "profile.name=../../x"], ["profile.name"]),
+    ("run", ["table=5", "dataset=../dataset/cifar100"], ["dataset"]),
+    ("repair", ["table=../../x"], ["table", "../../x"]),
+    ("report", ["table=../tables/table2"], ["table"]),
+    ("list", ["table=/etc/passwd"], ["table"]),
+], ids=["custom-escape", "custom-all", "custom-null", "table-path", "profile-path", "dataset-path", "repair-path",
+        "report-path", "list-absolute"])
+def test_class11_names_that_are_paths_or_reserved_words_are_refused(tmp_path, capsys, command, args, needles):
+    argv = [command, *args, f"results_dir={tmp_path}/results"] + (
+        [f"runs_dir={tmp_path}/runs", *SMOKE] if command in ("run", "repair") else [])
+    if command == "run":
+        argv = [a for a in argv if a != "quiet=true"]
+    one_line(capsys, cli.main(argv), *needles)
+    assert not list(tmp_path.rglob("*.csv")) and not list(tmp_path.rglob("*.md"))
+
+
+def test_class11_repair_takes_a_list_of_tables(tmp_path, capsys, finished_run):
+    (p5,) = planned_runs(["table=5", "row=P5", "profile=smoke"])
+    (l8,) = planned_runs(["table=2", "row=8L", "profile=smoke"])
+    finished_run(p5, tmp_path / "results", tmp_path / "runs")
+    finished_run(l8, tmp_path / "results", tmp_path / "runs")
+    assert cli.main(["repair", "table=[2,5]", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"]) == 0
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["table2.csv", "table5.csv"]
+
+
+def test_run_never_writes_outside_results_dir_and_runs_dir_whatever_the_names(tmp_path, capsys, one_thread,
+                                                                             monkeypatch):
+    """Issue 19: a run writes only under results_dir and runs_dir, whatever its table, row, label, dataset and
+    profile are called (names that look like paths are refused, names that are text are kept as text)."""
+    import json
+
+    home = tmp_path / "home"
+    conf = home / "conf"
+    (conf / "tables").mkdir(parents=True)
+    odd = {"title": "../../t", "row_defaults": {"arch": "arch1", "dataset": "cifar10", "solver": "adadelta_30k",
+                                                "iterations": 10},
+           "rows": [{"id": "../../../escape", "label": "/tmp/escape\nline", "net": {"widths": "C8{3}",
+                                                                                    "pools_after": [3]},
+                     "paper": {"params": "../p", "acc": "/a"}}]}
+    (conf / "tables" / "tableodd.yaml").write_text(json.dumps(odd))
+    conf2 = home / "conf2"
+    (conf2 / "tables").mkdir(parents=True)
+    odd["rows"][0]["label"] = "/tmp/escape"
+    (conf2 / "tables" / "tableodd.yaml").write_text(json.dumps(odd))
+    cwd = home / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = {p for p in tmp_path.rglob("*")}
+    out, runs = cwd / "out" / "results", cwd / "out" / "runs"
+    common = [*SMOKE, f"results_dir={out}", f"runs_dir={runs}"]
+    attempts = [
+        ["run", "table=odd", f"conf_dir={conf}", "dataset.name=../../ds", "variant=x"],
+        ["run", "table=odd", f"conf_dir={conf}", "dataset.name=../../ds"],  # (the label's newline: refused)
+        ["run", "table=odd", f"conf_dir={conf2}", "dataset.name=../../ds"],
+        ["run", "arch=arch1", "net.widths=C8{3}", "net.pools_after=[3]", "custom.table=../../escape"],
+        ["run", "arch=arch1", "net.widths=C8{3}", "net.pools_after=[3]", "custom.table=mine"],
+        ["run", "table=../../tables/table5"],
+        ["run", "table=5", "row=P5", "profile.name=../../p"],
+    ]
+    codes = []
+    for argv in attempts:
+        try:
+            codes.append(cli.main([*argv, *common]))
+        finally:
+            tables.use_conf_dir(None)
+    assert codes == [2, 2, 0, 2, 0, 2, 2], (codes, capsys.readouterr().err)
+    new = {p for p in tmp_path.rglob("*")} - before
+    outside = sorted(str(p) for p in new if not (p == out.parent or out in p.parents or p == out
+                                                 or runs in p.parents or p == runs))
+    assert not outside, outside
+    assert (out / "tableodd.csv").exists() and (out / "tablemine.csv").exists()
+    rows, bad = results.read(out / "tableodd.csv")
+    assert [(r["row_id"], r["row"], r["dataset"]) for r in rows] == [("../../../escape", "/tmp/escape",
+                                                                      "../../ds")] and not bad
+
+
+# --------------------------------------------------------------------------- issue 19, class 12: all before any
+
+def test_class12_a_sweep_checks_every_job_where_it_will_run_before_the_first(tmp_path, capsys):
+    """Job 1 is good; job 2 names a device this machine lacks, or a results_dir under a file: nothing trains."""
+    (tmp_path / "afile").write_text("a file\n")
+    base = ["run", "-m", "table=5", "row=P5", *SMOKE, f"runs_dir={tmp_path}/runs", f"hydra.sweep.dir={tmp_path}/sw"]
+    import torch as _torch
+
+    missing = f"cuda:{_torch.cuda.device_count()}"
+    one_line(capsys, cli.main([*base, f"results_dir={tmp_path}/results", f"device=cpu,{missing}"]), "device")
+    one_line(capsys, cli.main([*base, f"results_dir={tmp_path}/results,{tmp_path}/afile/results"]), "results_dir",
+             "not writable")
+    nothing_written(tmp_path)
+
+
+def test_class12_a_missing_dataset_stops_the_command_before_the_available_one_trains(tmp_path, capsys):
+    """A table of two rows: one on Fashion-MNIST (its system copy is on disk), one on MNIST (nowhere): the MNIST
+    row's missing data is found before the Fashion-MNIST row trains."""
+    from tests.conftest import FASHION_SYSTEM_COPY, NO_FASHION
+
+    if not FASHION_SYSTEM_COPY.is_dir():
+        pytest.skip(NO_FASHION)
+    root = conf_dir_with(tmp_path, {"dataset": "fashion_mnist"})
+    table = (root / "tables" / "tablex.yaml").read_text()
+    import json
+
+    doc = json.loads(table)
+    doc["rows"].append({**doc["rows"][0], "id": "B", "dataset": "mnist"})
+    (root / "tables" / "tablex.yaml").write_text(json.dumps(doc))
+    code = run_conf_dir(tmp_path, root, "profile.data.source=null", f"data_dir={tmp_path}/data")
+    one_line(capsys, code, "dataset mnist not found")
+    nothing_written(tmp_path)
+
+
+# --------------------------------------------------------------------------- issue 19, class 9: crashes and hangs
+
+def test_class9_seeds_30000_resolves_each_row_once(tmp_path, monkeypatch):
+    """The configs were read again for every seed (seeds=30000 --dry-run: minutes before the first line)."""
+    reads = []
+    real = tables._yaml
+    monkeypatch.setattr(tables, "_yaml", lambda path: reads.append(path) or real(path))
+    runs = planned_runs(["table=5", "row=[P5,P3]", "profile=smoke", "seeds=30000"])
+    assert len(runs) == 60000 and len({r.config_hash for r in runs}) == 60000
+    assert len(reads) < 20, len(reads)
+    p3 = tables.resolve(tables.load_table("5"), tables.load_table("5").row("P3"), 29999,
+                        tables.load_named("profile", "smoke"))
+    assert runs[-1].config_hash == p3.config_hash and runs[-1].seed == 29999  # a copy, the same identity
+
+
+@pytest.mark.parametrize("stream", ["full", "closed-pipe"])
+def test_class9_an_unwritable_stderr_never_stops_a_run(tmp_path, monkeypatch, one_thread, stream):
+    """`2>/dev/full` killed the run; `2>&1 | head -c 1` exited 0 having recorded nothing."""
+    if stream == "full":
+        if not Path("/dev/full").exists():
+            pytest.skip("no /dev/full here")
+        err = open("/dev/full", "w", buffering=1)
+    else:
+        r, w = os.pipe()
+        os.close(r)  # the reader left
+        err = os.fdopen(w, "w", buffering=1)
+    monkeypatch.setattr("sys.stderr", err)
+    try:
+        code = cli.main(["run", "table=5", "row=P5", "profile=smoke", f"results_dir={tmp_path}/results",
+                         f"runs_dir={tmp_path}/runs"])
+    finally:
+        monkeypatch.undo()
+        try:
+            err.close()
+        except OSError:
+            pass
+    assert code == 0
+    rows, bad = results.read(csv5(tmp_path))
+    assert [r["row_id"] for r in rows] == ["P5"] and not bad

@@ -656,3 +656,54 @@ def test_packed_runs_download_each_dataset_once_in_the_parent_before_the_workers
     names = sorted({r.dataset["name"] for r in runs})
     assert len(names) == 2 and sorted(fetched) == sorted((n, t, True) for n in names for t in (False, True))
     assert handed["runs"] == 4 and handed["opts"].download is False
+# --------------------------------------------------------------------------- issue 19, class 9: orphaned workers
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (read from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its entry waits to be reaped
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigkill_of_the_parent_stops_its_packed_workers(tmp_path):
+    """Killing only the parent of a jobs_per_device=2 command left its workers training for minutes."""
+    runs = tmp_path / "runs"
+    parent = subprocess.Popen([*SIMPNET, "run", "table=5", "row=[P5,P3]", "profile=smoke", "quiet=true",
+                               "profile.train.iterations=1000000", "jobs_per_device=2", "device=cpu",
+                               f"results_dir={tmp_path / 'results'}", f"runs_dir={runs}"],
+                              cwd=tmp_path, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(runs.glob("*/config.yaml"))) < 2:  # both workers are training
+            assert parent.poll() is None, parent.stderr.read().decode()
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        workers = _children(parent.pid)
+        assert len(workers) >= 2, workers
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [pid for pid in workers if _alive(pid)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"workers {left} went on training after their parent was killed"
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -264,10 +264,10 @@ def test_tables_of_ones_own_through_the_environment(tmp_path, my_conf):
     (["precision=fp8"], ["precision"]),
     (["precision=fp16"], ["fp16", "bf16"]),
     (["profile.data.train_size=0"], ["dataset.train_size: must be > 0"]),
-    (["jobs_per_device=0"], ["jobs_per_device=0"]),
-    (["jobs_per_device=-2"], ["jobs_per_device=-2"]),
+    (["jobs_per_device=0"], ["jobs_per_device", "got 0"]),
+    (["jobs_per_device=-2"], ["jobs_per_device", "got -2"]),
     (["jobs_per_device=abc"], ["jobs_per_device"]),
-    (["results_dir="], ["results_dir is empty"]),
+    (["results_dir="], ["results_dir", "give a folder"]),
     (["arch.kernel=5"], ["net.kernel"]),
 ], ids=lambda v: v[0] if isinstance(v, list) and v and "=" in v[0] else None)
 def test_bad_variant_input_is_one_line_and_trains_nothing(tmp_path, capsys, args, needles):

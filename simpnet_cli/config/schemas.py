@@ -5,6 +5,11 @@ Every run a command names is checked against these dataclasses before anything l
 dataclass's ``__post_init__`` checks ranges and allowed values. A failure is one ``ConfigError`` line naming
 the part and the key (``solver.lr: must be > 0, got -1.0``); ``tables.resolve`` adds the file and the row.
 
+The other inputs are checked here too, once, before anything is planned: the top-level keys of conf/config.yaml
+(``check_top``), names that become file names (``check_name``: never a path), the types of a table file's keys
+(``check_table_file``, ``check_row``), the row fields a results line needs (``check_record``) and whether a run
+fits in its device's memory (``check_fits``, called by runs/runner.preflight with the device's size).
+
 The schema only checks: the run keeps the dicts it was given, so a run's identity (its config hash) does not
 depend on the defaults written here.
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -34,9 +40,16 @@ def _require(ok: bool, key: str, why: str, value: Any) -> None:
         raise ConfigError(f"{key}: {why}, got {value!r}")
 
 
+# The largest count any key may hold (iterations, sizes, widths, seeds' count...): torch indexes with int64 and
+# seeds its generators with at most 64 bits, and a value past this is a typo that would overflow there or ask
+# for more memory than any machine has, after the run has started.
+MAX_INT = 2**31 - 1
+
+
 def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
     _require(value is not None and (value >= 0 if allow_zero else value > 0), key,
              "must be >= 0" if allow_zero else "must be > 0", value)
+    _require(value <= MAX_INT, key, f"must be at most {MAX_INT}", value)
 
 
 def _layer_index(key: str, index: Any) -> None:
@@ -281,6 +294,8 @@ class Dataset:
     test_size: Optional[int] = None
 
     def __post_init__(self):
+        # The name is the results line's `dataset` column: an empty one would fail only when the run is recorded.
+        _require(bool(str(self.name).strip()), "name", "must be a non-empty name", self.name)
         for key in ("classes", "channels", "size"):
             _positive(key, getattr(self, key))
         _require(self.classes >= 2, "classes", "must be at least 2", self.classes)
@@ -445,3 +460,288 @@ def check_run(net: dict, dataset: dict, solver: dict, train: dict) -> None:
     _check("dataset", Dataset, dataset)
     _check("solver", _typed("solver", solver, "type", SOLVERS), solver)
     _check("train", Train, train)
+
+
+# --------------------------------------------------------------------------- names, records, sizes
+
+# A table's, profile's or config's name becomes part of a file name (results/table<N>.csv, conf/<kind>/<name>.yaml):
+# letters, digits, _ and -, so no name can climb out of its folder (../x) or hide (.x).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+# Words a table selector gives a meaning of its own: a table of one's own cannot be called so.
+RESERVED_NAMES = {"all", "null", "none", "true", "false"}
+
+
+def check_name(key: str, value: Any, reserved: bool = False) -> str:
+    """``value`` as a name that is safe in a file name (``key`` says which key gave it)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not NAME.fullmatch(str(value)):
+        raise ConfigError(f"{key}: a name is letters, digits, _ and - (starting with a letter or digit), "
+                          f"got {value!r}")
+    if reserved and str(value).lower() in RESERVED_NAMES:
+        raise ConfigError(f"{key}: {value!r} is a reserved word ({', '.join(sorted(RESERVED_NAMES))}); "
+                          f"give your table another name")
+    return str(value)
+
+
+def check_config_name(key: str, value: Any) -> str:
+    """A config file's name (arch=, dataset=, solver=, feed=, profile=): a name that starts with a letter and
+    is not null, true or false, which Hydra would read as a number or a constant rather than a file's name."""
+    name = check_name(key, value)
+    if not name[0].isalpha() or name.lower() in RESERVED_NAMES - {"all"}:
+        raise ConfigError(f"{key}: give the name of a config file (conf/{key}/NAME.yaml), got {value!r}")
+    return name
+
+
+def check_record(table: str, row_id: Any, label: Any, dataset_name: Any, paper: Any) -> None:
+    """Every field of a run's results line that comes from its table row, before the run trains: a run whose
+    line cannot be written would train, fail, and fail again on every re-run without ever being recorded."""
+    check_name("table", table)
+    for key, value in (("id", row_id), ("label", label), ("dataset.name", dataset_name)):
+        _require(value is not None and not isinstance(value, (dict, list)) and bool(str(value).strip()), key,
+                 "must be a non-empty text (a results line needs it)", value)
+        _one_line(key, value)
+    if not isinstance(paper, dict):
+        raise ConfigError(f"paper: must be a mapping such as {{params: 300K, acc: 90.21}}, got {paper!r}")
+    for key in ("params", "acc"):
+        if key in paper:
+            value = paper[key]
+            _require(value is not None and value != "" and not isinstance(value, (list, bool)), f"paper.{key}",
+                     "must be the paper's figure (leave the key out if the paper gives none)", value)
+            _one_line(f"paper.{key}", value)
+
+
+def _one_line(key: str, value: Any) -> None:
+    # A results line is one line of its file: a newline or another control character in a field would split it
+    # (and the reader would drop both halves as torn lines, every time the index is rebuilt).
+    _require(not any(ord(c) < 32 or c == "\x7f" for c in str(value)), key,
+             "must be one line of text (no newline or other control character)", value)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # (not reached)
+
+
+def memory_needed(spec, in_shape, train: dict, dataset: dict) -> dict:
+    """A lower bound on the memory a run needs, by part (bytes): weights with their gradients and two solver
+    buffers; activations of a training batch (each layer's output, kept for the backward pass, about four
+    copies with BatchNorm and ReLU) and of a test batch of 1000; the images (synthetic data is made in float)."""
+    from simpnet_cli.nets import specs as network
+
+    _, total = network.count_params(spec, in_shape)
+    per_image = in_shape.c * in_shape.h * in_shape.w + sum(
+        s.c * s.h * s.w for _, s, _ in network.layer_table(spec, in_shape))
+    batch = int(train.get("batch_size", 100))
+    widest = max([s.c * s.h * s.w for _, s, _ in network.layer_table(spec, in_shape)] + [0])
+    images = 0
+    if dataset.get("source") == "synthetic":
+        n = int(dataset.get("train_size") or 512) + int(dataset.get("test_size") or 256)
+        images = n * in_shape.c * in_shape.h * in_shape.w * 13  # uint8 kept, float32 noise and sum made
+    elif dataset.get("train_size"):
+        images = int(dataset["train_size"]) * in_shape.c * in_shape.h * in_shape.w
+    return {"weights": 4 * 4 * total, "activations": 4 * 4 * batch * per_image + 4 * 2 * 1000 * widest,
+            "images": images}
+
+
+def check_fits(spec, in_shape, train: dict, dataset: dict, available: int, where: str) -> None:
+    """Refuse a run that cannot fit in ``available`` bytes (the device's memory) before it starts: a network of
+    C100000 channels, a huge padding or a data set of 10^11 images would otherwise exhaust the machine part-way."""
+    need = memory_needed(spec, in_shape, train, dataset)
+    if sum(need.values()) > available:
+        parts = ", ".join(f"{k} {_bytes(v)}" for k, v in need.items() if v)
+        raise ConfigError(f"needs at least {_bytes(sum(need.values()))} of memory ({parts}) but {where} has "
+                          f"{_bytes(available)}: make the network (net.widths, net.paddings), the batch "
+                          f"(batch_size) or the data (profile.data.train_size) smaller")
+
+
+# --------------------------------------------------------------------------- the top-level config (conf/config.yaml)
+
+# Its keys, and the config groups a command line may choose (they compose into a mapping of that name).
+TOP_KEYS = {"table", "row", "seeds", "net", "iterations", "batch_size", "test_interval", "custom", "conf_dir",
+            "data_dir", "download", "results_dir", "runs_dir", "device", "jobs_per_device", "precision",
+            "svhn_extra", "quiet", "logger", "dry_run", "bench", "profile"}
+GROUP_KEYS = {"arch", "dataset", "feed", "solver"}
+PROFILE_KEYS = {"name", "device", "train", "data"}
+CUSTOM_KEYS = {"table", "dataset", "solver", "iterations", "feed", "test_interval"}
+MAX_SEED = 2**32 - 1  # numpy's and CUDA's generators take 32-bit seeds; the data order mixes in the epoch
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _whole(key: str, value: Any, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    _require(_is_int(value) and 1 <= value <= MAX_INT, key, f"give a whole number from 1 to {MAX_INT}", value)
+
+
+def _flag(key: str, value: Any, optional: bool = False) -> None:
+    # `download=no` is the string "no" to Hydra, and bool("no") is True: only true and false are read as such.
+    _require(isinstance(value, bool) or (optional and value is None), key,
+             "give true or false" + (" (or null)" if optional else ""), value)
+
+
+def _folder(key: str, value: Any) -> None:
+    _require((isinstance(value, str) and value.strip() != "") or _is_int(value), key,
+             f"give a folder ({key}=PATH)", value)
+
+
+def _selector(key: str, value: Any, names: bool) -> None:
+    """table= and row=: one value or a non-empty list of them; table names must be safe in a file name."""
+    items = value if isinstance(value, list) else [value]
+    _require(len(items) > 0, key, "an empty list selects nothing: leave the key out for every "
+             + ("table (table=all)" if names else "row"), value)
+    for item in items:
+        if names and str(item) == "all" and not isinstance(value, list):
+            continue
+        if names:
+            check_name(key, item.removeprefix("table") if isinstance(item, str) else item)
+        else:
+            _require((isinstance(item, str) and item.strip() != "") or _is_int(item), key,
+                     "give a row id (8L), the paper's label or a 0-based index, or a list of them", item)
+
+
+def seeds_of(value: Any) -> list[int]:
+    """``seeds=``: a count (seeds 0..n-1) or a non-empty list of distinct seeds, each in 0..MAX_SEED."""
+    if _is_int(value):
+        _require(1 <= value <= MAX_INT, "seeds", "give a count of at least 1 or a list such as [0,1,2]", value)
+        return list(range(value))
+    _require(isinstance(value, list) and len(value) > 0, "seeds",
+             "give a count (seeds=3) or a non-empty list of whole numbers (seeds=[0,7])", value)
+    for seed in value:
+        _require(_is_int(seed) and 0 <= seed <= MAX_SEED, "seeds", f"each seed is a whole number from 0 to "
+                 f"{MAX_SEED}", seed)
+    _require(len(set(value)) == len(value), "seeds", "each seed once", value)
+    return list(value)
+
+
+def check_top(cfg: dict) -> None:
+    """The keys of conf/config.yaml as composed from the command line, checked before anything is planned:
+    every key is known, of its type and in range (a row's own keys are checked when each row resolves)."""
+    unknown = sorted(set(map(str, cfg)) - TOP_KEYS - GROUP_KEYS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (the keys are {', '.join(sorted(TOP_KEYS))}, and "
+                          f"arch=, dataset=, feed=, solver= choose configs)")
+    missing = sorted(TOP_KEYS - {"bench", "dry_run", "logger", "conf_dir"} - set(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: missing (a ~{missing[0]} deletion leaves it unset; set a value instead)")
+    for key in ("net", "custom", "profile", *GROUP_KEYS & set(cfg)):
+        if not isinstance(cfg[key], dict):
+            raise ConfigError(f"{key}: expected a mapping of keys, got {cfg[key]!r}")
+    if cfg["table"] is not None:
+        _selector("table", cfg["table"], names=True)
+    if cfg["row"] is not None:
+        _selector("row", cfg["row"], names=False)
+    seeds_of(cfg["seeds"])  # (iterations=, batch_size=, test_interval= are a row's keys: checked with each row)
+    custom = cfg["custom"]
+    bad = sorted(set(map(str, custom)) - CUSTOM_KEYS)
+    if bad:
+        raise ConfigError(f"custom.{bad[0]}: unknown key (allowed: {', '.join(sorted(CUSTOM_KEYS))})")
+    if "table" in custom:
+        check_name("custom.table", custom["table"], reserved=True)
+    for key in ("dataset", "solver", "feed"):
+        if custom.get(key) is not None:
+            check_name(f"custom.{key}", custom[key])
+    for key in ("iterations", "test_interval"):
+        _whole(f"custom.{key}", custom.get(key))
+    if cfg.get("conf_dir") is not None:
+        _folder("conf_dir", cfg["conf_dir"])
+    for key in ("data_dir", "results_dir", "runs_dir"):
+        _folder(key, cfg[key])
+    _flag("download", cfg["download"])
+    _flag("quiet", cfg["quiet"])
+    _flag("svhn_extra", cfg["svhn_extra"], optional=True)
+    _require(isinstance(cfg["device"], str) and cfg["device"].strip() != "", "device",
+             "give auto, cpu, cuda or cuda:N", cfg["device"])
+    _whole("jobs_per_device", cfg["jobs_per_device"], optional=False)
+    _require(cfg["precision"] in (None, *PRECISIONS), "precision", f"use {' or '.join(PRECISIONS)}"
+             + (" (fp16 would need loss scaling, which cannot run in a CUDA graph)" if cfg["precision"] == "fp16"
+                else ""), cfg["precision"])
+    logger = cfg.get("logger")
+    _require(logger is None or isinstance(logger, str) or (isinstance(logger, list) and logger
+                                                            and all(isinstance(x, str) for x in logger)),
+             "logger", "give a logger name (csv, tensorboard, mlflow) or a list of them", logger)
+    dry = cfg.get("dry_run")
+    if dry is not None:
+        if not isinstance(dry, dict):
+            raise ConfigError(f"dry_run: expected a mapping of keys, got {dry!r}")
+        bad = sorted(set(map(str, dry)) - {"iters", "batch_size"})
+        if bad:
+            raise ConfigError(f"dry_run.{bad[0]}: unknown key (allowed: batch_size, iters)")
+        for key in ("iters", "batch_size"):
+            _whole(f"dry_run.{key}", dry.get(key))
+    if cfg.get("bench") is not None and not isinstance(cfg["bench"], dict):
+        raise ConfigError(f"bench: expected a mapping of keys, got {cfg['bench']!r}")
+    profile = cfg["profile"]
+    bad = sorted(set(map(str, profile)) - PROFILE_KEYS)
+    if bad:
+        raise ConfigError(f"profile.{bad[0]}: unknown key (allowed: {', '.join(sorted(PROFILE_KEYS))})")
+    check_name("profile.name", profile.get("name"))
+    if "device" in profile:
+        _require(isinstance(profile["device"], str) and profile["device"].strip() != "", "profile.device",
+                 "give auto, cpu, cuda or cuda:N", profile["device"])
+    for key in ("train", "data"):
+        if profile.get(key) is not None and not isinstance(profile[key], dict):
+            raise ConfigError(f"profile.{key}: expected a mapping of keys, got {profile[key]!r}")
+
+
+# --------------------------------------------------------------------------- table files (conf/tables/*.yaml)
+
+def _text(key: str, value: Any, optional: bool = True) -> None:
+    _require((optional and value is None) or isinstance(value, str), key, "must be a text", value)
+
+
+def _config_choice(key: str, value: Any) -> None:
+    """A row's arch/dataset/feed/solver: a config's name, or a mapping with ``base`` (the name) and overrides."""
+    if isinstance(value, dict):
+        if "base" not in value:
+            raise ConfigError(f"{key}: a mapping needs base: NAME (the config it changes), got {value!r}")
+        check_name(f"{key}.base", value["base"])
+    else:
+        _require(isinstance(value, str), key, "must be a config's name or a mapping with base: NAME", value)
+        check_name(key, value)
+
+
+def check_table_file(raw: dict) -> None:
+    """The types of a table file's keys (what is missing or unknown is said by tables.load_table): each key of
+    the wrong type is one ConfigError naming it, never a crash of the report or the run that reads it."""
+    _text("title", raw.get("title"))
+    _text("note", raw.get("note"))
+    _require(raw.get("display", "accuracy") in ("accuracy", "error"), "display", "must be accuracy or error",
+             raw.get("display"))
+    axis = raw.get("axis")
+    if axis is not None:
+        if not isinstance(axis, dict) or not isinstance(axis.get("rows", {}), dict):
+            raise ConfigError(f"axis: must be a mapping with name and rows ({{row id: tick label}}), got {axis!r}")
+        _text("axis.name", axis.get("name"))
+    for key in ("cited", "claims"):
+        items = raw.get(key)
+        _require(items is None or isinstance(items, list), key, "must be a list of mappings", items)
+        for i, item in enumerate(items or []):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{key}[{i}]: must be a mapping, got {item!r}")
+    for i, cited in enumerate(raw.get("cited") or []):
+        _text(f"cited[{i}].label", cited.get("label"))
+    for i, claim in enumerate(raw.get("claims") or []):
+        _text(f"claims[{i}].text", claim.get("text"), optional=False)
+        holds = claim.get("holds_if")
+        _require(isinstance(holds, list) and all(isinstance(h, str) for h in holds), f"claims[{i}].holds_if",
+                 "must be a list of comparisons such as [\"9L > 8L\"]", holds)
+
+
+def check_row(row: dict) -> None:
+    """The types of one row's keys, after its table's row_defaults (each a ConfigError naming the key)."""
+    for key in ("arch", "dataset", "solver", "feed"):
+        if row.get(key) is not None or key != "feed":
+            _config_choice(key, row.get(key))
+    for key in ("net", "paper"):
+        if row.get(key) is not None and not isinstance(row[key], dict):
+            raise ConfigError(f"{key}: must be a mapping, got {row[key]!r}")
+    _text("note", row.get("note"))
+    _require(_is_int(row.get("iterations")) and 1 <= row["iterations"] <= MAX_INT, "iterations",
+             f"must be a whole number from 1 to {MAX_INT}", row.get("iterations"))
+    if row.get("test_interval") is not None:
+        _whole("test_interval", row["test_interval"])

@@ -137,6 +137,7 @@ def load_named(kind: str, value: Any, conf_dir: Path | None = None) -> dict:
         base, overrides = value["base"], {k: v for k, v in value.items() if k != "base"}
     else:
         raise UserError(f"{kind} must be a name from conf/{kind}/ or a mapping with 'base', got {value!r}")
+    schemas.check_name(kind, base)  # a name, never a path: conf/<kind>/../../x.yaml is not a config
     path = (conf_dir / kind / f"{base}.yaml") if conf_dir is not None else find_config(kind, str(base))
     if path is None or not path.is_file():
         raise UserError(f"unknown {kind} {base!r}; known: {', '.join(known_names(kind))}")
@@ -182,6 +183,7 @@ class Table:
 @lru_cache(maxsize=None)
 def load_table(name: str) -> Table:
     name = str(name).removeprefix("table") if str(name) != "table" else str(name)
+    schemas.check_name("table", name)  # a name, never a path (table=../tables/table2)
     path = table_path(name)
     if path is None:
         raise UserError(f"unknown table {name!r}; known: {', '.join(table_names())}, all"
@@ -198,6 +200,10 @@ def load_table(name: str) -> Table:
     defaults = raw.get("row_defaults") or {}
     if not isinstance(defaults, dict) or not isinstance(raw.get("rows") or [], list):
         raise UserError(f"{path}: row_defaults must be a mapping and rows a list")
+    try:
+        schemas.check_table_file(raw)
+    except schemas.ConfigError as err:
+        raise schemas.ConfigError(f"{path}: {err}") from None
     rows = []
     for i, r in enumerate(raw.get("rows") or []):
         if not isinstance(r, dict):
@@ -210,11 +216,14 @@ def load_table(name: str) -> Table:
         for key in ("id", "label", "arch", "dataset", "solver", "iterations"):
             if key not in row:
                 raise UserError(f"{path}: row {r.get('id', i)} has no {key!r}")
+        try:
+            # checked here, whatever the profile: a smoke profile replaces iterations, and the error must not
+            # wait for the full run; an empty id or label would fail only when the run is recorded
+            schemas.check_row(row)
+            schemas.check_record(_table_name(path), row["id"], row["label"], "-", row.get("paper") or {})
+        except schemas.ConfigError as err:
+            raise schemas.ConfigError(f"{path}: row {r.get('id', i)}: {err}") from None
         row["id"] = str(row["id"])
-        its = row["iterations"]
-        if isinstance(its, bool) or not isinstance(its, int) or its < 1:
-            # checked here too: a smoke profile replaces it, and the error must not wait for the full run
-            raise UserError(f"{path}: row {row['id']}: iterations must be a whole number >= 1, got {its!r}")
         rows.append(row)
     if not rows:
         raise UserError(f"{path}: the table has no rows to train")
@@ -238,6 +247,7 @@ def custom_table(name: str, arch: str, defaults: dict) -> Table:
     """A network that is in no table (``simpnet run arch=arch2 'net.widths=...'``): one row on the ``arch``
     template, trained with ``defaults`` (dataset, solver, iterations) unless the command line says otherwise,
     and recorded under the table ``name``."""
+    schemas.check_name("custom.table", name, reserved=True)
     if table_path(str(name)) is not None:
         raise UserError(f"custom.table={name} is the name of an existing table; give your network another name")
     row = {"id": str(arch), "label": f"{arch} (a network of your own)", "arch": str(arch), "fit_pools": True,
@@ -279,15 +289,25 @@ class RunSpec:
 
     def identity(self) -> dict:
         """What makes two runs the same run: the network, data, solver, schedule and seed, not the labels."""
+        return {**self._unseeded, "seed": self.seed}
+
+    @cached_property
+    def _unseeded(self) -> dict:
         return {"spec": repr(self.spec), "recipe": network.recipe(self.spec, self.net), "dataset": self.dataset,
                 "solver": self.solver,
-                "train": {k: v for k, v in self.train.items() if k not in NON_IDENTITY_TRAIN_KEYS},
-                "seed": self.seed}
+                "train": {k: v for k, v in self.train.items() if k not in NON_IDENTITY_TRAIN_KEYS}}
 
     @cached_property
     def config_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def with_seed(self, seed: int) -> "RunSpec":
+        """This run with another seed, sharing its built network and identity (the seed changes neither): a
+        command with seeds=30000 resolves each row once, not once per seed."""
+        run = dataclasses.replace(self, seed=int(seed))
+        run.__dict__["spec"], run.__dict__["_unseeded"] = self.spec, self._unseeded
+        return run
 
     @property
     def param_mults(self) -> dict:
@@ -392,6 +412,7 @@ def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | 
     try:
         net, dataset, solver, train, widths = _parts(row, profile, run_opts, data_opts, overrides)
         schemas.check_run(net, dataset, solver, train)
+        schemas.check_record(table.name, row["id"], row["label"], dataset.get("name"), row.get("paper") or {})
         spec = RunSpec(table.name, row["id"], row["label"], int(seed), net, dataset, solver, train,
                        dict(row.get("paper") or {}), widths=widths)
         network.check(spec.spec, spec.in_shape)

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from simpnet_cli.config import schemas
 from simpnet_cli.errors import UserError
 from simpnet_cli.nets.notation import format_widths
 
@@ -84,6 +85,11 @@ def prepare(args: list[str]) -> list[str]:
             if not key.startswith("+") and not key.startswith("~"):
                 key = "++" + key
             arg = f"{key}={value}"
+        elif eq and bare in GROUPS + ("profile",) and "(" not in value:
+            # A config's name (or a sweep of names): Hydra takes anything else for a mapping or a list and fails
+            # with a ValueError of its own; a path (dataset=../x) would read a file outside conf/.
+            for name in value.split(","):
+                schemas.check_config_name(bare, name.strip().strip("'\""))
         elif eq and bare.startswith("arch."):
             raise UserError(f"{arg}: set network keys with net.KEY (net.{bare.split('.', 1)[1]}=...), "
                             f"and choose a template with arch=NAME")

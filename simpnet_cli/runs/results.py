@@ -88,6 +88,9 @@ def _check(rec: dict) -> str | None:
             return f"column {c} out of range ({v})"
         if not math.isfinite(v) and rec["status"] == "ok":
             return f"column {c} is not finite"
+        if c in INTEGER and not (math.isfinite(v) and v == int(v)):
+            # a count or a seed is a whole number whatever the status (a diverged run's accuracy may be NaN)
+            return f"column {c} is not a whole number ({rec[c]!r})"
     if rec["status"] not in STATUSES:
         return f"unknown status {rec['status']!r}"
     if not FINISHED_AT.fullmatch(rec["finished_at"]):

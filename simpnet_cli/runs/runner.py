@@ -23,13 +23,14 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, replace
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 
 import torch
 
-from simpnet_cli.runs import index
+from simpnet_cli.runs import index, results
 from simpnet_cli.runs import progress
-from simpnet_cli.config import tables
+from simpnet_cli.config import schemas, tables
 from simpnet_cli.train import callbacks
 from simpnet_cli.train import checkpoint
 from simpnet_cli.train import data as D
@@ -56,17 +57,6 @@ class Options:
     stack_mode: str = "grouped"  # how stacked runs share it: grouped | branched (train/together.py)
 
 
-def seeds_of(value) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise UserError(f"seeds={value}: give a count of at least 1 or a list such as [0,1,2]")
-        return list(range(value))
-    try:
-        return [int(s) for s in value]
-    except (TypeError, ValueError):
-        raise UserError(f"seeds={value!r}: give a count (seeds=3) or a list of integers (seeds=[0,7])") from None
-
-
 def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: dict | None = None,
          data_opts: dict | None = None, overrides: RowOverrides | None = None,
          base_profile: dict | None = None) -> list[tables.RunSpec]:
@@ -74,11 +64,15 @@ def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: di
     the last row of ``table=all`` stops the command before the first run starts."""
     if row_sel is not None and len(chosen) > 1:
         raise UserError("row= needs a single table (table=N)")
+    seeds = schemas.seeds_of(seeds)
     runs = []
     for table in chosen:
         for row in table.select(row_sel):
-            for seed in seeds_of(seeds):
-                runs.append(tables.resolve(table, row, seed, profile, run_opts, data_opts, overrides, base_profile))
+            # Resolved (configs read, schema and network checked) once per row: the seed changes nothing of
+            # that, and re-reading every config per seed made seeds=30000 take minutes before the first run.
+            first = tables.resolve(table, row, seeds[0], profile, run_opts, data_opts, overrides, base_profile)
+            runs.append(first)
+            runs += [first.with_seed(seed) for seed in seeds[1:]]
     return runs
 
 
@@ -177,6 +171,11 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"device={name!r}: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name}: no CUDA device is visible here; use device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device={name!r}: use auto, cpu, cuda or cuda:N")
     return dev
 
 
@@ -213,6 +212,53 @@ def check_writable(path: Path, what: str) -> None:
         probe.unlink()
     except OSError as err:
         raise UserError(f"{what} {path} is not writable: {err.strerror or err}") from None
+
+
+def device_memory(dev: torch.device) -> int:
+    """The memory a run on ``dev`` can at most use (bytes): the GPU's, or the machine's for the CPU."""
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def preflight(runs: list[tables.RunSpec], opts: Options, full: bool = True) -> None:
+    """Everything about a command's runs that can fail, checked once before the first iteration of any: each
+    device exists, each network fits in its memory, and (``full``) each results file can be written, each
+    output folder is writable and each dataset is there. A command (or any job of a sweep) that would fail
+    part-way fails here instead, with nothing trained."""
+    from simpnet_cli.train import data as D
+
+    devices = [pick_device(d) for d in devices_for(opts)]
+    available = min(device_memory(d) for d in devices)
+    where = "the GPU" if devices[0].type == "cuda" else "this machine"
+    seen = set()
+    for run in runs:
+        key = (repr(run.spec), run.train.get("batch_size"), json_key(run.dataset))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            schemas.check_fits(run.spec, run.in_shape, run.train, run.dataset, available, where)
+        except UserError as err:
+            raise UserError(f"table {run.table}, row {run.row_id}" + (f" with {run.variant}" if run.variant else "")
+                            + f": {err}") from None
+    if not full:
+        return
+    for name in sorted({r.table for r in runs}):
+        path = results.csv_path(opts.results_dir, name)
+        if path.exists() and not path.is_file():
+            raise UserError(f"{path} is not a file (a folder?): move it away so table {name} can be recorded")
+    check_writable(opts.results_dir, "results_dir")
+    check_writable(opts.runs_dir, "runs_dir")
+    checked = set()
+    for run in runs:
+        if json_key(run.dataset) not in checked:
+            checked.add(json_key(run.dataset))
+            D.check_available(run.dataset, opts.data_dir, opts.download)
+
+
+def json_key(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
@@ -337,6 +383,7 @@ def _slot_worker(opts, device, shown, conn) -> None:
     and sends back each one's [(the run's place in the group, outcome, message)], until it gets None. A job is one
     plan_groups group and how it shares its step (usually a single run, "separate"): a stacked group trains together
     in this one process, on this one slot. Its progress goes to ``shown`` (a Forwarder to the parent's Reporter)."""
+    watch_parent(os.getppid())  # the parent killed hard cannot stop this worker: it stops itself
     while (job := conn.recv()) is not None:
         group, how = job
         try:
@@ -374,8 +421,7 @@ def warn(msg: str) -> None:
 
 def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
     """Run everything in ``runs``: one after another, or ``jobs_per_device`` at once on every visible device."""
-    check_writable(opts.results_dir, "results_dir")
-    check_writable(opts.runs_dir, "runs_dir")
+    preflight(runs, opts)
     counts: dict[str, int] = {}
 
     def tally(run: tables.RunSpec, outcome: str, msg: str) -> None:
@@ -436,6 +482,20 @@ def progress_for(runs: list[tables.RunSpec], opts: Options, run_bars: bool) -> p
     return progress.Reporter(expected, len(runs), done, quiet=opts.quiet, run_bars=run_bars)
 
 
+def watch_parent(parent: int, every: float = 0.5) -> None:
+    """In a worker process: exit as soon as ``parent`` is gone (the worker is then adopted by another process).
+    Its run resumes from its last checkpoint next time; every file it writes is replaced atomically."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
 class _Slot:
     """A worker process on one device slot, and the job (a group of runs, and how they share a step) it
     trains (None: idle)."""
@@ -489,7 +549,11 @@ def execute_packed(groups, twins, opts: Options, slots: list[str], workers: int,
                 return left, (how if len(left) > 1 else "separate")
         return None
 
-    with ctx.Manager() as manager:
+    # The workers (above) and the manager watch this process: killed (SIGKILL, a lost SLURM job), it cannot stop
+    # them, so they stop themselves instead of training for minutes with no one to record them.
+    manager = SyncManager(ctx=ctx)
+    manager.start(watch_parent, (os.getpid(),))
+    with manager:
         events = manager.Queue()  # progress: the parent shows one line per evaluation and the command's bar
         try:
             while True:

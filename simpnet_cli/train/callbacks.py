@@ -80,6 +80,7 @@ class Checkpoints(Callback):
         state.step.updates.fill_(start)
         state.step.loss_sum.fill_(ckpt.get("loss_sum", 0.0))  # the partial sum since the last evaluation
         checkpoint.set_rng_state(ckpt["rng"], state.device)
+        check_resumed(state, path)
         state.log(f"resuming {state.run_dir.name} at iteration {start}")
 
     def on_checkpoint(self, state: TrainState) -> None:
@@ -93,18 +94,38 @@ class Checkpoints(Callback):
         }, state.run.config_hash)
 
 
+def check_resumed(state: TrainState, path: Path) -> None:
+    """A checkpoint that passed its checksum may still hold NaN or infinite numbers (written so): its weights,
+    its solver's buffers and the loss of its weights on the next batch are checked when it is restored. A
+    checkpoint that passes is healthy, so a NaN after the resume is the run's own divergence, recorded as such,
+    even when it comes at once (a run killed between its last checkpoint and the NaN, issue 19 class 8)."""
+    why = f"NaN or infinite right after resuming at iteration {state.start}, so it is corrupt"
+    for name, value in state.model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise checkpoint.unreadable(path, f"its weights ({name}) are {why}")
+    for opt_state in state.optimizer.state.values():
+        for name, value in opt_state.items():
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise checkpoint.unreadable(path, f"its solver state ({name}) is {why}")
+    x, y = state.data.batch(state.start)
+    state.model.eval()  # (running BatchNorm statistics: the forward pass must not move them)
+    try:
+        with torch.no_grad(), state.autocast():
+            loss = torch.nn.functional.cross_entropy(state.model(x).float(), y)
+    finally:
+        state.model.train()
+    if not bool(torch.isfinite(loss)):
+        raise checkpoint.unreadable(path, f"the loss of its weights is {why}")
+
+
 class DivergenceGuard(Callback):
-    """A non-finite training loss stops the run with status "diverged" (recorded, with its real time) ...
-    unless it comes right after a resume: a finite run that turns non-finite at once after resuming is far
-    likelier a damaged checkpoint than a divergence, so that is refused as one and never recorded."""
+    """A non-finite training loss stops the run with status "diverged" (recorded, with its real time). A
+    resumed run's checkpoint was checked when it was restored (check_resumed), so a NaN right after a resume
+    is a divergence too, never taken for a damaged checkpoint (which would refuse the run for ever)."""
 
     def on_check(self, state: TrainState) -> None:
         if state.loss_finite:
             return
-        if state.start and state.iteration <= state.start + state.check_every:
-            raise checkpoint.unreadable(state.run_dir / CHECKPOINT,
-                                        f"the loss is NaN or infinite right after resuming at iteration "
-                                        f"{state.start}, so it is probably corrupt")
         state.status = "diverged"
         state.log(f"loss became NaN or infinite by iteration {state.iteration}; stopping this run")
 

@@ -18,7 +18,9 @@ import gzip
 import pickle
 import shutil
 import socket
+import tarfile
 import urllib.error
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +70,48 @@ def import_idx_gz(src: Path, root: Path, folder: str) -> None:
     for gz in Path(src).glob("*-ubyte.gz"):
         target = raw / gz.name[:-3]
         if not target.exists():
-            with gzip.open(gz) as fin, open(target, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
+            # Unpacked beside it and renamed: a truncated archive must not leave a partial file that later
+            # reads would take for the dataset.
+            tmp = target.with_name(f".{target.name}.tmp")
+            try:
+                with gzip.open(gz) as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+                tmp.replace(target)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
+def expected_files(cfg: dict, root: Path) -> list[Path]:
+    """The files torchvision reads for a dataset config (both splits), where it looks for them; [] when the
+    class is not one we know the layout of (then only loading it tells)."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, str(cfg.get("torchvision")), None)
+    if cls is None:
+        return []
+    if isinstance(cls, type) and issubclass(cls, tvd.CIFAR10):
+        return [root / cls.base_folder / name for name, _ in cls.train_list + cls.test_list]
+    if isinstance(cls, type) and issubclass(cls, tvd.MNIST):
+        return [root / cls.__name__ / "raw" / Path(url).name.removesuffix(".gz") for url, _ in cls.resources]
+    if cls is tvd.SVHN:
+        splits = ["train", "test"] + (["extra"] if cfg.get("extra", True) else [])
+        return [root / cls.split_list[s][1] for s in splits]
+    return []
+
+
+def check_available(cfg: dict, data_dir: Path, download: bool) -> None:
+    """Before anything trains: a dataset that is neither synthetic, nor to be downloaded, nor on disk (or in its
+    system copy) fails now, not after the other datasets' runs of the command have trained."""
+    if cfg.get("source") == "synthetic" or download:
+        return
+    system_copy = cfg.get("system_copy")
+    if system_copy and Path(system_copy).is_dir() and list(Path(system_copy).glob("*-ubyte.gz")):
+        return
+    root = Path(data_dir)
+    missing = [p for p in expected_files(cfg, root) if not p.is_file()]
+    if missing:
+        raise DatasetError(f"dataset {cfg.get('name')} not found under {root} (no {missing[0]}): pass "
+                           f"download=true to fetch it, or data_dir=PATH to use another copy")
 
 
 def load_split(cfg: dict, data_dir: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +123,9 @@ def load_split(cfg: dict, data_dir: Path, train: bool, download: bool) -> tuple[
     if system_copy and not download and Path(system_copy).is_dir():
         try:
             import_idx_gz(Path(system_copy), root, cfg["torchvision"])
-        except OSError:
-            pass  # fall through to torchvision, which reports what is missing
+        except (OSError, EOFError, zlib.error) as err:  # a truncated or damaged archive (BadGzipFile: OSError)
+            raise DatasetError(f"dataset {cfg['name']}: the system copy {system_copy} is damaged "
+                               f"({type(err).__name__}: {err}); reinstall it, or pass download=true") from None
     try:
         x, y = _torchvision_split(cfg, root, train, download)
     except RuntimeError as err:
@@ -98,7 +141,8 @@ def load_split(cfg: dict, data_dir: Path, train: bool, download: bool) -> tuple[
             raise DatasetError(f"cannot read dataset {cfg['name']} under {root}: {err}") from None
         raise DatasetError(f"dataset {cfg['name']} could not be downloaded to {root} ({type(err).__name__}: no "
                            f"network?): fetch it on a connected machine and pass data_dir=PATH") from None
-    except (OSError, ValueError, EOFError, IndexError, KeyError, AssertionError, pickle.UnpicklingError) as err:
+    except (OSError, ValueError, EOFError, IndexError, KeyError, AssertionError, pickle.UnpicklingError,
+            tarfile.TarError, zlib.error) as err:  # (a truncated archive: tarfile, zlib)
         # torchvision's MNIST reader asserts on a bad header; CIFAR's unpickler raises KeyError/UnpicklingError
         why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         raise DatasetError(f"dataset {cfg['name']} under {root} is corrupt ({why}); "
