@@ -561,7 +561,7 @@ def check_fits(spec, in_shape, train: dict, dataset: dict, available: int, where
 # Its keys, and the config groups a command line may choose (they compose into a mapping of that name).
 TOP_KEYS = {"table", "row", "seeds", "net", "iterations", "batch_size", "test_interval", "custom", "conf_dir",
             "data_dir", "download", "results_dir", "runs_dir", "device", "jobs_per_device", "precision",
-            "svhn_extra", "quiet", "logger", "dry_run", "bench", "profile"}
+            "svhn_extra", "quiet", "logger", "dry_run", "bench", "profile", "stack", "stack_mode"}
 GROUP_KEYS = {"arch", "dataset", "feed", "solver"}
 PROFILE_KEYS = {"name", "device", "train", "data"}
 CUSTOM_KEYS = {"table", "dataset", "solver", "iterations", "feed", "test_interval"}
@@ -657,6 +657,11 @@ def check_top(cfg: dict) -> None:
     _require(isinstance(cfg["device"], str) and cfg["device"].strip() != "", "device",
              "give auto, cpu, cuda or cuda:N", cfg["device"])
     _whole("jobs_per_device", cfg["jobs_per_device"], optional=False)
+    stack = cfg["stack"]
+    _require(stack in ("auto", "off") or (_is_int(stack) and 1 <= stack <= MAX_INT), "stack",
+             "use auto, off, or the number of runs trained in one step (stack=3)", stack)
+    _require(cfg["stack_mode"] in ("grouped", "branched"), "stack_mode", "use grouped or branched",
+             cfg["stack_mode"])
     _require(cfg["precision"] in (None, *PRECISIONS), "precision", f"use {' or '.join(PRECISIONS)}"
              + (" (fp16 would need loss scaling, which cannot run in a CUDA graph)" if cfg["precision"] == "fp16"
                 else ""), cfg["precision"])

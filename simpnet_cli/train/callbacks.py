@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
+import torch
 
 from simpnet_cli.errors import UserError
 from simpnet_cli.files import atomic_write
