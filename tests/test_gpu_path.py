@@ -150,14 +150,6 @@ def assert_same_run(a: Path, b: Path, tol: float = 1e-6) -> None:
         assert torch.allclose(wa[name].float(), wb[name].float(), rtol=tol, atol=tol), name
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same reduction order in both runs
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("family, solver, precision", CASES)
 def test_graphed_run_with_recapture_eval_wrap_and_resume_equals_the_eager_run(tmp_path, monkeypatch, one_thread,
                                                                               family, solver, precision):

@@ -147,12 +147,13 @@ def test_at_most_one_line_per_run_after_any_sequence_of_runs_and_faults(tmp_path
 
 # --------------------------------------------------------------------------- checkpoints
 
-def interrupted_run(tmp_path: Path, monkeypatch) -> tuple[tables.RunSpec, Path]:
-    """A run killed right after its checkpoint at iteration 4."""
+def interrupted_run(tmp_path: Path, monkeypatch, row: dict | None = None,
+                    iterations: int = 8) -> tuple[tables.RunSpec, Path]:
+    """A run of Table 5's P5 (or ``row``) killed right after its checkpoint at iteration 4."""
     table = tables.load_table("5")
-    profile = {"train": {"iterations": 8, "batch_size": 8, "eval_every": 4, "checkpoint_every": 4,
+    profile = {"train": {"iterations": iterations, "batch_size": 8, "eval_every": 4, "checkpoint_every": 4,
                          "precision": "fp32"}, "data": {"source": "synthetic", "train_size": 40, "test_size": 16}}
-    run = tables.resolve(table, table.row("P5"), 0, profile)
+    run = tables.resolve(table, row or table.row("P5"), 0, profile)
     real = checkpoint.atomic_write
 
     def die_after_checkpoint(path, write):
@@ -626,24 +627,10 @@ def test_class7_a_truncated_dataset_archive_is_one_line_and_leaves_no_partial_fi
 def diverging_run_interrupted_after_its_checkpoint(tmp_path: Path, monkeypatch) -> tuple[tables.RunSpec, Path]:
     """A run whose learning rate jumps to 1e30 at iteration 4, killed right after its checkpoint there: its
     loss turns NaN at the first steps after the resume."""
-    table = tables.load_table("5")
-    row = {**table.row("P5"), "solver": {"base": "nesterov_50k",
-                                         "schedule": {"kind": "piecewise", "points": {0: 0.01, 4: 1.0e30}}}}
-    profile = {"train": {"iterations": 12, "batch_size": 8, "eval_every": 4, "checkpoint_every": 4,
-                         "precision": "fp32"}, "data": {"source": "synthetic", "train_size": 40, "test_size": 16}}
-    run = tables.resolve(table, row, 0, profile)
-    real = checkpoint.atomic_write
-
-    def die_after_checkpoint(path, write):
-        real(path, write)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "atomic_write", die_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_run(run, tmp_path / "run", torch.device("cpu"), tmp_path, False)
-    monkeypatch.undo()
-    assert checkpoint.iteration(tmp_path / "run" / "checkpoint.pt") == 4
-    return run, tmp_path / "run"
+    row = {**tables.load_table("5").row("P5"), "solver": {"base": "nesterov_50k",
+                                                          "schedule": {"kind": "piecewise",
+                                                                       "points": {0: 0.01, 4: 1.0e30}}}}
+    return interrupted_run(tmp_path, monkeypatch, row, iterations=12)
 
 
 def test_class8_a_divergence_right_after_a_resume_is_recorded_as_diverged(tmp_path, monkeypatch, one_thread):

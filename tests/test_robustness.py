@@ -149,15 +149,6 @@ def close(a, b, tol: float = 1e-6) -> bool:
     return a == b or abs(float(a) - float(b)) <= tol * max(1.0, abs(float(a)))
 
 
-@pytest.fixture
-def one_thread():
-    """In-process training on one CPU thread (see subprocess_env), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def conf_dir(tmp_path_factory) -> Path:
     """A copy of conf/ with a table of broken rows, for SIMPNET_CONF_DIR."""

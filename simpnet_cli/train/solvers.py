@@ -120,6 +120,16 @@ def _apply(params: list[torch.Tensor], updates: list[torch.Tensor], lr) -> None:
     torch._foreach_sub_(params, updates)
 
 
+def _with_decay(group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A group's parameters that have a gradient, and their gradients plus the L2 decay (Caffe adds
+    weight_decay * w to the gradient before either solver's update)."""
+    params = [p for p in group["params"] if p.grad is not None]
+    grads = [p.grad for p in params]
+    if params and group["weight_decay"]:
+        grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+    return params, grads
+
+
 class AdaDelta(torch.optim.Optimizer):
     """Caffe's AdaDelta (rho = momentum, eps = delta): the decay added to the gradient, histories of the unscaled
     update, the step scaled by the group's lr. torch.optim.Adadelta's arithmetic, with the same state names (so
@@ -132,10 +142,9 @@ class AdaDelta(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params, grads = _with_decay(group)
             if not params:
                 continue
-            grads = [p.grad for p in params]
             states = [self.state[p] for p in params]
             for p, st in zip(params, states):
                 if not st:
@@ -143,8 +152,6 @@ class AdaDelta(torch.optim.Optimizer):
                     st["acc_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             square, acc = [st["square_avg"] for st in states], [st["acc_delta"] for st in states]
             rho, eps = group["rho"], group["eps"]
-            if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             torch._foreach_mul_(square, rho)
             torch._foreach_addcmul_(square, grads, grads, value=1 - rho)
             std = torch._foreach_add(square, eps)
@@ -169,12 +176,9 @@ class Nesterov(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params, grads = _with_decay(group)
             if not params:
                 continue
-            grads = [p.grad for p in params]
-            if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             momentum, bufs = group["momentum"], []
             for p, g in zip(params, grads):
                 st = self.state[p]
