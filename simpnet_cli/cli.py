@@ -27,62 +27,11 @@ COMMAND_FLAGS = {"list": {"--json"}, "show": {"--json", "--cfg=job"}, "run": {"-
                  "report": {"--latex"}, "bench": set(), "repair": set(), "index": set(), "export": set()}
 
 
-def config_dirs(overrides: list[str]) -> tuple[Path, list[str]]:
-    """Hydra's primary config folder and the search-path override that adds the other one.
-
-    A folder of one's own (``conf_dir=PATH`` or SIMPNET_CONF_DIR) is searched before the built-in conf/ for
-    tables and named configs; if it holds a whole copy of conf/ (with config.yaml) Hydra reads that copy."""
-    from simpnet_cli.config import tables
-
-    given = [o.split("=", 1)[1] for o in overrides if o.startswith("conf_dir=")]
-    user = tables.user_conf_dir(given[-1] if given else None)
-    tables.use_conf_dir(user)
-    if user is None:
-        return tables.DEFAULT_CONF_DIR, []
-    primary, other = (user, tables.DEFAULT_CONF_DIR) if (user / "config.yaml").is_file() \
-        else (tables.DEFAULT_CONF_DIR, user)
-    return primary, [f"hydra.searchpath=[file://{other}]"]
-
-
-def hydra_error(err: Exception) -> UserError:
-    """Hydra's and OmegaConf's multi-line errors as one line."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    hint = ""
-    if "not in struct" in str(err) or "Could not override" in str(err) or "Key '" in str(err):
-        hint = " (unknown config key; see conf/config.yaml for the keys, and net.KEY, solver.KEY, dataset.KEY " \
-               "for a row's own)"
-    if "Could not find '" in first:
-        hint = " (no such config file; see conf/ for the names)"
-    return UserError(f"bad override: {first}{hint}")
-
-
-def defaults_loop(primary: Path) -> UserError:
-    return UserError(f"{primary / 'config.yaml'}: its defaults include the config itself, directly or through "
-                     f"another file (a loop); remove that entry")
-
-
 def compose(overrides: list[str]):
-    """(the config for ``overrides``, their row overrides), with Hydra's errors turned into one line each."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    """(the config for ``overrides``, their row overrides): config/compose.py, Hydra's composition."""
+    from simpnet_cli.config import compose as composition
 
-    from simpnet_cli.config import variants
-
-    primary, search = config_dirs(overrides)
-    if not (primary / "config.yaml").is_file():
-        raise UserError(f"no config.yaml in the config directory {primary}")
-    prepared = variants.prepare(overrides)
-    try:
-        with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=prepared + search)
-        variant = variants.from_overrides(prepared)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise hydra_error(err) from None
-    except RecursionError:
-        raise defaults_loop(primary) from None
-    check_options(cfg)
-    return cfg, variant
+    return composition.compose(overrides)
 
 
 def check_options(cfg) -> None:
@@ -309,10 +258,12 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from simpnet_cli.config import compose as composition
+
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
-        raise hydra_error(err) from None
+        raise composition.hydra_error(err) from None
     choices = []
     for o in parsed:
         if o.key_or_group.startswith("hydra"):
@@ -331,7 +282,7 @@ def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from simpnet_cli.config import variants
+    from simpnet_cli.config import compose as composition
     from simpnet_cli.runs import runner
 
     jobs, planned = sweep_jobs(prepared), []
@@ -340,11 +291,11 @@ def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
             try:
                 cfg = hydra_compose(config_name="config", overrides=job + search)
             except (HydraException, OmegaConfBaseException) as err:
-                raise hydra_error(err) from None
+                raise composition.hydra_error(err) from None
             except RecursionError:
-                raise defaults_loop(primary) from None
+                raise composition.defaults_loop(primary) from None
             check_options(cfg)
-            planned.append((plan_runs(cfg, variants.from_overrides(job)), options(cfg)))
+            planned.append((plan_runs(cfg, composition.row_overrides(cfg, job)), options(cfg)))
     # Then what the jobs will meet when they run (devices, memory, output folders, datasets): every job's
     # config is good by now, so a folder this creates is one a job would have created.
     for runs, opts in planned:
@@ -358,9 +309,9 @@ def multirun(flags, overrides) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from simpnet_cli.config import variants
+    from simpnet_cli.config import compose as composition, variants
 
-    primary, search = config_dirs(overrides)
+    primary, search = composition.config_dirs(overrides)
     prepared = variants.prepare(overrides)
     total = check_sweep(prepared, search, primary)
     done: list[tuple[str, int]] = []  # (job's overrides, exit code) of the jobs run in this process
@@ -369,7 +320,7 @@ def multirun(flags, overrides) -> int:
     def job(job_cfg):
         # A failed job prints its one line and returns its code: Hydra goes on with the other jobs.
         task = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra")]
-        variant = variants.from_overrides(task)
+        variant = composition.row_overrides(job_cfg, task)
         if not job_cfg.quiet:
             print(f"sweep job {HydraConfig.get().job.num + 1}/{total}: {' '.join(task)}"
                   + (f"  (variant: {variant.text()})" if variant else ""), file=sys.stderr, flush=True)

@@ -26,7 +26,7 @@ from simpnet_cli.tools import gpucheck
 from simpnet_cli.runs import results
 from simpnet_cli.config import tables
 from simpnet_cli.train import loop as train
-from simpnet_cli.config import variants
+from simpnet_cli.config import compose as composition
 from simpnet_cli.train import data as D
 from simpnet_cli.nets import modules as M
 from simpnet_cli.errors import UserError
@@ -106,9 +106,9 @@ def stand_in(calls: list | None = None, times: int = 1, fail_at: str | None = No
 def run_spec(arch: str, solver: str, precision: str, *net: str, dataset: str = "cifar10") -> tables.RunSpec:
     """A small network of each family, with the lr dropping at iteration 5 (a re-capture), 20 training images
     in batches of 8 (an epoch wraps inside a batch), evaluations every 3 and a checkpoint every 4."""
-    over = variants.from_overrides(variants.prepare([f"solver={solver}", "solver.schedule.kind=multistep",
+    over = composition.overrides_of([f"solver={solver}", "solver.schedule.kind=multistep",
                                                      "solver.schedule.gamma=0.1", "solver.schedule.steps=[5]",
-                                                     f"dataset={dataset}", *net]))
+                                                     f"dataset={dataset}", *net])
     table = tables.custom_table("gpu-test", arch, {})
     profile = {"train": {"iterations": 10, "batch_size": 8, "eval_every": 3, "checkpoint_every": 4,
                          "precision": precision},
@@ -269,7 +269,7 @@ def setup(run: tables.RunSpec, batch: int | None = None):
 @pytest.mark.parametrize("fail_at", ["capture", "new_stream", "new_graph"])
 def test_a_failed_capture_continues_eagerly_with_the_same_figures(tmp_path, one_thread, fail_at):
     run = run_spec("arch1", "nesterov_80k", "fp32", *FAMILIES["plain-dropout"][1])
-    eager = train.train_run(run, tmp_path / "eager", CPU, tmp_path, False)
+    train.train_run(run, tmp_path / "eager", CPU, tmp_path, False)
     with pytest.warns(RuntimeWarning, match="continues eagerly"):
         fell_back = train.train_run(run, tmp_path / "fallback", CPU, tmp_path, False,
                                     backend=stand_in(fail_at=fail_at))

@@ -153,7 +153,7 @@ def close(a, b, tol: float = 1e-6) -> bool:
 def conf_dir(tmp_path_factory) -> Path:
     """A copy of conf/ with a table of broken rows, for SIMPNET_CONF_DIR."""
     root = tmp_path_factory.mktemp("conf") / "conf"
-    shutil.copytree(tables.CONF_DIR, root)
+    shutil.copytree(tables.DEFAULT_CONF_DIR, root)
     (root / "tables" / "table90.yaml").write_text(BAD_TABLE)
     return root
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from simpnet_cli.config import tables
-from simpnet_cli.config import variants
+from simpnet_cli.config import compose as composition
 from simpnet_cli.errors import UserError
 from simpnet_cli.nets import modules as M
 from simpnet_cli.nets import stacked as S
@@ -44,9 +44,9 @@ def tiny(arch: str, solver: str, *net: str):
     """(table, profile, overrides) of a tiny network of ``arch`` on 12x12 synthetic images in batches of 8
     (20 images: an epoch wraps inside a batch), its solver's rate dropping tenfold at iteration 5, evaluated
     every 5 iterations and checkpointed every 10."""
-    over = variants.from_overrides(variants.prepare([
+    over = composition.overrides_of([
         f"solver={solver}", "solver.schedule.kind=multistep", "solver.schedule.gamma=0.1",
-        "solver.schedule.steps=[5]", "dataset=cifar10", "dataset.size=12", *net]))
+        "solver.schedule.steps=[5]", "dataset=cifar10", "dataset.size=12", *net])
     table = tables.custom_table("stack-test", arch, {})
     profile = {"train": {"iterations": STEPS, "batch_size": 8, "eval_every": 5, "checkpoint_every": 10,
                          "precision": "fp32"},

@@ -384,21 +384,25 @@ def test_make_optimizer_sets_each_groups_rate_and_decay_and_takes_plain_paramete
 
 
 @pytest.mark.parametrize("mults, match", [
-    ({"convs": {"indices": [4], "bias": {"lr": 2, "decay": 0}}}, r"\[4\] name no conv .* convs 1-3"),
-    ({"convs": {"indices": [0, 2], "bias": {"lr": 2, "decay": 0}}}, r"\[0\] name no conv"),
-    ({"convs": {"indices": [2], "bias": None}}, "bias is null"),
-    ({"convs": {"indices": [2], "bias": {"lr": -1}}}, "number >= 0"),
-    ({"classifer": {}}, "keys classifier and convs"),
+    ("{convs: {indices: [9], bias: {lr: 2, decay: 0}}}", r"conv 9 does not exist \(the network has 8 convs"),
+    ("{convs: {indices: [0, 2], bias: {lr: 2, decay: 0}}}", r"indices\[0\]: convs are numbered 1, 2"),
+    ("{convs: {indices: [2], bias: null}}", "the listed convs need their bias multipliers"),
+    ("{convs: {indices: [2], bias: {lr: -1}}}", "param_mults.*lr: a learning-rate multiplier must be .* >= 0"),
+    ("{classifer: {}}", r"net.param_mults.classifer: unknown key"),
 ])
 def test_bad_param_mults_are_user_errors(mults, match):
+    """Checked once, when the run is composed (schemas and the network's convs), before a model is built."""
+    from simpnet_cli.config import compose, tables
+
+    table = tables.load_table("2")
     with pytest.raises(UserError, match=match):
-        train.param_groups(_tiny_model(), mults)
+        tables.resolve(table, table.row("8L"), 0, {}, overrides=compose.overrides_of([f"net.param_mults={mults}"]))
 
 
 def test_classifier_mults_on_a_network_without_fc_is_a_user_error():
-    model = M.build_model(TINY[:-1], TINY_SHAPE)
     with pytest.raises(UserError, match="no fc classifier"):
-        train.param_groups(model, {"classifier": MULTS["classifier"]})
+        N.check_recipe(TINY[:-1], {"param_mults": {"classifier": MULTS["classifier"]}})
+    model = M.build_model(TINY[:-1], TINY_SHAPE)
     assert len(train.param_groups(model, {"classifier": None, "convs": MULTS["convs"]})) == 2
 
 
@@ -453,3 +457,17 @@ def test_load_model_of_a_folder_that_is_no_run_is_one_line(tmp_path):
     with pytest.raises(UserError) as info:
         simpnet_cli.load_model(tmp_path)
     assert "config.yaml" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_every_solver_type_has_one_schema_one_optimizer_and_its_files_name_a_registered_type():
+    """The registries agree: each solver ``type`` a schema accepts has an optimizer, and the reverse; each
+    network builder has a schema; every conf/solver file names a registered type."""
+    from simpnet_cli.config import schemas, tables
+    from simpnet_cli.train import solvers
+
+    assert set(solvers.OPTIMIZERS) == set(schemas.SOLVERS)
+    assert set(N.BUILDERS) == set(schemas.NETWORKS)
+    for name in tables.known_names("solver"):
+        assert tables.load_named("solver", name)["type"] in solvers.OPTIMIZERS, name
+    with pytest.raises(UserError, match="unknown solver type 'adam' \\(adadelta or nesterov\\)"):
+        solvers.make_optimizer({"type": "adam", "lr": 0.1, "weight_decay": 0}, _tiny_model().parameters())

@@ -17,7 +17,7 @@ from simpnet_cli import cli
 from simpnet_cli.nets import specs as network
 from simpnet_cli.runs import results
 from simpnet_cli.config import tables
-from simpnet_cli.config import variants
+from simpnet_cli.config import compose as composition, variants
 from simpnet_cli.errors import UserError
 
 SMOKE = {"train": {"iterations": 4, "batch_size": 8, "eval_every": 2, "checkpoint_every": 2, "precision": "fp32"},
@@ -25,7 +25,7 @@ SMOKE = {"train": {"iterations": 4, "batch_size": 8, "eval_every": 2, "checkpoin
 
 
 def overrides(*args: str) -> variants.RowOverrides:
-    return variants.from_overrides(variants.prepare(list(args)))
+    return composition.overrides_of(list(args))
 
 
 def resolve(table: str, row: str, *args: str, profile: dict | None = None) -> tables.RunSpec:
@@ -460,3 +460,33 @@ def test_svhn_extra_off_is_a_variant_of_the_svhn_rows_only(tmp_path, capsys):
     for table, row, want in (("14", "slim-300K", "svhn_extra=false"), ("2", "8L", "")):
         assert cli.main(["run", f"table={table}", f"row={row}", "svhn_extra=false", "--cfg", "job"]) == 0
         assert f"variant: {want or chr(39) * 2}" in capsys.readouterr().out
+
+
+def test_solver_lr_is_parsed_once_by_hydra_and_reaches_the_optimizer(tmp_path, monkeypatch, one_thread):
+    """``solver.lr=`` is parsed by Hydra's grammar once, while the config is composed; the row overrides read
+    the composed value, and the optimizer is built with it (config/compose.py)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from simpnet_cli.train import loop, solvers
+
+    parsed: list[str] = []
+    original = OverridesParser.parse_overrides
+
+    def counting(self, overrides):
+        out = original(self, overrides)
+        parsed.extend(o.key_or_group for o in out if o.key_or_group == "solver.lr")
+        return out
+
+    built: list[float] = []
+
+    def make_optimizer(solver, groups):
+        built.append(solver["lr"])
+        return solvers.make_optimizer(solver, groups)
+
+    monkeypatch.setattr(OverridesParser, "parse_overrides", counting)
+    monkeypatch.setattr(loop, "make_optimizer", make_optimizer)
+    assert cli.main(["run", "table=2", "row=8L", "profile=smoke", "solver.lr=0.0123457", "quiet=true",
+                     "profile.train.iterations=1", "profile.train.batch_size=2", "profile.data.train_size=16",
+                     "profile.data.test_size=8", f"results_dir={tmp_path / 'r'}", f"runs_dir={tmp_path / 'e'}"]) == 0
+    assert parsed == ["solver.lr"]
+    assert built == [0.0123457]

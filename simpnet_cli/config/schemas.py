@@ -16,8 +16,8 @@ depend on the defaults written here.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 import re
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -29,6 +29,14 @@ from simpnet_cli.errors import UserError
 # fp16 is refused on purpose: it needs loss scaling, whose overflow check (found_inf.item()) cannot live
 # inside a captured CUDA graph; bf16 has fp32's range and needs none.
 PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(key: str, value: Any) -> None:
+    """The one place a precision is judged: fp32 or bf16 (fp16 refused, and why)."""
+    if value == "fp16":
+        raise ConfigError(f"{key}: fp16 is not supported (it needs loss scaling, which cannot run inside a CUDA "
+                          f"graph); use bf16 for mixed precision")
+    _require(value in PRECISIONS, key, f"must be one of {', '.join(PRECISIONS)}", value)
 
 
 class ConfigError(UserError):
@@ -94,8 +102,10 @@ class Mult:
     decay: float = 1.0
 
     def __post_init__(self):
-        _require(0 <= self.lr < math.inf, "lr", "a learning-rate multiplier must be a finite number >= 0", self.lr)
-        _require(0 <= self.decay < math.inf, "decay", "a decay multiplier must be a finite number >= 0", self.decay)
+        _require(0 <= self.lr < math.inf, "param_mults.*.lr", "a learning-rate multiplier must be a finite number >= 0",
+                 self.lr)
+        _require(0 <= self.decay < math.inf, "param_mults.*.decay", "a decay multiplier must be a finite number >= 0",
+                 self.decay)
 
 
 @dataclass
@@ -397,11 +407,7 @@ class Train:
     def __post_init__(self):
         for key in ("iterations", "batch_size", "eval_every", "checkpoint_every"):
             _positive(key, getattr(self, key))
-        if self.precision == "fp16":
-            raise ConfigError("precision: fp16 is not supported (it needs loss scaling, which cannot run inside "
-                              "a CUDA graph); use bf16 for mixed precision")
-        _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}",
-                 self.precision)
+        check_precision("precision", self.precision)
 
 
 # --------------------------------------------------------------------------- checking
@@ -416,8 +422,14 @@ _valid: set[tuple[type, str]] = set()
 
 
 @lru_cache(maxsize=None)
-def _structured(schema: type) -> Any:
-    return OmegaConf.structured(schema)
+def _structured(part: str, schema: type) -> Any:
+    """``schema`` as Hydra's ConfigStore holds it: group ``schema/<part>``, one typed node per option
+    (``schema/solver/AdaDelta``, ``schema/net/PlainNet``, ...), the node a run's values are merged into."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(group=f"schema/{part}", name=schema.__name__, node=schema)
+    return store.load(f"schema/{part}/{schema.__name__}.yaml").node
 
 
 def _check(part: str, schema: type, values: dict) -> None:
@@ -426,7 +438,7 @@ def _check(part: str, schema: type, values: dict) -> None:
     if seen in _valid:
         return
     try:
-        OmegaConf.to_object(OmegaConf.merge(_structured(schema), values))
+        OmegaConf.to_object(OmegaConf.merge(_structured(part, schema), values))
         _valid.add(seen)
     except ConfigError as err:
         raise ConfigError(f"{part}.{err}") from None
@@ -662,9 +674,8 @@ def check_top(cfg: dict) -> None:
              "use auto, off, or the number of runs trained in one step (stack=3)", stack)
     _require(cfg["stack_mode"] in ("grouped", "branched"), "stack_mode", "use grouped or branched",
              cfg["stack_mode"])
-    _require(cfg["precision"] in (None, *PRECISIONS), "precision", f"use {' or '.join(PRECISIONS)}"
-             + (" (fp16 would need loss scaling, which cannot run in a CUDA graph)" if cfg["precision"] == "fp16"
-                else ""), cfg["precision"])
+    if cfg["precision"] is not None:
+        check_precision("precision", cfg["precision"])
     logger = cfg.get("logger")
     _require(logger is None or isinstance(logger, str) or (isinstance(logger, list) and logger
                                                             and all(isinstance(x, str) for x in logger)),
@@ -710,9 +721,33 @@ def _config_choice(key: str, value: Any) -> None:
         check_name(key, value)
 
 
-def check_table_file(raw: dict) -> None:
-    """The types of a table file's keys (what is missing or unknown is said by tables.load_table): each key of
-    the wrong type is one ConfigError naming it, never a crash of the report or the run that reads it."""
+TABLE_KEYS = {"table", "title", "row_defaults", "rows", "cited", "claims", "display", "axis", "note"}
+ROW_KEYS = {"id", "label", "arch", "net", "dataset", "feed", "solver", "iterations", "test_interval", "paper", "note"}
+ROW_REQUIRED = ("id", "label", "arch", "dataset", "solver", "iterations")  # each row's, after row_defaults
+
+
+def check_table_file(raw: Any) -> None:
+    """A table file's keys, their types and its rows' keys (``check_row`` checks each row after its
+    row_defaults): each problem is one ConfigError naming it, never a crash of the report or the run that
+    reads it."""
+    if not raw:
+        raise ConfigError("the table file is empty; a table needs rows (see conf/tables/table2.yaml)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping with title, rows, claims, got {type(raw).__name__}")
+    bad = set(raw) - TABLE_KEYS
+    if bad:
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(map(str, bad)))}; allowed: {', '.join(sorted(TABLE_KEYS))}")
+    if not isinstance(raw.get("row_defaults") or {}, dict) or not isinstance(raw.get("rows") or [], list):
+        raise ConfigError("row_defaults must be a mapping and rows a list")
+    if not raw.get("rows"):
+        raise ConfigError("the table has no rows to train")
+    for i, r in enumerate(raw["rows"]):
+        if not isinstance(r, dict):
+            raise ConfigError(f"row {i + 1} must be a mapping with id, label, net..., got {r!r}")
+        bad = set(r) - ROW_KEYS
+        if bad:
+            raise ConfigError(f"row {r.get('id', i)}: unknown key(s) {', '.join(sorted(map(str, bad)))}; "
+                              f"allowed: {', '.join(sorted(ROW_KEYS))}")
     _text("title", raw.get("title"))
     _text("note", raw.get("note"))
     _require(raw.get("display", "accuracy") in ("accuracy", "error"), "display", "must be accuracy or error",
@@ -738,7 +773,11 @@ def check_table_file(raw: dict) -> None:
 
 
 def check_row(row: dict) -> None:
-    """The types of one row's keys, after its table's row_defaults (each a ConfigError naming the key)."""
+    """One row's keys after its table's row_defaults: the required ones present, each of its type (a
+    ConfigError naming the key)."""
+    for key in ROW_REQUIRED:
+        if key not in row:
+            raise ConfigError(f"has no {key!r}")
     for key in ("arch", "dataset", "solver", "feed"):
         if row.get(key) is not None or key != "feed":
             _config_choice(key, row.get(key))

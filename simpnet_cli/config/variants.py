@@ -11,9 +11,9 @@ a Hydra user expects: the row, then the profile, then the command line. Three ki
 * ``iterations=``, ``batch_size=`` and ``test_interval=`` set the training length, batch and test interval, over
   the profile's.
 
-Hydra parses and sweeps them (``-m dataset=cifar10,cifar100``); this module reads the parsed overrides into a
-``RowOverrides`` that ``tables.resolve`` applies to each row, and names them in the ``variant`` column of the
-results. A key that does not exist is caught by the schema when the row resolves, naming the key and the row.
+Hydra parses and sweeps them (``-m dataset=cifar10,cifar100``) and composes them into its config;
+``compose.row_overrides`` reads them from there into a ``RowOverrides`` that ``tables.resolve`` applies to each
+row, and names them in the ``variant`` column of the results. A key that does not exist is caught by the schema when the row resolves, naming the key and the row.
 """
 from __future__ import annotations
 
@@ -95,33 +95,6 @@ def prepare(args: list[str]) -> list[str]:
                             f"and choose a template with arch=NAME")
         out.append(arg)
     return out
-
-
-def from_overrides(args: Iterable[str]) -> RowOverrides:
-    """The row overrides among a job's parsed Hydra overrides (each sweep value is its own job)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    choices, assignments = {}, []
-    for override in OverridesParser.create().parse_overrides(list(args)):
-        key = override.key_or_group
-        if not is_row_key(key) or override.is_delete():
-            continue
-        value = _plain(override.value())
-        if key in GROUPS:
-            if value is not None:
-                choices[key] = str(value)
-        elif not (key in TRAIN_KEYS and value is None):
-            assignments.append((key, value))
-    return RowOverrides(choices, tuple(assignments))
-
-
-def _plain(value: Any) -> Any:
-    """Hydra's parsed values (its own list/dict types, quoted strings) as plain Python values."""
-    if isinstance(value, dict):
-        return {(str(k) if not isinstance(k, int) else k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def assign(target: dict, dotted: str, value: Any) -> dict:

@@ -188,12 +188,12 @@ def graphed_vs_eager(run, device: torch.device, backend: captured_step.GraphBack
 def check_run(ref: str, precision: str, batch: int = 100, train_size: int = 1000, lr_drop: int = 15):
     """A table row with the lr dropping tenfold at ``lr_drop`` on synthetic data (1,000 images: an epoch every
     10 steps at batch 100)."""
-    from simpnet_cli.config import tables, variants
+    from simpnet_cli.config import compose as composition, tables
 
     table, _, row = ref.partition("/")
     t = tables.load_table(table)
-    over = variants.from_overrides(variants.prepare(["solver.schedule.kind=multistep", "solver.schedule.gamma=0.1",
-                                                     f"solver.schedule.steps=[{lr_drop}]"]))
+    over = composition.overrides_of(["solver.schedule.kind=multistep", "solver.schedule.gamma=0.1",
+                                                     f"solver.schedule.steps=[{lr_drop}]"])
     profile = {"train": {"batch_size": batch, "precision": precision},
                "data": {"source": "synthetic", "train_size": train_size, "test_size": batch}}
     return tables.resolve(t, t.row(row), 0, profile, overrides=over)

@@ -7,6 +7,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from simpnet_cli.config import schemas
 from simpnet_cli.errors import UserError
 
 
@@ -45,64 +46,32 @@ def lr_at(solver: dict, iteration: int) -> float:
     raise UserError(f"unknown schedule kind {sched['kind']!r} (multistep or piecewise)")
 
 
-def _mults(part, where: str) -> tuple[float, float]:
+def _mults(part: Mapping) -> tuple[float, float]:
     """(lr_mult, decay_mult) of one ``{lr: .., decay: ..}`` entry; an absent key is 1, as in Caffe."""
-    if not isinstance(part, Mapping) or set(part) - {"lr", "decay"}:
-        raise UserError(f"param_mults.{where} must be {{lr: <number>, decay: <number>}}, got {part!r}")
-    out = []
-    for key in ("lr", "decay"):
-        value = part.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise UserError(f"param_mults.{where}.{key} must be a number >= 0, got {value!r}")
-        out.append(float(value))
-    return out[0], out[1]
+    return float(part.get("lr", 1)), float(part.get("decay", 1))
 
 
 def param_groups(model: torch.nn.Module, param_mults: Mapping | None) -> list[dict]:
-    """Torch param groups carrying Caffe's lr_mult / decay_mult (``run.net["param_mults"]``).
+    """Torch param groups carrying Caffe's lr_mult / decay_mult (``RunSpec.param_mults``).
 
-    Parameters with equal multipliers share a group; groups come in the order their first parameter appears
-    in ``model.parameters()``, so the optimizer state_dict (checkpoints) has a fixed layout. Everything not
-    named in ``param_mults`` (conv weights, other conv biases, BatchNorm gamma/beta) is lr 1 / decay 1. Convs
-    are found by their ``caffe_conv_index`` (1-based, network order) and the classifier by
+    ``param_mults`` was checked when the run was composed (its keys and ranges by config/schemas.ParamMults, its
+    conv indices and classifier against the network by nets/specs.check_recipe), so it is read here, not
+    checked again. Parameters with equal multipliers share a group; groups come in the order their first
+    parameter appears in ``model.parameters()``, so the optimizer state_dict (checkpoints) has a fixed layout.
+    Everything not named in ``param_mults`` (conv weights, other conv biases, BatchNorm gamma/beta) is lr 1 /
+    decay 1. Convs are found by their ``caffe_conv_index`` (1-based, network order) and the classifier by
     ``caffe_classifier``, both set by nets.modules.build_model."""
     mults = param_mults or {}
-    if not isinstance(mults, Mapping) or set(mults) - {"classifier", "convs"}:
-        raise UserError(f"param_mults takes the keys classifier and convs, got {param_mults!r}")
     own: dict[int, tuple[float, float]] = {}  # id(parameter) -> (lr_mult, decay_mult)
-
-    classifier = mults.get("classifier")
-    if classifier is not None:
-        if not isinstance(classifier, Mapping) or set(classifier) - {"weight", "bias"}:
-            raise UserError(f"param_mults.classifier takes the keys weight and bias, got {classifier!r}")
-        fcs = [m for m in model.modules() if getattr(m, "caffe_classifier", False)]
-        if not fcs:
-            raise UserError("param_mults.classifier is given but this network has no fc classifier "
-                            "(write classifier: null)")
-        for fc in fcs:
-            for name in ("weight", "bias"):
-                param = getattr(fc, name, None)
-                if classifier.get(name) is not None and param is not None:
-                    own[id(param)] = _mults(classifier[name], f"classifier.{name}")
-
+    classifier = mults.get("classifier") or {}
+    for fc in (m for m in model.modules() if getattr(m, "caffe_classifier", False)):
+        for name in ("weight", "bias"):
+            if classifier.get(name) is not None and getattr(fc, name, None) is not None:
+                own[id(getattr(fc, name))] = _mults(classifier[name])
     convs = mults.get("convs") or {}
-    if not isinstance(convs, Mapping) or set(convs) - {"indices", "bias"}:
-        raise UserError(f"param_mults.convs takes the keys indices and bias, got {convs!r}")
-    indices = list(convs.get("indices") or [])
-    if indices:
-        if convs.get("bias") is None:
-            raise UserError(f"param_mults.convs.bias is null but convs {indices} are listed")
-        bias = _mults(convs["bias"], "convs.bias")
-        by_index = {m.caffe_conv_index: m for m in model.modules()
-                    if getattr(m, "caffe_conv_index", None) is not None}
-        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or i not in by_index]
-        if bad:
-            raise UserError(f"param_mults.convs.indices {bad} name no conv of this network "
-                            f"(it has convs 1-{len(by_index)}, numbered from 1 in network order)")
-        for i in indices:
-            if by_index[i].bias is None:
-                raise UserError(f"param_mults.convs.indices: conv {i} has no bias")
-            own[id(by_index[i].bias)] = bias
+    by_index = {m.caffe_conv_index: m for m in model.modules() if getattr(m, "caffe_conv_index", None) is not None}
+    for i in convs.get("indices") or []:
+        own[id(by_index[i].bias)] = _mults(convs["bias"])
 
     groups: dict[tuple[float, float], list] = {}
     for param in model.parameters():
@@ -190,6 +159,30 @@ class Nesterov(torch.optim.Optimizer):
             _apply(params, torch._foreach_add(grads, bufs, alpha=momentum), group["lr"])
 
 
+# The optimizer of each solver ``type`` (conf/solver/*.yaml), timm's registry pattern: a new solver is its
+# factory here, its schema in config/schemas.SOLVERS (the keys its YAML may hold) and a YAML file; a test keeps
+# the two registries equal.
+OPTIMIZERS: dict[str, Callable[[list[dict], Mapping], torch.optim.Optimizer]] = {}
+
+
+def register(kind: str):
+    """``@register("adadelta")``: ``make(groups, solver)`` builds the optimizer for solver configs of that type."""
+    def add(make):
+        OPTIMIZERS[kind] = make
+        return make
+    return add
+
+
+@register("adadelta")
+def _adadelta(groups: list[dict], solver: Mapping) -> torch.optim.Optimizer:
+    return AdaDelta(groups, lr=solver["lr"], rho=solver["rho"], eps=solver["eps"], weight_decay=solver["weight_decay"])
+
+
+@register("nesterov")
+def _nesterov(groups: list[dict], solver: Mapping) -> torch.optim.Optimizer:
+    return Nesterov(groups, lr=solver["lr"], momentum=solver["momentum"], weight_decay=solver["weight_decay"])
+
+
 def make_optimizer(solver: dict, groups_or_params) -> torch.optim.Optimizer:
     """The run's solver over ``param_groups(...)`` (or plain parameters: one group at lr 1 / decay 1). Each
     group's lr is solver lr * lr_mult and its weight_decay solver weight_decay * decay_mult, as Caffe's
@@ -202,26 +195,19 @@ def make_optimizer(solver: dict, groups_or_params) -> torch.optim.Optimizer:
     groups = [{**g, "lr_mult": g.get("lr_mult", 1.0), "decay_mult": g.get("decay_mult", 1.0),
                "lr": lr * g.get("lr_mult", 1.0), "weight_decay": decay * g.get("decay_mult", 1.0)}
               for g in groups]
-    kind = solver["type"]
-    if kind == "adadelta":
-        return AdaDelta(groups, lr=lr, rho=solver["rho"], eps=solver["eps"], weight_decay=decay)
-    if kind == "nesterov":
-        return Nesterov(groups, lr=lr, momentum=solver["momentum"], weight_decay=decay)
-    raise UserError(f"unknown solver type {kind!r} (adadelta or nesterov)")
+    make = OPTIMIZERS.get(solver["type"])
+    if make is None:
+        raise UserError(f"unknown solver type {solver['type']!r} ({' or '.join(sorted(OPTIMIZERS))})")
+    return make(groups, solver)
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """A context factory for the forward pass: fp32 (none), or bf16 autocast (mixed precision).
 
-    fp16 is refused: it needs loss scaling, whose overflow check (``found_inf.item()``) is a host sync that
-    cannot live inside a captured CUDA graph; bf16 has fp32's exponent range and needs none."""
-    dtypes = {"fp32": None, "bf16": torch.bfloat16}
-    if precision == "fp16":
-        raise UserError("precision=fp16 is not supported (it needs loss scaling, which cannot run inside a CUDA "
-                        "graph); use precision=bf16 for mixed precision")
-    if precision not in dtypes:
-        raise UserError(f"precision must be one of {', '.join(dtypes)}, got {precision!r}")
-    dtype = dtypes[precision]
+    fp16 is refused (schemas.check_precision): it needs loss scaling, whose overflow check (``found_inf.item()``)
+    is a host sync that cannot live inside a captured CUDA graph; bf16 has fp32's exponent range and needs none."""
+    schemas.check_precision("precision", precision)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
     # No cast cache: a cached bf16 copy of a weight must not outlive one step inside a captured CUDA graph.
     return (lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=False)) if dtype \
         else contextlib.nullcontext
