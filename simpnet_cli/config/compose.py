@@ -13,6 +13,8 @@ The path of ``solver.lr`` from the command line to the optimizer: Hydra (``compo
 """
 from __future__ import annotations
 
+import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -110,7 +112,13 @@ def row_overrides(cfg: DictConfig, overrides: Iterable[str]) -> RowOverrides:
     return RowOverrides(choices, tuple(assignments.items()))
 
 
-def overrides_of(args: list[str]) -> RowOverrides:
+def overrides_of(args: Iterable[str]) -> RowOverrides:
     """The row overrides that ``simpnet run <args>`` would apply (for tools and tests that resolve rows
-    themselves): composed by Hydra as on the command line."""
+    themselves): composed by Hydra as on the command line, once per distinct command line (a composition costs
+    Hydra ~0.1-0.5 s; the result is frozen)."""
+    return _overrides_of(tuple(args), os.environ.get("SIMPNET_CONF_DIR"))
+
+
+@lru_cache(maxsize=256)
+def _overrides_of(args: tuple[str, ...], conf_dir_env: str | None) -> RowOverrides:
     return compose(list(args))[1]
