@@ -113,7 +113,9 @@ def chosen_tables(cfg, variant) -> list:
 
     tables.use_conf_dir(tables.user_conf_dir(cfg.conf_dir))  # (again: a cluster job starts in a new process)
     if cfg.table is None and "arch" in variant.choices:
-        return [tables.custom_table(str(cfg.custom.table), variant.choices["arch"], tables.to_plain(cfg.custom))]
+        widths = dict(variant.assigned("net")).get("widths")
+        return [tables.custom_table(str(cfg.custom.table), variant.choices["arch"], tables.to_plain(cfg.custom),
+                                    None if widths is None else str(widths))]
     if cfg.table is None:
         raise UserError("say which table: table=4, table=14b, table=[2,3] or table=all "
                         "(or arch=NAME 'net.widths=...' for a network of your own)")
@@ -207,7 +209,7 @@ def show_records(cfg, variant=None) -> list[dict]:
             "paper_params": run.paper.get("params"), "paper_acc": run.paper.get("acc"),
             "solver": run.solver["type"], "iterations": run.train["iterations"], "config_hash": run.config_hash,
             "recipe": run.recipe(), "solver_config": run.solver,
-            "layer_table": network.layer_table(run.spec, run.in_shape),
+            "layer_table": network.layer_table(run.spec, run.in_shape), "notes": list(run.notes),
         })
     return records
 
@@ -222,6 +224,8 @@ def cmd_show(cfg, flags, variant) -> int:
               f"{rec['iterations']} iterations)")
         if rec["variant"]:
             print(f"  variant: {rec['variant']}")
+        for note in rec["notes"]:
+            print(f"  note: {note}")
         print(f"  {' '.join(rec['layers'])}")  # the reference's token line, then layer by layer
         print(f"  {'layer':<40} {'output':>12} {'params':>10}")
         for tokens, shape, params in rec["layer_table"]:
@@ -264,6 +268,9 @@ def run_job(cfg, flags, variant) -> int:
     if "--cfg=job" in flags:  # Hydra's habit: show what would run, resolved, and run nothing
         print_resolved(runs)
         return 0
+    # Said even with quiet=true: it is about what trains, not how far it got (once a network, not once a seed).
+    for note in dict.fromkeys(note for run in runs for note in run.notes):
+        print(f"simpnet: note: {note}", file=sys.stderr)
     if "--dry-run" in flags:
         from simpnet_cli.tools import bench
 
@@ -272,6 +279,10 @@ def run_job(cfg, flags, variant) -> int:
                                     say=(lambda line: None) if cfg.quiet else
                                     (lambda line: print(line, file=sys.stderr, flush=True))))
         return 0
+    from simpnet_cli.runs import sources
+
+    for table in chosen_tables(cfg, variant):  # a conf_dir's table keeps its title and claims in the report
+        sources.remember(opts.results_dir, table)
     counts = runner.execute(runs, opts)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     print(f"{len(runs)} run(s): {summary}; results in {opts.results_dir}/", file=sys.stderr)

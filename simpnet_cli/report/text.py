@@ -124,7 +124,10 @@ def to_latex(df: pd.DataFrame) -> str:
 def section(tr: TableReport, link_prefix: str = "", level: int = 2) -> str:
     t = tr.table
     out = [f"{'#' * level} {tr.heading}", ""]
-    if tr.variant:
+    if tr.variant and not tr.beside_base:
+        out += [f"The rows of Table {t.name}, every one trained with `{tr.variant}` (the claims are checked "
+                "within these runs).", ""]
+    elif tr.variant:
         out += [f"The rows of Table {t.name} trained with `{tr.variant}` (a variant: its runs are never averaged "
                 "with the paper's configuration; the paper's figures are those of the rows as printed, for "
                 "reference, and the claims are checked within this variant).", ""]
@@ -149,7 +152,7 @@ def section(tr: TableReport, link_prefix: str = "", level: int = 2) -> str:
     if tr.plots:
         for kind in sorted(tr.plots, key=lambda k: list(PLOT_TITLES).index(k) if k in PLOT_TITLES else 99):
             title, link = PLOT_TITLES.get(kind, kind), f"{link_prefix}{tr.plots[kind].name}"
-            if tr.variant and kind == "ablation":  # one figure per table, drawn once under the paper's rows
+            if tr.variant and tr.beside_base and kind == "ablation":  # one figure per table, drawn once
                 out.append(f"This variant's rows are drawn beside the paper's configuration in [{title.lower()}, "
                            f"table {t.name}]({link}).")
             else:
