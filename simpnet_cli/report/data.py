@@ -389,7 +389,6 @@ def collect(results_dir: Path, tables_sel: Any = "all", profile: str = DEFAULT_P
         selected += own
     known.update({t.name: t for t in own})
     runs = _read_runs(Path(results_dir), known, skipped)
-    names = {t.name for t in selected}
     reports = []
     for t in selected:
         mine = [r for r in runs if str(r["table"]) == t.name]
@@ -499,7 +498,10 @@ def axis_slots(table: tables.Table) -> tuple[str, list[AxisSlot], list[str]]:
     if unknown:
         notes.append(f"axis names row(s) {', '.join(unknown)} that the table does not have")
     order = [(str(k), str(v)) for k, v in named.items() if str(k) in ids]
-    order += [(i, i) for i in ids if i not in dict(order)]
+    # Without an axis (a table of one's own) a row's label says what the network is (custom.label, or its
+    # template and widths); the id alone (a, b) would not.
+    labels = {r["id"]: str(r.get("label") or "") for r in table.rows} if table.axis is None else {}
+    order += [(i, i if labels.get(i, i) in ("", i) else f"{i}: {labels[i]}") for i in ids if i not in dict(order)]
     name = str(axis.get("name") or "row (the table's order)")
     return name, [AxisSlot(rid, x, tick) for x, (rid, tick) in enumerate(order)], notes
 
