@@ -205,7 +205,7 @@ def show_records(cfg, variant=None) -> list[dict]:
         records.append({
             "table": run.table, "row": run.label, "row_id": run.row_id, "variant": run.variant,
             "dataset": run.dataset["name"], "notation": run.net.get("widths"), "layers": network.tokens(run.spec),
-            "params_paper": paper_p, "params_total": total_p,
+            "counted_params": paper_p, "params_total": total_p,
             "paper_params": run.paper.get("params"), "paper_acc": run.paper.get("acc"),
             "solver": run.solver["type"], "iterations": run.train["iterations"], "config_hash": run.config_hash,
             "recipe": run.recipe(), "solver_config": run.solver,
@@ -234,7 +234,7 @@ def cmd_show(cfg, flags, variant) -> int:
                 print(f"  {tokens}")
                 tokens = ""
             print(f"  {tokens:<40} {out:>12} {params:>10,}")
-        print(f"  params: {rec['params_paper']:,} conv+fc (paper: {rec['paper_params'] or '-'}), "
+        print(f"  params: {rec['counted_params']:,} conv+fc (paper: {rec['paper_params'] or '-'}), "
               f"{rec['params_total']:,} trainable with BatchNorm")
         print(f"  recipe: {recipe_line(rec['recipe'])}")
     return 0

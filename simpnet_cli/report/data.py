@@ -317,7 +317,7 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
         rr.ok_runs = [r for r in runs if r["status"] == "ok"]
         rr.diverged = sum(r["status"] == "diverged" for r in runs)
         now = _counted(table, row, warnings) if table.path is not None else None  # (own networks: from runs)
-        recorded = Counter(int(r["params_paper"]) for r in runs)
+        recorded = Counter(int(r["counted_params"]) for r in runs)
         if recorded:
             rr.counted_params = recorded.most_common(1)[0][0]
             if len(recorded) > 1:
