@@ -382,11 +382,8 @@ def collect(results_dir: Path, tables_sel: Any = "all", profile: str = DEFAULT_P
             except UserError:
                 pass
     recorded = {p.stem.removeprefix("table") for p in Path(results_dir).glob("table*.csv")}
-    # Tables with results but no file on the search path: reported with "all"; known either way, so their lines
-    # are never "unknown" in a report of other tables.
-    own = tables_from_results(Path(results_dir), recorded - set(known))
-    if str(tables_sel) == "all":
-        selected += own
+    own = tables_from_results(Path(results_dir), (recorded - set(known)) if str(tables_sel) == "all" else set())
+    selected += own
     known.update({t.name: t for t in own})
     runs = _read_runs(Path(results_dir), known, skipped)
     reports = []

@@ -116,9 +116,19 @@ def _tex_escape(s: Any) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(s).replace("**", ""))
 
 
-def to_latex(df: pd.DataFrame) -> str:
-    return tabulate([[_tex_escape(v) for v in row] for row in df.itertuples(index=False)],
-                    headers=[_tex_escape(c) for c in df.columns], tablefmt="latex_raw", disable_numparse=True)
+def to_latex(df: pd.DataFrame, caption: str = "", label: str = "", note: str = "") -> str:
+    """``df`` as a booktabs tabular (\\toprule, \\midrule, \\bottomrule: ``\\usepackage{booktabs}``); with a
+    ``caption`` a whole table float, whose caption ends with ``note`` in bold (a smoke banner must be seen
+    wherever the table is pasted, not only in a comment)."""
+    body = [" & ".join(_tex_escape(v) for v in row) + r" \\" for row in df.itertuples(index=False)]
+    tabular = [r"\begin{tabular}{" + "l" * len(df.columns) + "}", r"\toprule",
+               " & ".join(_tex_escape(c) for c in df.columns) + r" \\", r"\midrule", *body, r"\bottomrule",
+               r"\end{tabular}"]
+    if not caption:
+        return "\n".join(tabular)
+    text = _tex_escape(caption) + (r" \textbf{" + _tex_escape(note) + "}" if note else "")
+    return "\n".join([r"\begin{table}[htbp]", r"\centering", r"\small", r"\caption{" + text + "}",
+                      *([r"\label{" + label + "}"] if label else []), *tabular, r"\end{table}"])
 
 
 def section(tr: TableReport, link_prefix: str = "", level: int = 2) -> str:
