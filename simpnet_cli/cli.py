@@ -112,6 +112,10 @@ def chosen_tables(cfg, variant) -> list:
     from simpnet_cli.config import tables
 
     tables.use_conf_dir(tables.user_conf_dir(cfg.conf_dir))  # (again: a cluster job starts in a new process)
+    named = [f"custom.{k}" for k in ("row", "label") if cfg.custom.get(k) is not None]
+    if named and not (cfg.table is None and "arch" in variant.choices):
+        raise UserError(f"{' and '.join(named)} name{'s' * (len(named) == 1)} a network of your own (arch=NAME without table=); "
+                        f"a table's rows are chosen with row=")
     if cfg.table is None and "arch" in variant.choices:
         widths = dict(variant.assigned("net")).get("widths")
         return [tables.custom_table(str(cfg.custom.table), variant.choices["arch"], tables.to_plain(cfg.custom),
@@ -475,7 +479,9 @@ ROW_KEYS_HELP = """\
     net.widths='C64{3}, C128{4}'  net.pools_after=[3,7]  net.kernels={1-3: 5}  net.dropout.head=0.3
     net.bn_fraction=0.99  net.init.on_convs=[]  net.param_mults.convs.indices=[-1]  net.conv_suffix={6: linear}
     feed.augment=pad4_crop32_mirror  dataset.extra=false  solver.lr=0.05  solver.schedule.steps=[20000,40000]
-    iterations=90000  batch_size=50  test_interval=1000"""
+    iterations=90000  batch_size=50  test_interval=1000
+  A network of your own (in no table): arch=arch2 'net.widths=C64, C128{2}' [custom.table=mine]
+    custom.row=NAME (a row of its own, side by side with the table's others)  custom.label='six layers'"""
 COMMON_HELP = """\
   Top-level keys (conf/config.yaml): results_dir=results  runs_dir=experiments  data_dir=data  download=true
     conf_dir=PATH (tables/arch/solver/dataset/feed of your own)  --debug (tracebacks instead of one line)"""

@@ -88,6 +88,8 @@ def test_named_rows_and_labels_are_checked(capsys):
         assert cli.main(["show", "arch=arch2", "net.widths=C8{6}", *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert cli.main(["show", "table=2", "custom.row=a"]) == 2
+    assert "custom.row names a network of your own" in capsys.readouterr().err
 
 
 def test_show_says_when_the_templates_pools_were_adapted(capsys):
