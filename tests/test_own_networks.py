@@ -11,6 +11,7 @@ import pytest
 
 from simpnet_cli import cli
 from simpnet_cli.config import tables
+from simpnet_cli.report import write as report
 from simpnet_cli.runs import results, sources
 
 MY_TABLE = """\
@@ -80,6 +81,10 @@ def test_a_conf_dir_table_and_two_named_networks_in_one_report(tmp_path, my_conf
     assert "| a " in nets and "small pair" in nets and "| b " in nets and "arch2: C8, C16{2}, C32{3}" in nets
     assert md.count("## Table mynets") == 1 and "| arch2 " not in nets and "not run" not in nets
     assert "report/tablemynets_ablation.png" in nets and "plots failed" not in md
+    # Every table (what a plain `simpnet report` reads), without figures: the same two sections.
+    every = report.render(tmp_path / "results", "all", out_dir=tmp_path / "every", plots=False).read_text()
+    assert "wider is better" in _section(every, "## Table mine: My width check") and "unknown table" not in every
+    assert "| b " in _section(every, "## Table mynets: Networks of your own")
 
 
 def test_named_rows_and_labels_are_checked(capsys):
