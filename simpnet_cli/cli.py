@@ -61,8 +61,14 @@ def chosen_tables(cfg, variant) -> list:
     from simpnet_cli.config import tables
 
     tables.use_conf_dir(tables.user_conf_dir(cfg.conf_dir))  # (again: a cluster job starts in a new process)
+    named = [f"custom.{k}" for k in ("row", "label") if cfg.custom.get(k) is not None]
+    if named and not (cfg.table is None and "arch" in variant.choices):
+        raise UserError(f"{' and '.join(named)} name{'s' * (len(named) == 1)} a network of your own (arch=NAME without table=); "
+                        f"a table's rows are chosen with row=")
     if cfg.table is None and "arch" in variant.choices:
-        return [tables.custom_table(str(cfg.custom.table), variant.choices["arch"], tables.to_plain(cfg.custom))]
+        widths = dict(variant.assigned("net")).get("widths")
+        return [tables.custom_table(str(cfg.custom.table), variant.choices["arch"], tables.to_plain(cfg.custom),
+                                    None if widths is None else str(widths))]
     if cfg.table is None:
         raise UserError("say which table: table=4, table=14b, table=[2,3] or table=all "
                         "(or arch=NAME 'net.widths=...' for a network of your own)")
@@ -152,11 +158,11 @@ def show_records(cfg, variant=None) -> list[dict]:
         records.append({
             "table": run.table, "row": run.label, "row_id": run.row_id, "variant": run.variant,
             "dataset": run.dataset["name"], "notation": run.net.get("widths"), "layers": network.tokens(run.spec),
-            "params_paper": paper_p, "params_total": total_p,
+            "counted_params": paper_p, "params_total": total_p,
             "paper_params": run.paper.get("params"), "paper_acc": run.paper.get("acc"),
             "solver": run.solver["type"], "iterations": run.train["iterations"], "config_hash": run.config_hash,
             "recipe": run.recipe(), "solver_config": run.solver,
-            "layer_table": network.layer_table(run.spec, run.in_shape),
+            "layer_table": network.layer_table(run.spec, run.in_shape), "notes": list(run.notes),
         })
     return records
 
@@ -171,6 +177,8 @@ def cmd_show(cfg, flags, variant) -> int:
               f"{rec['iterations']} iterations)")
         if rec["variant"]:
             print(f"  variant: {rec['variant']}")
+        for note in rec["notes"]:
+            print(f"  note: {note}")
         print(f"  {' '.join(rec['layers'])}")  # the reference's token line, then layer by layer
         print(f"  {'layer':<40} {'output':>12} {'params':>10}")
         for tokens, shape, params in rec["layer_table"]:
@@ -179,7 +187,7 @@ def cmd_show(cfg, flags, variant) -> int:
                 print(f"  {tokens}")
                 tokens = ""
             print(f"  {tokens:<40} {out:>12} {params:>10,}")
-        print(f"  params: {rec['params_paper']:,} conv+fc (paper: {rec['paper_params'] or '-'}), "
+        print(f"  params: {rec['counted_params']:,} conv+fc (paper: {rec['paper_params'] or '-'}), "
               f"{rec['params_total']:,} trainable with BatchNorm")
         print(f"  recipe: {recipe_line(rec['recipe'])}")
     return 0
@@ -213,6 +221,9 @@ def run_job(cfg, flags, variant) -> int:
     if "--cfg=job" in flags:  # Hydra's habit: show what would run, resolved, and run nothing
         print_resolved(runs)
         return 0
+    # Said even with quiet=true: it is about what trains, not how far it got (once a network, not once a seed).
+    for note in dict.fromkeys(note for run in runs for note in run.notes):
+        print(f"simpnet: note: {note}", file=sys.stderr)
     if "--dry-run" in flags:
         from simpnet_cli.tools import bench
 
@@ -221,6 +232,10 @@ def run_job(cfg, flags, variant) -> int:
                                     say=(lambda line: None) if cfg.quiet else
                                     (lambda line: print(line, file=sys.stderr, flush=True))))
         return 0
+    from simpnet_cli.runs import sources
+
+    for table in chosen_tables(cfg, variant):  # a conf_dir's table keeps its title and claims in the report
+        sources.remember(opts.results_dir, table)
     counts = runner.execute(runs, opts)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     print(f"{len(runs)} run(s): {summary}; results in {opts.results_dir}/", file=sys.stderr)
@@ -415,7 +430,9 @@ ROW_KEYS_HELP = """\
     net.widths='C64{3}, C128{4}'  net.pools_after=[3,7]  net.kernels={1-3: 5}  net.dropout.head=0.3
     net.bn_fraction=0.99  net.init.on_convs=[]  net.param_mults.convs.indices=[-1]  net.conv_suffix={6: linear}
     feed.augment=pad4_crop32_mirror  dataset.extra=false  solver.lr=0.05  solver.schedule.steps=[20000,40000]
-    iterations=90000  batch_size=50  test_interval=1000"""
+    iterations=90000  batch_size=50  test_interval=1000
+  A network of your own (in no table): arch=arch2 'net.widths=C64, C128{2}' [custom.table=mine]
+    custom.row=NAME (a row of its own, side by side with the table's others)  custom.label='six layers'"""
 COMMON_HELP = """\
   Top-level keys (conf/config.yaml): results_dir=results  runs_dir=experiments  data_dir=data  download=true
     conf_dir=PATH (tables/arch/solver/dataset/feed of your own)  --debug (tracebacks instead of one line)"""

@@ -274,7 +274,7 @@ def test_an_older_layout_is_reindexed_as_it_was_and_lines_without_folders_are_ke
 
 def line(row_id: str, **over) -> dict:
     return {"table": "5", "row": f"row {row_id}", "row_id": row_id, "variant": "", "seed": 0, "dataset": "cifar10",
-            "params_paper": 53370, "params_total": 53912, "paper_params": "53K", "paper_acc": 79.44, "final_acc": 61.5,
+            "counted_params": 53370, "params_total": 53912, "paper_params": "53K", "paper_acc": 79.44, "final_acc": 61.5,
             "best_acc": 62.25, "best_iter": 4, "iterations": 4, "epochs": 0.5, "wall_s": 1.25, "img_per_s": 100.0,
             "device": "cpu", "precision": "fp32", "step_mode": "eager", "profile": "smoke", "status": "ok",
             "config_hash": f"h{row_id}", "run_dir": "runs/x", "finished_at": "2025-01-01T00:00:00Z", **over}
@@ -300,3 +300,15 @@ def test_the_reader_matches_columns_by_name_and_ignores_what_is_not_a_finished_r
     path.write_text(",".join(old) + "\n" + ",".join(str(line("P5")[c]) for c in old) + "\n")
     (rec,), skipped = results.read(path)
     assert not skipped and rec["variant"] == "" and rec["step_mode"] == "eager"
+
+
+def test_a_file_with_the_old_name_of_the_counted_parameters_reads_as_the_new(tmp_path):
+    """params_paper (the counted parameters, beside paper_params: the printed figure) is now counted_params."""
+    path = results.csv_path(tmp_path, "5")
+    old = [("params_paper" if c == "counted_params" else c) for c in results.COLUMNS]
+    path.write_text(",".join(old) + "\n" + ",".join(str(line("P5")[c]) for c in results.COLUMNS) + "\n")
+    (rec,), skipped = results.read(path)
+    assert not skipped and (rec["counted_params"], rec["paper_params"]) == (53370, "53K")
+    assert "params_paper" not in rec and "counted_params,params_total,paper_params" in results.HEADER
+    assert results.format_line({**{k: v for k, v in line("P5").items() if k != "counted_params"},
+                                "params_paper": 1}) == results.format_line(line("P5", counted_params=1))

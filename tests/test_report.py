@@ -218,6 +218,18 @@ def test_smoke_only_table_is_labelled(tmp_path: Path):
     assert report.SMOKE_BANNER in md_smoke and "1 full run(s)" in md_smoke
 
 
+def test_latex_has_a_caption_booktabs_rules_and_a_visible_smoke_note(tmp_path: Path):
+    rdir = tmp_path / "results"
+    for seed in (0, 1):
+        append(rdir, "2", run_row(tmp_path, "8L", seed, 30.0 + seed, 28.0, profile="smoke", wall_s=3))
+    report.render(rdir, "2", latex=True, plots=False)
+    tex = (rdir / "report" / "table2.tex").read_text()
+    assert r"\caption{Table 2: " in tex and r"\label{tab:simpnet-table2}" in tex and "booktabs" in tex
+    assert [tex.count(rule) for rule in (r"\toprule", r"\midrule", r"\bottomrule")] == [2, 2, 2]  # rows, claims
+    assert r"\hline" not in tex and tex.count(r"\textbf{Smoke runs (tiny subset") == 2
+    assert r"30.50 $\pm$ 0.71" in tex
+
+
 def test_empty_results_render_every_table(tmp_path: Path):
     rdir = tmp_path / "results"
     rdir.mkdir()

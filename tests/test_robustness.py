@@ -45,7 +45,7 @@ RESUME_ARGS = ["run", "table=5", "row=[P5,P3]", "profile=smoke", "profile.train.
 # The smoke profile on a quarter of its data, for tests about what is recorded rather than what is learnt.
 TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=8"]
 CURVE_FIGURES = ["iter", "test_acc", "test_loss", "train_loss", "lr"]  # wall_s is a time, not a figure
-CSV_FIGURES = ["final_acc", "best_acc", "best_iter", "iterations", "epochs", "params_paper", "params_total",
+CSV_FIGURES = ["final_acc", "best_acc", "best_iter", "iterations", "epochs", "counted_params", "params_total",
                "status", "config_hash"]
 
 BAD_TABLE = """\
@@ -109,7 +109,7 @@ def assert_one_line_error(proc_or_rc, stderr: str | None = None, *needles: str) 
 def fake_row(row_id: str = "P7", table: str = "5", seed: int = 0, config_hash: str = "0123456789abcdef",
              **over) -> dict:
     row = {"table": table, "row": f"row {row_id}", "row_id": row_id, "variant": "", "seed": seed, "dataset": "cifar10",
-           "params_paper": 53370, "params_total": 53912, "paper_params": "53K", "paper_acc": 79.44,
+           "counted_params": 53370, "params_total": 53912, "paper_params": "53K", "paper_acc": 79.44,
            "final_acc": 61.5, "best_acc": 62.25, "best_iter": 4, "iterations": 4, "epochs": 0.5, "wall_s": 1.25,
            "img_per_s": 100.0, "device": "cpu (2 threads)", "precision": "fp32", "step_mode": "eager",
            "profile": "smoke", "status": "ok", "config_hash": config_hash, "run_dir": "experiments/x",

@@ -120,10 +120,10 @@ def test_show_all_json(capsys):
     want = [(t.name, r["label"]) for t in tables.load_tables("all") for r in t.rows]
     assert [(r["table"], r["row"]) for r in records] == want
     for rec in records:
-        for key in ("table", "row", "layers", "params_paper", "params_total"):
+        for key in ("table", "row", "layers", "counted_params", "params_total"):
             assert key in rec and rec[key] not in (None, ""), f"{rec.get('table')}/{rec.get('row')}: no {key}"
         assert isinstance(rec["layers"], list) and rec["layers"][-1] in ("fc10", "fc100", "GP-AVE")
-        assert 0 < rec["params_paper"] <= rec["params_total"]  # equal without BatchNorm (SqueezeNet)
+        assert 0 < rec["counted_params"] <= rec["params_total"]  # equal without BatchNorm (SqueezeNet)
 
 
 def test_show_one_row_text(capsys):

@@ -576,7 +576,7 @@ TOP_KEYS = {"table", "row", "seeds", "net", "iterations", "batch_size", "test_in
             "svhn_extra", "quiet", "logger", "dry_run", "bench", "profile", "stack", "stack_mode"}
 GROUP_KEYS = {"arch", "dataset", "feed", "solver"}
 PROFILE_KEYS = {"name", "device", "train", "data"}
-CUSTOM_KEYS = {"table", "dataset", "solver", "iterations", "feed", "test_interval"}
+CUSTOM_KEYS = {"table", "row", "label", "dataset", "solver", "iterations", "feed", "test_interval"}
 MAX_SEED = 2**32 - 1  # numpy's and CUDA's generators take 32-bit seeds; the data order mixes in the epoch
 
 
@@ -654,9 +654,13 @@ def check_top(cfg: dict) -> None:
         raise ConfigError(f"custom.{bad[0]}: unknown key (allowed: {', '.join(sorted(CUSTOM_KEYS))})")
     if "table" in custom:
         check_name("custom.table", custom["table"], reserved=True)
-    for key in ("dataset", "solver", "feed"):
+    for key in ("row", "dataset", "solver", "feed"):
         if custom.get(key) is not None:
             check_name(f"custom.{key}", custom[key])
+    if custom.get("label") is not None:
+        _require(isinstance(custom["label"], (str, int, float)) and not isinstance(custom["label"], bool)
+                 and str(custom["label"]).strip() != "", "custom.label", "give a text (custom.label='wide, 6 layers')",
+                 custom["label"])
     for key in ("iterations", "test_interval"):
         _whole(f"custom.{key}", custom.get(key))
     if cfg.get("conf_dir") is not None:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from simpnet_cli.nets import specs as network
 from simpnet_cli.config import schemas
 from simpnet_cli.errors import UserError
-from simpnet_cli.nets.notation import parse_widths
+from simpnet_cli.nets.notation import format_widths, parse_widths
 from simpnet_cli.config.variants import RowOverrides, assign
 
 # The config tree: conf/ beside the package, searched after a folder of one's own (``conf_dir=PATH`` on the
@@ -219,20 +219,42 @@ def load_tables(selector: Any = "all") -> list[Table]:
     return [load_table(str(selector))]
 
 
-def custom_table(name: str, arch: str, defaults: dict) -> Table:
+def custom_table(name: str, arch: str, defaults: dict, widths: str | None = None) -> Table:
     """A network that is in no table (``simpnet run arch=arch2 'net.widths=...'``): one row on the ``arch``
     template, trained with ``defaults`` (dataset, solver, iterations) unless the command line says otherwise,
-    and recorded under the table ``name``."""
+    and recorded under the table ``name``.
+
+    Without ``custom.row`` the row is the template's (id ``arch2``) and the command line's network keys are a
+    variant of it. With ``custom.row=NAME`` the network is a row of its own, named so: the command line's
+    network (arch=, net.*) and configs (dataset=, solver=, feed=) define that row rather than vary it, so
+    networks with rows of their own sit side by side in the table's one section."""
     schemas.check_name("custom.table", name, reserved=True)
     if table_path(str(name)) is not None:
         raise UserError(f"custom.table={name} is the name of an existing table; give your network another name")
-    row = {"id": str(arch), "label": f"{arch} (a network of your own)", "arch": str(arch), "fit_pools": True,
+    row_name = defaults.get("row")
+    if row_name is not None:
+        schemas.check_name("custom.row", row_name)
+    label = defaults.get("label")
+    if label is None:
+        label = f"{arch} (a network of your own)" if row_name is None else _own_label(arch, widths)
+    row = {"id": str(arch if row_name is None else row_name), "label": str(label), "arch": str(arch),
+           "fit_pools": True, "own_row": row_name is not None,
            "dataset": defaults.get("dataset", "cifar10"), "solver": defaults.get("solver", "adadelta_30k"),
            "iterations": defaults.get("iterations", 30000)}
     for key in ("feed", "test_interval"):  # unset: the dataset's usual feed, every 500 iterations
         if defaults.get(key) is not None:
             row[key] = defaults[key]
     return Table(str(name), "Networks of your own", [row])
+
+
+def _own_label(arch: str, widths: str | None) -> str:
+    """A named row's label when custom.label is not given: its template and widths, as `show` spells them."""
+    if widths is None:
+        return str(arch)
+    try:
+        return f"{arch}: {format_widths(parse_widths(widths))}"
+    except UserError:  # a bad widths string is refused, naming the key, when the row resolves
+        return f"{arch}: {widths}"
 
 
 # --------------------------------------------------------------------------- resolved runs
@@ -253,6 +275,9 @@ class RunSpec:
     # net.widths parsed once, where the run is composed (None for families without widths); not identity: the
     # spec built from it is.
     widths: tuple | None = field(default=None, repr=False, compare=False)
+    # What was adapted to make the row build, said to the user (the template's pools cut for a shallow network);
+    # not identity: the network they describe is.
+    notes: tuple = field(default=(), compare=False)
 
     @cached_property  # frozen dataclass: cached_property writes the instance's __dict__ directly
     def spec(self) -> tuple:
@@ -300,7 +325,8 @@ class RunSpec:
     def to_dict(self) -> dict:
         return {"table": self.table, "row_id": self.row_id, "label": self.label, "seed": self.seed,
                 "net": self.net, "dataset": self.dataset, "solver": self.solver, "train": self.train,
-                "paper": self.paper, "variant": self.variant, "config_hash": self.config_hash}
+                "paper": self.paper, "variant": self.variant, "config_hash": self.config_hash,
+                **({"notes": list(self.notes)} if self.notes else {})}
 
 
 # Keys that change how a run is executed or recorded but not what it computes.
@@ -308,9 +334,9 @@ NON_IDENTITY_TRAIN_KEYS = {"checkpoint_every", "graphs"}
 
 
 def _parts(row: dict, profile: dict, run_opts: dict | None, data_opts: dict | None,
-           overrides: RowOverrides | None) -> tuple[dict, dict, dict, dict, tuple | None]:
-    """(net, dataset, solver, train, parsed widths) of a row: its configs, then the profile, then the command
-    line. ``net.widths`` is parsed here and only here."""
+           overrides: RowOverrides | None) -> tuple[dict, dict, dict, dict, tuple | None, tuple]:
+    """(net, dataset, solver, train, parsed widths, notes) of a row: its configs, then the profile, then the
+    command line. ``net.widths`` is parsed here and only here; ``notes`` say what was adapted."""
     over = overrides or RowOverrides()
     choices = over.choices
     net = _deep_merge(load_named("arch", choices.get("arch", row["arch"])), row.get("net") or {})
@@ -335,15 +361,21 @@ def _parts(row: dict, profile: dict, run_opts: dict | None, data_opts: dict | No
     for key, value in over.assigned("net"):
         net = assign(net, key, value)
     widths = tuple(parse_widths(net["widths"])) if "widths" in net else None
+    notes = ()
     if row.get("fit_pools") and "pools_after" in net and "pools_after" not in dict(over.assigned("net")):
         # A network of one's own keeps its family's pool positions that exist in it (Arch2's [4, 7, 9, 12] on
-        # six layers: [4]); `simpnet show` prints where they went, and net.pools_after=[..] places them.
-        net["pools_after"] = [i for i in net["pools_after"] if widths is None or i <= len(widths)]
+        # six layers: [4]), and says so: a silently different network would be mistaken for the template's.
+        kept = [i for i in net["pools_after"] if widths is None or i <= len(widths)]
+        if kept != list(net["pools_after"]):
+            arch = over.choices.get("arch", row["arch"])
+            notes = (f"{arch}'s pools_after {_word(list(net['pools_after']))} adapted to {_word(kept)} for "
+                     f"{len(widths)} layers; set net.pools_after=[..] to place them",)
+        net["pools_after"] = kept
     for key, value in over.assigned("dataset"):
         dataset = assign(dataset, key, value)
     for key, value in over.assigned("solver"):
         solver = assign(solver, key, value)
-    return net, dataset, solver, train, widths
+    return net, dataset, solver, train, widths, notes
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -386,11 +418,11 @@ def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | 
     if overrides:
         where += f" with {overrides.text()}"
     try:
-        net, dataset, solver, train, widths = _parts(row, profile, run_opts, data_opts, overrides)
+        net, dataset, solver, train, widths, notes = _parts(row, profile, run_opts, data_opts, overrides)
         schemas.check_run(net, dataset, solver, train)
         schemas.check_record(table.name, row["id"], row["label"], dataset.get("name"), row.get("paper") or {})
         spec = RunSpec(table.name, row["id"], row["label"], int(seed), net, dataset, solver, train,
-                       dict(row.get("paper") or {}), widths=widths)
+                       dict(row.get("paper") or {}), widths=widths, notes=notes)
         network.check(spec.spec, spec.in_shape)
         network.check_recipe(spec.spec, net)
     except UserError as err:  # NotationError, NetworkError, ...: keep the type, say which row
@@ -405,13 +437,23 @@ def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | 
         # A group choice that is the row's own (dataset=cifar10 on a CIFAR-10 row) changes nothing: not named.
         same = tuple(g for g, choice in over.choices.items()
                      if table.path is not None and isinstance(row.get(g), str) and row[g] == choice)
-        words = over.text(skip=(("arch",) if table.path is None else ()) + same, widths=spec.widths)
+        words = over.text(skip=_defining(table, row, over) + same, widths=spec.widths)
         variant = " ".join([words] * bool(words) + [f"{k}={_word(v)}" for k, v in unnamed])
         if table.path is not None and variant:
             plain = resolve(table, row, seed, profile if base_profile is None else base_profile)
             variant = "" if plain.config_hash == spec.config_hash else variant
         spec = dataclasses.replace(spec, variant=variant)
     return spec
+
+
+def _defining(table: Table, row: dict, over: RowOverrides) -> tuple:
+    """The overrides that define a row rather than vary it, so no variant names them: a network of one's own
+    is on the template arch= chose; a named one (custom.row=) is also its net.* keys and its configs."""
+    if table.path is not None:
+        return ()
+    if not row.get("own_row"):
+        return ("arch",)
+    return tuple(over.choices) + tuple(key for key, _ in over.assignments if key.startswith("net."))
 
 
 def _word(value: Any) -> str:

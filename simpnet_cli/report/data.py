@@ -29,6 +29,7 @@ id is listed under "Skipped lines" and logged as a warning.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from simpnet_cli.nets import specs as network
-from simpnet_cli.runs import results
+from simpnet_cli.runs import results, sources
 from simpnet_cli.config import tables
 from simpnet_cli.report.claims import ClaimResult, evaluate_claim, mean_var
 from simpnet_cli.errors import UserError
@@ -95,6 +96,9 @@ class TableReport:
     curve_note: str = ""
     variant: str = ""             # "" for the paper's configuration; else the overrides of the runs shown
     variant_no: int = 0           # 1, 2, ... for the variants of one table (file names)
+    # False for the first variant of a table whose rows as printed have no section (a table with no file and
+    # no run without overrides): its section holds the table's figure instead of pointing to another's.
+    beside_base: bool = True
 
     @property
     def error_display(self) -> bool:
@@ -226,7 +230,7 @@ def _load(selector: Any, warnings: list[str], results_dir: Path | None = None) -
         name = str(selector).removeprefix("table")
         if tables.table_path(name) is None and results_dir is not None \
                 and results.csv_path(results_dir, name).exists():
-            return tables_from_results(results_dir, {name})  # a network of one's own (table custom)
+            return tables_from_results(results_dir, {name})  # own networks, or a conf_dir table kept by `run`
         return tables.load_tables(selector)  # an unknown or broken table the user named: a UserError
     out = []
     for name in tables.table_names():
@@ -313,7 +317,7 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
         rr.ok_runs = [r for r in runs if r["status"] == "ok"]
         rr.diverged = sum(r["status"] == "diverged" for r in runs)
         now = _counted(table, row, warnings) if table.path is not None else None  # (own networks: from runs)
-        recorded = Counter(int(r["params_paper"]) for r in runs)
+        recorded = Counter(int(r["counted_params"]) for r in runs)
         if recorded:
             rr.counted_params = recorded.most_common(1)[0][0]
             if len(recorded) > 1:
@@ -347,16 +351,20 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
 
 
 def tables_from_results(results_dir: Path, names: set[str]) -> list[tables.Table]:
-    """Tables that have results but no table file (networks of one's own: ``simpnet run arch=...``), with their
-    rows as the runs name them; they have no paper figures and no claims."""
+    """Tables that have results but no table file on the search path: a conf_dir's table as ``simpnet run``
+    kept it (runs/sources.py: title, claims, axis, paper figures), else a network of one's own (``simpnet run
+    arch=...``) with no paper figures and no claims; either way with every row its runs name."""
     out = []
     for name in sorted(names):
         rows, _ = results.read(results.csv_path(results_dir, name))
-        seen: dict[str, dict] = {}
+        kept = sources.recall(results_dir, name)
+        seen: dict[str, dict] = {r["id"]: r for r in (kept.rows if kept is not None else [])}
         for r in rows:
             seen.setdefault(str(r["row_id"]), {"id": str(r["row_id"]), "label": str(r["row"]),
                                                "dataset": str(r["dataset"]), "paper": {}})
-        if seen:
+        if kept is not None:
+            out.append(dataclasses.replace(kept, rows=list(seen.values())))
+        elif seen:
             out.append(tables.Table(name, "Networks of your own (in no table of the paper)", list(seen.values())))
     return out
 
@@ -378,13 +386,18 @@ def collect(results_dir: Path, tables_sel: Any = "all", profile: str = DEFAULT_P
     selected += own
     known.update({t.name: t for t in own})
     runs = _read_runs(Path(results_dir), known, skipped)
-    names = {t.name for t in selected}
     reports = []
     for t in selected:
         mine = [r for r in runs if str(r["table"]) == t.name]
         variants = sorted({str(r.get("variant") or "") for r in mine} - {""})
-        reports.append(_table_report(t, mine, profile, warnings))
-        reports += [_table_report(t, mine, profile, warnings, v, i) for i, v in enumerate(variants, 1)]
+        with_variants = [_table_report(t, mine, profile, warnings, v, i) for i, v in enumerate(variants, 1)]
+        if t.path is None and variants and not any(str(r.get("variant") or "") == "" for r in mine):
+            # Rows known only from their runs (or from what `run` kept of a conf_dir's table), all run with
+            # overrides: a section of the rows without them would be rows that were never meant to run.
+            with_variants[0].beside_base = False
+        else:
+            reports.append(_table_report(t, mine, profile, warnings))
+        reports += with_variants
     return Report(reports, skipped, warnings, profile)
 
 
@@ -482,7 +495,10 @@ def axis_slots(table: tables.Table) -> tuple[str, list[AxisSlot], list[str]]:
     if unknown:
         notes.append(f"axis names row(s) {', '.join(unknown)} that the table does not have")
     order = [(str(k), str(v)) for k, v in named.items() if str(k) in ids]
-    order += [(i, i) for i in ids if i not in dict(order)]
+    # Without an axis (a table of one's own) a row's label says what the network is (custom.label, or its
+    # template and widths); the id alone (a, b) would not.
+    labels = {r["id"]: str(r.get("label") or "") for r in table.rows} if table.axis is None else {}
+    order += [(i, i if labels.get(i, i) in ("", i) else f"{i}: {labels[i]}") for i in ids if i not in dict(order)]
     name = str(axis.get("name") or "row (the table's order)")
     return name, [AxisSlot(rid, x, tick) for x, (rid, tick) in enumerate(order)], notes
 

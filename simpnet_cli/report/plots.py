@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Text
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from simpnet_cli.report.claims import mean_var
 from simpnet_cli.report.data import (PAPER_STATS, Ablation, TableReport, ablation_points, axis_slots,
@@ -231,6 +231,8 @@ def params_figure(tr: TableReport) -> Figure | None:
     xs = [x for r in trained for x in (parse_params(r.paper_params), r.counted_params) if x]
     if xs and max(xs) / min(xs) > 5:
         ax.set_xscale("log")
+        if max(xs) / min(xs) < 100:  # under two decades a log axis shows one or two ticks: add 2x and 5x
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     elif xs:
         ax.set_xlim(min(xs) * 0.8, max(xs) * 1.25)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))

@@ -116,15 +116,28 @@ def _tex_escape(s: Any) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(s).replace("**", ""))
 
 
-def to_latex(df: pd.DataFrame) -> str:
-    return tabulate([[_tex_escape(v) for v in row] for row in df.itertuples(index=False)],
-                    headers=[_tex_escape(c) for c in df.columns], tablefmt="latex_raw", disable_numparse=True)
+def to_latex(df: pd.DataFrame, caption: str = "", label: str = "", note: str = "") -> str:
+    """``df`` as a booktabs tabular (\\toprule, \\midrule, \\bottomrule: ``\\usepackage{booktabs}``); with a
+    ``caption`` a whole table float, whose caption ends with ``note`` in bold (a smoke banner must be seen
+    wherever the table is pasted, not only in a comment)."""
+    body = [" & ".join(_tex_escape(v) for v in row) + r" \\" for row in df.itertuples(index=False)]
+    tabular = [r"\begin{tabular}{" + "l" * len(df.columns) + "}", r"\toprule",
+               " & ".join(_tex_escape(c) for c in df.columns) + r" \\", r"\midrule", *body, r"\bottomrule",
+               r"\end{tabular}"]
+    if not caption:
+        return "\n".join(tabular)
+    text = _tex_escape(caption) + (r" \textbf{" + _tex_escape(note) + "}" if note else "")
+    return "\n".join([r"\begin{table}[htbp]", r"\centering", r"\small", r"\caption{" + text + "}",
+                      *([r"\label{" + label + "}"] if label else []), *tabular, r"\end{table}"])
 
 
 def section(tr: TableReport, link_prefix: str = "", level: int = 2) -> str:
     t = tr.table
     out = [f"{'#' * level} {tr.heading}", ""]
-    if tr.variant:
+    if tr.variant and not tr.beside_base:
+        out += [f"The rows of Table {t.name}, every one trained with `{tr.variant}` (the claims are checked "
+                "within these runs).", ""]
+    elif tr.variant:
         out += [f"The rows of Table {t.name} trained with `{tr.variant}` (a variant: its runs are never averaged "
                 "with the paper's configuration; the paper's figures are those of the rows as printed, for "
                 "reference, and the claims are checked within this variant).", ""]
@@ -149,7 +162,7 @@ def section(tr: TableReport, link_prefix: str = "", level: int = 2) -> str:
     if tr.plots:
         for kind in sorted(tr.plots, key=lambda k: list(PLOT_TITLES).index(k) if k in PLOT_TITLES else 99):
             title, link = PLOT_TITLES.get(kind, kind), f"{link_prefix}{tr.plots[kind].name}"
-            if tr.variant and kind == "ablation":  # one figure per table, drawn once under the paper's rows
+            if tr.variant and tr.beside_base and kind == "ablation":  # one figure per table, drawn once
                 out.append(f"This variant's rows are drawn beside the paper's configuration in [{title.lower()}, "
                            f"table {t.name}]({link}).")
             else:

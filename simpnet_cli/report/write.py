@@ -54,10 +54,12 @@ def _adopt_figures(tr: TableReport, sub: Path) -> None:
 def _write_section_files(tr: TableReport, sub: Path, latex: bool) -> None:
     (sub / f"{tr.slug}.md").write_text(section(tr, "", level=1) + "\n")
     if latex:
-        tex = [f"% Table {tr.table.name}: {tr.table.title}" + (f" -- {tr.banner}" if tr.banner else ""),
-               to_latex(frame(tr))]
+        note = (tr.banner[0].upper() + tr.banner[1:] + ".") if tr.banner else ""
+        tex = [r"% simpnet report: needs \usepackage{booktabs}",
+               to_latex(frame(tr), f"{tr.heading}.", f"tab:simpnet-{tr.slug}", note)]
         if tr.claims:
-            tex += ["", to_latex(claims_frame(tr))]
+            tex += ["", to_latex(claims_frame(tr), f"{tr.heading}: claims, Welch's t-test, one-sided.",
+                                 f"tab:simpnet-{tr.slug}-claims", note)]
         (sub / f"{tr.slug}.tex").write_text("\n".join(tex) + "\n")
 
 

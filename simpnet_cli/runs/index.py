@@ -51,7 +51,8 @@ from simpnet_cli.runs import results
 RECORDS = "records"
 RESULT = "result.json"
 CONFIG = "config.yaml"
-# The CSV's columns that depend on the table row (kept in its record) and on the run (kept in result.json).
+# The CSV's columns that depend on the table row (kept in its record) and on the run (kept in result.json, whose
+# params_paper is the CSV's counted_params: results.format_line renames it).
 RECORD_COLUMNS = ["table", "row", "row_id", "variant", "seed", "dataset", "paper_params", "paper_acc", "profile",
                   "config_hash", "run_dir"]
 RESULT_COLUMNS = ["params_paper", "params_total", "final_acc", "best_acc", "best_iter", "iterations", "epochs",

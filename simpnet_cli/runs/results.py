@@ -21,19 +21,24 @@ from pathlib import Path
 
 from simpnet_cli.errors import UserError
 
+# counted_params: the network's conv and classifier parameters as the paper counts them (BatchNorm excluded),
+# counted by simpnet; params_total: every trainable parameter; paper_params, paper_acc: the figures the paper prints.
 COLUMNS = [
-    "table", "row", "row_id", "variant", "seed", "dataset", "params_paper", "params_total", "paper_params", "paper_acc",
+    "table", "row", "row_id", "variant", "seed", "dataset", "counted_params", "params_total", "paper_params", "paper_acc",
     "final_acc", "best_acc", "best_iter", "iterations", "epochs", "wall_s", "img_per_s", "device", "precision",
     "step_mode", "profile", "status", "config_hash", "run_dir", "finished_at",
 ]
-NUMERIC = {"seed", "params_paper", "params_total", "final_acc", "best_acc", "best_iter", "iterations",
+NUMERIC = {"seed", "counted_params", "params_total", "final_acc", "best_acc", "best_iter", "iterations",
            "epochs", "wall_s", "img_per_s"}
-INTEGER = {"seed", "params_paper", "params_total", "best_iter", "iterations"}
+INTEGER = {"seed", "counted_params", "params_total", "best_iter", "iterations"}
 STATUSES = {"ok", "diverged"}
 # Columns that may be empty: ``variant`` is empty for a paper's row as printed (no overrides).
 MAY_BE_EMPTY = {"variant"}
 # Columns added after the first release: a file written before them reads them as these values.
 LATER_COLUMNS = {"variant": "", "step_mode": "eager"}
+# Columns renamed since: a file (or a line to format) with the old name reads as the new one. (params_paper held
+# the counted parameters beside paper_params, the printed figure.)
+RENAMED = {"params_paper": "counted_params"}
 # An ISO 8601 time to the second (the writer adds a Z): a line torn inside its last column fails this.
 FINISHED_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:?\d\d)?")
 BOM = "\ufeff"  # a spreadsheet that re-saves the file as "UTF-8 with BOM" puts this before the header
@@ -70,6 +75,7 @@ def table_of(path: Path) -> str:
 
 def format_line(row: dict) -> str:
     """One CSV line (with its newline) in the column order of ``COLUMNS``."""
+    row = {RENAMED.get(k, k): v for k, v in row.items()}
     missing = [c for c in COLUMNS if row.get(c) is None or (row.get(c) == "" and c not in MAY_BE_EMPTY)]
     if missing:
         raise ValueError(f"result row lacks {missing}")
@@ -118,7 +124,7 @@ def parse(path: Path, table: str | None = None) -> tuple[list[Line], list[BadLin
         lines.pop()
     if not lines:
         return [], []
-    header = [h.strip() for h in next(csv.reader([lines[0]]), [])]
+    header = [RENAMED.get(h.strip(), h.strip()) for h in next(csv.reader([lines[0]]), [])]
     missing = [c for c in COLUMNS if c not in header and c not in LATER_COLUMNS]
     if missing or len(set(header)) != len(header):
         why = "damaged header: its lines cannot be matched to columns (`simpnet repair` rebuilds the file from " \
