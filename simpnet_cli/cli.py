@@ -16,8 +16,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simpnet_cli.errors import UserError
+
+if TYPE_CHECKING:  # imported where used, to keep `simpnet list` quick
+    from simpnet_cli.runs import runner
 
 USAGE = __doc__.split("\n\n")[1]
 FLAGS = {"--json", "--debug", "--dry-run", "--latex", "-m", "--multirun", "--help", "-h"}
@@ -41,7 +45,7 @@ def check_options(cfg) -> None:
     schemas.check_top(tables.to_plain(cfg))
 
 
-def options(cfg) -> "runner.Options":  # noqa: F821 - imported lazily to keep `simpnet list` quick
+def options(cfg) -> runner.Options:
     from simpnet_cli.runs import runner
     from simpnet_cli.train import callbacks
 
