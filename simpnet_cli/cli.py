@@ -70,9 +70,7 @@ def chosen_tables(cfg, variant) -> list:
         raise UserError(f"{' and '.join(named)} name{'s' * (len(named) == 1)} a network of your own (arch=NAME without table=); "
                         f"a table's rows are chosen with row=")
     if cfg.table is None and "arch" in variant.choices:
-        widths = dict(variant.assigned("net")).get("widths")
-        return [tables.custom_table(str(cfg.custom.table), variant.choices["arch"], tables.to_plain(cfg.custom),
-                                    None if widths is None else str(widths))]
+        return [tables.custom_table(str(cfg.custom.table), variant.choices["arch"], tables.to_plain(cfg.custom))]
     if cfg.table is None:
         raise UserError("say which table: table=4, table=14b, table=[2,3] or table=all "
                         "(or arch=NAME 'net.widths=...' for a network of your own)")

@@ -219,7 +219,7 @@ def load_tables(selector: Any = "all") -> list[Table]:
     return [load_table(str(selector))]
 
 
-def custom_table(name: str, arch: str, defaults: dict, widths: str | None = None) -> Table:
+def custom_table(name: str, arch: str, defaults: dict) -> Table:
     """A network that is in no table (``simpnet run arch=arch2 'net.widths=...'``): one row on the ``arch``
     template, trained with ``defaults`` (dataset, solver, iterations) unless the command line says otherwise,
     and recorded under the table ``name``.
@@ -235,9 +235,12 @@ def custom_table(name: str, arch: str, defaults: dict, widths: str | None = None
     if row_name is not None:
         schemas.check_name("custom.row", row_name)
     label = defaults.get("label")
-    if label is None:
-        label = f"{arch} (a network of your own)" if row_name is None else _own_label(arch, widths)
-    row = {"id": str(arch if row_name is None else row_name), "label": str(label), "arch": str(arch),
+    if label is None and row_name is None:
+        label = f"{arch} (a network of your own)"
+    # A named row without custom.label is labelled by its template and widths when it resolves (resolve: the
+    # widths it parses there, once)
+    row = {"id": str(arch if row_name is None else row_name), "label": None if label is None else str(label),
+           "arch": str(arch),
            "fit_pools": True, "own_row": row_name is not None,
            "dataset": defaults.get("dataset", "cifar10"), "solver": defaults.get("solver", "adadelta_30k"),
            "iterations": defaults.get("iterations", 30000)}
@@ -245,16 +248,6 @@ def custom_table(name: str, arch: str, defaults: dict, widths: str | None = None
         if defaults.get(key) is not None:
             row[key] = defaults[key]
     return Table(str(name), "Networks of your own", [row])
-
-
-def _own_label(arch: str, widths: str | None) -> str:
-    """A named row's label when custom.label is not given: its template and widths, as `show` spells them."""
-    if widths is None:
-        return str(arch)
-    try:
-        return f"{arch}: {format_widths(parse_widths(widths))}"
-    except UserError:  # a bad widths string is refused, naming the key, when the row resolves
-        return f"{arch}: {widths}"
 
 
 # --------------------------------------------------------------------------- resolved runs
@@ -420,8 +413,12 @@ def resolve(table: Table, row: dict, seed: int, profile: dict, run_opts: dict | 
     try:
         net, dataset, solver, train, widths, notes = _parts(row, profile, run_opts, data_opts, overrides)
         schemas.check_run(net, dataset, solver, train)
-        schemas.check_record(table.name, row["id"], row["label"], dataset.get("name"), row.get("paper") or {})
-        spec = RunSpec(table.name, row["id"], row["label"], int(seed), net, dataset, solver, train,
+        label = row["label"]
+        if label is None:  # a named network of one's own: its template and widths, as `show` spells them
+            arch = (overrides or RowOverrides()).choices.get("arch", row["arch"])
+            label = f"{arch}: {format_widths(list(widths))}" if widths is not None else str(arch)
+        schemas.check_record(table.name, row["id"], label, dataset.get("name"), row.get("paper") or {})
+        spec = RunSpec(table.name, row["id"], label, int(seed), net, dataset, solver, train,
                        dict(row.get("paper") or {}), widths=widths, notes=notes)
         network.check(spec.spec, spec.in_shape)
         network.check_recipe(spec.spec, net)
