@@ -233,10 +233,14 @@ def test_tables_of_ones_own_are_listed_with_their_origin_and_run(tmp_path, my_co
     assert sorted(r["row_id"] for r in rows) == ["A", "B"]
 
 
-def test_tables_of_ones_own_through_the_environment(tmp_path, my_conf):
-    proc = simpnet("show", "table=mine", "row=B", cwd=tmp_path, env={"SIMPNET_CONF_DIR": str(my_conf)})
-    assert proc.returncode == 0, proc.stderr
-    assert "Table mine / B: eight layers" in proc.stdout
+def test_tables_of_ones_own_through_the_environment(tmp_path, my_conf, capsys, monkeypatch):
+    # In-process (the variable is read when the command composes its config, as in a fresh process).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIMPNET_CONF_DIR", str(my_conf))
+    code = cli.main(["show", "table=mine", "row=B"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Table mine / B: eight layers" in out
 
 
 # --------------------------------------------------------------------------- bad variant input: one line, exit 2
@@ -279,7 +283,8 @@ def test_bad_variant_input_is_one_line_and_trains_nothing(tmp_path, capsys, args
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 
-def test_a_bad_key_in_a_sweep_is_one_line_before_any_job(tmp_path):
+def test_a_bad_key_in_a_sweep_is_one_line_before_any_job(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     proc = simpnet("run", "-m", "table=5", "row=P5,P3", "net.dropout.head=0.1,2", "profile=smoke",
                    f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
                    f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
@@ -287,9 +292,11 @@ def test_a_bad_key_in_a_sweep_is_one_line_before_any_job(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "net.dropout.head" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "runs").exists(), "no job may start"
-    unknown = simpnet("run", "-m", "table=5", "row=P5,P3", "nope=1", f"hydra.sweep.dir={tmp_path}/sweep",
-                      cwd=tmp_path)
-    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
+    # (the same check in-process: the sweep is refused before Hydra's multirun takes over sys.argv)
+    capsys.readouterr()
+    code = cli.main(["run", "-m", "table=5", "row=P5,P3", "nope=1", f"hydra.sweep.dir={tmp_path}/sweep"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
 
 
 def test_table_all_with_one_broken_row_anywhere_fails_before_the_first_run(tmp_path, capsys):
