@@ -86,7 +86,11 @@ SLOW = {
     "test_smoke_tables.py": ("test_smoke_run_records", "test_rerun_adds_no_lines", "test_twin_rows_share"),
     "test_gpu_path.py": ("test_graphed_run_with_recapture",),
     "test_robustness.py": ("test_sigkill", "test_concurrent", "test_nan_loss", "test_resume_restores",
-                           "test_corrupt_dataset", "test_missing_dataset"),
+                           "test_corrupt_dataset", "test_missing_dataset", "test_report_lists_a_torn_line"),
+    # (the fast tier keeps one damaged CSV rebuilt by `repair`, junk, and the killed run indexed by `run`)
+    "test_index.py": tuple(f"test_a_damaged_csv_is_rebuilt_by_the_next_run_or_repair[repair-{damage}"
+                           for damage in ("bom", "duplicated", "lines", "reordered", "truncated")) + (
+                     "test_a_run_killed_between_its_result_and_the_rebuild_is_indexed_once_by_the_next_command[repair]",),
     "test_speed_paths.py": ("test_submitit", "test_packed_runs", "test_bench_precision"),
     "test_integrity.py": ("test_fuzz_malformed_command_lines", "test_at_most_one_line_per_run"),
     "test_progress.py": ("test_a_terminal_gets_bars", "test_redirected_stderr"),

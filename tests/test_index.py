@@ -155,8 +155,8 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("by", ["run", "repair"])
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("by", ["run", "repair"])
 def test_a_damaged_csv_is_rebuilt_by_the_next_run_or_repair(tmp_path, finished_run, damage, by):
     out, runs = dirs(tmp_path)
     for i, run in enumerate(planned(tmp_path, "table=5", "seeds=2")):
