@@ -126,11 +126,15 @@ def test_bench_precision_check_trains_both_precisions_on_fashion_mnist(tmp_path)
         assert line.split("|")[4].strip() == "2"  # two seeds each
 
 
+# The smoke profile on a sliver of its data: what the pool records is checked, not what the runs learn.
+TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=2"]
+
+
 def test_packed_runs_share_a_device_and_record_every_row_once(tmp_path):
     """jobs_per_device=2 on the CPU: the runs go through the process pool and its device slots; a twin row
     of another table (Table 9's first row is Table 2's 8L) is recorded from the shared run."""
     code = main(["run", "table=[2,9]", "profile=smoke", "quiet=true", "device=cpu", "jobs_per_device=2",
-                 f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/experiments"])
+                 *TINY, f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/experiments"])
     assert code == 0
     rows2, bad2 = results.read(tmp_path / "results" / "table2.csv")
     rows9, bad9 = results.read(tmp_path / "results" / "table9.csv")
