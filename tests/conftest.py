@@ -99,8 +99,24 @@ SLOW = {
 }
 
 
+# The longest tests (about 20-100 s each on a 2-core machine) run first: pytest-xdist's worksteal hands each
+# worker a contiguous share of the list and lets an idle one take half of another's queue, so a long test started
+# last would run alone at the end. None of these shares a module-scoped fixture with its neighbours.
+FIRST = ("tests/test_train.py::test_slim_300k_learns_fashion_mnist",
+         "tests/test_robustness.py::test_sigkill_of_a_packed_worker_fails_its_run_only_and_it_resumes_next_time",
+         "tests/test_robustness.py::test_sigkill_mid_run_resumes_from_checkpoint_and_matches_uninterrupted",
+         "tests/test_variants.py::test_the_issues_table_4_sweep_runs_as_written",
+         "tests/test_robustness.py::test_concurrent_commands_on_overlapping_rows_leave_every_run_in_each_csv_once",
+         "tests/test_speed_paths.py::test_submitit_local_launcher_runs_one_job_per_row_into_one_csv",
+         "tests/test_variants.py::test_a_variant_sweep_through_the_submitit_launcher",
+         "tests/test_speed_paths.py::test_packed_runs_share_a_device_and_record_every_row_once",
+         "tests/test_stacked.py::test_packed_stacked_groups_are_one_job_per_worker_slot")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         prefixes = SLOW.get(item.path.name, ())
         if item.name.startswith(prefixes):
             item.add_marker(pytest.mark.slow)
+    rank = {nodeid: i for i, nodeid in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid, len(rank)))  # stable: the rest keep their order
