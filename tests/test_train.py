@@ -110,7 +110,7 @@ def test_table_solvers_resolve_to_their_schedules():
 # --------------------------------------------------------------------------- short CPU runs on synthetic data
 
 SHORT = {"train": {"iterations": 30, "batch_size": 16, "eval_every": 10, "checkpoint_every": 1000},
-         "data": {"source": "synthetic", "train_size": 256, "test_size": 128}}
+         "data": {"source": "synthetic", "train_size": 256, "test_size": 32}}
 RESULT_KEYS = {"status", "final_acc", "best_acc", "best_iter", "iterations", "epochs", "wall_s", "img_per_s",
                "device", "precision", "params_paper", "params_total"}
 
