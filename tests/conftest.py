@@ -95,7 +95,14 @@ SLOW = {
     "test_integrity.py": ("test_fuzz_malformed_command_lines", "test_at_most_one_line_per_run"),
     "test_progress.py": ("test_a_terminal_gets_bars", "test_redirected_stderr"),
     "test_report.py": ("test_networks_of_ones_own", "test_empty_results_render"),
-    "test_stacked.py": ("test_a_stacked_run_killed_and_resumed",),
+    "test_stacked.py": ("test_a_stacked_run_killed_and_resumed", "test_packed_stacked_groups_are_one_job"),
+}
+# Fuzz tests whose first cases make the fast tier's sample and the rest are slow (the cases are generated from
+# fixed seeds, so each tier always runs the same ones).
+FAST_CASES = {
+    "test_integrity.py": {"test_fuzz_malformed_table_files": 10,
+                          "test_fuzz_every_key_with_values_of_every_type": 21,
+                          "test_fuzz_every_conf_dir_field_with_values_of_every_type": 10},
 }
 
 
@@ -114,9 +121,14 @@ FIRST = ("tests/test_train.py::test_slim_300k_learns_fashion_mnist",
 
 
 def pytest_collection_modifyitems(config, items):
+    seen: dict[tuple[str, str], int] = {}
     for item in items:
         prefixes = SLOW.get(item.path.name, ())
-        if item.name.startswith(prefixes):
+        fast_cases = FAST_CASES.get(item.path.name, {}).get(item.originalname)
+        if fast_cases is not None:
+            key = (item.path.name, item.originalname)
+            seen[key] = seen.get(key, 0) + 1
+        if item.name.startswith(prefixes) or (fast_cases is not None and seen[key] > fast_cases):
             item.add_marker(pytest.mark.slow)
     rank = {nodeid: i for i, nodeid in enumerate(FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid, len(rank)))  # stable: the rest keep their order
