@@ -41,7 +41,7 @@ SIMPNET = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "simpnet_
 
 # Smoke-sized overrides (synthetic CIFAR-shaped data on the CPU) long enough to be killed part-way.
 RESUME_ARGS = ["run", "table=5", "row=[P5,P3]", "profile=smoke", "profile.train.iterations=60",
-               "profile.train.eval_every=10", "profile.train.checkpoint_every=3"]
+               "profile.train.eval_every=10", "profile.train.checkpoint_every=3", "profile.data.test_size=8"]
 # The smoke profile on a quarter of its data, for tests about what is recorded rather than what is learnt.
 TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=8"]
 CURVE_FIGURES = ["iter", "test_acc", "test_loss", "train_loss", "lr"]  # wall_s is a time, not a figure
