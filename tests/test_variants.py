@@ -181,13 +181,7 @@ def test_sweep_two_datasets_by_two_rows_records_four_variants_and_reruns_nothing
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before
 
 
-def test_sweep_over_a_network_key(tmp_path):
-    proc = simpnet("run", "-m", "table=5", "row=P5", "net.dropout.head=0.1,0.3", "profile=smoke", "quiet=true",
-                   f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
-                   f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows, _ = results.read(tmp_path / "results" / "table5.csv")
-    assert sorted(r["variant"] for r in rows) == ["net.dropout.head=0.1", "net.dropout.head=0.3"]
+# A sweep over a network key, recording each job's variant: test_cli_help's sweep test (the same command).
 
 
 def test_a_network_in_no_table_is_recorded_as_custom(tmp_path, capsys):
