@@ -95,14 +95,16 @@ SLOW = {
     "test_integrity.py": ("test_fuzz_malformed_command_lines", "test_at_most_one_line_per_run"),
     "test_progress.py": ("test_a_terminal_gets_bars", "test_redirected_stderr"),
     "test_report.py": ("test_networks_of_ones_own", "test_empty_results_render"),
-    "test_stacked.py": ("test_a_stacked_run_killed_and_resumed", "test_packed_stacked_groups_are_one_job"),
+    "test_stacked.py": ("test_a_stacked_run_killed_and_resumed", "test_packed_stacked_groups_are_one_job",
+                        "test_bench_reports_separate_grouped_and_branched"),
 }
-# Fuzz tests whose first cases make the fast tier's sample and the rest are slow (the cases are generated from
-# fixed seeds, so each tier always runs the same ones).
-FAST_CASES = {
-    "test_integrity.py": {"test_fuzz_malformed_table_files": 10,
-                          "test_fuzz_every_key_with_values_of_every_type": 21,
-                          "test_fuzz_every_conf_dir_field_with_values_of_every_type": 10},
+# Tests of many cases of which the fast tier runs every k-th (the first, the (k+1)-th...) and the slow tier the
+# rest: the fuzz cases are generated from fixed seeds and the rows come in table order, so each tier always runs
+# the same ones, and a sample of every table's rows stays in the fast tier.
+FAST_EVERY = {
+    "test_integrity.py": {"test_fuzz_malformed_table_files": 3, "test_fuzz_every_key_with_values_of_every_type": 3,
+                          "test_fuzz_every_conf_dir_field_with_values_of_every_type": 3},
+    "test_gpu_path.py": {"test_the_captured_step_of_every_row_has_no_host_sync": 3},
 }
 
 
@@ -124,11 +126,11 @@ def pytest_collection_modifyitems(config, items):
     seen: dict[tuple[str, str], int] = {}
     for item in items:
         prefixes = SLOW.get(item.path.name, ())
-        fast_cases = FAST_CASES.get(item.path.name, {}).get(item.originalname)
-        if fast_cases is not None:
+        every = FAST_EVERY.get(item.path.name, {}).get(item.originalname)
+        if every is not None:
             key = (item.path.name, item.originalname)
             seen[key] = seen.get(key, 0) + 1
-        if item.name.startswith(prefixes) or (fast_cases is not None and seen[key] > fast_cases):
+        if item.name.startswith(prefixes) or (every is not None and (seen[key] - 1) % every):
             item.add_marker(pytest.mark.slow)
     rank = {nodeid: i for i, nodeid in enumerate(FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid, len(rank)))  # stable: the rest keep their order
