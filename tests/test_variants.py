@@ -153,12 +153,13 @@ data: {source: synthetic, train_size: 4, test_size: 2}
 
 
 @pytest.fixture
-def tiny_profile(tmp_path) -> list[str]:
+def tiny_profile(tmp_path):
     """The overrides that select the tiny profile from a conf_dir of the test's own."""
     root = tmp_path / "tinyconf"
     (root / "profile").mkdir(parents=True)
     (root / "profile" / "tiny.yaml").write_text(TINY_PROFILE)
-    return ["profile=tiny", f"conf_dir={root}"]
+    yield ["profile=tiny", f"conf_dir={root}"]
+    tables.use_conf_dir(None)  # (where a test ran the command in-process)
 
 
 def test_sweep_two_datasets_by_two_rows_records_four_variants_and_reruns_nothing(tmp_path, tiny_profile):
@@ -184,8 +185,8 @@ def test_sweep_two_datasets_by_two_rows_records_four_variants_and_reruns_nothing
 # A sweep over a network key, recording each job's variant: test_cli_help's sweep test (the same command).
 
 
-def test_a_network_in_no_table_is_recorded_as_custom(tmp_path, capsys):
-    code = cli.main(["run", "arch=arch2", "net.widths=C64, C128{2}, C256{3}", "dataset=cifar10", "profile=smoke",
+def test_a_network_in_no_table_is_recorded_as_custom(tmp_path, capsys, tiny_profile):
+    code = cli.main(["run", "arch=arch2", "net.widths=C64, C128{2}, C256{3}", "dataset=cifar10", *tiny_profile,
                      "quiet=true", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"])
     assert code == 0, capsys.readouterr().err
     rows, bad = results.read(tmp_path / "results" / "tablecustom.csv")
