@@ -91,7 +91,7 @@ SLOW = {
     "test_index.py": tuple(f"test_a_damaged_csv_is_rebuilt_by_the_next_run_or_repair[repair-{damage}"
                            for damage in ("bom", "duplicated", "lines", "reordered", "truncated")) + (
                      "test_a_run_killed_between_its_result_and_the_rebuild_is_indexed_once_by_the_next_command[repair]",),
-    "test_speed_paths.py": ("test_submitit", "test_packed_runs", "test_bench_precision"),
+    "test_speed_paths.py": ("test_packed_runs", "test_bench_precision"),
     "test_integrity.py": ("test_fuzz_malformed_command_lines", "test_at_most_one_line_per_run"),
     "test_progress.py": ("test_a_terminal_gets_bars", "test_redirected_stderr"),
     "test_report.py": ("test_networks_of_ones_own", "test_empty_results_render"),
@@ -116,7 +116,6 @@ FIRST = ("tests/test_train.py::test_slim_300k_learns_fashion_mnist",
          "tests/test_robustness.py::test_sigkill_mid_run_resumes_from_checkpoint_and_matches_uninterrupted",
          "tests/test_variants.py::test_the_issues_table_4_sweep_runs_as_written",
          "tests/test_robustness.py::test_concurrent_commands_on_overlapping_rows_leave_every_run_in_each_csv_once",
-         "tests/test_speed_paths.py::test_submitit_local_launcher_runs_one_job_per_row_into_one_csv",
          "tests/test_variants.py::test_a_variant_sweep_through_the_submitit_launcher",
          "tests/test_speed_paths.py::test_packed_runs_share_a_device_and_record_every_row_once",
          "tests/test_stacked.py::test_packed_stacked_groups_are_one_job_per_worker_slot")

@@ -1,12 +1,8 @@
-"""The speed issue's code paths: the benchmark and the dry-run estimate (CPU), the launcher (submitit's
-local executor), and the CUDA-graph step (GPU only; skipped here with the reason)."""
+"""The speed issue's code paths: the benchmark and the dry-run estimate (CPU), packed runs, and the CUDA-graph
+step (GPU only; skipped here with the reason). The launcher (submitit's local executor) is test_variants'."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -62,29 +58,7 @@ def test_quick_dry_run_says_which_network_it_times_and_scales_the_batch(tmp_path
     assert main(["run", "table=2", "--dry-run", "dry_run.iters=0"]) == 2
 
 
-def installed(module: str) -> bool:
-    """find_spec of a submodule imports its parent, which raises when the parent is absent too (a machine with
-    hydra-core alone has no hydra_plugins package: make gpu-check's minimal set-up)."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(not installed("hydra_plugins.hydra_submitit_launcher"),
-                    reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
-def test_submitit_local_launcher_runs_one_job_per_row_into_one_csv(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "simpnet_cli.cli", "run", "-m", "table=5", "row=P5,P3", "profile=smoke",
-         "quiet=true", "hydra/launcher=submitit_local", f"results_dir={tmp_path}/results",
-         f"runs_dir={tmp_path}/experiments", f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows, bad = results.read(tmp_path / "results" / "table5.csv")
-    assert not bad
-    assert sorted(r["row_id"] for r in rows) == ["P3", "P5"]
-    assert list((tmp_path / "sweep").glob(".submitit/*/*_log.out")), "jobs did not go through submitit"
+# The submitit launcher (one job per row into one CSV): test_variants' submitit sweep, two rows by two variants.
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph step needs a CUDA device")

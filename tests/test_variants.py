@@ -356,14 +356,17 @@ def test_a_table_name_that_is_not_a_number_no_longer_breaks_every_command(tmp_pa
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
                     reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
-def test_a_variant_sweep_through_the_submitit_launcher(tmp_path):
-    # Each job runs in its own process: the variant must come from that job's own overrides.
-    proc = simpnet("run", "-m", "table=5", "row=P5", "net.dropout.head=0.1,0.2", "profile=smoke", "quiet=true",
+def test_a_variant_sweep_through_the_submitit_launcher(tmp_path, tiny_profile):
+    # Each job runs in its own process: the variant must come from that job's own overrides. Two rows by two
+    # variants: also one job per row into one CSV (this was test_speed_paths' submitit test, a command of its own).
+    proc = simpnet("run", "-m", "table=5", "row=P5,P3", "net.dropout.head=0.1,0.2", *tiny_profile, "quiet=true",
                    "hydra/launcher=submitit_local", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
                    f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows, _ = results.read(tmp_path / "results" / "table5.csv")
-    assert sorted(r["variant"] for r in rows) == ["net.dropout.head=0.1", "net.dropout.head=0.2"]
+    rows, bad = results.read(tmp_path / "results" / "table5.csv")
+    assert not bad
+    assert sorted((r["row_id"], r["variant"]) for r in rows) == [
+        (row, f"net.dropout.head={p}") for row in ("P3", "P5") for p in ("0.1", "0.2")]
     assert list((tmp_path / "sweep").glob(".submitit/*/*_log.out")), "jobs did not go through submitit"
 
 
