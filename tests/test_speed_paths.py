@@ -91,7 +91,7 @@ def test_bench_precision_check_trains_both_precisions_on_fashion_mnist(tmp_path)
     out = tmp_path / "bench.md"
     code = main(["bench", "bench.rows=[]", "bench.s1=false", "bench.grouped.rows=[]", "bench.precision.rows=[13/slim-300K]",
                  "bench.precision.seeds=2", "bench.precision.iterations=2", "bench.precision.batch_size=8",
-                 "bench.precision.train_size=64", "bench.precision.test_size=32", f"bench.out={out}",
+                 "bench.precision.train_size=16", "bench.precision.test_size=8", f"bench.out={out}",
                  f"data_dir={tmp_path}/data", "device=cpu"])
     assert code == 0
     lines = [line for line in out.read_text().splitlines() if line.startswith("| 13/slim-300K |")]
