@@ -76,12 +76,12 @@ def test_show_prints_the_network_layer_by_layer_with_shapes_and_params(capsys):
     assert sum(int(line.split()[-1].replace(",", "")) for line in table) == 300_213
 
 
-def test_a_sweep_names_each_job_and_ends_with_a_summary(tmp_path):
+def test_a_sweep_names_each_job_records_its_variant_and_ends_with_a_summary(tmp_path):
     import subprocess
     import sys
 
     proc = subprocess.run([sys.executable, "-m", "simpnet_cli.cli", "run", "-m", "table=5", "row=P5",
-                           "net.dropout.head=0.1,0.2", "profile=smoke", "profile.train.iterations=2",
+                           "net.dropout.head=0.1,0.2", "profile=smoke",
                            f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/e", f"hydra.sweep.dir={tmp_path}/s"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -89,3 +89,8 @@ def test_a_sweep_names_each_job_and_ends_with_a_summary(tmp_path):
     assert [h.split()[2] for h in heads] == ["1/2:", "2/2:"]
     assert "(variant: net.dropout.head=0.1)" in heads[0] and "(variant: net.dropout.head=0.2)" in heads[1]
     assert "sweep: 2 job(s), 2 ok, 0 failed" in proc.stderr
+    # a sweep over a network key records each job's variant (this was test_variants' test_sweep_over_a_network_key)
+    from simpnet_cli.runs import results
+
+    rows, bad = results.read(tmp_path / "r" / "table5.csv")
+    assert not bad and sorted(r["variant"] for r in rows) == ["net.dropout.head=0.1", "net.dropout.head=0.2"]

@@ -20,7 +20,9 @@ import pytest
 from simpnet_cli import cli
 from simpnet_cli.runs import index, results
 
-SMOKE = ["profile=smoke", "quiet=true"]
+# The smoke profile on a sliver of its data (batches of 2, 2 test images): these tests are about what is indexed.
+TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=2"]
+SMOKE = ["profile=smoke", "quiet=true", *TINY]
 SCRIPT = Path(sys.executable).with_name("simpnet")
 
 
@@ -30,7 +32,7 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 
 def planned(tmp_path: Path, *args: str):
     out, runs = dirs(tmp_path)
-    cfg, variant = cli.compose([*args, "profile=smoke", f"results_dir={out}", f"runs_dir={runs}"])
+    cfg, variant = cli.compose([*args, "profile=smoke", *TINY, f"results_dir={out}", f"runs_dir={runs}"])
     return cli.plan_runs(cfg, variant)
 
 
@@ -155,8 +157,8 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("by", ["run", "repair"])
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("by", ["run", "repair"])
 def test_a_damaged_csv_is_rebuilt_by_the_next_run_or_repair(tmp_path, finished_run, damage, by):
     out, runs = dirs(tmp_path)
     for i, run in enumerate(planned(tmp_path, "table=5", "seeds=2")):

@@ -478,6 +478,14 @@ def test_stacked_runs_write_exactly_what_single_runs_write(how, tmp_path, one_th
     assert runner.execute(runs, options(tmp_path / "stacked", stack=3, stack_mode=how)) == {"skipped": 3}
 
 
+def test_packed_stacked_groups_are_planned_one_job_per_worker_slot(tmp_path):
+    """jobs_per_device=2 with stack=2: the groups of two and the lone leftover run, each a job for one worker
+    (the plan alone: the fast tier's part of the test below, which trains them in the worker pool)."""
+    saf, plain = family_plan("saf-dropout"), family_plan("plain", seeds=2)
+    opts = options(tmp_path, stack=2, jobs_per_device=2)
+    assert [len(g) for g, _ in runner.plan_groups(saf + plain, opts, CPU)] == [2, 1, 2]
+
+
 def test_packed_stacked_groups_are_one_job_per_worker_slot(tmp_path, one_thread):
     """jobs_per_device=2 with stack=2: each group trains together in one worker (its runs' step is shared, so
     they were in one process), a lone leftover run alone; every run is recorded once, and again is skipped."""

@@ -30,6 +30,7 @@ import torch
 
 from simpnet_cli.runs import index, results
 from simpnet_cli.runs import progress
+from simpnet_cli.runs.watch import watch_parent  # (its own module: the manager process imports only it)
 from simpnet_cli.config import schemas, tables
 from simpnet_cli.train import callbacks
 from simpnet_cli.train import checkpoint
@@ -480,20 +481,6 @@ def progress_for(runs: list[tables.RunSpec], opts: Options, run_bars: bool) -> p
         expected[progress.run_key(run)] = 0 if run.config_hash in seen else int(run.train["iterations"])
         seen.add(run.config_hash)
     return progress.Reporter(expected, len(runs), done, quiet=opts.quiet, run_bars=run_bars)
-
-
-def watch_parent(parent: int, every: float = 0.5) -> None:
-    """In a worker process: exit as soon as ``parent`` is gone (the worker is then adopted by another process).
-    Its run resumes from its last checkpoint next time; every file it writes is replaced atomically."""
-    import threading
-    import time
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(every)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
 class _Slot:
