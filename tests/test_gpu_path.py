@@ -66,7 +66,7 @@ class StandInGraph:
 
 
 def stand_in(calls: list | None = None, times: int = 1, fail_at: str | None = None, skip_optimizer: bool = False,
-             bake: torch.optim.Optimizer | None = None) -> captured_step.GraphBackend:
+             bake: solvers.Solver | None = None) -> captured_step.GraphBackend:
     """A backend that logs its calls in ``calls``; ``fail_at`` makes that call raise, as a broken driver would.
     ``bake``: the optimizer whose group lrs a capture turns into constants if they are numbers."""
     calls = calls if calls is not None else []

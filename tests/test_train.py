@@ -472,3 +472,40 @@ def test_every_solver_type_has_one_schema_one_optimizer_and_its_files_name_a_reg
         assert tables.load_named("solver", name)["type"] in solvers.OPTIMIZERS, name
     with pytest.raises(UserError, match="unknown solver type 'adam' \\(adadelta or nesterov\\)"):
         solvers.make_optimizer({"type": "adam", "lr": 0.1, "weight_decay": 0}, _tiny_model().parameters())
+
+
+@pytest.mark.parametrize("kind", SOLVERS)
+def test_solver_state_dicts_are_torchs_and_load_torchs(kind):
+    """The solvers keep torch's optimizer layout (checkpoints written when they subclassed torch.optim.Optimizer
+    load): after the same steps, torch's Adadelta / SGD(nesterov) state_dict has the same groups, indices and
+    state names and values, and loading it into a fresh solver gives the same next step."""
+    solver = SOLVERS[kind]
+    ours, theirs = _tiny_model(), _tiny_model()
+    opt = train.make_optimizer(solver, ours.parameters())
+    if kind == "adadelta":
+        ref = torch.optim.Adadelta(theirs.parameters(), lr=solver["lr"], rho=solver["rho"], eps=solver["eps"],
+                                   weight_decay=solver["weight_decay"])
+    else:
+        ref = torch.optim.SGD(theirs.parameters(), lr=solver["lr"], momentum=solver["momentum"], nesterov=True,
+                              weight_decay=solver["weight_decay"])
+    for model, optimizer in ((ours, opt), (theirs, ref)):
+        for step in range(2):
+            optimizer.zero_grad()
+            _loss(model, step).backward()
+            optimizer.step()
+    mine, torchs = opt.state_dict(), ref.state_dict()
+    assert [g["params"] for g in mine["param_groups"]] == [g["params"] for g in torchs["param_groups"]]
+    assert mine["state"].keys() == torchs["state"].keys()
+    for i, st in mine["state"].items():
+        for name, value in st.items():
+            torch.testing.assert_close(value, torchs["state"][i][name], rtol=1e-12, atol=1e-14)
+    fresh_model = _tiny_model()
+    fresh_model.load_state_dict(theirs.state_dict())
+    fresh = train.make_optimizer(solver, fresh_model.parameters())
+    fresh.load_state_dict(torchs)
+    for model, optimizer in ((fresh_model, fresh), (ours, opt)):
+        optimizer.zero_grad()
+        _loss(model, 2).backward()
+        optimizer.step()
+    for a, b in zip(fresh_model.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from simpnet_cli.train import data as D
+from simpnet_cli.train.solvers import Solver
 
 @dataclass(frozen=True)
 class GraphBackend:
@@ -63,7 +64,7 @@ class Step:
     """``step(iteration, lr)`` trains one batch. ``loss_sum``, ``bad`` (a non-finite loss was seen) and
     ``updates`` accumulate on the device, so nothing waits for the GPU until the caller reads them."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: D.DeviceData,
+    def __init__(self, model: torch.nn.Module, optimizer: Solver, data: D.DeviceData,
                  autocast: Callable[[], contextlib.AbstractContextManager], graphs: bool,
                  channels_last: bool = True, backend: GraphBackend | None = None, updates: int = 0):
         self.model, self.optimizer, self.data, self.autocast = model, optimizer, data, autocast

@@ -23,6 +23,7 @@ import torch
 
 from simpnet_cli.errors import UserError
 from simpnet_cli.files import atomic_write
+from simpnet_cli.train.solvers import Solver
 
 MAGIC = b"SIMPNET-CHECKPOINT 1 "
 KEYS = {"model", "optimizer", "iteration", "curve", "best", "train_time", "rng", "data_position", "loss_sum",
@@ -88,7 +89,7 @@ def iteration(path: Path) -> int | None:
         return None
 
 
-def restore(path: Path, state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def restore(path: Path, state: dict, model: torch.nn.Module, optimizer: Solver) -> None:
     """Load model and optimizer states; wrong keys or tensor shapes are the same 'unreadable' line."""
     try:
         model.load_state_dict(state["model"])

@@ -28,8 +28,8 @@ from simpnet_cli.train import data as D
 from simpnet_cli.train.callbacks import CURVE_COLUMNS, Callback, Event, loggers_for, write_curve  # noqa: F401
 # The solvers live in solvers.py; these names stay here for callers (runner, bench, gpucheck, tests). fit
 # looks lr_at up in this module, so a test can wrap it here.
-from simpnet_cli.train.solvers import (autocast_for, effective_precision, lr_at, make_optimizer,  # noqa: F401
-                                       param_groups)
+from simpnet_cli.train.solvers import (Solver, autocast_for, effective_precision, lr_at,  # noqa: F401
+                                       make_optimizer, param_groups)
 from simpnet_cli.nets import modules as M
 from simpnet_cli.nets import specs as network
 from simpnet_cli.errors import UserError
@@ -44,7 +44,7 @@ class TrainState:
     run_dir: Path
     device: torch.device
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Solver
     data: D.DeviceData
     step: captured_step.Step  # keeps the running loss sum, the non-finite flag and the update count on the device
     autocast: Callable

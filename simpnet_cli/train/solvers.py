@@ -3,6 +3,8 @@ and the arithmetic (fp32 or bf16 autocast) of the forward pass."""
 from __future__ import annotations
 
 import contextlib
+import copy
+from collections import defaultdict
 from typing import Callable, Mapping
 
 import torch
@@ -99,7 +101,72 @@ def _with_decay(group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return params, grads
 
 
-class AdaDelta(torch.optim.Optimizer):
+class Solver:
+    """What torch.optim.Optimizer gives the two solvers below, and no more: param groups with their defaults,
+    per-parameter state, ``zero_grad``, and ``state_dict``/``load_state_dict`` in torch's layout (parameters
+    numbered in group order; on loading, state tensors go to their parameter's device and floating dtype), so
+    checkpoints written when these subclassed torch's class load unchanged.
+
+    Not torch's class: its methods are wrapped to turn TorchDynamo off, and the first call imports
+    torch._dynamo, about 2 s of CPU in every process that trains (each packed worker, each cluster job, each
+    test that runs the command), for a compiler simpnet does not use."""
+
+    def __init__(self, params, defaults: dict):
+        self.defaults = dict(defaults)
+        self.state: defaultdict = defaultdict(dict)
+        groups = list(params)
+        if not groups:
+            raise ValueError("a solver needs at least one parameter")
+        if not isinstance(groups[0], Mapping):
+            groups = [{"params": groups}]
+        self.param_groups: list[dict] = []
+        for group in groups:
+            params = group["params"]
+            self.param_groups.append({**self.defaults, **group,
+                                      "params": [params] if isinstance(params, torch.Tensor) else list(params)})
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_()
+                    p.grad.zero_()
+
+    def state_dict(self) -> dict:
+        """torch's layout: ``{"state": {index: {...}}, "param_groups": [{..., "params": [index, ...]}]}``, the
+        tensors themselves (not copies), as torch gives them."""
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": [index[id(p)] for p in group["params"]]})
+        return {"state": {index[id(p)]: st for p, st in self.state.items()}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Each group's settings and each parameter's state from ``state_dict`` (torch's layout); the groups
+        must hold as many parameters as the saved ones."""
+        saved = copy.deepcopy(state_dict["param_groups"])
+        if len(saved) != len(self.param_groups) or any(
+                len(s["params"]) != len(g["params"]) for s, g in zip(saved, self.param_groups)):
+            raise ValueError("loaded state dict does not match this optimizer's parameter groups")
+        by_index = {i: p for s, g in zip(saved, self.param_groups) for i, p in zip(s["params"], g["params"])}
+        self.state = defaultdict(dict)
+        for i, st in state_dict["state"].items():
+            param = by_index[i]
+            self.state[param] = {key: value.to(dtype=param.dtype, device=param.device)
+                                 if torch.is_tensor(value) and param.is_floating_point()
+                                 else value.to(device=param.device) if torch.is_tensor(value) else value
+                                 for key, value in st.items()}
+        self.param_groups = [{**s, "params": g["params"]} for s, g in zip(saved, self.param_groups)]
+
+
+class AdaDelta(Solver):
     """Caffe's AdaDelta (rho = momentum, eps = delta): the decay added to the gradient, histories of the unscaled
     update, the step scaled by the group's lr. torch.optim.Adadelta's arithmetic, with the same state names (so
     its checkpoints load), written here because torch's reads a tensor lr with a host sync on every device but
@@ -134,7 +201,7 @@ class AdaDelta(torch.optim.Optimizer):
             _apply(params, delta, group["lr"])
 
 
-class Nesterov(torch.optim.Optimizer):
+class Nesterov(Solver):
     """Nesterov momentum as torch.optim.SGD(nesterov=True, dampening=0) computes it (state ``momentum_buffer``,
     so its checkpoints load): v = momentum * v + g, p -= lr * (g + momentum * v), with g the gradient plus the
     decay. torch's SGD reads a tensor lr with a host sync, which a captured step cannot hold."""
@@ -162,7 +229,7 @@ class Nesterov(torch.optim.Optimizer):
 # The optimizer of each solver ``type`` (conf/solver/*.yaml), timm's registry pattern: a new solver is its
 # factory here, its schema in config/schemas.SOLVERS (the keys its YAML may hold) and a YAML file; a test keeps
 # the two registries equal.
-OPTIMIZERS: dict[str, Callable[[list[dict], Mapping], torch.optim.Optimizer]] = {}
+OPTIMIZERS: dict[str, Callable[[list[dict], Mapping], Solver]] = {}
 
 
 def register(kind: str):
@@ -174,16 +241,16 @@ def register(kind: str):
 
 
 @register("adadelta")
-def _adadelta(groups: list[dict], solver: Mapping) -> torch.optim.Optimizer:
+def _adadelta(groups: list[dict], solver: Mapping) -> Solver:
     return AdaDelta(groups, lr=solver["lr"], rho=solver["rho"], eps=solver["eps"], weight_decay=solver["weight_decay"])
 
 
 @register("nesterov")
-def _nesterov(groups: list[dict], solver: Mapping) -> torch.optim.Optimizer:
+def _nesterov(groups: list[dict], solver: Mapping) -> Solver:
     return Nesterov(groups, lr=solver["lr"], momentum=solver["momentum"], weight_decay=solver["weight_decay"])
 
 
-def make_optimizer(solver: dict, groups_or_params) -> torch.optim.Optimizer:
+def make_optimizer(solver: dict, groups_or_params) -> Solver:
     """The run's solver over ``param_groups(...)`` (or plain parameters: one group at lr 1 / decay 1). Each
     group's lr is solver lr * lr_mult and its weight_decay solver weight_decay * decay_mult, as Caffe's
     local_rate and local_decay; ``captured_step.Step`` keeps lr_mult when the schedule changes the rate. Neither

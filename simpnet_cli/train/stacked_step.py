@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from simpnet_cli.nets import stacked as S
 from simpnet_cli.train import captured_step
+from simpnet_cli.train.solvers import Solver
 from simpnet_cli.train import data as D
 
 
@@ -113,10 +114,10 @@ class SharedStep(captured_step.Step):
         for g, state in zip(self.generators, saved["generators"]):
             g.set_state(state)
 
-    def take_over(self, models: Sequence[torch.nn.Module], optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    def take_over(self, models: Sequence[torch.nn.Module], optimizers: Sequence[Solver]) -> None:
         raise NotImplementedError
 
-    def hand_back(self, i: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def hand_back(self, i: int, model: torch.nn.Module, optimizer: Solver) -> None:
         raise NotImplementedError
 
 
@@ -275,8 +276,8 @@ def _per_element(value, param: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def stack_optimizer_state(net: S.StackedNet, optimizer: torch.optim.Optimizer,
-                          models: Sequence[torch.nn.Module], optimizers: Sequence[torch.optim.Optimizer]) -> None:
+def stack_optimizer_state(net: S.StackedNet, optimizer: Solver,
+                          models: Sequence[torch.nn.Module], optimizers: Sequence[Solver]) -> None:
     """Set the stacked optimizer's state from the k ordinary ones' (ghost entries 0). Either every model has
     state (a resumed run) or none (iteration 0: the solver makes it at its first step)."""
     owned = [dict(m.named_parameters()) for m in models]
@@ -302,8 +303,8 @@ def stack_optimizer_state(net: S.StackedNet, optimizer: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def unstack_optimizer_state(net: S.StackedNet, optimizer: torch.optim.Optimizer, i: int,
-                            model: torch.nn.Module, ordinary: torch.optim.Optimizer) -> None:
+def unstack_optimizer_state(net: S.StackedNet, optimizer: Solver, i: int,
+                            model: torch.nn.Module, ordinary: Solver) -> None:
     """Set model i's ordinary optimizer's state from the stacked one's."""
     owned = dict(model.named_parameters())
     for name, param in net.named_parameters():
@@ -322,10 +323,10 @@ def _same(a, b) -> bool:
     return torch.equal(a, b) if torch.is_tensor(a) else a == b
 
 
-def shared_step(how: str, models: Sequence[torch.nn.Module], optimizers: Sequence[torch.optim.Optimizer],
+def shared_step(how: str, models: Sequence[torch.nn.Module], optimizers: Sequence[Solver],
                 datas: Sequence[D.DeviceData], autocast: Callable[[], contextlib.AbstractContextManager],
                 graphs: bool, generators: Sequence[torch.Generator],
-                make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None,
+                make_optimizer: Callable[[torch.nn.Module], Solver] | None = None,
                 net: S.StackedNet | None = None, backend: captured_step.GraphBackend | None = None) -> SharedStep:
     """The step of ``how`` ("grouped" or "branched") over the k runs' models, optimizers and data, holding
     their current state. Grouped needs the stacked network and ``make_optimizer`` (the runs' solver over it)."""
