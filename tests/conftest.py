@@ -81,8 +81,9 @@ def one_thread():
 SLOW = {
     "test_variants.py": ("test_the_issues_table_4_sweep", "test_sweep_", "test_a_variant_sweep",
                          "test_a_network_in_no_table"),
+    # (every test on the module's short_runs fixture, three trained runs: the fast tier builds none of them)
     "test_train.py": ("test_slim_300k_learns", "test_short_run", "test_load_model_rebuilds", "test_same_seed",
-                      "test_interrupted_run"),
+                      "test_other_seed", "test_finished_run_is_not", "test_interrupted_run"),
     "test_smoke_tables.py": ("test_smoke_run_records", "test_rerun_adds_no_lines", "test_twin_rows_share"),
     "test_gpu_path.py": ("test_graphed_run_with_recapture",),
     "test_robustness.py": ("test_sigkill", "test_concurrent", "test_nan_loss", "test_resume_restores",
