@@ -508,3 +508,44 @@ def test_solver_lr_is_parsed_once_by_hydra_and_reaches_the_optimizer(tmp_path, m
                      "profile.data.test_size=8", f"results_dir={tmp_path / 'r'}", f"runs_dir={tmp_path / 'e'}"]) == 0
     assert parsed == ["solver.lr"]
     assert built == [0.0123457]
+
+
+def test_solver_lr_reaches_the_optimizer_through_at_most_six_functions(tmp_path, monkeypatch, one_thread):
+    """The functions of simpnet that hold ``solver.lr``'s value (a local variable equal to it) between the
+    command line and the optimizer's construction: the composition reads it, the row's solver takes it, the
+    optimizer is built with it. Checking it (the schema) and naming the variant (its text) are uses of the
+    value, not steps on its way; comprehensions count as the function they are in."""
+    import sys
+
+    from simpnet_cli.train import loop, solvers
+
+    value, held, built = 0.0123457, set(), []
+
+    def local(frame, event, arg):
+        if not built and event in ("line", "return") and any(
+                type(v) is float and v == value for v in frame.f_locals.values()):
+            held.add(f"{frame.f_code.co_filename.rsplit('simpnet_cli/', 1)[-1]}:{frame.f_code.co_name}")
+        return local
+
+    def calls(frame, event, arg):
+        return local if event == "call" and "simpnet_cli" in frame.f_code.co_filename else None
+
+    def make_optimizer(solver, groups):
+        optimizer = solvers.make_optimizer(solver, groups)
+        built.append(optimizer)
+        return optimizer
+
+    monkeypatch.setattr(loop, "make_optimizer", make_optimizer)
+    sys.settrace(calls)
+    try:
+        code = cli.main(["run", "table=2", "row=8L", "profile=smoke", f"solver.lr={value}", "quiet=true",
+                         "profile.train.iterations=1", "profile.train.batch_size=2", "profile.data.train_size=16",
+                         "profile.data.test_size=8", f"results_dir={tmp_path / 'r'}", f"runs_dir={tmp_path / 'e'}"])
+    finally:
+        sys.settrace(None)
+    assert code == 0 and built
+    uses = {"config/schemas.py:_require", "config/variants.py:text", "config/variants.py:_compact"}
+    route = {name for name in held - uses if not name.endswith(("<listcomp>", "<genexpr>", "<dictcomp>"))}
+    assert route == {"config/compose.py:row_overrides", "config/tables.py:_parts", "config/variants.py:assign",
+                     "train/solvers.py:make_optimizer", "train/solvers.py:__init__"}, sorted(held)
+    assert len(route) <= 6
