@@ -5,8 +5,9 @@ profile); nothing parses them again. (A sweep, ``-m``, is first split into its j
 is then composed as one command.) Rows are not composed by Hydra one by one: that would parse the command line
 again for every row of every table (at ~160 ms a composition), where one composition serves them all.
 
-A row's parts are empty in the top-level config (``net: {}``), so the keys the command line sets inside them (``solver.lr=0.05``, ``net.widths='C64{3}, C128'``) are exactly what Hydra put
-there: ``RowOverrides`` names those keys (the text before ``=``) and takes their values from the composed config.
+A row's parts are empty in the top-level config (``net: {}``), so the keys the command line sets inside them
+(``solver.lr=0.05``, ``net.widths='C64{3}, C128'``) are exactly what Hydra put there: ``RowOverrides`` names
+those keys (the text before ``=``) and takes their values from the composed config.
 ``tables.resolve`` then lays them over each row's own configs into a ``RunSpec``, checked once by the schemas.
 
 The path of ``solver.lr`` from the command line to the optimizer: Hydra (``compose``) -> ``row_overrides`` ->
