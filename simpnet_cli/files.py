@@ -54,6 +54,23 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str)))
 
 
+def write_json_unless_same(path: Path, obj: dict) -> Path:
+    """``write_json(path, obj)``, creating its folder, unless ``path`` already holds ``obj`` (as JSON reads it
+    back): a command run again writes nothing."""
+    path = Path(path)
+    try:
+        if json.loads(path.read_text()) == json.loads(json.dumps(obj, default=str)):
+            return path
+    except (OSError, ValueError):
+        pass
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    write_json(path, obj)
+    return path
+
+
 def read_json(path: Path) -> dict | None:
     """A JSON file written by ``write_json``, or None if absent; a damaged one is a clear error."""
     path = Path(path)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from simpnet_cli.errors import UserError
-from simpnet_cli.files import write_json
+from simpnet_cli.files import write_json, write_json_unless_same
 from simpnet_cli.runs import results
 
 RECORDS = "records"
@@ -92,18 +92,7 @@ def record_path(run_dir: Path, results_dir: Path, table: str, row_id: str) -> Pa
 def write_record(run_dir: Path, results_dir: Path, record: dict) -> Path:
     """Say that ``run_dir``'s run belongs to ``record``'s table row in ``results_dir`` (idempotent)."""
     record = {"results_dir": results_key(results_dir), **record}
-    path = record_path(run_dir, results_dir, record["table"], record["row_id"])
-    try:
-        if json.loads(path.read_text()) == json.loads(json.dumps(record, default=str)):
-            return path  # unchanged: a re-run writes nothing
-    except (OSError, ValueError):
-        pass
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-    write_json(path, record)
-    return path
+    return write_json_unless_same(record_path(run_dir, results_dir, record["table"], record["row_id"]), record)
 
 
 def _records(runs_dir: Path, results_dir: Path, table: str | None = None):

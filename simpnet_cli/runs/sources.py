@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 from simpnet_cli.config import tables
-from simpnet_cli.errors import UserError
 
 ROW_KEYS = ("id", "label", "dataset", "feed", "paper")
 
@@ -42,23 +41,11 @@ def describe(table: tables.Table) -> dict:
 def remember(results_dir: Path, table: tables.Table) -> Path | None:
     """Keep ``table``'s description beside its results if it is a table of one's own (rewritten only when the
     table file changed); None for a built-in table."""
-    from simpnet_cli.files import write_json  # (torch with it: only `run` writes, the report only reads)
+    from simpnet_cli.files import write_json_unless_same  # (torch with it: only `run` writes, the report reads)
 
     if not is_own(table):
         return None
-    path = source_path(results_dir, table.name)
-    wanted = json.loads(json.dumps(describe(table), default=str))
-    try:
-        if json.loads(path.read_text()) == wanted:
-            return path
-    except (OSError, ValueError):
-        pass
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-    write_json(path, wanted)
-    return path
+    return write_json_unless_same(source_path(results_dir, table.name), describe(table))
 
 
 def recall(results_dir: Path, name: str) -> tables.Table | None:
