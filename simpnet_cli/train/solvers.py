@@ -165,6 +165,18 @@ class Solver:
                                  for key, value in st.items()}
         self.param_groups = [{**s, "params": g["params"]} for s, g in zip(saved, self.param_groups)]
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every group with gradients: Caffe's decay added to each gradient, then the solver's
+        ``_update`` (its histories and the step scaled by the group's lr)."""
+        for group in self.param_groups:
+            params, grads = _with_decay(group)
+            if params:
+                self._update(group, params, grads)
+
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
 
 class AdaDelta(Solver):
     """Caffe's AdaDelta (rho = momentum, eps = delta): the decay added to the gradient, histories of the unscaled
@@ -175,30 +187,25 @@ class AdaDelta(Solver):
     def __init__(self, params, lr, rho: float, eps: float, weight_decay: float):
         super().__init__(params, {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            params, grads = _with_decay(group)
-            if not params:
-                continue
-            states = [self.state[p] for p in params]
-            for p, st in zip(params, states):
-                if not st:
-                    st["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["acc_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            square, acc = [st["square_avg"] for st in states], [st["acc_delta"] for st in states]
-            rho, eps = group["rho"], group["eps"]
-            torch._foreach_mul_(square, rho)
-            torch._foreach_addcmul_(square, grads, grads, value=1 - rho)
-            std = torch._foreach_add(square, eps)
-            torch._foreach_sqrt_(std)
-            delta = torch._foreach_add(acc, eps)
-            torch._foreach_sqrt_(delta)
-            torch._foreach_div_(delta, std)
-            torch._foreach_mul_(delta, grads)
-            torch._foreach_mul_(acc, rho)
-            torch._foreach_addcmul_(acc, delta, delta, value=1 - rho)
-            _apply(params, delta, group["lr"])
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if not st:
+                st["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["acc_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        square, acc = [st["square_avg"] for st in states], [st["acc_delta"] for st in states]
+        rho, eps = group["rho"], group["eps"]
+        torch._foreach_mul_(square, rho)
+        torch._foreach_addcmul_(square, grads, grads, value=1 - rho)
+        std = torch._foreach_add(square, eps)
+        torch._foreach_sqrt_(std)
+        delta = torch._foreach_add(acc, eps)
+        torch._foreach_sqrt_(delta)
+        torch._foreach_div_(delta, std)
+        torch._foreach_mul_(delta, grads)
+        torch._foreach_mul_(acc, rho)
+        torch._foreach_addcmul_(acc, delta, delta, value=1 - rho)
+        _apply(params, delta, group["lr"])
 
 
 class Nesterov(Solver):
@@ -209,21 +216,16 @@ class Nesterov(Solver):
     def __init__(self, params, lr, momentum: float, weight_decay: float):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            params, grads = _with_decay(group)
-            if not params:
-                continue
-            momentum, bufs = group["momentum"], []
-            for p, g in zip(params, grads):
-                st = self.state[p]
-                if st.get("momentum_buffer") is None:  # the first step: v = g (torch's SGD)
-                    st["momentum_buffer"] = g.clone()
-                else:
-                    st["momentum_buffer"].mul_(momentum).add_(g)
-                bufs.append(st["momentum_buffer"])
-            _apply(params, torch._foreach_add(grads, bufs, alpha=momentum), group["lr"])
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        momentum, bufs = group["momentum"], []
+        for p, g in zip(params, grads):
+            st = self.state[p]
+            if st.get("momentum_buffer") is None:  # the first step: v = g (torch's SGD)
+                st["momentum_buffer"] = g.clone()
+            else:
+                st["momentum_buffer"].mul_(momentum).add_(g)
+            bufs.append(st["momentum_buffer"])
+        _apply(params, torch._foreach_add(grads, bufs, alpha=momentum), group["lr"])
 
 
 # The optimizer of each solver ``type`` (conf/solver/*.yaml), timm's registry pattern: a new solver is its
