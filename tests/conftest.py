@@ -64,6 +64,23 @@ def finished_run():
 
 
 @pytest.fixture
+def widths_parses(monkeypatch) -> list[str]:
+    """Every C_x{y} text parsed while the test runs, in order (both places that import the parser count)."""
+    from simpnet_cli.config import tables
+    from simpnet_cli.nets import notation, specs
+
+    parsed: list[str] = []
+
+    def counting(text):
+        parsed.append(text)
+        return notation.parse_widths(text)
+
+    monkeypatch.setattr(tables, "parse_widths", counting)
+    monkeypatch.setattr(specs, "parse_widths", counting)
+    return parsed
+
+
+@pytest.fixture
 def one_thread():
     """Torch on one thread for the test (runs that must match bit for bit, or share the cores with others)."""
     import torch

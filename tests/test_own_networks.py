@@ -97,20 +97,9 @@ def test_named_rows_and_labels_are_checked(capsys):
     assert "custom.row names a network of your own" in capsys.readouterr().err
 
 
-def test_show_says_when_the_templates_pools_were_adapted(capsys, monkeypatch):
-    from simpnet_cli.config import tables
-    from simpnet_cli.nets import notation, specs
-
-    parsed: list[str] = []
-
-    def counting(text):
-        parsed.append(text)
-        return notation.parse_widths(text)
-
-    monkeypatch.setattr(tables, "parse_widths", counting)
-    monkeypatch.setattr(specs, "parse_widths", counting)
+def test_show_says_when_the_templates_pools_were_adapted(capsys, widths_parses):
     assert cli.main(["show", "arch=arch2", "net.widths=C8{6}", "custom.row=six"]) == 0
-    assert parsed == ["C8{6}"]  # the label is made from the widths the run parsed
+    assert widths_parses == ["C8{6}"]  # the label is made from the widths the run parsed
     out = capsys.readouterr().out
     assert "Table custom / six: arch2: C8{6}" in out
     assert "note: arch2's pools_after [4,7,9,12] adapted to [4] for 6 layers" in out

@@ -433,27 +433,15 @@ def test_svhn_trains_on_train_and_extra_unless_told_not_to():
     assert tables.resolve(t, row, 0, {}, data_opts={"svhn": {"extra": False}}).dataset["extra"] is False
 
 
-def test_net_widths_is_parsed_once_per_composed_run(monkeypatch, capsys):
+def test_net_widths_is_parsed_once_per_composed_run(widths_parses, capsys):
     """The C_x{y} text travels from the command line to the builder as text and is parsed once, where the run
     is composed (config.tables); the spec, the pool fitting and the variant's name use that parse."""
-    from simpnet_cli.config import tables as T
-    from simpnet_cli.nets import notation
-    from simpnet_cli.nets import specs
-
-    seen: list[str] = []
-
-    def counting(text):
-        seen.append(text)
-        return notation.parse_widths(text)
-
-    monkeypatch.setattr(T, "parse_widths", counting)
-    monkeypatch.setattr(specs, "parse_widths", counting)
     assert cli.main(["show", "table=2", "row=8L", "net.widths=C64{3}, C128{4}", "net.pools_after=[3,7]",
                      "--json"]) == 0
     (rec,) = __import__("json").loads(capsys.readouterr().out)
     assert rec["variant"] == "net.pools_after=[3,7] net.widths=C64{3},C128{4}"
     # The variant's widths once, and the paper's row once (composed to tell a real variant from a no-op).
-    assert sorted(seen) == sorted(["C64{3}, C128{4}", "C41, C43, C70{4}, C85, C90"])
+    assert sorted(widths_parses) == sorted(["C64{3}, C128{4}", "C41, C43, C70{4}, C85, C90"])
 
 
 @pytest.mark.parametrize("args,want", [
