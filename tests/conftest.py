@@ -113,7 +113,9 @@ SLOW = {
     "test_integrity.py": ("test_fuzz_malformed_command_lines", "test_at_most_one_line_per_run"),
     "test_progress.py": ("test_a_terminal_gets_bars", "test_redirected_stderr"),
     "test_report.py": ("test_networks_of_ones_own", "test_empty_results_render"),
-    "test_stacked.py": ("test_a_stacked_run_killed_and_resumed", "test_packed_stacked_groups_are_one_job",
+    "test_one_hash_one_figure.py": tuple(f"test_stacked_and_separate_training_never_record_two_figures_under_one_"
+                                         f"hash[{row}]" for row in ("SN-SAF", "RN32-max")),
+    "test_stacked.py": ("test_a_stacked_run_killed_and_resumed", "test_a_stacked_run_whose_group_mates", "test_packed_stacked_groups_are_one_job",
                         "test_bench_reports_separate_grouped_and_branched"),
 }
 # Tests of many cases of which the fast tier runs every k-th (the first, the (k+1)-th...) and the slow tier the

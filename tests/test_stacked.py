@@ -366,6 +366,12 @@ def family_plan(family: str, seeds=3) -> list[tables.RunSpec]:
     return runner.plan([table], None, seeds, profile, overrides=over)
 
 
+def planned(runs: list[tables.RunSpec], opts: runner.Options) -> list[tables.RunSpec]:
+    """The runs as the runner trains them (a stacked run's hash names its shared step), in the order given."""
+    stepped = {r.in_step("").config_hash: r for g, _ in runner.plan_groups(runs, opts, CPU) for r in g}
+    return [stepped[r.config_hash] for r in runs]
+
+
 def options(root, stack="off", **over) -> runner.Options:
     return runner.Options(**{"data_dir": root / "data", "download": False, "results_dir": root / "results",
                              "runs_dir": root / "runs", "device": "cpu", "jobs_per_device": 1, "profile": "test",
@@ -460,11 +466,13 @@ def assert_same_record(a, b, tol: float) -> None:
 @pytest.mark.parametrize("how", ["grouped", "branched"])
 def test_stacked_runs_write_exactly_what_single_runs_write(how, tmp_path, one_thread):
     runs = family_plan("saf-dropout")
-    counts = runner.execute(runs, options(tmp_path / "stacked", stack=3, stack_mode=how))
+    stacked_opts = options(tmp_path / "stacked", stack=3, stack_mode=how)
+    counts = runner.execute(runs, stacked_opts)
     assert counts == {"ok": 3}
     runner.execute(runs, options(tmp_path / "single", stack="auto"))  # auto: separately on the CPU
-    for run in runs:
-        stacked, single = (tmp_path / kind / "runs" / run.config_hash for kind in ("stacked", "single"))
+    for run, in_step in zip(runs, planned(runs, stacked_opts)):
+        assert in_step.config_hash != run.config_hash, "a stacked run is a computation of its own"
+        stacked, single = (tmp_path / "stacked" / "runs" / in_step.config_hash, tmp_path / "single" / "runs" / run.config_hash)
         assert sorted(p.name for p in stacked.iterdir()) == sorted(p.name for p in single.iterdir())
         rs, r1 = (json.loads((d / "result.json").read_text()) for d in (stacked, single))
         assert rs.keys() == r1.keys() and rs["iterations"] == r1["iterations"] == STEPS
@@ -494,7 +502,7 @@ def test_packed_stacked_groups_are_one_job_per_worker_slot(tmp_path, one_thread)
     assert [len(g) for g, _ in runner.plan_groups(saf + plain, opts, CPU)] == [2, 1, 2]
     assert runner.execute(saf + plain, opts) == {"ok": 5}
     modes = [json.loads((tmp_path / "runs" / r.config_hash / "result.json").read_text())["step_mode"]
-             for r in saf + plain]
+             for r in planned(saf + plain, opts)]
     assert modes == ["eager, stacked 2 (grouped)"] * 2 + ["eager"] + ["eager, stacked 2 (grouped)"] * 2
     assert runner.execute(saf + plain, opts) == {"skipped": 5}
 
@@ -574,7 +582,7 @@ def straight(tmp_path_factory):
 
 
 def assert_resumed_equals_straight(runs, resumed: runner.Options, straight: runner.Options, mode: str, tol: float):
-    for run in runs:
+    for run in planned(runs, resumed):
         run_dir = resumed.runs_dir / run.config_hash
         assert json.loads((run_dir / "result.json").read_text())["step_mode"] == mode
         assert_same_record(run_dir, straight.runs_dir / run.config_hash, tol)
@@ -595,24 +603,67 @@ def test_an_interrupted_stacked_run_resumes_together_to_the_same_record(straight
     with pytest.raises(KeyboardInterrupt):
         runner.execute(runs, opts)
     monkeypatch.setattr(train, "lr_at", real_lr_at)
-    assert [checkpoint.iteration(opts.runs_dir / r.config_hash / "checkpoint.pt") for r in runs] == [10] * 3
+    assert [checkpoint.iteration(opts.runs_dir / r.config_hash / "checkpoint.pt") for r in planned(runs, opts)] == [10] * 3
     assert runner.execute(runs, opts) == {"ok": 3}
     assert_resumed_equals_straight(runs, opts, straight_opts, "eager, stacked 3 (grouped)", 0)
 
 
-@pytest.mark.parametrize("after, resumed_mode", [(3, "eager, stacked 3 (grouped)"), (2, "eager")],
-                         ids=["after-the-groups-checkpoints", "between-two-runs-checkpoints"])
-def test_a_stacked_run_killed_and_resumed_equals_the_uninterrupted_one(after, resumed_mode, straight, tmp_path,
-                                                                       one_thread):
+@pytest.mark.parametrize("after", [3, 2], ids=["after-the-groups-checkpoints", "between-two-runs-checkpoints"])
+def test_a_stacked_run_killed_and_resumed_equals_the_uninterrupted_one(after, straight, tmp_path, one_thread):
+    """Killed after the group's checkpoints, or between two of them (runs 0 and 1 at iteration 10, run 2 with
+    none): the group resumes together either way (the second from iteration 0: a run resumed alone would be
+    another computation than its hash), to the very records of the uninterrupted runs."""
     runs, straight_opts = straight
     killed = options(tmp_path, stack=3)
     kill_after_checkpoints(tmp_path, runs, killed, after)
-    at = [checkpoint.iteration(killed.runs_dir / r.config_hash / "checkpoint.pt") for r in runs]
-    assert at == [10, 10, 10][:after] + [None] * (3 - after)
-    assert not any((killed.runs_dir / r.config_hash / "result.json").exists() for r in runs)
+    dirs = [killed.runs_dir / r.config_hash for r in planned(runs, killed)]
+    assert [checkpoint.iteration(d / "checkpoint.pt") for d in dirs] == [10, 10, 10][:after] + [None] * (3 - after)
+    assert not any((d / "result.json").exists() for d in dirs)
     assert runner.execute(runs, killed) == {"ok": 3}
-    # resumed together: the very same arithmetic; one at a time: a grouped conv's sums in another order
-    assert_resumed_equals_straight(runs, killed, straight_opts, resumed_mode, 0 if after == 3 else 1e-4)
+    assert_resumed_equals_straight(runs, killed, straight_opts, "eager, stacked 3 (grouped)", 0)
+    assert not any((d / "checkpoint.previous.pt").exists() for d in dirs)
+
+
+def test_a_group_a_checkpoint_apart_goes_back_to_the_previous_checkpoint(tmp_path):
+    """The ahead runs of a group killed between two checkpoint writes return to the one they kept."""
+    dirs = [tmp_path / str(i) for i in range(3)]
+    for d in dirs:
+        d.mkdir()
+    def write(path, it):
+        checkpoint.save(path, {key: it for key in checkpoint.KEYS} | {"iteration": it}, "h")
+    for d, (now, before) in zip(dirs, [(20, 10), (10, None), (10, None)]):
+        write(d / "checkpoint.pt", now)
+        if before is not None:
+            write(d / "checkpoint.previous.pt", before)
+    notes = []
+    runner.align_checkpoints(dirs, notes.append)
+    assert [checkpoint.iteration(d / "checkpoint.pt") for d in dirs] == [10, 10, 10]
+    assert notes == ["the runs trained together resume from iteration 10 (a process was killed between two of "
+                     "their checkpoint writes)"]
+    write(dirs[0] / "checkpoint.pt", 30)  # two apart: no checkpoint of run 0 at 10 is left, the group starts over
+    runner.align_checkpoints(dirs, notes.append)
+    assert not any((d / "checkpoint.pt").exists() for d in dirs) and "start over" in notes[-1]
+
+
+def test_a_stacked_run_whose_group_mates_are_recorded_trains_in_a_step_of_its_size(straight, tmp_path, one_thread):
+    """Seed 1 of a group of three already recorded (its folder copied in): seeds 0 and 2 train with a passenger
+    in its place, so their arithmetic is the hash's (a step of three), and their records equal the straight ones;
+    the passenger leaves nothing behind."""
+    import shutil
+
+    runs, straight_opts = straight
+    opts = options(tmp_path, stack=3)
+    mine = planned(runs, opts)
+    shutil.copytree(straight_opts.runs_dir / mine[1].config_hash, opts.runs_dir / mine[1].config_hash)
+    for name in list((opts.runs_dir / mine[1].config_hash / "records").glob("*.json")):
+        name.unlink()
+    from simpnet_cli.runs import index
+    index.write_record(opts.runs_dir / mine[1].config_hash, opts.results_dir,
+                       index.record_of(mine[1], opts.runs_dir / mine[1].config_hash, opts.profile))
+    index.rebuild_tables(opts.results_dir, opts.runs_dir, {mine[1].table}, lambda m: None)
+    assert runner.execute(runs, opts) == {"skipped": 1, "ok": 2}
+    assert_resumed_equals_straight(runs, opts, straight_opts, "eager, stacked 3 (grouped)", 0)
+    assert sorted(p.name for p in opts.runs_dir.iterdir() if p.is_dir()) == sorted(r.config_hash for r in mine)
 
 
 # --------------------------------------------------------------------------- the benchmark

@@ -271,6 +271,12 @@ class RunSpec:
     # What was adapted to make the row build, said to the user (the template's pools cut for a shallow network);
     # not identity: the network they describe is.
     notes: tuple = field(default=(), compare=False)
+    # "" for a run trained alone; "grouped K" or "branched K" for one of K runs trained in one shared step
+    # (train/together.py). Identity: a shared step computes the run in another order (grouped convolutions and a
+    # batched classifier; on a GPU, other kernels and, in a graph, other dropout draws), and in fp32 a rounding
+    # difference that crosses a ReLU's or a max-pool's decision grows over training into another figure. So a
+    # stacked run is a computation of its own; a run trained alone keeps the paper row's hash.
+    step: str = ""
 
     @cached_property  # frozen dataclass: cached_property writes the instance's __dict__ directly
     def spec(self) -> tuple:
@@ -283,7 +289,7 @@ class RunSpec:
 
     def identity(self) -> dict:
         """What makes two runs the same run: the network, data, solver, schedule and seed, not the labels."""
-        return {**self._unseeded, "seed": self.seed}
+        return {**self._unseeded, "seed": self.seed, **({"step": self.step} if self.step else {})}
 
     @cached_property
     def _unseeded(self) -> dict:
@@ -303,6 +309,20 @@ class RunSpec:
         run.__dict__["spec"], run.__dict__["_unseeded"] = self.spec, self._unseeded
         return run
 
+    def in_step(self, step: str) -> "RunSpec":
+        """This run as trained in a shared step (``step``: "grouped K", "branched K"; "" alone): another hash."""
+        run = dataclasses.replace(self, step=step)
+        run.__dict__["spec"], run.__dict__["_unseeded"] = self.spec, self._unseeded
+        return run
+
+    @property
+    def shared_step(self) -> tuple[str, int]:
+        """(how, K) of the shared step this run is computed in; ("separate", 1) for a run trained alone."""
+        if not self.step:
+            return "separate", 1
+        how, k = self.step.split()
+        return how, int(k)
+
     @property
     def param_mults(self) -> dict:
         """Caffe's lr/decay multipliers with conv indices resolved for this network (train.param_groups)."""
@@ -319,6 +339,7 @@ class RunSpec:
         return {"table": self.table, "row_id": self.row_id, "label": self.label, "seed": self.seed,
                 "net": self.net, "dataset": self.dataset, "solver": self.solver, "train": self.train,
                 "paper": self.paper, "variant": self.variant, "config_hash": self.config_hash,
+                **({"step": self.step} if self.step else {}),
                 **({"notes": list(self.notes)} if self.notes else {})}
 
 

@@ -144,11 +144,12 @@ def auto_choice(runs: list[tables.RunSpec], device: torch.device, device_label: 
 def plan_groups(runs: list[tables.RunSpec], opts: Options, device: torch.device,
                 timer=together.time_steps) -> list[tuple[list[tables.RunSpec], str]]:
     """The runs cut into groups that share one training step, each with how it shares it ("separate" for a
-    group of one): as ``stack`` and ``stack_mode`` say, or, for ``stack=auto`` on a GPU, as measured."""
+    group of one): as ``stack`` and ``stack_mode`` say, or, for ``stack=auto`` on a GPU, as measured. The runs of
+    a shared step come back as such (``RunSpec.in_step``): their hash says how they were computed."""
     how = stack_mode(opts.stack_mode)
     if opts.stack != "auto" or device.type != "cuda":
         size = stack_size(opts.stack, device)
-        return [(g, how if len(g) > 1 else "separate") for g in stack_groups(runs, size)]
+        return [stepped(g, how) for g in stack_groups(runs, size)]
     cache_path = opts.runs_dir / STACK_CHOICES
     cache = read_json(cache_path) or {}
     chosen: dict[str, tuple[int, str]] = {}
@@ -159,8 +160,16 @@ def plan_groups(runs: list[tables.RunSpec], opts: Options, device: torch.device,
                                       cache, timer)
     check_writable(opts.runs_dir, "runs_dir")
     write_json(cache_path, cache)
-    return [(g, chosen[share_key(g[0])][1] if len(g) > 1 else "separate")
+    return [stepped(g, chosen[share_key(g[0])][1])
             for g in stack_groups(runs, {key: k for key, (k, _) in chosen.items()})]
+
+
+def stepped(group: list[tables.RunSpec], how: str) -> tuple[list[tables.RunSpec], str]:
+    """A planned group and how it shares its step; a group of several runs as runs of that step (their hash
+    names how and how many: the arithmetic of a shared step depends on both)."""
+    if len(group) < 2 or how == "separate":
+        return group, "separate"
+    return [run.in_step(f"{how} {len(group)}") for run in group], how
 
 
 def pick_device(name: str) -> torch.device:
@@ -282,6 +291,8 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str,
     name, key = progress.run_name(run), progress.run_key(run)
     if index.is_recorded(opts.results_dir, opts.runs_dir, run):
         return "skipped", f"{name}: already recorded"
+    if run.step and not train.read_result(run_dir):  # a twin whose first run (trained with its group) failed
+        return "error", f"{name}: not trained, its run trains in a shared step ({run.step}) that did not finish"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -322,11 +333,13 @@ def prepare_device(dev: torch.device, opts: Options) -> None:
 
 def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: str,
                   shown: progress.Reporter | progress.Forwarder | None = None) -> list[tuple[tables.RunSpec, str, str]]:
-    """Train the runs of ``group`` (one plan_groups group) in one ``how`` step, as ``execute_one`` trains one: those
-    already recorded are skipped, those another process holds are busy. Runs whose checkpoints stand at
-    different iterations (killed between two of the group's checkpoint writes) resume one at a time."""
-    if len(group) == 1:
-        return [(group[0], *execute_one(group[0], opts, device, shown))]
+    """Train the runs of ``group`` (one plan_groups group) as ``execute_one`` trains one: those already recorded
+    are skipped, those another process holds are busy, and the rest train in the shared step their hash names
+    (``RunSpec.step``), with as many runs in it as that says: places left by skipped or busy runs are taken by
+    passengers (copies of a run, trained and thrown away), so the arithmetic of every run is its hash's."""
+    if not group[0].step:
+        return [(run, *execute_one(run, opts, device, shown)) for run in group]
+    how, k = group[0].shared_step
     if shown is None:
         shown = progress.Reporter({}, 0, quiet=opts.quiet, tty=False)
     outcomes, todo = [], []
@@ -341,42 +354,94 @@ def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: 
             raise UserError(f"cannot create run folder {run_dir}: {err.strerror or err}") from None
         index.write_record(run_dir, opts.results_dir, index.record_of(run, run_dir, opts.profile))
         todo.append(run)
-    alone = []
+    finished = []
     with contextlib.ExitStack() as locks:
         held = []
         for run in todo:
             run_dir = opts.runs_dir / run.config_hash
             if locks.enter_context(RunLock(run_dir)):
                 remove_stale_temporaries(run_dir)
-                held.append(run)
+                if train.read_result(run_dir):  # finished by its twin's command since: only recorded here
+                    finished.append(run)
+                else:
+                    held.append(run)
             else:
                 outcomes.append((run, "busy", f"{progress.run_name(run)}: being trained by another process "
                                               f"({run_dir})"))
-        starts = {checkpoint.iteration(opts.runs_dir / r.config_hash / callbacks.CHECKPOINT) or 0 for r in held}
-        if len(held) < 2 or len(starts) > 1:
-            alone = held  # trained (or resumed) one at a time, once the locks are let go
-        else:
+        if held:
             dev = pick_device(device)
             prepare_device(dev, opts)
+            dirs = [opts.runs_dir / r.config_hash for r in held]
+            align_checkpoints(dirs, lambda msg: shown.note(progress.run_key(held[0]), msg))
             keys = [progress.run_key(r) for r in held]
-            for run, key in zip(held, keys):
-                shown.run_started(key, progress.run_name(run), str(opts.runs_dir / run.config_hash))
-            together.train_together(
-                held, [opts.runs_dir / r.config_hash for r in held], dev, opts.data_dir, opts.download,
-                how, lambda msg: shown.note(keys[0], msg),
-                progress=[lambda ev, key=key: shown.event(key, ev) for key in keys], loggers=opts.logger)
-            for run in held:
-                result = index.seal(opts.runs_dir / run.config_hash)
-                outcomes.append((run, result["status"], finished_message(progress.run_name(run), result)))
-    for run in held:
-        if run not in alone:
-            index.rebuild_tables(opts.results_dir, opts.runs_dir,
-                                 index.tables_recorded(opts.runs_dir, opts.results_dir, opts.runs_dir / run.config_hash),
-                                 warn, lasting=False)
-    for run in alone:
-        outcomes.append((run, *execute_one(run, opts, device, shown)))
+            for run, key, run_dir in zip(held, keys, dirs):
+                shown.run_started(key, progress.run_name(run), str(run_dir))
+            with passengers(held[0], dirs[0], k - len(held), opts.runs_dir) as riders:
+                together.train_together(
+                    held + [held[0]] * len(riders), dirs + riders, dev, opts.data_dir, opts.download, how,
+                    lambda msg: shown.note(keys[0], msg),
+                    progress=[lambda ev, key=key: shown.event(key, ev) for key in keys] + [None] * len(riders),
+                    loggers=opts.logger)
+            finished += held
+        for run in finished:
+            result = index.seal(opts.runs_dir / run.config_hash)
+            outcomes.append((run, result["status"], finished_message(progress.run_name(run), result)))
+    for run in finished:
+        index.rebuild_tables(opts.results_dir, opts.runs_dir,
+                             index.tables_recorded(opts.runs_dir, opts.results_dir, opts.runs_dir / run.config_hash),
+                             warn, lasting=False)
     order = {id(r): n for n, r in enumerate(group)}
     return sorted(outcomes, key=lambda o: order[id(o[0])])
+
+
+def align_checkpoints(run_dirs: list[Path], log) -> None:
+    """The runs of one shared step resume from one iteration. A process killed between two of the group's
+    checkpoint writes leaves some runs one checkpoint ahead: those go back to the previous checkpoint that
+    together.fit_together keeps beside it. Should that not reach (a checkpoint missing or damaged), the group
+    starts over: a run resumed alone would be another computation than its hash."""
+    paths = [d / callbacks.CHECKPOINT for d in run_dirs]
+    starts = [checkpoint.iteration(p) or 0 for p in paths]
+    if len(set(starts)) < 2:
+        return
+    low = min(starts)
+    for path, start in zip(paths, starts):
+        previous = path.with_name(callbacks.PREVIOUS_CHECKPOINT)
+        if start > low and (checkpoint.iteration(previous) or 0) == low and low > 0:
+            os.replace(previous, path)
+    if len({checkpoint.iteration(p) or 0 for p in paths}) > 1:
+        for path in paths:
+            path.unlink(missing_ok=True)
+            path.with_name(callbacks.PREVIOUS_CHECKPOINT).unlink(missing_ok=True)
+        log(f"the checkpoints of the runs trained together stood at iterations {sorted(set(starts))} and could "
+            f"not be brought to one: they start over")
+    else:
+        log(f"the runs trained together resume from iteration {low} (a process was killed between two of their "
+            f"checkpoint writes)")
+
+
+@contextlib.contextmanager
+def passengers(run: tables.RunSpec, run_dir: Path, n: int, runs_dir: Path):
+    """``n`` throw-away folders for copies of ``run`` that fill the places of a shared step whose own runs are
+    recorded or busy (with ``run``'s checkpoint, so they stand at its iteration); removed afterwards."""
+    if n <= 0:
+        yield []
+        return
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix=".passengers-", dir=runs_dir))
+    try:
+        dirs = []
+        for i in range(n):
+            rider = root / str(i)
+            rider.mkdir()
+            for name in (callbacks.CHECKPOINT,):
+                if (run_dir / name).exists():
+                    shutil.copyfile(run_dir / name, rider / name)
+            dirs.append(rider)
+        yield dirs
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _slot_worker(opts, device, shown, conn) -> None:
@@ -436,6 +501,11 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
         seen.add(run.config_hash)
     slots = devices_for(opts)
     groups = plan_groups(first, opts, torch.device(slots[0]))
+    # A twin (the same run in another table) is recorded from its first run's folder: the same step, so the
+    # same hash.
+    step_of = {run.in_step("").config_hash: run.step for group, _ in groups for run in group}
+    twins = [twin.in_step(step_of.get(twin.config_hash, "")) for twin in twins]
+    runs = [run for group, _ in groups for run in group] + twins
     workers = min(len(slots) * max(1, opts.jobs_per_device), len(groups))
     with progress_for(runs, opts, run_bars=workers <= 1) as shown:
         if workers <= 1:  # in this process; the first bad input stops everything, with its own message
@@ -533,7 +603,7 @@ def execute_packed(groups, twins, opts: Options, slots: list[str], workers: int,
                 else:
                     left.append(run)
             if left:
-                return left, (how if len(left) > 1 else "separate")
+                return left, how  # (a stacked run left alone still trains in its step, with passengers)
         return None
 
     # The workers (above) and the manager watch this process: killed (SIGKILL, a lost SLURM job), it cannot stop

@@ -362,12 +362,11 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     recorded = {name: index.recorded(opts.results_dir, name, opts.runs_dir) for name in {r.table for r in runs}}
-    todo, seen = [], set()
+    distinct, seen = [], set()
     for run in runs:
-        if run.config_hash in seen or (run.row_id, run.config_hash, run.seed) in recorded[run.table]:
-            continue
-        seen.add(run.config_hash)
-        todo.append(run)
+        if run.config_hash not in seen:
+            seen.add(run.config_hash)
+            distinct.append(run)
     default_iters, warmup = (20, 10) if device.type == "cuda" else (2, 1)
     if iters is not None:
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
@@ -376,9 +375,12 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
     iters = iters or default_iters
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise UserError(f"dry_run.batch_size={batch_size!r}: give a whole number of images >= 1")
-    # The runs as the runner would train them: one at a time, or k to a step (runner.plan_groups).
-    groups = plan_groups(todo, opts, device)
+    # The runs as the runner would train them: one at a time, or k to a step (runner.plan_groups; a stacked
+    # run's hash names its step, so what is recorded is looked up after planning).
+    groups = plan_groups(distinct, opts, device)
     group_of = {id(run): (len(group), how) for group, how in groups for run in group}
+    todo = [run for group, _ in groups for run in group
+            if (run.row_id, run.config_hash, run.seed) not in recorded[run.table]]
     size = max((len(group) for group, _ in groups), default=1)
     speed: dict[tuple, float] = {}
     per_table: dict[str, list[float]] = {}

@@ -36,6 +36,8 @@ if TYPE_CHECKING:  # (loop imports this module)
     from simpnet_cli.train.loop import TrainState
 
 CHECKPOINT = "checkpoint.pt"
+# The one before it, kept by runs trained together (runner.align_checkpoints: a kill between the group's writes).
+PREVIOUS_CHECKPOINT = "checkpoint.previous.pt"
 CURVE_COLUMNS = ["iter", "test_acc", "test_loss", "train_loss", "lr", "wall_s"]
 LOGGED = {"test_acc": "test/acc", "test_loss": "test/loss", "train_loss": "train/loss", "lr": "train/lr"}
 

@@ -281,3 +281,4 @@ def write_outcome(state: TrainState, result: dict) -> None:
     atomic_write(state.run_dir / "model.pt", lambda tmp: save_pt(state.model.state_dict(), tmp))
     write_json(state.run_dir / "result.json", result)
     (state.run_dir / C.CHECKPOINT).unlink(missing_ok=True)  # only now: until result.json exists, it is the run
+    (state.run_dir / C.PREVIOUS_CHECKPOINT).unlink(missing_ok=True)

@@ -135,6 +135,7 @@ def fit_together(states: Sequence[loop.TrainState], step: stacked_step.SharedSte
                     group.hand_back(i)
                     # the checkpoint saves the global RNG: make it this run's dropout generator's state
                     stacked_step.generator_to_global(step.generators[i], device)
+                    keep_previous_checkpoint(group.states[i].run_dir)
                     group.hooks[i]("on_checkpoint", group.states[i])
                 group.clocks(True)
         for i in list(group.active):
@@ -144,6 +145,14 @@ def fit_together(states: Sequence[loop.TrainState], step: stacked_step.SharedSte
             group.hooks[i].failed(group.states[i])
         raise
     return group.results
+
+
+def keep_previous_checkpoint(run_dir: Path) -> None:
+    """The run's checkpoint kept as the previous one before a new one is written: the group's writes are one
+    after another, so a kill between two leaves some runs one checkpoint ahead (runner.align_checkpoints)."""
+    current = run_dir / C.CHECKPOINT
+    if current.exists():
+        current.replace(run_dir / C.PREVIOUS_CHECKPOINT)
 
 
 def train_together(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: torch.device, data_dir: Path,
