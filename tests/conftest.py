@@ -81,6 +81,25 @@ def widths_parses(monkeypatch) -> list[str]:
 
 
 @pytest.fixture
+def crash_at(monkeypatch):
+    """``crash_at(n)``: training stops as a Ctrl-C would (KeyboardInterrupt) as it is about to train iteration
+    ``n`` (after that iteration's evaluation and checkpoint); ``crash_at(None)`` lets it train on."""
+    from simpnet_cli.train import solvers
+
+    real = solvers.lr_at
+
+    def arm(iteration: int | None) -> None:
+        def crashing(solver, it):
+            if it == iteration:
+                raise KeyboardInterrupt
+            return real(solver, it)
+
+        monkeypatch.setattr(solvers, "lr_at", real if iteration is None else crashing)
+
+    return arm
+
+
+@pytest.fixture
 def one_thread():
     """Torch on one thread for the test (runs that must match bit for bit, or share the cores with others)."""
     import torch

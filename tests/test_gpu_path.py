@@ -186,12 +186,12 @@ def test_one_update_per_iteration_and_one_capture_for_the_whole_schedule(one_thr
     backend = captured_step.GraphBackend(**{**backend.__dict__, "new_graph": lambda: graphs.append(StandInGraph()) or graphs[-1]})
     step = captured_step.Step(model, optimizer, data, autocast, True, backend=backend)
     for it in range(8):
-        step(it, train.lr_at(run.solver, it))
+        step(it, solvers.lr_at(run.solver, it))
         assert int(step.updates) == it + 1
     assert len(graphs) == 1 and graphs[0].replays == 7  # captured at 0; the lr drop at 5 is a fill, not a capture
 
 
-# Caffe's lr/decay multipliers: the classifier and two conv biases in groups of their own (train.param_groups).
+# Caffe's lr/decay multipliers: the classifier and two conv biases in groups of their own (solvers.param_groups).
 MULTS = {"classifier": {"weight": {"lr": 1, "decay": 0}, "bias": {"lr": 2, "decay": 0}},
          "convs": {"indices": [5, 6], "bias": {"lr": 2, "decay": 0}}}
 
@@ -240,7 +240,7 @@ def test_group_multipliers_hold_in_every_update_across_a_recapture(one_thread, s
 
         optimizer.step = recording_step  # the captured body calls self.optimizer.step() on every replay
         step = captured_step.Step(model, optimizer, data, autocast, graphs, backend=stand_in() if graphs else None)
-        lrs = [train.lr_at(run.solver, it) for it in range(8)]
+        lrs = [solvers.lr_at(run.solver, it) for it in range(8)]
         for it, lr in enumerate(lrs):
             step(it, lr)
         assert step.step_mode == ("cuda-graph" if graphs else "eager") and int(step.updates) == 8
@@ -260,8 +260,8 @@ def setup(run: tables.RunSpec, batch: int | None = None):
     data = D.load(run.dataset, Path("."), False, CPU, batch or run.train["batch_size"], 0)
     model = M.build_model(run.spec, run.in_shape, run.net)
     # as train_run builds it; capturable is for CUDA only
-    optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.param_mults))
-    return model, optimizer, data, train.autocast_for(run.train["precision"], CPU)
+    optimizer = solvers.make_optimizer(run.solver, solvers.param_groups(model, run.param_mults))
+    return model, optimizer, data, solvers.autocast_for(run.train["precision"], CPU)
 
 
 # --------------------------------------------------------------------------- capture failures and the canary
@@ -301,14 +301,14 @@ def test_the_canary_stops_a_run_whose_graph_does_nothing_or_too_much(tmp_path, o
 def test_tf32_is_named_in_the_effective_precision(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default for convolutions
     assert not torch.backends.cuda.matmul.allow_tf32  # ... and for matmuls ("highest" fp32 matmul precision)
-    assert train.effective_precision("fp32", torch.device("cuda")) == "fp32 (TF32 convolutions)"
-    assert train.effective_precision("bf16", torch.device("cuda")) == "bf16"
-    assert train.effective_precision("fp32", CPU) == "fp32"
+    assert solvers.effective_precision("fp32", torch.device("cuda")) == "fp32 (TF32 convolutions)"
+    assert solvers.effective_precision("bf16", torch.device("cuda")) == "bf16"
+    assert solvers.effective_precision("fp32", CPU) == "fp32"
 
 
 def test_fp16_is_refused_with_one_clear_line():
     with pytest.raises(UserError, match="fp16 is not supported.*bf16"):
-        train.autocast_for("fp16", CPU)
+        solvers.autocast_for("fp16", CPU)
 
 
 # --------------------------------------------------------------------------- streams, devices, storage
@@ -319,7 +319,7 @@ def test_one_capture_stream_per_run_made_on_the_runs_device(one_thread):
     calls: list = []
     step = captured_step.Step(model, optimizer, data, autocast, True, backend=stand_in(calls))
     for it in range(8):
-        step(it, train.lr_at(run.solver, it))
+        step(it, solvers.lr_at(run.solver, it))
     streams = [c for c in calls if c[0] == "new_stream"]
     assert streams == [("new_stream", data.device)], "one stream, made on the run's device, reused by re-captures"
     # Each capture: inside device_scope(run's device), warm-up and capture in stream_scope(that stream).
@@ -398,7 +398,7 @@ def captured_body(run: tables.RunSpec, batch: int = 2):
     backend = captured_step.GraphBackend(**{**stand_in().__dict__,
                                    "new_graph": lambda: graphs.append(StandInGraph()) or graphs[-1]})
     step = captured_step.Step(model, optimizer, data, autocast, True, backend=backend)
-    step(0, train.lr_at(run.solver, 0))
+    step(0, solvers.lr_at(run.solver, 0))
     return graphs[0].body, step
 
 
@@ -450,11 +450,11 @@ def test_an_lr_change_reaches_every_group_of_the_one_graph_without_a_recapture(o
         backend = dataclasses.replace(base, new_graph=lambda: made.append(base.new_graph()) or made[-1])
         step = captured_step.Step(model, optimizer, data, autocast, graphs, backend=backend if graphs else None)
         for it in range(8):
-            step(it, train.lr_at(run.solver, it))
+            step(it, solvers.lr_at(run.solver, it))
         if graphs:
             assert len(made) == 1 and made[0].replays == 7 and made[0].baked == []
             assert [float(g["lr"]) for g in optimizer.param_groups] == \
-                [pytest.approx(train.lr_at(run.solver, 7) * g["lr_mult"], rel=1e-7) for g in optimizer.param_groups]
+                [pytest.approx(solvers.lr_at(run.solver, 7) * g["lr_mult"], rel=1e-7) for g in optimizer.param_groups]
         weights[graphs] = {k: v.clone() for k, v in model.state_dict().items()}
     for name, value in weights[False].items():
         assert torch.equal(weights[True][name], value), name

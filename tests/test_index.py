@@ -56,15 +56,15 @@ def row_ids(path: Path) -> list[tuple[str, int]]:
 
 KILLED_AFTER_RESULT = textwrap.dedent("""
     import os, signal, sys
-    from simpnet_cli.train import loop
-    real = loop.write_json
+    from simpnet_cli.train import state
+    real = state.write_json
 
     def write_then_die(path, obj):  # SIGKILL right after result.json: before the runner seals and indexes it
         real(path, obj)
         if path.name == "result.json":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    loop.write_json = write_then_die
+    state.write_json = write_then_die
     from simpnet_cli.cli import main
     sys.exit(main(sys.argv[1:]))
 """)

@@ -12,7 +12,8 @@ from simpnet_cli.train import data as D
 from simpnet_cli.train import captured_step
 from simpnet_cli.runs import results
 from simpnet_cli.config import tables
-from simpnet_cli.train import loop as train
+from simpnet_cli.train import state as run_state
+from simpnet_cli.train import solvers
 from simpnet_cli.nets import modules as M
 from simpnet_cli.cli import main
 
@@ -26,7 +27,7 @@ def test_bench_writes_markdown_with_device_and_rates(tmp_path, capsys):
                  "device=cpu"])
     assert code == 0
     text = out.read_text()
-    assert train.device_name(torch.device("cpu")) in text
+    assert run_state.device_name(torch.device("cpu")) in text
     rows = [line for line in text.splitlines() if line.startswith("| 5/P5 |")]
     assert len(rows) == 1 and "eager fp32" in rows[0]
     rate = float(rows[0].split("|")[4].replace(",", ""))
@@ -72,12 +73,12 @@ def test_graphed_step_matches_eager_step_on_gpu():
         dev = torch.device("cuda")
         data = D.load(run.dataset, Path("."), False, dev, 100, 0)
         model = M.build_model(run.spec, run.in_shape, run.net).to(dev).to(memory_format=torch.channels_last)
-        opt = train.make_optimizer(run.solver, model.parameters())
+        opt = solvers.make_optimizer(run.solver, model.parameters())
         step = captured_step.Step(model, opt, data, contextlib.nullcontext, graphs)
         trace = []
         for it in range(12):
             step.reset_loss()
-            step(it, train.lr_at(run.solver, it) if it < 6 else 0.01)  # an lr change: a fill, no re-capture
+            step(it, solvers.lr_at(run.solver, it) if it < 6 else 0.01)  # an lr change: a fill, no re-capture
             trace.append(step.loss_sum.item())
         # a capture that fell back to eager would make this compare eager with eager
         assert step.step_mode == ("cuda-graph" if graphs else "eager"), step.step_mode
@@ -153,7 +154,7 @@ def test_grouped_conv_probe_times_every_conv_alone_grouped_and_padded_and_says_c
                  "device=cpu"])
     assert code == 0
     text = out.read_text()
-    assert "CPU figures, at batch 2 for one step in fp32" in text and train.device_name(torch.device("cpu")) in text
+    assert "CPU figures, at batch 2 for one step in fp32" in text and run_state.device_name(torch.device("cpu")) in text
     lines = [line for line in text.splitlines() if line.startswith("| 2/8L |")]
     t = T.load_table("2")
     convs = bench.conv_layers(T.resolve(t, t.row("8L"), 0, {}))

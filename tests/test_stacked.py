@@ -29,7 +29,10 @@ from simpnet_cli.nets import stacked as S
 from simpnet_cli.runs import runner
 from simpnet_cli.train import checkpoint
 from simpnet_cli.train import data as D
+from simpnet_cli.train import callbacks as C
 from simpnet_cli.train import loop as train
+from simpnet_cli.train import state as run_state
+from simpnet_cli.train import solvers
 from simpnet_cli.train import together
 from simpnet_cli.train import captured_step
 from simpnet_cli.train import stacked_step
@@ -94,15 +97,15 @@ def family_run(family: str, seed: int = 0) -> tables.RunSpec:
     return tiny_run(arch, solver, *net, seed=seed)
 
 
-def alone(run: tables.RunSpec, tmp_path, seed: int) -> tuple[train.TrainState, list[float]]:
+def alone(run: tables.RunSpec, tmp_path, seed: int) -> tuple[run_state.TrainState, list[float]]:
     """Run ``seed`` of ``run`` trained by itself, as train_run builds it; with its loss at every step."""
-    state = train.build(dataclasses.replace(run, seed=seed), tmp_path / f"alone{seed}", CPU, tmp_path, False,
+    state = run_state.build(dataclasses.replace(run, seed=seed), tmp_path / f"alone{seed}", CPU, tmp_path, False,
                         print, None)
     state.model.double()
     losses = []
     for it in range(STEPS):
         state.step.reset_loss()
-        state.step(it, train.lr_at(run.solver, it))
+        state.step(it, solvers.lr_at(run.solver, it))
         losses.append(state.step.loss_sum.item())
     return state, losses
 
@@ -114,7 +117,7 @@ def in_one_step(run: tables.RunSpec, tmp_path, how: str, seeds=SEEDS, backend=No
     runs = runs or [dataclasses.replace(run, seed=seed) for seed in seeds]
     states, generators = [], []
     for one in runs:
-        state = train.build(one, tmp_path / f"{how}{one.seed}", CPU, tmp_path, False, print, None)
+        state = run_state.build(one, tmp_path / f"{how}{one.seed}", CPU, tmp_path, False, print, None)
         state.model.double()
         states.append(state)
         generators.append(stacked_step.generator_now(CPU))  # where this run's dropout would draw from now
@@ -122,7 +125,7 @@ def in_one_step(run: tables.RunSpec, tmp_path, how: str, seeds=SEEDS, backend=No
     step = stacked_step.shared_step(
         how, [s.model for s in states], [s.optimizer for s in states], [s.data for s in states],
         states[0].autocast, backend is not None, generators,
-        make_optimizer=lambda n: train.make_optimizer(run.solver, train.param_groups(n, run.param_mults)),
+        make_optimizer=lambda n: solvers.make_optimizer(run.solver, solvers.param_groups(n, run.param_mults)),
         net=net, backend=backend)
     if made is not None:
         made(step)
@@ -130,7 +133,7 @@ def in_one_step(run: tables.RunSpec, tmp_path, how: str, seeds=SEEDS, backend=No
     for it in range(STEPS):
         for member in step.members:
             member.reset_loss()
-        step(it, [train.lr_at(one.solver, it) for one in runs])
+        step(it, [solvers.lr_at(one.solver, it) for one in runs])
         for i, member in enumerate(step.members):
             losses[i].append(member.loss_sum.item())
     for i, state in enumerate(states):
@@ -266,7 +269,7 @@ def test_a_graphed_shared_step_across_an_lr_change_equals_the_eager_one_with_one
     """The lr drops inside the run: the one graph must read each run's new rate (a rate baked into the graph as
     a number would stay the old one at replay, which the stand-in reproduces)."""
     run = family_run("saf-dropout")
-    assert len({train.lr_at(run.solver, it) for it in range(STEPS)}) > 1, "no lr change: proves nothing"
+    assert len({solvers.lr_at(run.solver, it) for it in range(STEPS)}) > 1, "no lr change: proves nothing"
     calls: list = []
     backend, made = baking(calls)
     graphed, graphed_losses, step = in_one_step(run, tmp_path / "graphed", how, backend=backend, made=made)
@@ -340,8 +343,7 @@ def test_the_canary_stops_stacked_runs_whose_graph_does_nothing_or_too_much(how,
     backend = captured_step.GraphBackend(**{**stand_in().__dict__, "new_graph": lambda: StandInGraph(times)})
     with pytest.raises(UserError, match=r"applied \d+ updates in 5 iterations \(cuda-graph, stacked 3 "
                                         + f"\\({how}\\)\\)"):
-        together.train_together(runs, [tmp_path / r.config_hash for r in runs], CPU, tmp_path, False, how,
-                                backend=backend)
+        train.train(runs, [tmp_path / r.config_hash for r in runs], CPU, tmp_path, False, how, backend=backend)
     assert not any((tmp_path / r.config_hash / "result.json").exists() for r in runs)
 
 
@@ -424,7 +426,7 @@ def test_stack_auto_trains_separately_on_the_cpu_without_measuring(tmp_path):
 
 
 def test_stack_auto_plans_each_network_as_measured_and_keeps_the_measurements(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(run_state, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
     runs = family_plan("plain", seeds=5) + family_plan("strided", seeds=2)
     timer = fake_timer({"separate": 900.0, "grouped": 2500.0, "branched": 1800.0}, [])
     groups = runner.plan_groups(runs, options(tmp_path, stack="auto"), torch.device("cuda"), timer)
@@ -524,15 +526,15 @@ def test_an_unstacked_model_loads_and_scores_what_it_scored_inside_the_stack(tmp
     runs = family_plan("residual")
     dirs = [tmp_path / r.config_hash for r in runs]
     for run, run_dir in zip(runs, dirs):
-        train.write_config(run, run_dir)
+        run_state.write_config(run, run_dir)
     states, step = together.build_together(runs, dirs, CPU, tmp_path, False, "grouped", print)
-    results = together.fit_together(states, step, [[] for _ in runs])
+    results = train.fit(states, step, [[] for _ in runs])
     inside = stacked_accuracies(step.model, states[0].data)
     for state, result, acc in zip(states, results, inside):
-        train.write_outcome(state, result)
+        run_state.write_outcome(state, result)
         model = load_model(state.run_dir)
         assert not model.training
-        alone_acc, _ = train.evaluate(model, state.data, state.autocast)
+        alone_acc, _ = run_state.evaluate(model, state.data, state.autocast)
         assert alone_acc == pytest.approx(acc, abs=1e-9) == pytest.approx(result["final_acc"], abs=1e-3)
 
 
@@ -589,20 +591,15 @@ def assert_resumed_equals_straight(runs, resumed: runner.Options, straight: runn
         assert not (run_dir / "checkpoint.pt").exists()
 
 
-def test_an_interrupted_stacked_run_resumes_together_to_the_same_record(straight, tmp_path, monkeypatch, one_thread):
+def test_an_interrupted_stacked_run_resumes_together_to_the_same_record(straight, tmp_path, one_thread,
+                                                                        crash_at):
     runs, straight_opts = straight
-    real_lr_at = train.lr_at
-
-    def crashing_lr_at(solver, iteration):
-        if iteration == 13:
-            raise KeyboardInterrupt
-        return real_lr_at(solver, iteration)
 
     opts = options(tmp_path, stack=3)
-    monkeypatch.setattr(train, "lr_at", crashing_lr_at)
+    crash_at(13)
     with pytest.raises(KeyboardInterrupt):
         runner.execute(runs, opts)
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    crash_at(None)
     assert [checkpoint.iteration(opts.runs_dir / r.config_hash / "checkpoint.pt") for r in planned(runs, opts)] == [10] * 3
     assert runner.execute(runs, opts) == {"ok": 3}
     assert_resumed_equals_straight(runs, opts, straight_opts, "eager, stacked 3 (grouped)", 0)
@@ -676,7 +673,7 @@ def test_bench_reports_separate_grouped_and_branched_at_each_k_on_a_labelled_dev
                  "bench.batch_size=4", "bench.pack=[1]", "bench.stack=[1,2]", f"bench.out={out}", "device=cpu"])
     assert code == 0
     text = out.read_text()
-    assert train.device_name(CPU) in text and "eager, CPU" in text
+    assert run_state.device_name(CPU) in text and "eager, CPU" in text
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
             if line.startswith("| 5/P5 | 1 |") or line.startswith("| 5/P5 | 2 |")]
     assert [(r[1], r[2]) for r in rows] == [(k, how) for k in ("1", "2") for how in ("separate", "grouped", "branched")]
@@ -711,15 +708,14 @@ def test_a_run_that_diverges_stops_alone_and_the_others_train_on_undisturbed(tmp
 
     dirs = [tmp_path / "together" / r.config_hash for r in runs]
     for run, run_dir in zip(runs, dirs):
-        train.write_config(run, run_dir)
+        run_state.write_config(run, run_dir)
     states, step = together.build_together(runs, dirs, CPU, tmp_path, False, "grouped", print)
-    callbacks = [train.run_callbacks(train.loggers_for("csv"), None, [Poison()] if i == 1 else [])
-                 for i in range(len(runs))]
-    results = together.fit_together(states, step, callbacks)
+    per_run = [train.run_callbacks(C.loggers_for("csv"), None, [Poison()] if i == 1 else []) for i in range(len(runs))]
+    results = train.fit(states, step, per_run)
     assert [r["status"] for r in results] == ["ok", "diverged", "ok"]
     assert results[1]["iterations"] == 5 and results[0]["iterations"] == results[2]["iterations"] == STEPS
     for i in (0, 2):
-        train.write_outcome(states[i], results[i])
+        run_state.write_outcome(states[i], results[i])
         single = train.train_run(runs[i], tmp_path / "single" / str(i), CPU, tmp_path, False)
         assert single["final_acc"] == results[i]["final_acc"]
         assert_same_record(dirs[i], tmp_path / "single" / str(i), 1e-4)

@@ -18,6 +18,8 @@ from simpnet_cli.train import data as D
 from simpnet_cli.nets import modules as M
 from simpnet_cli.train import checkpoint
 from simpnet_cli.train import loop as train
+from simpnet_cli.train import solvers
+from simpnet_cli.train import state as run_state
 from simpnet_cli.nets import specs as N
 from simpnet_cli.errors import UserError
 
@@ -55,17 +57,17 @@ def caffe_multistep(solver: dict, last: int) -> list[float]:
     (400000, 6),
 ])
 def test_multistep_unsorted_steps_follow_caffe(iteration, n_steps):
-    assert train.lr_at(_multistep(T10_STEPS), iteration) == pytest.approx(0.1 * 0.1 ** n_steps, rel=1e-12)
+    assert solvers.lr_at(_multistep(T10_STEPS), iteration) == pytest.approx(0.1 * 0.1 ** n_steps, rel=1e-12)
 
 
 def test_multistep_at_300000_is_four_steps_down():
     # The brief's first guess was 0.1 * 0.1**3; by Caffe's rule 295000 has also been passed at 300000.
-    assert train.lr_at(_multistep(T10_STEPS), 300000) == pytest.approx(1e-5)
+    assert solvers.lr_at(_multistep(T10_STEPS), 300000) == pytest.approx(1e-5)
 
 
 def test_multistep_sorted_steps():
     solver = _multistep([5000, 10000, 15000, 25000], lr=0.01)
-    assert [train.lr_at(solver, i) for i in (0, 4999, 5000, 10000, 14999, 15000, 25000, 10 ** 6)] == \
+    assert [solvers.lr_at(solver, i) for i in (0, 4999, 5000, 10000, 14999, 15000, 25000, 10 ** 6)] == \
         pytest.approx([0.01, 0.01, 1e-3, 1e-4, 1e-4, 1e-5, 1e-6, 1e-6])
 
 
@@ -76,35 +78,35 @@ def test_multistep_matches_caffe_step_by_step():
     solver = _multistep(T10_STEPS)
     caffe = caffe_multistep(solver, 330_100)
     windows = [range(0, 1000)] + [range(s - 50, s + 50) for s in sorted(T10_STEPS)] + [range(329_900, 330_100)]
-    bad = [(it, train.lr_at(solver, it), caffe[it]) for w in windows for it in w
-           if not math.isclose(train.lr_at(solver, it), caffe[it], rel_tol=1e-12)]
+    bad = [(it, solvers.lr_at(solver, it), caffe[it]) for w in windows for it in w
+           if not math.isclose(solvers.lr_at(solver, it), caffe[it], rel_tol=1e-12)]
     assert not bad, f"lr_at differs from Caffe at (iteration, lr_at, caffe): {bad[:5]}"
 
 
 def test_piecewise_points_unsorted():
     solver = {"lr": 0.1, "schedule": {"kind": "piecewise",
                                       "points": {22000: 1e-4, 0: 0.1, 9500: 1e-3, 29600: 1e-5, 5000: 0.01}}}
-    got = [train.lr_at(solver, i) for i in (0, 4999, 5000, 9499, 9500, 21999, 22000, 29599, 29600, 10 ** 6)]
+    got = [solvers.lr_at(solver, i) for i in (0, 4999, 5000, 9499, 9500, 21999, 22000, 29599, 29600, 10 ** 6)]
     assert got == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
 
 
 def test_piecewise_string_keys_and_no_zero_point():
     solver = {"lr": 0.5, "schedule": {"kind": "piecewise", "points": {"100": 0.05, "20": "0.25"}}}
-    assert [train.lr_at(solver, i) for i in (0, 19, 20, 99, 100)] == pytest.approx([0.5, 0.5, 0.25, 0.25, 0.05])
+    assert [solvers.lr_at(solver, i) for i in (0, 19, 20, 99, 100)] == pytest.approx([0.5, 0.5, 0.25, 0.25, 0.05])
 
 
 def test_unknown_schedule_is_a_user_error():
     from simpnet_cli.errors import UserError
     with pytest.raises(UserError, match="schedule kind"):
-        train.lr_at({"lr": 0.1, "schedule": {"kind": "cosine"}}, 0)
+        solvers.lr_at({"lr": 0.1, "schedule": {"kind": "cosine"}}, 0)
 
 
 def test_table_solvers_resolve_to_their_schedules():
     t10 = resolve_row("10", "5x5-start").solver
     assert t10["schedule"]["steps"] == T10_STEPS
-    assert train.lr_at(t10, 60000) == pytest.approx(0.01) and train.lr_at(t10, 111_499) == pytest.approx(1e-3)
+    assert solvers.lr_at(t10, 60000) == pytest.approx(0.01) and solvers.lr_at(t10, 111_499) == pytest.approx(1e-3)
     t13 = resolve_row("13", "SimpNet").solver
-    assert [train.lr_at(t13, i) for i in (0, 5000, 9500, 22000, 29400)] == pytest.approx([0.1, 0.01, 1e-3, 1e-4, 1e-4])
+    assert [solvers.lr_at(t13, i) for i in (0, 5000, 9500, 22000, 29400)] == pytest.approx([0.1, 0.01, 1e-3, 1e-4, 1e-4])
 
 
 # --------------------------------------------------------------------------- short CPU runs on synthetic data
@@ -188,24 +190,17 @@ def test_finished_run_is_not_trained_again(short_runs, monkeypatch):
     assert train.train_run(run, run_dir, CPU, run_dir / "data", False) == json.loads(json.dumps(result))
 
 
-def test_interrupted_run_resumes_to_the_same_curve(short_runs, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_curve(short_runs, tmp_path, monkeypatch, crash_at):
     """Checkpoint every 5 iterations (evaluate every 10), crash at iteration 27, re-run: it resumes at 25,
     mid-way between evaluations, and its curve and weights equal the uninterrupted run's."""
     profile = {**SHORT, "train": {**SHORT["train"], "checkpoint_every": 5}}
-    real_lr_at = train.lr_at
-
-    def crashing_lr_at(solver, iteration):
-        if iteration == 27:
-            raise KeyboardInterrupt
-        return real_lr_at(solver, iteration)
-
-    monkeypatch.setattr(train, "lr_at", crashing_lr_at)
+    crash_at(27)
     with pytest.raises(KeyboardInterrupt):
         _short_run(tmp_path, name="resumed", profile=profile)
     run_dir = tmp_path / "resumed"
     assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "result.json").exists()
     assert checkpoint.read(run_dir / "checkpoint.pt")["iteration"] == 25
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    crash_at(None)
     _, _, result = _short_run(tmp_path, name="resumed", profile=profile)
     assert result["iterations"] == 30
     assert not (run_dir / "checkpoint.pt").exists()
@@ -260,16 +255,16 @@ def test_piecewise_poly_phase_follows_caffe():
     solver = {"lr": 0.1, "schedule": {"kind": "piecewise", "points": {0: 0.1, 50000: 0.01, 100000: 1e-3},
                                       "poly": {"from_iter": 162500, "base_lr": 0.00012, "power": 1,
                                                "max_iter": 400000}}}
-    assert [train.lr_at(solver, i) for i in (0, 49999, 50000, 100000, 162499)] == \
+    assert [solvers.lr_at(solver, i) for i in (0, 49999, 50000, 100000, 162499)] == \
         pytest.approx([0.1, 0.1, 0.01, 1e-3, 1e-3], rel=1e-12)
     for iteration, lr in ((162500, 7.125e-05), (172500, 6.825e-05), (193600, 6.192e-05)):
-        assert train.lr_at(solver, iteration) == pytest.approx(lr, rel=1e-6), iteration
+        assert solvers.lr_at(solver, iteration) == pytest.approx(lr, rel=1e-6), iteration
 
 
 def test_piecewise_poly_without_its_keys_is_a_user_error():
     solver = {"lr": 0.1, "schedule": {"kind": "piecewise", "points": {0: 0.1}, "poly": {"from_iter": 10}}}
     with pytest.raises(UserError, match="schedule.poly needs"):
-        train.lr_at(solver, 0)
+        solvers.lr_at(solver, 0)
 
 
 # --------------------------------------------------------------------------- Caffe's lr_mult / decay_mult
@@ -333,7 +328,7 @@ def caffe_steps(model: torch.nn.Module, solver: dict, mults: dict, n: int) -> No
 
 
 def torch_steps(model: torch.nn.Module, solver: dict, param_mults, n: int) -> None:
-    optimizer = train.make_optimizer(solver, train.param_groups(model, param_mults))
+    optimizer = solvers.make_optimizer(solver, solvers.param_groups(model, param_mults))
     for step in range(n):
         optimizer.zero_grad()
         _loss(model, step).backward()
@@ -362,7 +357,7 @@ def test_optimizer_matches_caffe_with_lr_and_decay_multipliers(kind):
 
 def test_param_groups_cover_every_parameter_once_in_a_fixed_order():
     model = _tiny_model()
-    groups = train.param_groups(model, MULTS)
+    groups = solvers.param_groups(model, MULTS)
     names = {id(p): n for n, p in model.named_parameters()}
     assert [(g["lr_mult"], g["decay_mult"]) for g in groups] == [(1, 1), (2, 0), (1, 0)]  # by first appearance
     assert [names[id(p)] for p in groups[1]["params"]] == ["1.0.bias", "5.fc.bias"]
@@ -370,17 +365,17 @@ def test_param_groups_cover_every_parameter_once_in_a_fixed_order():
     listed = [id(p) for g in groups for p in g["params"]]
     assert sorted(listed) == sorted(names) and len(listed) == len(set(listed))
     for mults in (None, {}, {"classifier": None, "convs": {"indices": [], "bias": None}}):
-        (only,) = train.param_groups(model, mults)
+        (only,) = solvers.param_groups(model, mults)
         assert (only["lr_mult"], only["decay_mult"]) == (1, 1) and len(only["params"]) == len(names)
 
 
 def test_make_optimizer_sets_each_groups_rate_and_decay_and_takes_plain_parameters():
     model = _tiny_model()
     for kind, solver in SOLVERS.items():
-        opt = train.make_optimizer(solver, train.param_groups(model, MULTS))
+        opt = solvers.make_optimizer(solver, solvers.param_groups(model, MULTS))
         assert [x for g in opt.param_groups for x in (g["lr"], g["weight_decay"])] == \
             pytest.approx([0.3, 0.3, 0.6, 0.0, 0.3, 0.0]), kind
-        (plain,) = train.make_optimizer(solver, model.parameters()).param_groups
+        (plain,) = solvers.make_optimizer(solver, model.parameters()).param_groups
         assert (plain["lr"], plain["weight_decay"], plain["lr_mult"], plain["decay_mult"]) == (0.3, 0.3, 1, 1)
 
 
@@ -404,27 +399,20 @@ def test_classifier_mults_on_a_network_without_fc_is_a_user_error():
     with pytest.raises(UserError, match="no fc classifier"):
         N.check_recipe(TINY[:-1], {"param_mults": {"classifier": MULTS["classifier"]}})
     model = M.build_model(TINY[:-1], TINY_SHAPE)
-    assert len(train.param_groups(model, {"classifier": None, "convs": MULTS["convs"]})) == 2
+    assert len(solvers.param_groups(model, {"classifier": None, "convs": MULTS["convs"]})) == 2
 
 
-def test_interrupted_run_with_multipliers_resumes_to_the_same_curve(tmp_path, monkeypatch):
+def test_interrupted_run_with_multipliers_resumes_to_the_same_curve(tmp_path, monkeypatch, crash_at):
     """Several param groups in the checkpointed optimizer: crash after the checkpoint at 25, resume, equal."""
     run = resolve_row("5", "P5", {**SHORT, "train": {**SHORT["train"], "checkpoint_every": 5}})
     run = dataclasses.replace(run, net={**run.net, "param_mults": {
         "classifier": MULTS["classifier"], "convs": {"indices": [1, 3], "bias": {"lr": 2, "decay": 0}}}})
     straight = train.train_run(run, tmp_path / "straight", CPU, tmp_path / "data", False)
-    real_lr_at = train.lr_at
-
-    def crashing_lr_at(solver, iteration):
-        if iteration == 27:
-            raise KeyboardInterrupt
-        return real_lr_at(solver, iteration)
-
-    monkeypatch.setattr(train, "lr_at", crashing_lr_at)
+    crash_at(27)
     with pytest.raises(KeyboardInterrupt):
         train.train_run(run, tmp_path / "resumed", CPU, tmp_path / "data", False)
     assert len(checkpoint.read(tmp_path / "resumed" / "checkpoint.pt")["optimizer"]["param_groups"]) == 3
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    crash_at(None)
     resumed = train.train_run(run, tmp_path / "resumed", CPU, tmp_path / "data", False)
     assert resumed["iterations"] == straight["iterations"] == 30
     assert _without_wall(_curve(tmp_path / "resumed")) == _without_wall(_curve(tmp_path / "straight"))
@@ -443,7 +431,7 @@ def test_load_model_rebuilds_a_finished_run_and_export_writes_torchscript(short_
     model = simpnet_cli.load_model(run_dir)
     assert not model.training
     data = D.load(run.dataset, tmp_path, False, torch.device("cpu"), int(run.train["batch_size"]), run.seed)
-    acc, _ = train.evaluate(model, data, contextlib.nullcontext)
+    acc, _ = run_state.evaluate(model, data, contextlib.nullcontext)
     result = json.loads((run_dir / "result.json").read_text())
     assert acc == pytest.approx(result["final_acc"], abs=1e-3)
     assert cli.main(["export", f"run_dir={run_dir}", "format=torchscript", f"out={tmp_path}/m.ts"]) == 0
@@ -481,7 +469,7 @@ def test_solver_state_dicts_are_torchs_and_load_torchs(kind):
     state names and values, and loading it into a fresh solver gives the same next step."""
     solver = SOLVERS[kind]
     ours, theirs = _tiny_model(), _tiny_model()
-    opt = train.make_optimizer(solver, ours.parameters())
+    opt = solvers.make_optimizer(solver, ours.parameters())
     if kind == "adadelta":
         ref = torch.optim.Adadelta(theirs.parameters(), lr=solver["lr"], rho=solver["rho"], eps=solver["eps"],
                                    weight_decay=solver["weight_decay"])
@@ -501,7 +489,7 @@ def test_solver_state_dicts_are_torchs_and_load_torchs(kind):
             torch.testing.assert_close(value, torchs["state"][i][name], rtol=1e-12, atol=1e-14)
     fresh_model = _tiny_model()
     fresh_model.load_state_dict(theirs.state_dict())
-    fresh = train.make_optimizer(solver, fresh_model.parameters())
+    fresh = solvers.make_optimizer(solver, fresh_model.parameters())
     fresh.load_state_dict(torchs)
     for model, optimizer in ((fresh_model, fresh), (ours, opt)):
         optimizer.zero_grad()

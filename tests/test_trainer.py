@@ -16,6 +16,7 @@ from simpnet_cli.config import tables
 from simpnet_cli.errors import UserError
 from simpnet_cli.train import callbacks as C
 from simpnet_cli.train import loop as train
+from simpnet_cli.train import state as run_state
 
 CPU = torch.device("cpu")
 TAGS = sorted(C.LOGGED.values())
@@ -27,18 +28,6 @@ def tiny_run(iterations: int, eval_every: int, checkpoint_every: int) -> tables.
                          "checkpoint_every": checkpoint_every, "precision": "fp32"},
                "data": {"source": "synthetic", "train_size": 40, "test_size": 16}}
     return tables.resolve(table, table.row("P5"), 0, profile)
-
-
-def crash_at(monkeypatch, iteration: int) -> None:
-    """The process dies as it is about to train ``iteration`` (after that iteration's evaluation)."""
-    real = train.lr_at
-
-    def crashing(solver, it):
-        if it == iteration:
-            raise KeyboardInterrupt
-        return real(solver, it)
-
-    monkeypatch.setattr(train, "lr_at", crashing)
 
 
 def read_curve(run_dir: Path) -> list[dict]:
@@ -74,10 +63,11 @@ class Recorder(C.Callback):
         self.seen.append(("end", state.iteration, result and result["status"]))
 
 
-def test_a_custom_callback_sees_its_hooks_in_order_also_across_a_resume(tmp_path, monkeypatch, one_thread):
+def test_a_custom_callback_sees_its_hooks_in_order_also_across_a_resume(tmp_path, monkeypatch, one_thread,
+                                                                        crash_at):
     run = tiny_run(iterations=6, eval_every=2, checkpoint_every=2)
     first = Recorder()
-    crash_at(monkeypatch, 5)
+    crash_at(5)
     with pytest.raises(KeyboardInterrupt):
         train.train_run(run, tmp_path / "run", CPU, tmp_path, False, callbacks=[first])
     monkeypatch.undo()
@@ -103,19 +93,19 @@ def test_logger_tensorboard_through_the_command_writes_the_scalars_at_each_evalu
     logged = scalars(run_dir / "tb")
     assert sorted(logged) == TAGS
     assert all([step for step, _ in points] == [2, 4] for points in logged.values()), logged  # smoke: eval every 2
-    result = train.read_result(run_dir)
+    result = run_state.read_result(run_dir)
     assert logged["test/acc"][-1][1] == pytest.approx(result["final_acc"], abs=1e-4)
     assert (run_dir / "curve.csv").is_file()  # the run's own record: written whatever else logs
 
 
 def test_a_resumed_run_continues_the_same_tensorboard_log_without_duplicate_steps(tmp_path, monkeypatch,
-                                                                                  one_thread):
+                                                                                  one_thread, crash_at):
     """Evaluate every iteration, checkpoint every 3, die before iteration 6: the first session has logged
     steps 1-5, the resumed one (from 3) logs 4-6 again; each step appears once, with the values of curve.csv."""
     pytest.importorskip("tensorboard")
     run = tiny_run(iterations=7, eval_every=1, checkpoint_every=3)
     run_dir = tmp_path / "run"
-    crash_at(monkeypatch, 5)
+    crash_at(5)
     with pytest.raises(KeyboardInterrupt):
         train.train_run(run, run_dir, CPU, tmp_path, False, loggers=("csv", "tensorboard"))
     monkeypatch.undo()
@@ -189,7 +179,7 @@ class StandInMlflowClient:
         self.calls.append(("set_terminated", run_id, status))
 
 
-def test_mlflow_resumes_its_run_from_the_id_in_the_run_folder(tmp_path, monkeypatch, one_thread):
+def test_mlflow_resumes_its_run_from_the_id_in_the_run_folder(tmp_path, monkeypatch, one_thread, crash_at):
     StandInMlflowClient.runs, StandInMlflowClient.calls = {}, []
     fake = types.ModuleType("mlflow")
     fake.tracking = types.ModuleType("mlflow.tracking")
@@ -197,11 +187,10 @@ def test_mlflow_resumes_its_run_from_the_id_in_the_run_folder(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "mlflow", fake)
     monkeypatch.setitem(sys.modules, "mlflow.tracking", fake.tracking)
     run = tiny_run(iterations=7, eval_every=1, checkpoint_every=3)
-    real = train.lr_at
-    crash_at(monkeypatch, 5)
+    crash_at(5)
     with pytest.raises(KeyboardInterrupt):
         train.train_run(run, tmp_path / "run", CPU, tmp_path, False, loggers="mlflow")
-    monkeypatch.setattr(train, "lr_at", real)
+    crash_at(None)
     assert (tmp_path / "run" / "mlflow_run_id").read_text().strip() == "r0"
     train.train_run(run, tmp_path / "run", CPU, tmp_path, False, loggers="mlflow")
     assert StandInMlflowClient.calls == [("create_run", "r0"), ("set_terminated", "r0", "KILLED"),

@@ -473,7 +473,7 @@ def test_solver_lr_is_parsed_once_by_hydra_and_reaches_the_optimizer(tmp_path, m
     the composed value, and the optimizer is built with it (config/compose.py)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from simpnet_cli.train import loop, solvers
+    from simpnet_cli.train import solvers
 
     parsed: list[str] = []
     original = OverridesParser.parse_overrides
@@ -485,12 +485,14 @@ def test_solver_lr_is_parsed_once_by_hydra_and_reaches_the_optimizer(tmp_path, m
 
     built: list[float] = []
 
+    real = solvers.make_optimizer
+
     def make_optimizer(solver, groups):
         built.append(solver["lr"])
-        return solvers.make_optimizer(solver, groups)
+        return real(solver, groups)
 
     monkeypatch.setattr(OverridesParser, "parse_overrides", counting)
-    monkeypatch.setattr(loop, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(solvers, "make_optimizer", make_optimizer)
     assert cli.main(["run", "table=2", "row=8L", "profile=smoke", "solver.lr=0.0123457", "quiet=true",
                      "profile.train.iterations=1", "profile.train.batch_size=2", "profile.data.train_size=16",
                      "profile.data.test_size=8", f"results_dir={tmp_path / 'r'}", f"runs_dir={tmp_path / 'e'}"]) == 0
@@ -516,7 +518,7 @@ def test_a_value_reaches_its_use_through_at_most_six_functions(key, value, route
     way; comprehensions count as the function they are in."""
     import sys
 
-    from simpnet_cli.train import loop, solvers
+    from simpnet_cli.train import solvers
 
     held, built = set(), []
 
@@ -529,12 +531,14 @@ def test_a_value_reaches_its_use_through_at_most_six_functions(key, value, route
     def calls(frame, event, arg):
         return local if event == "call" and "simpnet_cli" in frame.f_code.co_filename else None
 
+    real = solvers.make_optimizer
+
     def make_optimizer(solver, groups):
-        optimizer = solvers.make_optimizer(solver, groups)
+        optimizer = real(solver, groups)
         built.append(optimizer)
         return optimizer
 
-    monkeypatch.setattr(loop, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(solvers, "make_optimizer", make_optimizer)
     sys.settrace(calls)
     try:
         code = cli.main(["run", "table=2", "row=8L", "profile=smoke", f"{key}={value}", "net.pools_after=[3,7]",

@@ -32,10 +32,10 @@ from simpnet_cli.runs import index, results
 from simpnet_cli.runs import progress
 from simpnet_cli.runs.watch import watch_parent  # (its own module: the manager process imports only it)
 from simpnet_cli.config import schemas, tables
-from simpnet_cli.train import callbacks
 from simpnet_cli.train import checkpoint
 from simpnet_cli.train import data as D
 from simpnet_cli.train import loop as train
+from simpnet_cli.train import state as run_state
 from simpnet_cli.train import together
 from simpnet_cli.errors import UserError
 from simpnet_cli.files import read_json, write_json
@@ -156,7 +156,7 @@ def plan_groups(runs: list[tables.RunSpec], opts: Options, device: torch.device,
     for run in runs:
         key = share_key(run)
         if key not in chosen:
-            chosen[key] = auto_choice([r for r in runs if share_key(r) == key], device, train.device_name(device),
+            chosen[key] = auto_choice([r for r in runs if share_key(r) == key], device, run_state.device_name(device),
                                       cache, timer)
     check_writable(opts.runs_dir, "runs_dir")
     write_json(cache_path, cache)
@@ -281,44 +281,6 @@ def remove_stale_temporaries(run_dir: Path) -> None:
             pass
 
 
-def execute_one(run: tables.RunSpec, opts: Options, device: str,
-                shown: progress.Reporter | progress.Forwarder | None = None) -> tuple[str, str]:
-    """Train (or resume, or just record) one run, showing its progress on ``shown`` (plain lines on stderr
-    if none); returns (outcome, message) for the caller to show."""
-    if shown is None:
-        shown = progress.Reporter({}, 0, quiet=opts.quiet, tty=False)
-    run_dir = opts.runs_dir / run.config_hash
-    name, key = progress.run_name(run), progress.run_key(run)
-    if index.is_recorded(opts.results_dir, opts.runs_dir, run):
-        return "skipped", f"{name}: already recorded"
-    if run.step and not train.read_result(run_dir):  # a twin whose first run (trained with its group) failed
-        return "error", f"{name}: not trained, its run trains in a shared step ({run.step}) that did not finish"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create run folder {run_dir}: {err.strerror or err}") from None
-    # The run's membership in this table goes in before it trains, so whichever process finishes the run
-    # (this one, or another that holds it now) indexes it in this table too.
-    index.write_record(run_dir, opts.results_dir, index.record_of(run, run_dir, opts.profile))
-    with RunLock(run_dir) as locked:
-        if not locked:
-            return "busy", f"{name}: being trained by another process ({run_dir})"
-        remove_stale_temporaries(run_dir)
-        dev = pick_device(device)
-        prepare_device(dev, opts)
-        shown.run_started(key, name, str(run_dir))
-        train.train_run(run, run_dir, dev, opts.data_dir, opts.download,
-                        lambda msg: shown.note(key, msg), progress=lambda ev: shown.event(key, ev),
-                        loggers=opts.logger)
-        # Checked against the folder's name and config.yaml (a finished result found here may be another
-        # run's), and tied to its run in result.json.
-        result = index.seal(run_dir)
-    # After the lock: a process that found this run busy has written its record before trying the lock.
-    index.rebuild_tables(opts.results_dir, opts.runs_dir,
-                         index.tables_recorded(opts.runs_dir, opts.results_dir, run_dir), warn, lasting=False)
-    return result["status"], finished_message(name, result)
-
-
 def finished_message(name: str, result: dict) -> str:
     metric = f"final {result['final_acc']:.2f}%, best {result['best_acc']:.2f}% @ {result['best_iter']}"
     return f"{name}: {result['status']} ({metric}, {result['img_per_s']:.0f} img/s)"
@@ -331,15 +293,16 @@ def prepare_device(dev: torch.device, opts: Options) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.jobs_per_device))
 
 
-def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: str,
+def execute_group(group: list[tables.RunSpec], opts: Options, device: str,
                   shown: progress.Reporter | progress.Forwarder | None = None) -> list[tuple[tables.RunSpec, str, str]]:
-    """Train the runs of ``group`` (one plan_groups group) as ``execute_one`` trains one: those already recorded
-    are skipped, those another process holds are busy, and the rest train in the shared step their hash names
+    """Train (or resume, or just record) the runs of ``group``: one run, or the runs of one shared step (one
+    plan_groups group); returns (run, outcome, message) for each, for the caller to show. Runs already recorded
+    are skipped, those another process holds are busy, and the rest train in the step their hash names
     (``RunSpec.step``), with as many runs in it as that says: places left by skipped or busy runs are taken by
     passengers (copies of a run, trained and thrown away), so the arithmetic of every run is its hash's."""
-    if not group[0].step:
-        return [(run, *execute_one(run, opts, device, shown)) for run in group]
     how, k = group[0].shared_step
+    if k == 1 and len(group) > 1:  # runs that each train alone
+        return [outcome for run in group for outcome in execute_group([run], opts, device, shown)]
     if shown is None:
         shown = progress.Reporter({}, 0, quiet=opts.quiet, tty=False)
     outcomes, todo = [], []
@@ -352,6 +315,8 @@ def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: 
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create run folder {run_dir}: {err.strerror or err}") from None
+        # The run's membership in this table goes in before it trains, so whichever process finishes the run
+        # (this one, or another that holds it now) indexes it in this table too.
         index.write_record(run_dir, opts.results_dir, index.record_of(run, run_dir, opts.profile))
         todo.append(run)
     finished = []
@@ -361,10 +326,8 @@ def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: 
             run_dir = opts.runs_dir / run.config_hash
             if locks.enter_context(RunLock(run_dir)):
                 remove_stale_temporaries(run_dir)
-                if train.read_result(run_dir):  # finished by its twin's command since: only recorded here
-                    finished.append(run)
-                else:
-                    held.append(run)
+                # finished already (a twin in another table, or by another command since): only recorded here
+                (finished if run_state.read_result(run_dir) else held).append(run)
             else:
                 outcomes.append((run, "busy", f"{progress.run_name(run)}: being trained by another process "
                                               f"({run_dir})"))
@@ -372,20 +335,23 @@ def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: 
             dev = pick_device(device)
             prepare_device(dev, opts)
             dirs = [opts.runs_dir / r.config_hash for r in held]
-            align_checkpoints(dirs, lambda msg: shown.note(progress.run_key(held[0]), msg))
             keys = [progress.run_key(r) for r in held]
+            if k > 1:
+                align_checkpoints(dirs, lambda msg: shown.note(keys[0], msg))
             for run, key, run_dir in zip(held, keys, dirs):
                 shown.run_started(key, progress.run_name(run), str(run_dir))
             with passengers(held[0], dirs[0], k - len(held), opts.runs_dir) as riders:
-                together.train_together(
-                    held + [held[0]] * len(riders), dirs + riders, dev, opts.data_dir, opts.download, how,
-                    lambda msg: shown.note(keys[0], msg),
-                    progress=[lambda ev, key=key: shown.event(key, ev) for key in keys] + [None] * len(riders),
-                    loggers=opts.logger)
+                train.train(held + [held[0]] * len(riders), dirs + riders, dev, opts.data_dir, opts.download, how,
+                            lambda msg: shown.note(keys[0], msg),
+                            progress=[lambda ev, key=key: shown.event(key, ev) for key in keys] + [None] * len(riders),
+                            loggers=opts.logger)
             finished += held
         for run in finished:
+            # Checked against the folder's name and config.yaml (a finished result found here may be another
+            # run's), and tied to its run in result.json.
             result = index.seal(opts.runs_dir / run.config_hash)
             outcomes.append((run, result["status"], finished_message(progress.run_name(run), result)))
+    # After the locks: a process that found a run busy has written its record before trying the lock.
     for run in finished:
         index.rebuild_tables(opts.results_dir, opts.runs_dir,
                              index.tables_recorded(opts.runs_dir, opts.results_dir, opts.runs_dir / run.config_hash),
@@ -397,21 +363,21 @@ def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: 
 def align_checkpoints(run_dirs: list[Path], log) -> None:
     """The runs of one shared step resume from one iteration. A process killed between two of the group's
     checkpoint writes leaves some runs one checkpoint ahead: those go back to the previous checkpoint that
-    together.fit_together keeps beside it. Should that not reach (a checkpoint missing or damaged), the group
+    loop.fit keeps beside it. Should that not reach (a checkpoint missing or damaged), the group
     starts over: a run resumed alone would be another computation than its hash."""
-    paths = [d / callbacks.CHECKPOINT for d in run_dirs]
+    paths = [d / run_state.CHECKPOINT for d in run_dirs]
     starts = [checkpoint.iteration(p) or 0 for p in paths]
     if len(set(starts)) < 2:
         return
     low = min(starts)
     for path, start in zip(paths, starts):
-        previous = path.with_name(callbacks.PREVIOUS_CHECKPOINT)
+        previous = path.with_name(run_state.PREVIOUS_CHECKPOINT)
         if start > low and (checkpoint.iteration(previous) or 0) == low and low > 0:
             os.replace(previous, path)
     if len({checkpoint.iteration(p) or 0 for p in paths}) > 1:
         for path in paths:
             path.unlink(missing_ok=True)
-            path.with_name(callbacks.PREVIOUS_CHECKPOINT).unlink(missing_ok=True)
+            path.with_name(run_state.PREVIOUS_CHECKPOINT).unlink(missing_ok=True)
         log(f"the checkpoints of the runs trained together stood at iterations {sorted(set(starts))} and could "
             f"not be brought to one: they start over")
     else:
@@ -435,7 +401,7 @@ def passengers(run: tables.RunSpec, run_dir: Path, n: int, runs_dir: Path):
         for i in range(n):
             rider = root / str(i)
             rider.mkdir()
-            for name in (callbacks.CHECKPOINT,):
+            for name in (run_state.CHECKPOINT,):
                 if (run_dir / name).exists():
                     shutil.copyfile(run_dir / name, rider / name)
             dirs.append(rider)
@@ -451,9 +417,9 @@ def _slot_worker(opts, device, shown, conn) -> None:
     in this one process, on this one slot. Its progress goes to ``shown`` (a Forwarder to the parent's Reporter)."""
     watch_parent(os.getppid())  # the parent killed hard cannot stop this worker: it stops itself
     while (job := conn.recv()) is not None:
-        group, how = job
+        group, _ = job
         try:
-            outcomes = execute_group(group, how, opts, device, shown)
+            outcomes = execute_group(group, opts, device, shown)
         except Exception as err:  # one group's failure (bad input, CUDA out of memory) must not stop the others
             outcomes = [(run, "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}") for run in group]
         place = {id(run): n for n, run in enumerate(group)}
@@ -509,8 +475,8 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
     workers = min(len(slots) * max(1, opts.jobs_per_device), len(groups))
     with progress_for(runs, opts, run_bars=workers <= 1) as shown:
         if workers <= 1:  # in this process; the first bad input stops everything, with its own message
-            for group, how in groups + [([twin], "separate") for twin in twins]:
-                for outcome in execute_group(group, how, opts, slots[0], shown):
+            for group, _ in groups + [([twin], "separate") for twin in twins]:
+                for outcome in execute_group(group, opts, slots[0], shown):
                     tally(*outcome)
         else:
             execute_packed(groups, twins, fetch_datasets(first, opts), slots, workers, shown, tally)
@@ -665,6 +631,6 @@ def execute_packed(groups, twins, opts: Options, slots: list[str], workers: int,
             tally(run, "error", f"{progress.run_name(run)}: not trained, its run's process died (above)")
             continue
         try:
-            tally(run, *execute_one(run, opts, slots[0], shown))
+            tally(*execute_group([run], opts, slots[0], shown)[0])
         except Exception as err:  # noqa: BLE001 - as in a packed run: the others are recorded
             tally(run, "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}")

@@ -25,6 +25,8 @@ from simpnet_cli.nets import modules as M
 from simpnet_cli.nets import specs as network
 from simpnet_cli.config import tables
 from simpnet_cli.train import loop as train
+from simpnet_cli.train import state as run_state
+from simpnet_cli.train import solvers
 from simpnet_cli.train import together
 from simpnet_cli.errors import UserError
 
@@ -47,8 +49,8 @@ def _setup(run: tables.RunSpec, device: torch.device, graphs: bool, precision: s
     if channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     graphs = graphs and device.type == "cuda"
-    optimizer = train.make_optimizer(run.solver, train.param_groups(model, run.param_mults))
-    autocast = train.autocast_for(precision, device)
+    optimizer = solvers.make_optimizer(run.solver, solvers.param_groups(model, run.param_mults))
+    autocast = solvers.autocast_for(precision, device)
     return captured_step.Step(model, optimizer, data, autocast, graphs, channels_last), model, data, batch
 
 
@@ -67,7 +69,7 @@ def timed_steps(run: tables.RunSpec, device: torch.device, mode: str, iters: int
         torch.cuda.set_device(device)  # streams, graphs and synchronize follow the current device
         torch.backends.cudnn.benchmark = True  # as train_run: fixed shapes
     step, _, _, batch = _setup(run, device, graphs, precision, channels_last)
-    lr = train.lr_at(run.solver, 0)
+    lr = solvers.lr_at(run.solver, 0)
     for i in range(warmup):
         step(i, lr)
     _sync(device)
@@ -255,7 +257,7 @@ def grouped_lines(g, device: torch.device) -> list[str]:
     n = int(g.groups)
     pad8 = lambda c: -(-c // 8) * 8  # noqa: E731
     lines = ["", f"## Grouped convolutions: one conv vs {n} stacked in one grouped conv ({'fp32' if cpu else 'bf16'}, "
-                 f"channels-last, forward + backward, batch {batch}) on {train.device_name(device)}", ""]
+                 f"channels-last, forward + backward, batch {batch}) on {run_state.device_name(device)}", ""]
     if cpu:
         lines += ["> CPU figures, at batch 2 for one step in fp32: they check the probe, not the GPU's speed.", ""]
     lines += [f"| row | conv | in -> out, kernel, input | one conv, ms | groups={n}, ms (x one) | "
@@ -315,12 +317,12 @@ def main(cfg, flags) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     lines = ["# Benchmarks", "", f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on "
-             f"**{train.device_name(device)}**, torch {torch.__version__}, by `simpnet bench` (batch {b.batch_size}, "
+             f"**{run_state.device_name(device)}**, torch {torch.__version__}, by `simpnet bench` (batch {b.batch_size}, "
              f"{b.iters} timed iterations after {b.warmup} warm-up ones, synthetic data of the dataset's shape).", ""]
     if device.type != "cuda":
         lines += ["> CPU figures: they check that the benchmark runs, not the GPU targets of the speed issue.", ""]
     else:
-        lines += [f"'fp32' modes compute as **{train.effective_precision('fp32', device)}** (PyTorch's defaults).", ""]
+        lines += [f"'fp32' modes compute as **{solvers.effective_precision('fp32', device)}** (PyTorch's defaults).", ""]
     if b.rows:
         lines += speed_lines(b, device)
         if device.type == "cuda" and any(int(p) > 1 for p in b.pack):
@@ -410,7 +412,7 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
     shared_hows = ", ".join(sorted({how for group, how in groups if len(group) > 1}))
     stacking = f"up to {size} runs in one step ({shared_hows})" if size > 1 else "one run at a time"
     lines = [f"{len(runs)} run(s) asked for, {len(todo)} still to train ({len(runs) - len(todo)} recorded or "
-             f"shared with another table); estimate on {train.device_name(device)} from {iters} timed steps "
+             f"shared with another table); estimate on {run_state.device_name(device)} from {iters} timed steps "
              + (f"at batch {batch_size} (scaled to each run's batch: rough) " if batch_size is not None else "")
              + f"per network, {stacking} "
              + f"per device, {slots} device(s), evaluation excluded:",

@@ -126,19 +126,19 @@ def trace(run, device: torch.device, graphs: bool, steps: int, eval_every: int,
           backend: captured_step.GraphBackend | None = None) -> Trace:
     """``steps`` steps of ``run`` as train_run builds it, with its schedule, evaluations between the steps and
     the data's own epoch wraps; the loss read after every step."""
-    from simpnet_cli.train import loop as train
+    from simpnet_cli.train import solvers, state as run_state
 
     run = dataclasses.replace(run, train={**run.train, "graphs": graphs})
-    state = train.build(run, Path("."), device, Path("."), False, lambda msg: None, backend)
+    state = run_state.build(run, Path("."), device, Path("."), False, lambda msg: None, backend)
     losses, early = [], {}
     for it in range(steps):
         state.step.reset_loss()
-        state.step(it, train.lr_at(run.solver, it))
+        state.step(it, solvers.lr_at(run.solver, it))
         losses.append(state.step.loss_sum.item())
         if it + 1 == TIGHT_STEPS:
             early = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
         if (it + 1) % eval_every == 0:
-            train.evaluate(state.model, state.data, state.autocast)
+            run_state.evaluate(state.model, state.data, state.autocast)
     final = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
     return Trace(losses, early, final, state.step.step_mode)
 
@@ -203,12 +203,12 @@ def backend_noise(run, device: torch.device) -> float:
     """How far the gradients of one step (same weights, same batch) move when only the convolution backend
     changes: the relative distance of the whole gradient vector. The scale of what a faithful GPU path may
     differ by from eager."""
-    from simpnet_cli.train import loop as train
+    from simpnet_cli.train import state as run_state
 
     grads = []
     for other in (False, True):
         with other_conv_backend(device) if other else contextlib.nullcontext():
-            state = train.build(dataclasses.replace(run, train={**run.train, "graphs": False}), Path("."), device,
+            state = run_state.build(dataclasses.replace(run, train={**run.train, "graphs": False}), Path("."), device,
                                 Path("."), False, lambda msg: None, None)
             x, y = state.data.batch(0)
             with state.autocast():
@@ -221,13 +221,13 @@ def backend_noise(run, device: torch.device) -> float:
 def memory_across_lr_changes(run, device: torch.device, backend: captured_step.GraphBackend | None = None,
                              reserved=None) -> str:
     """Eleven steps at a new lr each: one capture, replays after it, and memory reserved flat."""
-    from simpnet_cli.train import loop as train
+    from simpnet_cli.train import state as run_state
 
     reserved = reserved or torch.cuda.memory_reserved
     captures = []
     api = backend or captured_step.CUDA
     counting = dataclasses.replace(api, capture=lambda *a: (captures.append(1), api.capture(*a)))
-    state = train.build(dataclasses.replace(run, train={**run.train, "graphs": True}), Path("."), device,
+    state = run_state.build(dataclasses.replace(run, train={**run.train, "graphs": True}), Path("."), device,
                         Path("."), False, lambda msg: None, counting)
     seen = []
     for i in range(11):
@@ -256,7 +256,7 @@ def timed(name: str, check) -> tuple[bool, str]:
 
 
 def main() -> int:
-    from simpnet_cli.train import loop as train
+    from simpnet_cli.train import state as run_state
 
     say(f"# gpu-check: torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     t0 = time.monotonic()
@@ -265,14 +265,14 @@ def main() -> int:
         f"({time.monotonic() - t0:.0f} s)")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    noise_ok, noise = timed(f"backend noise on {train.device_name(device)}: gradient of one step of 2/8L, "
+    noise_ok, noise = timed(f"backend noise on {run_state.device_name(device)}: gradient of one step of 2/8L, "
                             f"other conv backend", lambda: f"{backend_noise(check_run('2/8L', 'fp32'), device):.2%}")
     ok = ok and noise_ok
     if not cuda:
         say("skipped: SIGKILL-and-resume on CUDA, graphed-vs-eager, memory across lr changes, bench "
             "(no CUDA device on this machine)")
         return 0 if ok else 1
-    lines = ["", f"## gpu-check on {train.device_name(device)}, torch {torch.__version__}, "
+    lines = ["", f"## gpu-check on {run_state.device_name(device)}, torch {torch.__version__}, "
                  f"{datetime.now(timezone.utc):%Y-%m-%d}", "", "| check | result | time |", "|---|---|---|", noise]
     checks = [("SIGKILL and resume on CUDA", sigkill_and_resume)]
     for ref in ("2/8L", "4/WE13", "12/5M-C10"):

@@ -1,7 +1,7 @@
 """What a training run does besides training: checkpoints and resume, the divergence guard, the update audit,
 progress events and the loggers (curve.csv, TensorBoard, MLflow), each a ``Callback`` of ``loop.fit``.
 
-The loop calls, in the order the callbacks are given (``loop.train_run`` fixes it: checkpoints first, so
+The loop calls, in the order the callbacks are given (``loop.run_callbacks`` fixes it: checkpoints first, so
 that the others see a resumed run's state; the guard and the audit before anything is logged):
 
 * ``on_start(state)``: before the first step of this session (``state.iteration == state.start``);
@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 
@@ -32,12 +32,7 @@ from simpnet_cli.errors import UserError
 from simpnet_cli.files import atomic_write
 from simpnet_cli.train import checkpoint
 
-if TYPE_CHECKING:  # (loop imports this module)
-    from simpnet_cli.train.loop import TrainState
-
-CHECKPOINT = "checkpoint.pt"
-# The one before it, kept by runs trained together (runner.align_checkpoints: a kill between the group's writes).
-PREVIOUS_CHECKPOINT = "checkpoint.previous.pt"
+from simpnet_cli.train.state import CHECKPOINT, TrainState
 CURVE_COLUMNS = ["iter", "test_acc", "test_loss", "train_loss", "lr", "wall_s"]
 LOGGED = {"test_acc": "test/acc", "test_loss": "test/loss", "train_loss": "train/loss", "lr": "train/lr"}
 

@@ -1,116 +1,35 @@
-"""One run: the authors' solver and schedule, test evaluation at a fixed interval, checkpoints, resume.
+"""The training loop: one ``fit`` for k >= 1 runs that share one step (a run trained alone is a group of one).
 
-A run directory holds ``config.yaml`` (the resolved run), ``checkpoint.pt`` (written atomically every
+``train`` builds each run's ``TrainState`` (train/state.py: the model, optimizer, data and counters of one run)
+and the step they train with: a run's own (``captured_step.Step``), or one step shared by k runs of one network
+(train/together.py: grouped or branched), then hands them to ``fit``: per iteration each run's learning rate
+and one step; at intervals the non-finite check, the evaluations and the checkpoints. What happens at those
+moments beyond the arithmetic (resume, the divergence guard, the update audit, progress, loggers) is a
+callback's (train/callbacks.py), each run with its own.
+
+A run's folder holds ``config.yaml`` (the resolved run), ``checkpoint.pt`` (written atomically every
 ``checkpoint_every`` iterations), ``curve.csv`` (one line per evaluation, from the default csv logger; also
 ``tb/`` or ``mlflow_run_id`` with the other loggers), ``model.pt`` (final weights) and, last of all,
-``result.json``: a run is finished exactly when that file exists. Re-running the same run continues from its
-checkpoint (callbacks.Checkpoints).
-
-``train_run`` builds a ``TrainState`` (the model, optimizer, data and step, and the counters that move) and
-hands it to ``fit``: per iteration the learning rate and one step; at intervals the non-finite check,
-the evaluation and the checkpoint. What happens at those moments beyond the arithmetic (resume, the
-divergence guard, the update audit, progress, loggers) is a callback's (train/callbacks.py).
+``result.json``: a run is finished exactly when that file exists. Training the same runs again continues from
+their checkpoints (callbacks.Checkpoints).
 """
 from __future__ import annotations
 
-import dataclasses
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
-from omegaconf import OmegaConf
 
+from simpnet_cli.config.tables import RunSpec
+from simpnet_cli.errors import UserError
 from simpnet_cli.train import callbacks as C
 from simpnet_cli.train import captured_step
-from simpnet_cli.train import data as D
-from simpnet_cli.train.callbacks import CURVE_COLUMNS, Callback, Event, loggers_for, write_curve  # noqa: F401
-# The solvers live in solvers.py; these names stay here for callers (runner, bench, gpucheck, tests). fit
-# looks lr_at up in this module, so a test can wrap it here.
-from simpnet_cli.train.solvers import (Solver, autocast_for, effective_precision, lr_at,  # noqa: F401
-                                       make_optimizer, param_groups)
-from simpnet_cli.nets import modules as M
-from simpnet_cli.nets import specs as network
-from simpnet_cli.errors import UserError
-from simpnet_cli.files import atomic_write, read_json, save_pt, write_json  # noqa: F401 - (re-exported)
-from simpnet_cli.config.tables import RunSpec
-
-
-@dataclass(eq=False)
-class TrainState:
-    """A run in training: what it trains with (fixed once built) and where it stands (what moves)."""
-    run: RunSpec
-    run_dir: Path
-    device: torch.device
-    model: torch.nn.Module
-    optimizer: Solver
-    data: D.DeviceData
-    step: captured_step.Step  # keeps the running loss sum, the non-finite flag and the update count on the device
-    autocast: Callable
-    log: Callable[[str], None]
-    iterations: int
-    batch_size: int
-    eval_every: int
-    checkpoint_every: int
-    check_every: int          # iterations between two reads of the device's non-finite flag
-    precision: str
-    params: tuple[int, int]   # (the paper's count: conv + fc, all trainable ones)
-
-    iteration: int = 0        # steps taken
-    start: int = 0            # where this session began (a resumed run: its checkpoint's iteration)
-    lr: float = 0.0           # of the last step
-    curve: list[dict] = field(default_factory=list)
-    best: tuple[float, int] = (-1.0, 0)  # (test accuracy, iteration); -1 before the first evaluation
-    train_time: float = 0.0   # seconds of training steps, evaluations and checkpoints excluded
-    loss_n: int = 0           # steps summed in step.loss_sum (since the last evaluation)
-    loss_finite: bool = True  # as of the last check
-    status: str = "ok"        # "diverged" stops the run
-    _clock: float | None = None
-
-    @property
-    def eval_due(self) -> bool:
-        return self.iteration % self.eval_every == 0 or self.iteration == self.iterations
-
-    def start_clock(self) -> None:
-        self._clock = time.perf_counter()
-
-    def stop_clock(self) -> None:
-        """Add the steps since start_clock to train_time, once the device has run them."""
-        if self._clock is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.train_time += time.perf_counter() - self._clock
-            self._clock = None
-
-    def trained_s(self) -> float:
-        """train_time with the running stretch (its steps may still be queued on the device)."""
-        return self.train_time + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
-
-    def record_eval(self, acc: float, test_loss: float) -> None:
-        self.curve.append({"iter": self.iteration, "test_acc": round(acc, 4), "test_loss": round(test_loss, 6),
-                           "train_loss": round(self.step.loss_sum.item() / max(self.loss_n, 1), 6),
-                           "lr": self.lr, "wall_s": round(self.train_time, 3)})
-        if acc > self.best[0]:
-            self.best = (acc, self.iteration)
-        self.step.reset_loss()
-        self.loss_n = 0
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: D.DeviceData, autocast) -> tuple[float, float]:
-    """(accuracy %, mean loss) on the whole test set."""
-    model.eval()
-    correct = torch.zeros((), device=data.device)
-    loss = torch.zeros((), device=data.device)
-    for x, y in data.test_batches():
-        with autocast():
-            out = model(x).float()
-        correct += (out.argmax(1) == y).sum()
-        loss += torch.nn.functional.cross_entropy(out, y, reduction="sum")
-    model.train()
-    n = len(data.test_y)
-    return 100.0 * correct.item() / n, loss.item() / n
+from simpnet_cli.train import solvers
+from simpnet_cli.train import stacked_step
+from simpnet_cli.train import together
+from simpnet_cli.train.callbacks import Callback, Event
+from simpnet_cli.train.state import (TrainState, build, evaluate, read_result, result_of, write_config,
+                                     write_outcome)
 
 
 class Hooks:
@@ -136,136 +55,117 @@ class Hooks:
                 pass
 
 
-def fit(state: TrainState, callbacks: Iterable) -> dict:
-    """Train ``state`` to its last iteration (or until a callback stops it); return the run's result."""
-    hooks = Hooks(callbacks)
-    try:
-        hooks("on_start", state)
-        state.start_clock()
-        while state.iteration < state.iterations:
-            state.lr = lr_at(state.run.solver, state.iteration)
-            state.step(state.iteration, state.lr)
-            state.iteration += 1
-            state.loss_n += 1
-            if state.iteration % state.check_every == 0 or state.eval_due:
-                state.loss_finite = not state.step.bad.item()  # the host waits for the device here only
-                hooks("on_check", state)
-                if state.status != "ok":
-                    state.stop_clock()  # a stopped run records its real time and speed
-                    break
-            if state.eval_due:
-                state.stop_clock()
-                acc, loss = evaluate(state.model, state.data, state.autocast)
-                state.record_eval(acc, loss)
-                hooks("on_eval", state, acc, loss)
-                state.start_clock()
-            if state.iteration % state.checkpoint_every == 0 and state.iteration < state.iterations:
-                state.stop_clock()  # the steps so far count; writing the checkpoint does not
-                hooks("on_checkpoint", state)
-                state.start_clock()
+class Alone:
+    """A run's own step (``captured_step.Step``) as a shared step of one: what ``fit`` drives. Its model and
+    optimizer are the run's, so there is nothing to take over or hand back; its dropout draws from the global
+    RNG, which the run's checkpoint saves and restores."""
+    how, k, generators = "separate", 1, ()
+
+    def __init__(self, step: captured_step.Step):
+        self.step = step
+        self.members = [step]
+
+    def __call__(self, iteration: int, lrs: Sequence[float]) -> None:
+        self.step(iteration, lrs[0])
+
+    def take_over(self, models, optimizers) -> None:
+        pass
+
+    def hand_back(self, i: int, model, optimizer) -> None:
+        pass
+
+
+class _Group:
+    """The runs still training and their hooks; moves the shared step's state to a run before it is read."""
+
+    def __init__(self, states, step, callbacks):
+        self.states, self.step = list(states), step
+        self.hooks = [Hooks(cbs) for cbs in callbacks]
+        self.active = list(range(len(self.states)))
+        self.results: list[dict | None] = [None] * len(self.states)
+
+    def hand_back(self, i: int) -> None:
+        self.step.hand_back(i, self.states[i].model, self.states[i].optimizer)
+
+    def clocks(self, running: bool) -> None:
+        for i in self.active:
+            (self.states[i].start_clock if running else self.states[i].stop_clock)()
+
+    def finish(self, i: int) -> None:
+        state = self.states[i]
         state.stop_clock()
-        result = result_of(state)
-        hooks("on_end", state, result)
-    except BaseException:
-        hooks.failed(state)
-        raise
-    return result
+        self.hand_back(i)
+        self.results[i] = result_of(state)
+        self.active.remove(i)
+        self.hooks[i]("on_end", state, self.results[i])
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def result_of(state: TrainState) -> dict:
-    if state.status == "ok" and not state.curve:
-        raise UserError("the run has no evaluation; iterations must be at least 1")
-    images = state.iteration * state.batch_size
-    return {
-        "status": state.status,
-        "final_acc": state.curve[-1]["test_acc"] if state.curve and state.status == "ok" else float("nan"),
-        "best_acc": round(state.best[0], 4) if state.best[0] >= 0 else float("nan"),
-        "best_iter": state.best[1],
-        "iterations": state.iteration,
-        "epochs": round(images / state.data.epoch_len, 3),
-        "wall_s": round(state.train_time, 2),
-        "img_per_s": round(images / max(state.train_time, 1e-9), 1),  # training steps only, evaluation excluded
-        "device": device_name(state.device),
-        "precision": effective_precision(state.precision, state.device),
-        "step_mode": state.step.step_mode,
-        "params_paper": state.params[0],
-        "params_total": state.params[1],
-    }
-
-
-def read_result(run_dir: Path) -> dict | None:
-    return read_json(Path(run_dir) / "result.json")
-
-
-def build(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path, download: bool,
-          log: Callable[[str], None], backend: captured_step.GraphBackend | None,
-          data: D.DeviceData | None = None) -> TrainState:
-    """The run's data, network, optimizer and step, at iteration 0. ``data``: the run's dataset already on
-    the device (another seed's: runs trained together share the images, each with its own order)."""
-    tr = run.train
-    iterations, batch_size = int(tr["iterations"]), int(tr["batch_size"])
-    eval_every = int(tr.get("eval_every", 500))
-    precision = tr.get("precision", "fp32")
-
-    torch.manual_seed(run.seed)
-    data = (D.load(run.dataset, data_dir, download, device, batch_size, run.seed) if data is None
-            else dataclasses.replace(data, seed=run.seed))
-    model = M.build_model(run.spec, run.in_shape, run.net).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    paper_params, total_params = network.count_params(run.spec, run.in_shape)
-    assert total_params == M.count_trainable(model), "spec and module disagree on parameter count"
-    if device.type == "cuda":
-        # Fixed shapes (one batch size, one image size): tune once. Not when cuDNN is asked to be deterministic
-        # (gpucheck's comparisons): autotuning picks kernels by their timing, so two runs could differ.
-        torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
-    # CUDA graphs on a GPU; a test's stand-in backend runs the same capture logic on the CPU.
-    graphs = bool(tr.get("graphs", True)) and (device.type == "cuda" or backend is not None)
-    optimizer = make_optimizer(run.solver, param_groups(model, run.param_mults))
-    autocast = autocast_for(precision, device)
-    model.train()
-    step = captured_step.Step(model, optimizer, data, autocast, graphs, backend=backend)
-    return TrainState(run=run, run_dir=run_dir, device=device, model=model, optimizer=optimizer, data=data,
-                      step=step, autocast=autocast, log=log, iterations=iterations, batch_size=batch_size,
-                      eval_every=eval_every, checkpoint_every=int(tr.get("checkpoint_every", 5000)),
-                      check_every=min(eval_every, 50), precision=precision, params=(paper_params, total_params))
-
-
-def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path, download: bool,
-              log: Callable[[str], None] = lambda s: None, backend: captured_step.GraphBackend | None = None,
-              progress: Callable[[Event], None] | None = None, loggers: str | Iterable[str] | None = ("csv",),
-              callbacks: Iterable[Callback] = ()) -> dict:
-    """Train ``run`` to its last iteration (resuming from ``run_dir/checkpoint.pt`` if present); return its result.
-
-    ``log`` gets messages (resumed, diverged); ``progress`` gets an ``Event`` before the first step, every few
-    iterations and at each evaluation (rendering is progress.Reporter's business); ``loggers`` names the
-    loggers (callbacks.logger_names: "csv", "tensorboard", "mlflow" or several); ``callbacks`` run after
-    the built-in ones."""
-    run_dir = Path(run_dir)
-    done = read_result(run_dir)
-    if done:
-        return done
-    chosen = loggers_for(loggers)  # an unknown logger or a missing package stops the run before it trains
-    write_config(run, run_dir)
-    state = build(run, run_dir, device, data_dir, download, log, backend)
-    result = fit(state, run_callbacks(chosen, progress, callbacks))
-    write_outcome(state, result)
-    return result
-
-
-def write_config(run: RunSpec, run_dir: Path) -> None:
-    """The run folder with its ``config.yaml`` (the resolved run), before it trains."""
+def fit(states: Sequence[TrainState], step, callbacks: Sequence[Iterable]) -> list[dict]:
+    """Train the runs of ``states`` to their last iteration with their one ``step`` (``Alone`` for a run by
+    itself, or a ``stacked_step.SharedStep``; ``callbacks[i]``: run i's); return their results. A run that a
+    callback stops (diverged) is finished at once and leaves the group; the others go on."""
+    group = _Group(states, step, callbacks)
+    device = states[0].device
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run.to_dict())))
-    except OSError as err:
-        raise UserError(f"cannot write the run directory {run_dir}: {err.strerror or err}") from None
+        for i, state in enumerate(group.states):
+            group.hooks[i]("on_start", state)
+            if state.start and step.generators:  # its checkpoint restored the global RNG to its dropout's state
+                step.generators[i].set_state(stacked_step.generator_now(device).get_state())
+        starts = {s.iteration for s in states}
+        if len(starts) != 1:
+            raise UserError(f"runs trained together must resume from the same iteration, got {sorted(starts)}")
+        step.take_over([s.model for s in states], [s.optimizer for s in states])
+        group.clocks(True)
+        while group.active and states[group.active[0]].iteration < states[group.active[0]].iterations:
+            lead = states[group.active[0]]  # the runs still training stand at its iteration
+            it = lead.iteration
+            for state in states:  # (a stopped run is still stepped, unread: a shared step's shape is fixed)
+                state.lr = solvers.lr_at(state.run.solver, it)
+            step(it, [s.lr for s in states])
+            for i in group.active:
+                states[i].iteration += 1
+                states[i].loss_n += 1
+            if lead.iteration % lead.check_every == 0 or lead.eval_due:
+                for i in list(group.active):
+                    state = group.states[i]
+                    state.loss_finite = not state.step.bad.item()  # the host waits for the device here only
+                    group.hooks[i]("on_check", state)
+                    if state.status != "ok":
+                        group.finish(i)  # a stopped run records its real time and speed
+            if lead.eval_due and group.active:
+                group.clocks(False)
+                for i in group.active:
+                    group.hand_back(i)
+                    acc, loss = evaluate(group.states[i].model, group.states[i].data, group.states[i].autocast)
+                    group.states[i].record_eval(acc, loss)
+                    group.hooks[i]("on_eval", group.states[i], acc, loss)
+                group.clocks(True)
+            if lead.iteration % lead.checkpoint_every == 0 and lead.iteration < lead.iterations and group.active:
+                group.clocks(False)  # the steps so far count; writing the checkpoints does not
+                for i in group.active:
+                    group.hand_back(i)
+                    if step.generators:
+                        # the checkpoint saves the global RNG: make it this run's dropout generator's state, and
+                        # keep the run's last checkpoint until the group's are all written
+                        stacked_step.generator_to_global(step.generators[i], device)
+                        keep_previous_checkpoint(group.states[i].run_dir)
+                    group.hooks[i]("on_checkpoint", group.states[i])
+                group.clocks(True)
+        for i in list(group.active):
+            group.finish(i)
+    except BaseException:
+        for i in group.active:
+            group.hooks[i].failed(group.states[i])
+        raise
+    return group.results
+
+
+def keep_previous_checkpoint(run_dir: Path) -> None:
+    """The run's checkpoint kept as the previous one before a new one is written: a group's writes are one
+    after another, so a kill between two leaves some runs one checkpoint ahead (runner.align_checkpoints)."""
+    current = run_dir / C.CHECKPOINT
+    if current.exists():
+        current.replace(run_dir / C.PREVIOUS_CHECKPOINT)
 
 
 def run_callbacks(loggers: list[Callback], progress: Callable[[Event], None] | None,
@@ -276,9 +176,48 @@ def run_callbacks(loggers: list[Callback], progress: Callable[[Event], None] | N
             *([C.Progress(progress)] if progress is not None else []), *extra]
 
 
-def write_outcome(state: TrainState, result: dict) -> None:
-    """A finished run's weights, then its result.json (a run is finished exactly when that file exists)."""
-    atomic_write(state.run_dir / "model.pt", lambda tmp: save_pt(state.model.state_dict(), tmp))
-    write_json(state.run_dir / "result.json", result)
-    (state.run_dir / C.CHECKPOINT).unlink(missing_ok=True)  # only now: until result.json exists, it is the run
-    (state.run_dir / C.PREVIOUS_CHECKPOINT).unlink(missing_ok=True)
+def train(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: torch.device, data_dir: Path, download: bool,
+          how: str = "separate", log: Callable[[str], None] = lambda s: None,
+          backend: captured_step.GraphBackend | None = None,
+          progress: Sequence[Callable[[Event], None] | None] | None = None,
+          loggers: str | Iterable[str] | None = ("csv",), callbacks: Iterable[Callback] = ()) -> list[dict]:
+    """Train ``runs`` (resuming each from ``run_dirs[i]/checkpoint.pt`` if present) into their folders and
+    return their results: one run (``how="separate"``), or k runs of one network, solver and length (each with
+    its own seed, rate and schedule) in one "grouped" or "branched" step. Runs that are all finished return their
+    results; a group of which only some are finished is refused (train the unfinished ones).
+
+    ``log`` gets messages (resumed, diverged); ``progress[i]`` gets run i's ``Event``s (before the first step,
+    every few iterations and at each evaluation: rendering is progress.Reporter's business); ``loggers`` names
+    the loggers (callbacks.logger_names: "csv", "tensorboard", "mlflow" or several); ``callbacks`` run after the
+    built-in ones."""
+    run_dirs = [Path(d) for d in run_dirs]
+    if how == "separate" and len(runs) != 1:
+        raise ValueError(f"{len(runs)} runs trained separately: give them one at a time, or a shared step")
+    done = [read_result(d) for d in run_dirs]
+    if all(done):
+        return done
+    if any(done):
+        raise UserError("a run trained together is already finished: train the unfinished ones only")
+    names = C.logger_names(loggers)
+    chosen = [C.loggers_for(names) for _ in runs]  # an unknown logger or a missing package stops before training
+    for run, run_dir in zip(runs, run_dirs):
+        write_config(run, run_dir)
+    if how == "separate":
+        states = [build(runs[0], run_dirs[0], device, data_dir, download, log, backend)]
+        step = Alone(states[0].step)
+    else:
+        states, step = together.build_together(runs, run_dirs, device, data_dir, download, how, log, backend)
+    per_run = [run_callbacks(chosen[i], progress[i] if progress else None, callbacks) for i in range(len(states))]
+    results = fit(states, step, per_run)
+    for state, result in zip(states, results):
+        write_outcome(state, result)
+    return results
+
+
+def train_run(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path, download: bool,
+              log: Callable[[str], None] = lambda s: None, backend: captured_step.GraphBackend | None = None,
+              progress: Callable[[Event], None] | None = None, loggers: str | Iterable[str] | None = ("csv",),
+              callbacks: Iterable[Callback] = ()) -> dict:
+    """``train`` of one run by itself: its result."""
+    return train([run], [run_dir], device, data_dir, download, "separate", log, backend, [progress], loggers,
+                 callbacks)[0]
