@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from simpnet_cli.runs import index, results
+from simpnet_cli.runs import authors, index, results
 from simpnet_cli.runs import progress
 from simpnet_cli.runs.watch import watch_parent  # (its own module: the manager process imports only it)
 from simpnet_cli.config import schemas, tables
@@ -272,6 +272,12 @@ def remove_stale_temporaries(run_dir: Path) -> None:
             pass
 
 
+def yardsticks() -> list[callbacks.Callback]:
+    """The callbacks the runner adds to every training run: the authors' runs of its row as its yardstick (a
+    variant or a smoke run gets none: authors.why_no_yardstick)."""
+    return [callbacks.Yardstick(authors.yardstick_for)]
+
+
 def execute_one(run: tables.RunSpec, opts: Options, device: str,
                 shown: progress.Reporter | progress.Forwarder | None = None) -> tuple[str, str]:
     """Train (or resume, or just record) one run, showing its progress on ``shown`` (plain lines on stderr
@@ -298,7 +304,7 @@ def execute_one(run: tables.RunSpec, opts: Options, device: str,
         shown.run_started(key, name, str(run_dir))
         train.train_run(run, run_dir, dev, opts.data_dir, opts.download,
                         lambda msg: shown.note(key, msg), progress=lambda ev: shown.event(key, ev),
-                        loggers=opts.logger)
+                        loggers=opts.logger, callbacks=yardsticks())
         # Checked against the folder's name and config.yaml (a finished result found here may be another
         # run's), and tied to its run in result.json.
         result = index.seal(run_dir)
@@ -364,7 +370,8 @@ def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: 
             together.train_together(
                 held, [opts.runs_dir / r.config_hash for r in held], dev, opts.data_dir, opts.download,
                 how, lambda msg: shown.note(keys[0], msg),
-                progress=[lambda ev, key=key: shown.event(key, ev) for key in keys], loggers=opts.logger)
+                progress=[lambda ev, key=key: shown.event(key, ev) for key in keys], loggers=opts.logger,
+                callbacks=yardsticks())
             for run in held:
                 result = index.seal(opts.runs_dir / run.config_hash)
                 outcomes.append((run, result["status"], finished_message(progress.run_name(run), result)))

@@ -1,0 +1,152 @@
+"""The authors' runs as data and as the yardstick of a run in training (runs/authors.py, callbacks.Yardstick)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from simpnet_cli.config import tables
+from simpnet_cli.config.variants import RowOverrides
+from simpnet_cli.runs import authors, index, progress, runner
+from simpnet_cli.train import callbacks as C
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+@pytest.mark.parametrize("name", ["authors_runs.csv", "authors_curves.csv"])
+def test_the_shipped_data_equals_the_shared_reference(name):
+    if not (SHARED / name).is_file():
+        pytest.skip(f"{SHARED / name} is absent (clone the project with ../shared beside it)")
+    assert (authors.DATA_DIR / name).read_bytes() == (SHARED / name).read_bytes()
+
+
+def test_the_package_data_is_declared_so_an_install_carries_it():
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"data/authors_runs.csv"' in text and '"data/authors_curves.csv"' in text
+
+
+def test_every_log_joins_a_row_of_the_table_files():
+    runs, curves = authors.authors_runs(), authors.authors_curves()
+    assert len(runs) == 114 and len(curves) == 16336
+    assert authors.unmatched() == []
+    assert runs["row_id"].notna().all() and curves["row_id"].notna().all()
+    assert runs[["table", "row_id"]].drop_duplicates().shape[0] == 52
+    # the one row of the table files without a log: the paper gives no log for Table 12's no-augmentation run
+    rows = {(t.name, r["id"]) for t in tables.load_tables("all") for r in t.rows}
+    assert rows - set(zip(runs["table"], runs["row_id"])) == {("12", "5M-C10-noaug")}
+    assert list(authors.runs_of("4", "WE13")["best_acc"]) == [86.89, 86.99, 87.19, 87.2]
+
+
+def test_the_band_covers_a_resumed_log_from_its_first_iteration_only():
+    band = authors.band("6", "SN15-max")
+    logs = authors.curves_of("6", "SN15-max")
+    full = logs[~logs["log"].str.endswith("_r.log")]
+    at_5000 = full[full["iteration"] == 5000]["test_acc"]
+    low, high, _ = band.at(5000)
+    assert (low, high) == (at_5000.min(), at_5000.max())  # only the logs from iteration 0 count before 90,000
+    at_100k = logs[logs["iteration"] == 100000]["test_acc"]
+    assert band.at(100000)[:2] == (at_100k.min(), at_100k.max()) and len(at_100k) > len(full["log"].unique())
+    assert band.at(10 ** 7) is None
+
+
+def run_of(table="2", row="8L", profile="full", overrides=None):
+    t = tables.load_table(table)
+    return tables.resolve(t, t.row(row), 0, tables.load_named("profile", profile), overrides=overrides)
+
+
+def fake_state(run, curve_points, tmp_path, test_size=10000):
+    logs = []
+    state = SimpleNamespace(run=run, run_dir=tmp_path / run.config_hash, curve=[], iteration=0,
+                            data=SimpleNamespace(test_y=[0] * test_size), log=logs.append)
+    return state, logs
+
+
+def feed(cb, state, points):
+    """The callback sees evaluations as loop.fit gives them: each one's row already in state.curve."""
+    cb.on_start(state)
+    for it, acc in points:
+        state.iteration = it
+        state.curve.append({"iter": it, "test_acc": acc})
+        cb.on_eval(state, acc, 1.0)
+    result = {"status": "ok"}
+    cb.on_end(state, result)
+    return result
+
+
+def test_a_run_well_below_the_authors_is_warned_once_and_recorded(tmp_path):
+    run = run_of()
+    assert authors.why_no_yardstick(run) is None
+    band = authors.band("2", "8L")
+    cb = C.Yardstick(authors.yardstick_for)
+    state, logs = fake_state(run, [], tmp_path)
+    points = [(it, band.at(it)[0] - 8.0) for it in range(10000, 30001, 500)]  # 8 points under, all along
+    result = feed(cb, state, points)
+    assert result["yardstick"] == "below at iteration 10000"
+    assert len(logs) == 1, logs
+    low, high, _ = band.at(11000)
+    assert logs[0].startswith(f"8L seed 0: {low - 8.0:.1f}% at 11,000, the authors' runs {low:.1f}-{high:.1f}%")
+
+
+def test_a_run_inside_or_above_the_authors_is_recorded_so(tmp_path):
+    band = authors.band("2", "8L")
+    for shift, expected in ((0.0, "inside"), (+5.0, "above")):
+        state, logs = fake_state(run_of(), [], tmp_path / expected)
+        result = feed(C.Yardstick(authors.yardstick_for), state,
+                      [(it, band.at(it)[0] + shift) for it in range(10000, 30001, 500)])
+        assert result["yardstick"] == expected and logs == []
+
+
+def test_two_dips_are_not_a_fall_and_a_resumed_run_is_not_warned_again(tmp_path):
+    band = authors.band("2", "8L")
+    low = lambda it: band.at(it)[0]  # noqa: E731
+    state, logs = fake_state(run_of(), [], tmp_path)
+    dips = [(20000, low(20000) - 5), (20500, low(20500) - 5), (21000, low(21000)), (21500, low(21500) - 5)]
+    assert feed(C.Yardstick(authors.yardstick_for), state, dips)["yardstick"] == "inside"
+    # resumed after a fall: the earlier session said it; this one judges the curve again silently
+    state, logs = fake_state(run_of(), [], tmp_path / "resumed")
+    state.curve = [{"iter": it, "test_acc": low(it) - 5} for it in (20000, 20500, 21000)]
+    result = feed(C.Yardstick(authors.yardstick_for), state, [(21500, low(21500))])
+    assert result["yardstick"] == "below at iteration 20000" and logs == []
+
+
+def test_the_margin_is_three_standard_errors_of_one_comparison():
+    cb = C.Yardstick(lambda run: None)
+    assert cb.margin(90.0, 0.0, 10000) == pytest.approx(3 * 0.3)       # binomial: sqrt(.9 * .1 / 10000)
+    assert cb.margin(90.0, 0.4, 10000) == pytest.approx(3 * 0.5)       # with the authors' noise, in quadrature
+
+
+def test_a_variant_and_a_smoke_run_have_no_yardstick(tmp_path):
+    variant = run_of(overrides=RowOverrides(assignments=(("solver.lr", 0.05),)))
+    smoke = run_of(profile="smoke")
+    assert authors.why_no_yardstick(variant).startswith("a variant")
+    assert authors.why_no_yardstick(smoke) == "a smoke run or a data subset"
+    for run in (variant, smoke):
+        state, logs = fake_state(run, [], tmp_path / run.config_hash)
+        result = feed(C.Yardstick(authors.yardstick_for), state, [(it, 10.0) for it in range(10000, 30001, 500)])
+        assert "yardstick" not in result and logs == []
+
+
+def test_a_trained_run_forced_below_gets_the_warning_and_its_record(tmp_path, monkeypatch):
+    """Through the runner and the training loop: a smoke run of 8L, given a band far above it (a smoke run has
+    none of its own), is below; result.json says so and the table's index still reads it."""
+    t = tables.load_table("2")
+    profile = {**tables.load_named("profile", "smoke")}
+    profile["train"] = {**profile["train"], "eval_every": 1}
+    run = tables.resolve(t, t.row("8L"), 0, profile)
+    band = C.AuthorsBand("8L", (0.0, 10.0), (95.0, 95.0), (95.5, 95.5), (0.1, 0.1), 1)
+    monkeypatch.setattr(authors, "yardstick_for", lambda r: band if r.config_hash == run.config_hash else None)
+    opts = runner.Options(data_dir=tmp_path / "data", download=False, results_dir=tmp_path / "results",
+                          runs_dir=tmp_path / "runs", device="cpu", jobs_per_device=1, profile="smoke")
+    notes = []
+    shown = progress.Reporter({}, 0, tty=False)
+    monkeypatch.setattr(shown, "note", lambda key, msg: notes.append(msg))
+    outcome, _ = runner.execute_one(run, opts, "cpu", shown)
+    assert outcome == "ok"
+    result = json.loads((opts.runs_dir / run.config_hash / "result.json").read_text())
+    assert result["yardstick"] == "below at iteration 1"
+    assert [n for n in notes if "the authors' runs 95.0-95.5%" in n and n.startswith("8L seed 0: ")] \
+        and len([n for n in notes if "authors" in n]) == 1
+    lines = index.build(opts.results_dir, "2", opts.runs_dir)
+    assert len(lines.entries) == 1 and not lines.refused
