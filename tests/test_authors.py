@@ -150,3 +150,77 @@ def test_a_trained_run_forced_below_gets_the_warning_and_its_record(tmp_path, mo
         and len([n for n in notes if "authors" in n]) == 1
     lines = index.build(opts.results_dir, "2", opts.runs_dir)
     assert len(lines.entries) == 1 and not lines.refused
+
+
+# --------------------------------------------------------------------------- the report
+
+def smoke_report_of(tmp_path: Path, table: str):
+    """A smoke-profile results folder of every row of ``table`` (two seeds, each with a four-iteration curve),
+    as `simpnet run table=N profile=smoke seeds=2` leaves it, and its report's sections."""
+    from simpnet_cli.report import write as report
+    from simpnet_cli.runs import results
+
+    t = tables.load_table(table)
+    out = tmp_path / "results"
+    lines = []
+    for i, row in enumerate(t.rows):
+        run = tables.resolve(t, row, 0, tables.load_named("profile", "smoke"))
+        for seed in (0, 1):
+            run_dir = tmp_path / "runs" / f"{row['id']}-{seed}"
+            run_dir.mkdir(parents=True)
+            accs = [10.0 + i + seed, 12.0 + i + 2 * seed]
+            (run_dir / "curve.csv").write_text("iter,test_acc,test_loss,train_loss,lr,wall_s\n" + "".join(
+                f"{2 * (k + 1)},{a},2.3,2.3,0.1,0.1\n" for k, a in enumerate(accs)))
+            lines.append(results.format_line({
+                "table": table, "row": row["label"], "row_id": row["id"], "variant": "", "seed": seed,
+                "dataset": run.dataset["name"], "counted_params": 1000, "params_total": 1100,
+                "paper_params": row["paper"].get("params", "-"), "paper_acc": row["paper"].get("acc", "-"),
+                "final_acc": accs[-1], "best_acc": max(accs), "best_iter": 4, "iterations": 4, "epochs": 0.5,
+                "wall_s": 1.0, "img_per_s": 32.0, "device": "cpu", "precision": "fp32", "step_mode": "eager",
+                "profile": "smoke", "status": "ok", "config_hash": f"h{i}{seed}", "run_dir": str(run_dir),
+                "finished_at": "2025-01-01T00:00:00Z"}))
+    results.write(results.csv_path(out, table), lines)
+    return out, report.collect(out, table)
+
+
+@pytest.mark.parametrize("table", ["2", "6"])
+def test_the_curves_figure_draws_the_authors_runs_beside_ours(tmp_path, table):
+    from simpnet_cli.report import plots
+
+    out, rep = smoke_report_of(tmp_path, table)
+    tr, = rep.tables
+    fig, note, warnings = plots.curves_figure(tr, out)
+    assert not warnings and note == f"Curves: {2 * len(tr.table.rows)} of {2 * len(tr.table.rows)} run(s) have a " \
+                                     f"readable curve.csv."
+    ax = fig.axes[0]
+    lines = {str(line.get_gid()): line for line in ax.get_lines()}
+    logs = authors.authors_runs()
+    logs = logs[logs["table"] == table]
+    for row in tr.table.rows:
+        theirs = logs[logs["row_id"] == row["id"]]
+        drawn = {gid.split("|")[2]: line for gid, line in lines.items() if gid.startswith(f"authors|{row['id']}|")}
+        assert set(drawn) == set(theirs["log"]), row["id"]  # one thin line per log
+        for log in theirs.itertuples():
+            x = list(drawn[log.log].get_xdata())
+            assert (x[0], x[-1], len(x)) == (log.first_iter, log.last_iter, log.tests)  # a _r log from 90,000
+            assert drawn[log.log].get_linewidth() < lines[f"ours|{row['id']}"].get_linewidth()
+        mean = lines[f"ours|{row['id']}"]  # ours: the mean over the two seeds, their spread as a band
+        i = [r["id"] for r in tr.table.rows].index(row["id"])
+        assert list(mean.get_xdata()) == [2, 4] and list(mean.get_ydata()) == [10.5 + i, 13.0 + i]
+        assert f"ours-spread|{row['id']}" in {c.get_gid() for c in ax.collections}
+    drops = {int(gid.split("|")[1]) for gid in lines if gid.startswith("lr-drop|")}
+    expected = {"2": {5000, 9500, 15500, 19500, 22000, 27000}, "6": {50000, 95000, 153000}}[table]
+    assert expected <= drops  # the first test after each of the authors' lr drops
+    if table == "6":
+        assert any(gid.endswith("_r.log") for gid in lines)
+
+
+def test_the_report_shows_the_authors_spread_and_where_each_row_falls(tmp_path):
+    from simpnet_cli.report import text
+
+    out, rep = smoke_report_of(tmp_path, "4")
+    md = text.section(rep.tables[0])
+    assert "86.89-87.2 (4 runs)" in md and "89.09-89.7 (3 runs)" in md and "95.19 (1 run)" in md
+    assert "WE13 **below**: 15.00 (mean of 2 seeds, best at 4) vs the authors' 86.89-87.2 (4 runs, best at " \
+           "50,000-67,000)" in md
+    assert "the authors' spread is not used as noise" in md
