@@ -165,8 +165,17 @@ def show_records(cfg, variant=None) -> list[dict]:
             "solver": run.solver["type"], "iterations": run.train["iterations"], "config_hash": run.config_hash,
             "recipe": run.recipe(), "solver_config": run.solver,
             "layer_table": network.layer_table(run.spec, run.in_shape), "notes": list(run.notes),
+            "authors_runs": authors_records(run),
         })
     return records
+
+
+def authors_records(run) -> list[dict]:
+    """The authors' logs of a run's row (runs/authors.py): best, final, hours... one dict per log."""
+    from simpnet_cli.runs import authors
+
+    logs = authors.runs_of(run.table, run.row_id).drop(columns=["table", "row", "row_id"])
+    return json.loads(logs.to_json(orient="records"))
 
 
 def cmd_show(cfg, flags, variant) -> int:
@@ -192,6 +201,10 @@ def cmd_show(cfg, flags, variant) -> int:
         print(f"  params: {rec['counted_params']:,} conv+fc (paper: {rec['paper_params'] or '-'}), "
               f"{rec['params_total']:,} trainable with BatchNorm")
         print(f"  recipe: {recipe_line(rec['recipe'])}")
+        from simpnet_cli.runs import authors
+
+        for line in authors.show_lines(rec["table"], rec["row_id"]):
+            print(f"  {line}")
     return 0
 
 

@@ -224,3 +224,34 @@ def test_the_report_shows_the_authors_spread_and_where_each_row_falls(tmp_path):
     assert "WE13 **below**: 15.00 (mean of 2 seeds, best at 4) vs the authors' 86.89-87.2 (4 runs, best at " \
            "50,000-67,000)" in md
     assert "the authors' spread is not used as noise" in md
+
+
+# --------------------------------------------------------------------------- show and --dry-run
+
+def test_show_prints_the_authors_best_final_and_hours_per_row(capsys):
+    from simpnet_cli import cli
+
+    assert cli.main(["show", "table=4", "row=WE13"]) == 0
+    out = capsys.readouterr().out
+    assert "authors' runs (4 logs; Caffe on their GPU): best 86.89-87.2%, final 86.81-87.11%, 0.74-0.75 h" in out
+    assert "caffe_87.20.log: iterations 0-80,000, best 87.2% at 67,000, final 87.06%, 0.75 h" in out
+    assert cli.main(["show", "table=12", "row=5M-C10-noaug"]) == 0
+    assert "authors' runs: none published for this row" in capsys.readouterr().out
+    assert cli.main(["show", "table=2", "row=8L", "--json"]) == 0
+    shown, = json.loads(capsys.readouterr().out)
+    assert shown["authors_runs"] == [{"log": "caffe_90.21.log", "first_iter": 0, "last_iter": 30000, "tests": 61,
+                                      "best_acc": 90.21, "best_iter": 13500, "final_acc": 90.13,
+                                      "median_iter_per_s": 23.41, "batch": 100, "wall_h": 0.375}]
+
+
+def test_dry_run_prints_the_authors_hours_beside_each_estimate_and_the_total(tmp_path, capsys):
+    from simpnet_cli import cli
+
+    assert cli.main(["run", "table=2", "--dry-run", "dry_run.iters=1", "dry_run.batch_size=2", "quiet=true",
+                     f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/e"]) == 0
+    out = capsys.readouterr().out
+    hours = authors.authors_runs().query("table == '2'")["wall_h"].sum()  # their four logs, 30,000 iterations each
+    assert "| estimated time | the authors' hours |" in out
+    cell = f"{int(hours)} h {int(hours * 60 % 60):02d} min"
+    assert [line for line in out.splitlines() if line.startswith("| 2 | 4 | 120,000 |") and line.endswith(f"| {cell} |")]
+    assert [line for line in out.splitlines() if line.startswith("| all | 4 | 120,000 |") and line.endswith(f"| {cell} |")]
