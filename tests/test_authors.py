@@ -86,7 +86,9 @@ def test_a_run_well_below_the_authors_is_warned_once_and_recorded(tmp_path):
     assert result["yardstick"] == "below at iteration 10000"
     assert len(logs) == 1, logs
     low, high, _ = band.at(11000)
-    assert logs[0].startswith(f"8L seed 0: {low - 8.0:.1f}% at 11,000, the authors' runs {low:.1f}-{high:.1f}%")
+    assert low == high and band.runs == 1  # one log of 8L
+    assert logs[0].startswith(f"{low - 8.0:.1f}% at 11,000, the authors' run {low:.1f}% (seed 0: more than ")
+    assert logs[0].endswith("for 3 evaluations in a row; yardstick: below at iteration 10000)")
 
 
 def test_a_run_inside_or_above_the_authors_is_recorded_so(tmp_path):
@@ -135,7 +137,7 @@ def test_a_trained_run_forced_below_gets_the_warning_and_its_record(tmp_path, mo
     profile = {**tables.load_named("profile", "smoke")}
     profile["train"] = {**profile["train"], "eval_every": 1}
     run = tables.resolve(t, t.row("8L"), 0, profile)
-    band = C.AuthorsBand("8L", (0.0, 10.0), (95.0, 95.0), (95.5, 95.5), (0.1, 0.1), 1)
+    band = C.AuthorsBand("8L", (0.0, 10.0), (95.0, 95.0), (95.5, 95.5), (0.1, 0.1), 2)
     monkeypatch.setattr(authors, "yardstick_for", lambda r: band if r.config_hash == run.config_hash else None)
     opts = runner.Options(data_dir=tmp_path / "data", download=False, results_dir=tmp_path / "results",
                           runs_dir=tmp_path / "runs", device="cpu", jobs_per_device=1, profile="smoke")
@@ -146,7 +148,7 @@ def test_a_trained_run_forced_below_gets_the_warning_and_its_record(tmp_path, mo
     assert outcome == "ok"
     result = json.loads((opts.runs_dir / run.config_hash / "result.json").read_text())
     assert result["yardstick"] == "below at iteration 1"
-    assert [n for n in notes if "the authors' runs 95.0-95.5%" in n and n.startswith("8L seed 0: ")] \
+    assert [n for n in notes if "the authors' runs 95.0-95.5% (seed 0: " in n] \
         and len([n for n in notes if "authors" in n]) == 1
     lines = index.build(opts.results_dir, "2", opts.runs_dir)
     assert len(lines.entries) == 1 and not lines.refused

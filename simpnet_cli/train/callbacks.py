@@ -199,7 +199,7 @@ class AuthorsBand:
     """The authors' runs of one table row along training (runs/authors.py builds it from their logs): at each
     iteration they tested, the lowest and highest of their runs' test accuracies (%) and the noise of one of
     their evaluations there (``noise``, in points: the curves' scatter between neighbouring tests)."""
-    label: str            # how a message names the row ("8L")
+    label: str            # the row ("8L")
     iters: tuple          # ascending iterations
     low: tuple
     high: tuple
@@ -273,9 +273,12 @@ class Yardstick(Callback):
             mine["verdict"] = f"below at iteration {first[0] if len(first) == self.STREAK else iteration}"
             if speak:
                 run = state.run
-                state.log(f"{mine['band'].label} seed {run.seed}: {acc:.1f}% at {iteration:,}, the authors' "
-                          f"runs {low:.1f}-{high:.1f}% (more than {margin:.1f} points under their lowest for "
-                          f"{self.STREAK} evaluations in a row; yardstick: {mine['verdict']})")
+                # (the display names the run before it; runs trained together share one log, so the seed is said)
+                span = f"{low:.1f}%" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}-{high:.1f}%"
+                theirs = "the authors' run" if mine["band"].runs == 1 else "the authors' runs"
+                state.log(f"{acc:.1f}% at {iteration:,}, {theirs} {span} (seed {run.seed}: "
+                          f"more than {margin:.1f} points under their lowest for {self.STREAK} evaluations in a "
+                          f"row; yardstick: {mine['verdict']})")
         elif mine["above"] >= self.STREAK:
             mine["verdict"] = "above"
 
