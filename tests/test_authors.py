@@ -113,6 +113,15 @@ def test_two_dips_are_not_a_fall_and_a_resumed_run_is_not_warned_again(tmp_path)
     assert result["yardstick"] == "below at iteration 20000" and logs == []
 
 
+def test_an_unreadable_yardstick_never_costs_the_run(tmp_path):
+    def broken(run):
+        raise OSError("gone")
+    state, logs = fake_state(run_of(), [], tmp_path)
+    result = feed(C.Yardstick(broken), state, [(10000, 10.0)] * 4)
+    assert "yardstick" not in result and logs == ["no yardstick for this run: the authors' runs are unreadable "
+                                                  "(OSError: gone)"]
+
+
 def test_the_margin_is_three_standard_errors_of_one_comparison():
     cb = C.Yardstick(lambda run: None)
     assert cb.margin(90.0, 0.0, 10000) == pytest.approx(3 * 0.3)       # binomial: sqrt(.9 * .1 / 10000)

@@ -21,13 +21,14 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from simpnet_cli.report.claims import mean_var
-from simpnet_cli.runs import authors
 from simpnet_cli.report.data import (PAPER_STATS, Ablation, TableReport, ablation_points, axis_slots,
                                      differs_in_size, parse_params)
+from simpnet_cli.runs import authors
 
 PAPER_COLOR = "black"
 # The paper's figure by its statistic (report_data.PAPER_STATS; "": the table file's stat is unknown): a hollow
@@ -360,7 +361,6 @@ def curves_figure(tr: TableReport, results_dir: Path) -> tuple[Figure | None, st
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a 4-iteration run has no iteration 2.5
     ax.set_ylabel("test error (%)" if err else "test accuracy (%)")
     ax.set_title(curves_title(tr), fontsize=10)
-    from matplotlib.patches import Patch
     handles = [Patch(color=colors.get(rid, "grey"), label=rid) for rid in order]
     handles += [Line2D([], [], color="dimgrey", lw=1.8, label="this project: mean over seeds\n(band: lowest-highest)"),
                 Line2D([], [], color="dimgrey", lw=0.6, label="the authors' runs, one line\nper log (their Caffe logs)")]
