@@ -161,6 +161,11 @@ def test_a_trained_run_forced_below_gets_the_warning_and_its_record(tmp_path, mo
         and len([n for n in notes if "authors" in n]) == 1
     lines = index.build(opts.results_dir, "2", opts.runs_dir)
     assert len(lines.entries) == 1 and not lines.refused
+    # the same smoke run of another seed, with the runner's own yardstick: a smoke run has none, records none
+    monkeypatch.undo()
+    other = run.with_seed(1)
+    assert runner.execute_one(other, opts, "cpu", progress.Reporter({}, 0, tty=False, quiet=True))[0] == "ok"
+    assert "yardstick" not in json.loads((opts.runs_dir / other.config_hash / "result.json").read_text())
 
 
 # --------------------------------------------------------------------------- the report
