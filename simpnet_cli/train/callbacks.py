@@ -227,8 +227,9 @@ class Yardstick(Callback):
     The margin is ``SIGMAS`` standard errors of one comparison: the binomial standard error of an accuracy on
     the run's test set (100 * sqrt(p (1 - p) / n): 0.3 points at 90% on 10,000 images) and the noise of the
     authors' curve there, in quadrature. The authors' spread between runs is inside the band already (the
-    comparison is with their lowest). Three evaluations in a row, each over three standard errors out, is a
-    chance of about 1 in 10^8 for a run that trains as theirs did; a real gap of a point or more is caught."""
+    comparison is with their lowest). For a run that trains as theirs did, one evaluation three standard errors
+    under is a 1-in-740 chance, three in a row about 1 in 4 * 10^8 were they independent (neighbouring tests are
+    correlated, so it is less rare, still rare); a real gap of a point or more after the lr drops is caught."""
 
     STREAK = 3
     SIGMAS = 3.0
