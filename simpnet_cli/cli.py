@@ -165,8 +165,17 @@ def show_records(cfg, variant=None) -> list[dict]:
             "solver": run.solver["type"], "iterations": run.train["iterations"], "config_hash": run.config_hash,
             "recipe": run.recipe(), "solver_config": run.solver,
             "layer_table": network.layer_table(run.spec, run.in_shape), "notes": list(run.notes),
+            "authors_runs": authors_records(run),
         })
     return records
+
+
+def authors_records(run) -> list[dict]:
+    """The authors' logs of a run's row (runs/authors.py): best, final, hours... one dict per log."""
+    from simpnet_cli.runs import authors
+
+    logs = authors.runs_of(run.table, run.row_id).drop(columns=["table", "row", "row_id"])
+    return json.loads(logs.to_json(orient="records"))
 
 
 def cmd_show(cfg, flags, variant) -> int:
@@ -192,6 +201,10 @@ def cmd_show(cfg, flags, variant) -> int:
         print(f"  params: {rec['counted_params']:,} conv+fc (paper: {rec['paper_params'] or '-'}), "
               f"{rec['params_total']:,} trainable with BatchNorm")
         print(f"  recipe: {recipe_line(rec['recipe'])}")
+        from simpnet_cli.runs import authors
+
+        for line in authors.show_lines(rec["table"], rec["row_id"]):
+            print(f"  {line}")
     return 0
 
 
@@ -442,7 +455,8 @@ HELP = {
     "list": ("simpnet list [table=N] [--json]", "The paper's tables and their rows (ids such as 8L, WE10, 5M-C10)."),
     "show": ("simpnet show [table=N] [row=ID] [KEY=VALUE ...] [--json]",
              "Each chosen row's resolved network, layer by layer in the reference's grammar, its parameter counts and\n"
-             "its recipe (feed, BatchNorm fraction, fillers, lr/decay multipliers, test interval). Trains nothing.\n"
+             "its recipe (feed, BatchNorm fraction, fillers, lr/decay multipliers, test interval) and the authors'\n"
+             "runs of the row (their Caffe logs: best, final and hours per log). Trains nothing.\n"
              + ROW_KEYS_HELP),
     "run": ("simpnet run table=N [row=ID] [seeds=3] [profile=smoke] [KEY=VALUE ...] [--dry-run] [-m]",
             "Trains the chosen rows (finished runs are skipped, interrupted ones resume) and records each in\n"
@@ -451,8 +465,10 @@ HELP = {
             "  jobs_per_device=4   precision=bf16   profile.train.eval_every=4   profile.data.train_size=512\n"
             "  stack=3 (a row's seeds in one training step; stack_mode=grouped|branched; auto: on a GPU as measured)\n"
             "  quiet=true   logger=[csv,tensorboard] (or mlflow)   --cfg job (print each resolved run, train nothing)\n"
-            "  --dry-run (runs, iterations and an estimated time; trains nothing; quick and rough:\n"
-            "    dry_run.iters=1 dry_run.batch_size=8)\n"
+            "  --dry-run (runs, iterations and an estimated time, beside the authors' hours; trains nothing;\n"
+            "    quick and rough: dry_run.iters=1 dry_run.batch_size=8)\n"
+            "  Each evaluation is compared with the authors' runs of the row (a run well below them is said once;\n"
+            "    result.json: yardstick); a variant or a smoke run has no yardstick.\n"
             "  -m with comma-separated values sweeps: simpnet run -m table=4 row=WE10,BW10 dataset=cifar10,cifar100\n"
             + ROW_KEYS_HELP),
     "report": ("simpnet report [table=N] [--latex]",

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from simpnet_cli.nets import specs as network
-from simpnet_cli.runs import results, sources
+from simpnet_cli.runs import authors, results, sources
 from simpnet_cli.config import tables
 from simpnet_cli.report.claims import ClaimResult, evaluate_claim, mean_var
 from simpnet_cli.errors import UserError
@@ -74,6 +74,9 @@ class RowReport:
     diverged: int = 0
     notes: list[str] = field(default_factory=list)
     paper_stat: str | None = DEFAULT_STAT  # a PAPER_STATS key; None: the table file's stat is unknown
+    # The authors' runs of the row (runs/authors.py: one dict per log, best_acc, best_iter, final_acc, wall_h...);
+    # empty for a row without logs, and where the runs shown are on another dataset than the row's.
+    authors: list[dict] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -202,6 +205,52 @@ def paper_comparison(r: RowReport, error: bool = False) -> PaperComparison | Non
     return PaperComparison(r.paper_stat, conv(ours), conv(r.paper_acc), len(bests))
 
 
+def authors_spread(r: RowReport, error: bool = False) -> str:
+    """The authors' runs' best-over-training beside the paper's figure: "89.66-90.21 (3 runs)" (as errors, 100 -
+    accuracy, for error tables), "" without."""
+    if not r.authors:
+        return ""
+    bests = [round(100.0 - float(a["best_acc"]), 4) if error else float(a["best_acc"]) for a in r.authors]
+    span = f"{min(bests):g}" if len(bests) == 1 else f"{min(bests):g}-{max(bests):g}"
+    return f"{span} ({len(bests)} run{'s' * (len(bests) > 1)})"
+
+
+def _iters(values: list) -> str:
+    lo, hi = int(min(values)), int(max(values))
+    return f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
+
+
+@dataclass(frozen=True)
+class AgainstAuthors:
+    """Where a row's best-over-training falls against the authors' runs of the same row, and when each peaked."""
+    row_id: str
+    where: str              # "below" | "inside" | "above" their range of bests
+    ours: float             # the mean of our ok seeds' bests
+    n: int
+    ours_iters: str         # the iteration (range) of our seeds' bests
+    theirs: str             # their range of bests, "89.66-90.21"
+    runs: int
+    theirs_iters: str
+
+    @property
+    def text(self) -> str:
+        seeds = f"mean of {self.n} seeds" if self.n > 1 else "1 seed"
+        return (f"{self.row_id} **{self.where}**: {self.ours:.2f} ({seeds}, best at {self.ours_iters}) vs the "
+                f"authors' {self.theirs} ({self.runs} run{'s' * (self.runs > 1)}, best at {self.theirs_iters})")
+
+
+def against_authors(r: RowReport) -> AgainstAuthors | None:
+    """Our seeds' mean best-over-training against the range of the authors' runs' bests (below, inside, above);
+    None without an ok run or an authors' log."""
+    if not r.authors or not r.ok_runs:
+        return None
+    ours = sum(r.values("best")) / r.n
+    bests = [float(a["best_acc"]) for a in r.authors]
+    where = "below" if ours < min(bests) else "above" if ours > max(bests) else "inside"
+    return AgainstAuthors(r.row_id, where, ours, r.n, _iters([int(x["best_iter"]) for x in r.ok_runs]),
+                          authors_spread(r).split(" ")[0], len(bests), _iters([a["best_iter"] for a in r.authors]))
+
+
 def _dataset_name(value: Any, feed: Any = None) -> str:
     """A row's dataset as shown: "cifar10", or "cifar10 (augment=none)" where the row changes its dataset or
     feed mapping (``{base: ..., ...}``) from the named config."""
@@ -314,6 +363,8 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
             rr.paper_acc, rr.paper_text = None, f"({rr.paper_text} on {dataset.split(' ')[0]})"
             rr.notes.append(f"trained on {', '.join(sorted(ran_on))}, not the paper's {dataset.split(' ')[0]}")
             other_dataset = True
+        elif table.path is not None:
+            rr.authors = authors.runs_of(table.name, row["id"]).to_dict("records")
         rr.ok_runs = [r for r in runs if r["status"] == "ok"]
         rr.diverged = sum(r["status"] == "diverged" for r in runs)
         now = _counted(table, row, warnings) if table.path is not None else None  # (own networks: from runs)

@@ -21,12 +21,14 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from simpnet_cli.report.claims import mean_var
 from simpnet_cli.report.data import (PAPER_STATS, Ablation, TableReport, ablation_points, axis_slots,
                                      differs_in_size, parse_params)
+from simpnet_cli.runs import authors
 
 PAPER_COLOR = "black"
 # The paper's figure by its statistic (report_data.PAPER_STATS; "": the table file's stat is unknown): a hollow
@@ -277,16 +279,11 @@ def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def curves_plot(tr: TableReport, path: Path, results_dir: Path) -> tuple[Path | None, str, list[str]]:
-    """Test accuracy (error for error tables) against iteration, one line per run, one colour per row."""
-    err = tr.error_display
+def _our_curves(tr: TableReport, results_dir: Path) -> tuple[dict[str, list], list[str], int]:
+    """({row id: [(run, curve frame)]}, warnings, curves found) of the section's runs."""
+    by_row: dict[str, list] = {}
     warnings, found = [], 0
-    ids = [s.row_id for s in axis_slots(tr.table)[1]]  # the ablation figure's order
-    colors = _colors(ids)
-    fig = _new_figure(7.5, 5)
-    ax = fig.add_subplot()
-    labelled = set()
-    for run in sorted(tr.runs, key=lambda r: (ids.index(r["row_id"]) if r["row_id"] in ids else 0, r["seed"])):
+    for run in sorted(tr.runs, key=lambda r: r["seed"]):
         try:
             df = read_curve(run_path(str(run["run_dir"]), results_dir))
         except ValueError as e:
@@ -295,28 +292,95 @@ def curves_plot(tr: TableReport, path: Path, results_dir: Path) -> tuple[Path | 
         if df is None or df.empty:
             continue
         found += 1
-        y = 100.0 - df["test_acc"] if err else df["test_acc"]
-        rid = run["row_id"]
-        ax.plot(df["iter"], y, color=colors.get(rid, "grey"), lw=1.2, alpha=0.85,
-                ls="-" if run["status"] == "ok" else "--", label=None if rid in labelled else rid)
-        labelled.add(rid)
+        by_row.setdefault(run["row_id"], []).append((run, df))
+    return by_row, warnings, found
+
+
+def seeds_band(curves: list[pd.DataFrame]) -> pd.DataFrame:
+    """Mean, lowest and highest test accuracy over seeds at each iteration all of them tested (or, if they share
+    none, at every iteration any did)."""
+    both = pd.concat([c.assign(_run=i) for i, c in enumerate(curves)])
+    stats = both.groupby("iter")["test_acc"].agg(["mean", "min", "max", "count"]).reset_index()
+    shared = stats[stats["count"] == len(curves)]
+    return shared if not shared.empty else stats
+
+
+def lr_drops(curves: pd.DataFrame) -> list[int]:
+    """The iterations where an authors' log's learning rate falls (first test after the drop)."""
+    drops = set()
+    for _, log in curves.groupby("log"):
+        lr = log["lr"].to_numpy()
+        it = log["iteration"].to_numpy()
+        drops.update(int(it[k]) for k in range(1, len(lr)) if lr[k] < lr[k - 1])
+    return sorted(drops)
+
+
+def curves_figure(tr: TableReport, results_dir: Path) -> tuple[Figure | None, str, list[str]]:
+    """Test accuracy (error for error tables) against iteration, one colour per row: this project's runs as the
+    mean over ok seeds (thick) with their lowest-highest band, a diverged run dashed on its own; the authors' runs
+    of the same row thin, one line per log (a resumed ``_r`` log from its first iteration); the authors'
+    learning-rate drops as dotted verticals. Every line has a gid: ``ours|ROW``, ``ours-diverged|ROW|SEED``,
+    ``authors|ROW|LOG``, ``lr-drop|ITERATION``; the seed band is a PolyCollection with gid ``ours-spread|ROW``."""
+    err = tr.error_display
+    conv = (lambda a: 100.0 - a) if err else (lambda a: a)
+    ids = [s.row_id for s in axis_slots(tr.table)[1]]  # the ablation figure's order
+    colors = _colors(ids)
+    by_row, warnings, found = _our_curves(tr, results_dir)
     total = len(tr.runs)
     note = "" if not total else f"Curves: {found} of {total} run(s) have a readable curve.csv."
     if not found:
         return None, note, warnings
+    fig = _new_figure(8.5, 5.2)
+    ax = fig.add_subplot()
+    rows = {r.row_id: r for r in tr.rows if r.kind == "trained"}
+    drops: set[int] = set()
+    order = sorted(by_row, key=lambda rid: ids.index(rid) if rid in ids else len(ids))
+    for rid in order:
+        color = colors.get(rid, "grey")
+        row = rows.get(rid)
+        if row is not None and row.authors:
+            theirs = authors.curves_of(tr.table.name, rid)
+            for log, curve in theirs.groupby("log", sort=True):
+                ax.plot(curve["iteration"], conv(curve["test_acc"]), color=color, lw=0.6, alpha=0.55, zorder=1,
+                        gid=f"authors|{rid}|{log}")
+            drops.update(lr_drops(theirs))
+        ok = [df for run, df in by_row[rid] if run["status"] == "ok"]
+        if ok:
+            band = seeds_band(ok)
+            if len(ok) > 1:
+                ax.fill_between(band["iter"], conv(band["min"]), conv(band["max"]), color=color, alpha=0.25,
+                                lw=0, zorder=2).set_gid(f"ours-spread|{rid}")
+            ax.plot(band["iter"], conv(band["mean"]), color=color, lw=1.8, zorder=3, gid=f"ours|{rid}")
+        for run, df in by_row[rid]:
+            if run["status"] != "ok":
+                ax.plot(df["iter"], conv(df["test_acc"]), color=color, lw=1.2, ls="--", zorder=3,
+                        gid=f"ours-diverged|{rid}|{run['seed']}")
+    for it in sorted(drops):
+        ax.axvline(it, color="grey", ls=":", lw=0.9, zorder=0, gid=f"lr-drop|{it}")
     ax.set_xlabel("iteration")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a 4-iteration run has no iteration 2.5
     ax.set_ylabel("test error (%)" if err else "test accuracy (%)")
     ax.set_title(curves_title(tr), fontsize=10)
+    handles = [Patch(color=colors.get(rid, "grey"), label=rid) for rid in order]
+    handles += [Line2D([], [], color="dimgrey", lw=1.8, label="this project: mean over seeds\n(band: lowest-highest)"),
+                Line2D([], [], color="dimgrey", lw=0.6, label="the authors' runs, one line\nper log (their Caffe logs)")]
+    if drops:
+        handles.append(Line2D([], [], color="grey", ls=":", lw=0.9, label="lr drop (authors' logs:\nthe first test after it)"))
     # beside the axes: a legend inside would cover curves
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="row", frameon=False)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="row", frameon=False)
     ax.grid(alpha=0.3)
-    ys = [v for line in ax.get_lines() for v in line.get_ydata() if math.isfinite(v)]
-    if ys and not err:  # early evaluations near chance squash the interesting part
-        top = max(ys)
-        ax.set_ylim(max(min(ys), top - 40) - 1, min(100.0, top + 2))
+    ys = [v for line in ax.get_lines() if not str(line.get_gid()).startswith("lr-drop")
+          for v in line.get_ydata() if math.isfinite(v)]
+    if ys and not err:  # the first evaluations near chance squash the interesting part: the lowest 2% are cut
+        top, low = max(ys), sorted(ys)[len(ys) // 50]
+        ax.set_ylim(max(low, top - 60) - 1, min(100.0, top + 2))
     fig.tight_layout()
-    return _save(fig, path), note, warnings
+    return fig, note, warnings
+
+
+def curves_plot(tr: TableReport, path: Path, results_dir: Path) -> tuple[Path | None, str, list[str]]:
+    fig, note, warnings = curves_figure(tr, results_dir)
+    return (_save(fig, path) if fig is not None else None), note, warnings
 
 
 # --------------------------------------------------------------------------- one table's figures

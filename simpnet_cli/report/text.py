@@ -16,7 +16,7 @@ from tabulate import tabulate
 
 from simpnet_cli.report.claims import ALPHA, mean_var
 from simpnet_cli.report.data import (BEST_LABEL, FINAL_LABEL, PAPER_STATS, PaperComparison, Report, RowReport,
-                                     TableReport, paper_comparison, params_text)
+                                     TableReport, against_authors, authors_spread, paper_comparison, params_text)
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 # The report's figures by kind (``TableReport.plots`` keys), in the order a section shows them.
@@ -42,12 +42,14 @@ def _duration(s: float) -> str:
 
 
 COMPARED = "Best - paper compares"  # the column saying which statistics "Best - paper" compares
+AUTHORS = "Authors' runs, best"  # the range of the authors' runs' best-over-training, beside the paper's figure
 
 
 def columns(error: bool) -> list[str]:
     what = "error (%) = 100 - acc" if error else "acc (%)"
     return ["Row", "Network", "Dataset", "Params (paper)", "Params (counted)",
-            f"Paper {'error (%)' if error else 'acc (%)'}", "n (ok seeds)",
+            f"Paper {'error (%)' if error else 'acc (%)'}", f"{AUTHORS} {'error' if error else 'acc'} (%)",
+            "n (ok seeds)",
             f"Final {what}, {FINAL_LABEL}", f"Best {what}, {BEST_LABEL}",
             "Best - paper" + (" (error)" if error else ""), COMPARED, "Time (mean)", "Status"]
 
@@ -69,7 +71,7 @@ def frame(tr: TableReport) -> pd.DataFrame:
     for r in tr.rows:
         if r.kind == "cited":
             lines.append([r.row_id, r.label, r.dataset, r.paper_params, "", r.paper_text, "", "", "", "", "", "",
-                          "; ".join(r.notes)])
+                          "", "; ".join(r.notes)])
             continue
         final = [conv(x) for x in r.values("final")]
         best = [conv(x) for x in r.values("best")]
@@ -85,7 +87,7 @@ def frame(tr: TableReport) -> pd.DataFrame:
             status.append("not run")
         status += r.notes
         lines.append([r.row_id, r.label, r.dataset, r.paper_params, params_text(r.counted_params), r.paper_text,
-                      str(r.n) if (r.n or r.diverged) else "", _mean_std(final), _mean_std(best), diff,
+                      authors_spread(r, err), str(r.n) if (r.n or r.diverged) else "", _mean_std(final), _mean_std(best), diff,
                       _compared(r, cmp), _duration(sum(walls) / len(walls)) if walls else "", "; ".join(status)])
     df = pd.DataFrame(lines, columns=columns(err))
     if len({r.dataset for r in tr.rows if r.dataset}) <= 1:
@@ -156,8 +158,13 @@ def section(tr: TableReport, link_prefix: str = "", level: int = 2) -> str:
     if tr.error_display:
         out += ["", "This table is printed as error = 100 - accuracy, as in the paper."]
     out += ["", to_markdown(frame(tr)), ""]
+    standing = [a.text for a in (against_authors(r) for r in tr.rows if r.kind == "trained") if a is not None]
+    if standing:
+        out += ["Against the authors' runs of the same row (best-over-training accuracy, %; our seeds' mean "
+                "below, inside or above the range of theirs): " + "; ".join(standing) + ".", ""]
     if tr.claims:
-        out += [f"Claims ({tr.profile or 'no'} runs; Welch's t-test, one-sided, alpha = {ALPHA}):", "",
+        out += [f"Claims ({tr.profile or 'no'} runs; Welch's t-test, one-sided, alpha = {ALPHA}; on this "
+                "project's seeds only, the authors' spread is not used as noise):", "",
                 to_markdown(claims_frame(tr)), ""]
     if tr.plots:
         for kind in sorted(tr.plots, key=lambda k: list(PLOT_TITLES).index(k) if k in PLOT_TITLES else 99):
@@ -211,6 +218,12 @@ def header(rep: Report, results_dir: Path) -> str:
         "mean of the authors' runs* (figures the paper averages over runs); *mean of n seeds vs one of the "
         "authors' runs* (a figure from one run that is not the authors' best). Before any run the column says "
         "which the paper's figure is.",
+        "- **Authors' runs, best**: the range of the best-over-training accuracy of the authors' own runs of the "
+        "row (their Caffe logs, shipped in simpnet_cli/data/), beside the paper's figure, which is one of them or "
+        "their mean. It shows how far the authors' runs of one row spread; the claims are still tested on this "
+        "project's seeds alone (Welch's t-test needs the runs of both rows compared, and the authors have one run "
+        "of most rows). The line under each table says where our mean best falls against that range (below, "
+        "inside, above) and at which iteration each peaked; the curves figure draws their runs beside ours.",
         "- **Params (counted)**: conv and classifier weights and biases, BatchNorm excluded (the paper's count), "
         "from the runs' CSV, or from the current config for rows not run.",
         "- Tables 13 and 14 are printed as error = 100 - accuracy, as the paper prints them. Cited rows are "

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from simpnet_cli.runs import index, results
+from simpnet_cli.runs import authors, index, results
 from simpnet_cli.runs import progress
 from simpnet_cli.runs.watch import watch_parent  # (its own module: the manager process imports only it)
 from simpnet_cli.config import schemas, tables
+from simpnet_cli.train import callbacks
 from simpnet_cli.train import checkpoint
 from simpnet_cli.train import data as D
 from simpnet_cli.train import loop as train
@@ -281,6 +282,12 @@ def remove_stale_temporaries(run_dir: Path) -> None:
             pass
 
 
+def yardsticks() -> list[callbacks.Callback]:
+    """The callbacks the runner adds to every training run: the authors' runs of its row as its yardstick (a
+    variant or a smoke run gets none: authors.why_no_yardstick)."""
+    return [callbacks.Yardstick(authors.yardstick_for)]
+
+
 def finished_message(name: str, result: dict) -> str:
     metric = f"final {result['final_acc']:.2f}%, best {result['best_acc']:.2f}% @ {result['best_iter']}"
     return f"{name}: {result['status']} ({metric}, {result['img_per_s']:.0f} img/s)"
@@ -344,7 +351,7 @@ def execute_group(group: list[tables.RunSpec], opts: Options, device: str,
                 train.train(held + [held[0]] * len(riders), dirs + riders, dev, opts.data_dir, opts.download, how,
                             lambda msg: shown.note(keys[0], msg),
                             progress=[lambda ev, key=key: shown.event(key, ev) for key in keys] + [None] * len(riders),
-                            loggers=opts.logger)
+                            loggers=opts.logger, callbacks=yardsticks())
             finished += held
         for run in finished:
             # Checked against the folder's name and config.yaml (a finished result found here may be another

@@ -416,10 +416,34 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
              + (f"at batch {batch_size} (scaled to each run's batch: rough) " if batch_size is not None else "")
              + f"per network, {stacking} "
              + f"per device, {slots} device(s), evaluation excluded:",
-             "| table | runs | iterations | estimated time |", "|---|---|---|---|"]
+             "| table | runs | iterations | estimated time | the authors' hours |", "|---|---|---|---|---|"]
     total = [0, 0, 0.0]
+    theirs = authors_hours(todo)
     for name, (n, it, secs) in per_table.items():
-        lines.append(f"| {name} | {n} | {it:,} | {_duration(secs / slots)} |")
+        lines.append(f"| {name} | {n} | {it:,} | {_duration(secs / slots)} | {_hours_cell(*theirs[name])} |")
         total = [total[0] + n, total[1] + it, total[2] + secs]
-    lines.append(f"| all | {total[0]} | {total[1]:,} | {_duration(total[2] / slots)} |")
+    every = [sum(col) for col in zip(*theirs.values())] if theirs else [0.0, 0, 0]
+    lines.append(f"| all | {total[0]} | {total[1]:,} | {_duration(total[2] / slots)} | {_hours_cell(*every)} |")
     return "\n".join(lines)
+
+
+def authors_hours(runs: list[tables.RunSpec]) -> dict[str, list]:
+    """Per table, [the authors' hours for these runs' iterations (runs/authors.hours: their GPU, Caffe, their
+    tests included, one after another), runs with a figure, runs]: what the estimate beside it would have taken
+    them."""
+    from simpnet_cli.runs import authors
+
+    out: dict[str, list] = {}
+    for run in runs:
+        h = authors.hours(run.table, run.row_id, int(run.train["iterations"]))
+        entry = out.setdefault(run.table, [0.0, 0, 0])
+        entry[0] += h or 0.0
+        entry[1] += h is not None
+        entry[2] += 1
+    return out
+
+
+def _hours_cell(hours: float, known: int, runs: int) -> str:
+    if not known:
+        return "-"
+    return _duration(hours * 3600) + ("" if known == runs else f" ({known} of {runs} runs)")

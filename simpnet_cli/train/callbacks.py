@@ -189,6 +189,107 @@ class Progress(Callback):
         self._send("eval", state)
 
 
+# --------------------------------------------------------------------------- the authors' runs as yardstick
+
+@dataclass(frozen=True)
+class AuthorsBand:
+    """The authors' runs of one table row along training (runs/authors.py builds it from their logs): at each
+    iteration they tested, the lowest and highest of their runs' test accuracies (%) and the noise of one of
+    their evaluations there (``noise``, in points: the curves' scatter between neighbouring tests)."""
+    label: str            # the row ("8L")
+    iters: tuple          # ascending iterations
+    low: tuple
+    high: tuple
+    noise: tuple
+    runs: int             # logs behind the band
+
+    def at(self, iteration: int) -> tuple[float, float, float] | None:
+        """(lowest, highest, noise) interpolated at ``iteration``; None outside the iterations they tested."""
+        import numpy as np
+
+        if not self.iters or not self.iters[0] <= iteration <= self.iters[-1]:
+            return None
+        return tuple(float(np.interp(iteration, self.iters, ys)) for ys in (self.low, self.high, self.noise))
+
+
+class Yardstick(Callback):
+    """At each evaluation, the run's test accuracy against the authors' runs of its row at the same iteration.
+
+    ``band_of(run)`` gives the row's ``AuthorsBand``, or None where there is no yardstick (a variant, a smoke
+    run, a row without logs): one instance serves every run of a group trained together. A run is *below* when
+    its accuracy is under the authors' lowest run by more than ``margin`` for ``STREAK`` evaluations in a row;
+    the log says so once, and ``result.json`` records ``yardstick``: ``inside``, ``below at iteration N`` (the
+    first of those evaluations) or ``above`` (over their highest by the margin, as many times in a row).
+
+    The margin is ``SIGMAS`` standard errors of one comparison: the binomial standard error of an accuracy on
+    the run's test set (100 * sqrt(p (1 - p) / n): 0.3 points at 90% on 10,000 images) and the noise of the
+    authors' curve there, in quadrature. The authors' spread between runs is inside the band already (the
+    comparison is with their lowest). For a run that trains as theirs did, one evaluation three standard errors
+    under is a 1-in-740 chance, three in a row about 1 in 4 * 10^8 were they independent (neighbouring tests are
+    correlated, so it is less rare, still rare); a real gap of a point or more after the lr drops is caught."""
+
+    STREAK = 3
+    SIGMAS = 3.0
+
+    def __init__(self, band_of: Callable[[object], AuthorsBand | None]):
+        self.band_of = band_of
+        self.runs: dict = {}  # run folder -> where its comparison stands
+
+    def margin(self, low: float, noise: float, test_size: int) -> float:
+        p = min(max(low / 100.0, 0.0), 1.0)
+        se = 100.0 * (p * (1.0 - p) / max(test_size, 1)) ** 0.5
+        return self.SIGMAS * (se * se + noise * noise) ** 0.5
+
+    def on_start(self, state: TrainState) -> None:
+        try:
+            band = self.band_of(state.run)
+        except Exception as err:  # noqa: BLE001 - a yardstick that cannot be read must never cost the run
+            state.log(f"no yardstick for this run: the authors' runs are unreadable ({type(err).__name__}: {err})")
+            band = None
+        if band is None:
+            self.runs.pop(state.run_dir, None)
+            return
+        self.runs[state.run_dir] = {"band": band, "below": 0, "above": 0, "compared": 0, "verdict": None}
+        for point in state.curve:  # a resumed run: its earlier evaluations, judged again without a word
+            self._judge(state, int(point["iter"]), float(point["test_acc"]), speak=False)
+
+    def on_eval(self, state: TrainState, acc: float, loss: float) -> None:
+        self._judge(state, state.iteration, acc, speak=True)
+
+    def _judge(self, state: TrainState, iteration: int, acc: float, speak: bool) -> None:
+        mine = self.runs.get(state.run_dir)
+        if mine is None:
+            return
+        got = mine["band"].at(iteration)
+        if got is None:
+            return
+        low, high, noise = got
+        margin = self.margin(low, noise, len(state.data.test_y))
+        mine["compared"] += 1
+        mine["below"] = mine["below"] + 1 if acc < low - margin else 0
+        mine["above"] = mine["above"] + 1 if acc > high + margin else 0
+        if mine["verdict"] is not None and mine["verdict"].startswith("below"):
+            return  # said once; the first fall is what result.json keeps
+        if mine["below"] >= self.STREAK:
+            first = [int(p["iter"]) for p in state.curve if int(p["iter"]) <= iteration][-self.STREAK:]
+            mine["verdict"] = f"below at iteration {first[0] if len(first) == self.STREAK else iteration}"
+            if speak:
+                run = state.run
+                # (the display names the run before it; runs trained together share one log, so the seed is said)
+                span = f"{low:.1f}%" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}-{high:.1f}%"
+                theirs = "the authors' run" if mine["band"].runs == 1 else "the authors' runs"
+                state.log(f"{acc:.1f}% at {iteration:,}, {theirs} {span} (seed {run.seed}: "
+                          f"more than {margin:.1f} points under their lowest for {self.STREAK} evaluations in a "
+                          f"row; yardstick: {mine['verdict']})")
+        elif mine["above"] >= self.STREAK:
+            mine["verdict"] = "above"
+
+    def on_end(self, state: TrainState, result: dict | None) -> None:
+        mine = self.runs.get(state.run_dir)
+        if result is not None and mine is not None and mine["compared"]:
+            result["yardstick"] = mine["verdict"] or "inside"
+
+
 # --------------------------------------------------------------------------- loggers
 
 def write_curve(path: Path, curve: list[dict]) -> None:
