@@ -153,7 +153,7 @@ def test_a_trained_run_forced_below_gets_the_warning_and_its_record(tmp_path, mo
     notes = []
     shown = progress.Reporter({}, 0, tty=False)
     monkeypatch.setattr(shown, "note", lambda key, msg: notes.append(msg))
-    outcome, _ = runner.execute_one(run, opts, "cpu", shown)
+    [(_, outcome, _)] = runner.execute_group([run], opts, "cpu", shown)
     assert outcome == "ok"
     result = json.loads((opts.runs_dir / run.config_hash / "result.json").read_text())
     assert result["yardstick"] == "below at iteration 1"
@@ -164,7 +164,7 @@ def test_a_trained_run_forced_below_gets_the_warning_and_its_record(tmp_path, mo
     # the same smoke run of another seed, with the runner's own yardstick: a smoke run has none, records none
     monkeypatch.undo()
     other = run.with_seed(1)
-    assert runner.execute_one(other, opts, "cpu", progress.Reporter({}, 0, tty=False, quiet=True))[0] == "ok"
+    assert runner.execute_group([other], opts, "cpu", progress.Reporter({}, 0, tty=False, quiet=True))[0][1] == "ok"
     assert "yardstick" not in json.loads((opts.runs_dir / other.config_hash / "result.json").read_text())
 
 
