@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from simpnet_cli.train import data as D
-from simpnet_cli.train.solvers import Solver
+from simpnet_cli.train.solvers import CastOnce, Solver
 
 @dataclass(frozen=True)
 class GraphBackend:
@@ -74,6 +74,8 @@ class Step:
                  autocast: Callable[[], contextlib.AbstractContextManager], graphs: bool,
                  channels_last: bool = True, backend: GraphBackend | None = None, updates: int = 0):
         self.model, self.optimizer, self.data, self.autocast = model, optimizer, data, autocast
+        # the forward pass: in bf16, on copies of the weights made once per step (solvers.CastOnce)
+        self.forward = CastOnce(model) if model is not None else None
         dev = data.device
         self.loss_sum = torch.zeros((), device=dev)
         self.bad = torch.zeros((), dtype=torch.bool, device=dev)
@@ -101,8 +103,9 @@ class Step:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            loss = F.cross_entropy(self.model(x).float(), self.data.train_y[idx])
+            loss = F.cross_entropy(self.forward(x).float(), self.data.train_y[idx])
         loss.backward()
+        self.forward.gradients_back()
         self.optimizer.step()
         loss = loss.detach()
         self.loss_sum.add_(loss)

@@ -300,6 +300,60 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
         else contextlib.nullcontext
 
 
+class CastOnce:
+    """The model's forward pass, under bf16 autocast on low-precision copies of the weights autocast casts (the
+    conv and linear weights and biases): one multi-tensor copy per step makes them all, where autocast alone
+    casts each weight at each use (its cast cache is off, see autocast_for), and one more copies their
+    gradients back into the parameters' own. The arithmetic is autocast's: the forward reads the same rounded
+    weights, and a weight's low-precision gradient is rounded back to its dtype as autocast's cast would
+    (a weight used twice in one step would have its two gradients summed in bf16 first; no network here has one).
+
+    Outside autocast (fp32) it is the model itself. ``gradients_back()`` after the backward pass."""
+
+    KINDS = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.names = [f"{name}.{key}" if name else key for name, module in model.named_modules()
+                      if isinstance(module, self.KINDS)
+                      for key, p in module.named_parameters(recurse=False) if p.requires_grad]
+        self.copies: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        if not self.names or not torch.is_autocast_enabled(kind):
+            self.copies = []
+            return self.model(x)
+        own = dict(self.model.named_parameters())
+        params = [own[name] for name in self.names]
+        dtype = torch.get_autocast_dtype(kind)
+        if [(c.dtype, c.shape, c.device) for c in self.copies] != [(dtype, p.shape, p.device) for p in params]:
+            self.copies = [torch.empty_like(p, dtype=dtype).requires_grad_() for p in params]
+            self.grads = [torch.empty_like(p) for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.copies, params)
+        for copy_ in self.copies:
+            copy_.grad = None
+        return torch.func.functional_call(self.model, dict(zip(self.names, self.copies)), (x,))
+
+    def gradients_back(self) -> None:
+        """Each copied weight's gradient into its parameter's ``.grad`` (in the parameter's dtype)."""
+        if not self.copies:
+            return
+        own = dict(self.model.named_parameters())
+        held = [(own[name], grad, c.grad) for name, grad, c in zip(self.names, self.grads, self.copies)
+                if c.grad is not None]
+        if not held:
+            return
+        params, grads, low = map(list, zip(*held))
+        torch._foreach_copy_(grads, low)
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        for copy_ in self.copies:
+            copy_.grad = None
+
+
 def effective_precision(precision: str, device: torch.device) -> str:
     """What the arithmetic really is: "fp32" convolutions on an NVIDIA GPU run as TF32 unless turned off."""
     if precision != "fp32" or device.type != "cuda":
