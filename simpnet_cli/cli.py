@@ -28,7 +28,7 @@ FLAGS = {"--json", "--debug", "--dry-run", "--latex", "-m", "--multirun", "--hel
 # The flags each command reads (and --debug, --help everywhere): any other is refused, not silently ignored
 # (`simpnet run --json` would otherwise train with no JSON anywhere).
 COMMAND_FLAGS = {"list": {"--json"}, "show": {"--json", "--cfg=job"}, "run": {"--dry-run", "-m", "--multirun", "--cfg=job"},
-                 "report": {"--latex"}, "bench": set(), "repair": set(), "index": set(), "export": set()}
+                 "report": {"--latex"}, "bench": {"--json"}, "repair": set(), "index": set(), "export": set()}
 
 
 def compose(overrides: list[str]):
@@ -478,7 +478,10 @@ HELP = {
               "Images/s of the eager loop and the runner's step for chosen rows, written to results/benchmarks.md.\n"
               "  bench.rows=[\"2/8L\",\"12/5M-C10\"]  bench.batch_size=100  bench.warmup=30  bench.s1=false\n"
               "  bench.precision.rows=[\"13/slim-300K\"] (fp32 vs bf16 accuracy on Fashion-MNIST)\n"
-              "  bench.grouped.rows=[] (skip the probe of each conv alone vs three stacked in one grouped conv)"),
+              "  bench.grouped.rows=[] (skip the probe of each conv alone vs three stacked in one grouped conv)\n"
+              "  bench.ops=true [--json] (instead of timing: the ATen ops per training step of each row, one run in\n"
+              "    fp32 and bf16, k runs grouped and branched at each k > 1 of bench.stack; written to results/ops.md)\n"
+              "    e.g. simpnet bench bench.ops=true bench.rows=[\"2/8L\"] bench.stack=[3] --json"),
     "export": ("simpnet export run_dir=PATH [format=torchscript|onnx] [out=FILE]",
                "Writes a finished run's network with its trained weights as TorchScript (run_dir/model.ts) or ONNX\n"
                "(run_dir/model.onnx; needs pip install 'simpnet[onnx]'). In Python: simpnet_cli.load_model(run_dir)."),

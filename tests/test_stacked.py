@@ -278,7 +278,7 @@ def test_a_graphed_shared_step_across_an_lr_change_equals_the_eager_one_with_one
     for i in range(len(SEEDS)):
         assert_close(graphed[i].model.state_dict(), eager[i].model.state_dict(), f"run {i}: model")
         assert_close(graphed[i].optimizer.state_dict(), eager[i].optimizer.state_dict(), f"run {i}: solver")
-    # both keep the rates on the device (grouped: lr_now; branched: each branch's lr tensors): one capture
+    # both keep the rates on the device (grouped: its rate tensors; branched: each branch's lr tensors): one capture
     assert [c[0] for c in calls].count("capture") == 1
     assert step.updates.tolist() == [STEPS] * len(SEEDS), "one update per run per iteration"
     assert [m.step_mode for m in step.members] == [f"cuda-graph, stacked 3 ({how})"] * 3

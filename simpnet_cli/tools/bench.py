@@ -309,6 +309,54 @@ def precision_lines(p, device: torch.device, data_dir: Path) -> list[str]:
     return lines
 
 
+def ops_records(b, device: torch.device, say) -> list[dict]:
+    """ATen ops per training step (tools/ops.py) of each row: one run in fp32 and in bf16, and k runs grouped
+    and branched in one step for each k > 1 of ``bench.stack``; ``say`` gets each figure as it is counted."""
+    from simpnet_cli.tools import ops
+
+    ks = sorted({int(k) for k in (b.get("stack") or []) if int(k) > 1})
+    records = []
+    for ref in b.rows:
+        run = _run_for(ref, b.batch_size)
+        for mode, k in [("single", 1), ("bf16", 1)] + [(how, k) for k in ks for how in ("grouped", "branched")]:
+            records.append({"row": str(ref), "mode": mode, "k": k, "ops_per_step": ops.ops_per_step(run, mode, k, device)})
+            say(records[-1])
+    return records
+
+
+def ops_line(record: dict) -> str:
+    n, k = record["ops_per_step"], record["k"]
+    return f"| {record['row']} | {record['mode']} | {k} | {n} | {n / k:.0f} |"
+
+
+def ops_main(cfg, flags, device: torch.device) -> int:
+    """``bench.ops=true``: the ops per step of each row and mode, on stdout (a list of {row, mode, k,
+    ops_per_step} with --json) and in ``bench.ops_out`` (markdown, a git-ignored file), instead of timing."""
+    import json
+
+    b = cfg.bench
+    as_json = "--json" in flags
+    head = ["# ATen ops per training step", "",
+            f"Counted {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on **{train.device_name(device)}**, torch "
+            f"{torch.__version__}, by `simpnet bench bench.ops=true`: the ops one captured step body dispatches "
+            f"(forward, backward, optimizer update, loss bookkeeping; views left out), a proxy for the kernels of "
+            f"its CUDA graph.", "", "| row | mode | k | ops per step | per run |", "|---|---|---|---|---|"]
+    if not as_json:
+        print("\n".join(head[-2:]), flush=True)
+    records = ops_records(b, device, (lambda r: print(f"ops: {ops_line(r)}", file=sys.stderr, flush=True)) if as_json
+                          else (lambda r: print(ops_line(r), flush=True)))
+    if as_json:
+        print(json.dumps(records, indent=1))
+    out = Path(str(b.ops_out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(head + [ops_line(r) for r in records]) + "\n")
+    except OSError as err:
+        raise UserError(f"cannot write {out}: {err.strerror or err}") from None
+    print(f"wrote {out}", file=sys.stderr if as_json else sys.stdout)
+    return 0
+
+
 def main(cfg, flags) -> int:
     from simpnet_cli.runs.runner import pick_device
 
@@ -316,6 +364,8 @@ def main(cfg, flags) -> int:
     device = pick_device(str(cfg.device))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if b.get("ops"):
+        return ops_main(cfg, flags, device)
     lines = ["# Benchmarks", "", f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on "
              f"**{run_state.device_name(device)}**, torch {torch.__version__}, by `simpnet bench` (batch {b.batch_size}, "
              f"{b.iters} timed iterations after {b.warmup} warm-up ones, synthetic data of the dataset's shape).", ""]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from simpnet_cli.train import data as D
-from simpnet_cli.train.solvers import Solver
+from simpnet_cli.train.solvers import CastOnce, Solver
 
 @dataclass(frozen=True)
 class GraphBackend:
@@ -60,6 +60,12 @@ CUDA = GraphBackend(
 )
 
 
+def not_finite(loss: torch.Tensor) -> torch.Tensor:
+    """Non-zero where ``loss`` is infinite or NaN, in two kernels (``~torch.isfinite`` takes five): x - x is 0
+    for every finite x and NaN otherwise, and NaN is true to ``logical_or``."""
+    return loss - loss
+
+
 class Step:
     """``step(iteration, lr)`` trains one batch. ``loss_sum``, ``bad`` (a non-finite loss was seen) and
     ``updates`` accumulate on the device, so nothing waits for the GPU until the caller reads them."""
@@ -68,6 +74,8 @@ class Step:
                  autocast: Callable[[], contextlib.AbstractContextManager], graphs: bool,
                  channels_last: bool = True, backend: GraphBackend | None = None, updates: int = 0):
         self.model, self.optimizer, self.data, self.autocast = model, optimizer, data, autocast
+        # the forward pass: in bf16, on copies of the weights made once per step (solvers.CastOnce)
+        self.forward = CastOnce(model) if model is not None else None
         dev = data.device
         self.loss_sum = torch.zeros((), device=dev)
         self.bad = torch.zeros((), dtype=torch.bool, device=dev)
@@ -95,12 +103,13 @@ class Step:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            loss = F.cross_entropy(self.model(x).float(), self.data.train_y[idx])
+            loss = F.cross_entropy(self.forward(x).float(), self.data.train_y[idx])
         loss.backward()
+        self.forward.gradients_back()
         self.optimizer.step()
         loss = loss.detach()
         self.loss_sum.add_(loss)
-        self.bad.logical_or_(~torch.isfinite(loss))
+        self.bad.logical_or_(not_finite(loss))
         self.updates.add_(1)
 
     def _set_lr(self, lr: float) -> None:

@@ -86,9 +86,23 @@ def _apply(params: list[torch.Tensor], updates: list[torch.Tensor], lr) -> None:
     """params -= lr * updates (Caffe's order: the scaled update, then the subtraction). A tensor lr is read by
     the kernel, never by the host: inside a CUDA graph it is read at every replay, so a schedule that changes it
     in place needs no new capture. A number takes the same two kernels, so an eager run and a graphed one
-    round alike (``alpha=-lr`` would fuse them and round once)."""
+    round alike (``alpha=-lr`` would fuse them and round once). ``lr`` may also be one tensor per parameter, of
+    its shape (``_rates``): each element at its own rate, by the same two multi-tensor kernels."""
     torch._foreach_mul_(updates, lr)
     torch._foreach_sub_(params, updates)
+
+
+def _rates(group: dict, params: list[torch.Tensor]):
+    """The rate of ``params`` (a group's parameters that have a gradient): the group's lr (a number or a 0-dim
+    tensor), or, where the group's lr is a list with one tensor per parameter of the group (a grouped step's
+    runs, train/stacked_step.py), those of ``params``."""
+    lr = group["lr"]
+    if not isinstance(lr, (list, tuple)):
+        return lr
+    if len(params) == len(group["params"]):
+        return list(lr)
+    own = {id(p): rate for p, rate in zip(group["params"], lr)}
+    return [own[id(p)] for p in params]
 
 
 def _with_decay(group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -172,9 +186,10 @@ class Solver:
         for group in self.param_groups:
             params, grads = _with_decay(group)
             if params:
-                self._update(group, params, grads)
+                self._update(group, params, grads, _rates(group, params))
 
-    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], lr) -> None:
+        """Step ``params`` (with ``grads``, the decay included) at ``lr``: one rate, or one tensor each."""
         raise NotImplementedError
 
 
@@ -187,7 +202,7 @@ class AdaDelta(Solver):
     def __init__(self, params, lr, rho: float, eps: float, weight_decay: float):
         super().__init__(params, {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay})
 
-    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], lr) -> None:
         states = [self.state[p] for p in params]
         for p, st in zip(params, states):
             if not st:
@@ -205,7 +220,7 @@ class AdaDelta(Solver):
         torch._foreach_mul_(delta, grads)
         torch._foreach_mul_(acc, rho)
         torch._foreach_addcmul_(acc, delta, delta, value=1 - rho)
-        _apply(params, delta, group["lr"])
+        _apply(params, delta, lr)
 
 
 class Nesterov(Solver):
@@ -216,16 +231,19 @@ class Nesterov(Solver):
     def __init__(self, params, lr, momentum: float, weight_decay: float):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
 
-    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        momentum, bufs = group["momentum"], []
-        for p, g in zip(params, grads):
-            st = self.state[p]
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], lr) -> None:
+        momentum, states = group["momentum"], [self.state[p] for p in params]
+        # v = momentum * v + g for every buffer at once: two multi-tensor kernels, not two per parameter
+        held = [(st["momentum_buffer"], g) for st, g in zip(states, grads) if st.get("momentum_buffer") is not None]
+        if held:
+            bufs, with_grads = map(list, zip(*held))
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, with_grads)
+        for st, g in zip(states, grads):
             if st.get("momentum_buffer") is None:  # the first step: v = g (torch's SGD)
                 st["momentum_buffer"] = g.clone()
-            else:
-                st["momentum_buffer"].mul_(momentum).add_(g)
-            bufs.append(st["momentum_buffer"])
-        _apply(params, torch._foreach_add(grads, bufs, alpha=momentum), group["lr"])
+        bufs = [st["momentum_buffer"] for st in states]
+        _apply(params, torch._foreach_add(grads, bufs, alpha=momentum), lr)
 
 
 # The optimizer of each solver ``type`` (conf/solver/*.yaml), timm's registry pattern: a new solver is its
@@ -280,6 +298,60 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
     # No cast cache: a cached bf16 copy of a weight must not outlive one step inside a captured CUDA graph.
     return (lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=False)) if dtype \
         else contextlib.nullcontext
+
+
+class CastOnce:
+    """The model's forward pass, under bf16 autocast on low-precision copies of the weights autocast casts (the
+    conv and linear weights and biases): one multi-tensor copy per step makes them all, where autocast alone
+    casts each weight at each use (its cast cache is off, see autocast_for), and one more copies their
+    gradients back into the parameters' own. The arithmetic is autocast's: the forward reads the same rounded
+    weights, and a weight's low-precision gradient is rounded back to its dtype as autocast's cast would
+    (a weight used twice in one step would have its two gradients summed in bf16 first; no network here has one).
+
+    Outside autocast (fp32) it is the model itself. ``gradients_back()`` after the backward pass."""
+
+    KINDS = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.names = [f"{name}.{key}" if name else key for name, module in model.named_modules()
+                      if isinstance(module, self.KINDS)
+                      for key, p in module.named_parameters(recurse=False) if p.requires_grad]
+        self.copies: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        if not self.names or not torch.is_autocast_enabled(kind):
+            self.copies = []
+            return self.model(x)
+        own = dict(self.model.named_parameters())
+        params = [own[name] for name in self.names]
+        dtype = torch.get_autocast_dtype(kind)
+        if [(c.dtype, c.shape, c.device) for c in self.copies] != [(dtype, p.shape, p.device) for p in params]:
+            self.copies = [torch.empty_like(p, dtype=dtype).requires_grad_() for p in params]
+            self.grads = [torch.empty_like(p) for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.copies, params)
+        for copy_ in self.copies:
+            copy_.grad = None
+        return torch.func.functional_call(self.model, dict(zip(self.names, self.copies)), (x,))
+
+    def gradients_back(self) -> None:
+        """Each copied weight's gradient into its parameter's ``.grad`` (in the parameter's dtype)."""
+        if not self.copies:
+            return
+        own = dict(self.model.named_parameters())
+        held = [(own[name], grad, c.grad) for name, grad, c in zip(self.names, self.grads, self.copies)
+                if c.grad is not None]
+        if not held:
+            return
+        params, grads, low = map(list, zip(*held))
+        torch._foreach_copy_(grads, low)
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        for copy_ in self.copies:
+            copy_.grad = None
 
 
 def effective_precision(precision: str, device: torch.device) -> str:

@@ -11,8 +11,8 @@ same shapes in one step makes each launch do k times the work. Two exact ways:
 
 Both are ``captured_step.Step``s: the capture and fall-back logic (with its snapshot and restore of a failed
 warm-up) is that class's. As there, a run is captured once and a rate change is a fill of device tensors the
-graph reads, never a re-capture: grouped, each run's rate is an entry of ``GroupedStep.lr_now``; branched, each
-branch is a ``captured_step.Step`` whose groups read their own lr tensors.
+graph reads, never a re-capture: grouped, each run's rate fills its block of every parameter's rate tensor
+(``GroupedStep.rates``); branched, each branch is a ``captured_step.Step`` whose groups read their own lr tensors.
 Each run reads its own figures through a ``Member`` (its loss sum, non-finite flag and update count are one
 entry of the step's per-model vectors). Each run's dropout draws from its own generator, holding exactly the
 state a lone run's global RNG would have, so on the CPU a run's masks are those it draws when trained alone.
@@ -101,7 +101,7 @@ class SharedStep(captured_step.Step):
     def _count(self, losses: torch.Tensor) -> None:
         losses = losses.detach()
         self.loss_sum.add_(losses)
-        self.bad.logical_or_(~torch.isfinite(losses))
+        self.bad.logical_or_(captured_step.not_finite(losses))
         self.updates.add_(1)
 
     def _snapshot(self) -> dict:
@@ -121,53 +121,53 @@ class SharedStep(captured_step.Step):
         raise NotImplementedError
 
 
-# What the captured-step logic sees as the grouped step's rate: it never changes (the optimizer's groups stay at
-# their multipliers); the runs' rates are in ``GroupedStep.lr_now`` on the device, which the graph reads.
+# What the captured-step logic sees as the grouped step's rate: it never changes (each group's lr is its
+# parameters' rate tensors); the runs' rates are in those tensors on the device, which the graph reads.
 RATES_ON_DEVICE = "rates on the device"
 
 
 class GroupedStep(SharedStep):
     """The k runs as one ``StackedNet`` with one optimizer (its param groups carry the runs' multipliers).
 
-    Each run's learning rate is an entry of ``lr_now``, a device tensor set before every step. The optimizer
-    steps at each group's multiplier alone (a base rate of 1), and each run's block of every parameter is
-    then scaled back to its own rate: new = old + lr_i * (stepped - old). That is exact for these solvers,
-    whose state never sees the rate (AdaDelta's histories and Nesterov's momentum are of the unscaled step),
-    up to the rounding of one subtraction."""
+    Every parameter has a rate tensor of its own shape: its block of run i (the parameter's first dimension
+    holds the k blocks) holds run i's rate times the group's lr_mult. Each group's lr is its parameters' rate
+    tensors, so the solver scales each element's update by its own run's rate and subtracts it
+    (solvers._apply): run i's own arithmetic, element for element, in the solver's two multi-tensor kernels.
+    The rate tensors are filled in place when a run's rate changes, so a graph reads them at every replay."""
     how = "grouped"
 
     def __init__(self, net: S.StackedNet, optimizer, datas, autocast, graphs, generators, backend=None):
         super().__init__(net, optimizer, datas, autocast, graphs, generators, backend)
         net.use_generators(self.generators)
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        dtype = self.params[0].dtype if self.params else torch.float32
-        self.lr_now = torch.zeros(self.k, dtype=dtype, device=self.batches.device)
+        self.rates = [[torch.zeros_like(p) for p in group["params"]] for group in optimizer.param_groups]
 
     def __call__(self, iteration: int, lrs) -> None:
         lrs = list(lrs)
-        if lrs != self.lrs:  # no copy for unchanged rates (most steps), as captured_step.Step's _set_lr
-            self.lr_now.copy_(torch.tensor(lrs, dtype=self.lr_now.dtype))
+        if lrs != self.lrs:  # no fill for unchanged rates (most steps), as captured_step.Step's _set_lr
+            self._fill_rates(lrs)
             self.lrs = lrs
         super().__call__(iteration, RATES_ON_DEVICE)
 
-    def _set_lr(self, lr) -> None:
-        """The base rate 1 (``lr`` is always RATES_ON_DEVICE): each group at its multiplier, a number the graph
-        may hold as a constant; lr_now scales each run's block after the step. Set on every call, since a
-        checkpoint's load_state_dict (or a restore after a failed warm-up) replaces the groups' entries."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = group.get("lr_mult", 1)
-        self._lr = lr
+    @torch.no_grad()
+    def _fill_rates(self, lrs: list[float]) -> None:
+        """Run i's block of every parameter at lrs[i] * its group's lr_mult: the product of two numbers rounded
+        to the parameter's dtype once, as a lone run's step rounds its rate (captured_step.Step._set_lr)."""
+        for group, rates in zip(self.optimizer.param_groups, self.rates):
+            mult = group.get("lr_mult", 1)
+            per_run = torch.tensor([lr * mult for lr in lrs], dtype=rates[0].dtype).to(rates[0].device)
+            for rate in rates:
+                rows = per_run.repeat_interleave(rate.shape[0] // self.k)
+                rate.copy_(rows.view(-1, *[1] * (rate.dim() - 1)).expand_as(rate))
 
-    def _rates_per_run(self) -> None:
-        """Every parameter's block of run i (its first dimension holds the k blocks) stepped at lr_now[i]."""
-        with torch.no_grad():
-            for param, before in zip(self.params, self._before):
-                rate = self.lr_now.repeat_interleave(param.shape[0] // self.k)
-                param.sub_(before).mul_(rate.view(-1, *[1] * (param.dim() - 1))).add_(before)
+    def _set_lr(self, lr) -> None:
+        """Each group's lr: its parameters' rate tensors (``lr`` is always RATES_ON_DEVICE). Set on every call,
+        since a checkpoint's load_state_dict (or a restore after a failed warm-up) replaces the groups' entries."""
+        for group, rates in zip(self.optimizer.param_groups, self.rates):
+            group["lr"] = rates
+        self._lr = lr
 
     def _body(self, *plan) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self._before = [p.detach().clone() for p in self.params]
         plans = self.batches.split(plan)
         x = torch.cat([data.images(*p) for data, p in zip(self.batches.datas, plans)], 1)
         if self.channels_last:
@@ -177,9 +177,7 @@ class GroupedStep(SharedStep):
         losses = torch.stack([F.cross_entropy(logits[i], data.train_y[p[0]])
                               for i, (data, p) in enumerate(zip(self.batches.datas, plans))])
         losses.sum().backward()  # disjoint parameters: each model's gradient is that of its own loss
-        self.optimizer.step()
-        self._rates_per_run()
-        self._before = None
+        self.optimizer.step()  # each block at its run's rate (the groups' rate tensors)
         self._count(losses)
 
     def take_over(self, models, optimizers) -> None:
