@@ -19,7 +19,8 @@ from simpnet_cli.config import compose as composition
 from simpnet_cli.config import tables
 from simpnet_cli.nets import stacked as S
 from simpnet_cli.tools import ops
-from simpnet_cli.train import loop as train
+from simpnet_cli.train import state as run_state
+from simpnet_cli.train import solvers
 from simpnet_cli.train import stacked_step
 from simpnet_cli.train import together
 
@@ -128,11 +129,11 @@ def test_bf16_weights_cast_once_per_step_train_bit_for_bit_as_autocast_casting_e
     run = tiny("nesterov_80k", "bf16")
     weights = []
     for cast_once in (True, False):
-        state = train.build(run, tmp_path, CPU, tmp_path, False, print, None)
+        state = run_state.build(run, tmp_path, CPU, tmp_path, False, print, None)
         if not cast_once:  # autocast alone: each weight cast where it is used
             state.step.forward.names = []
         for it in range(3):
-            state.step(it, train.lr_at(run.solver, it))
+            state.step(it, solvers.lr_at(run.solver, it))
         weights.append(state.model.state_dict())
         assert bool(state.step.forward.copies) == cast_once
     for name, value in weights[0].items():
