@@ -325,7 +325,7 @@ class RunSpec:
 
     @property
     def param_mults(self) -> dict:
-        """Caffe's lr/decay multipliers with conv indices resolved for this network (train.param_groups)."""
+        """Caffe's lr/decay multipliers with conv indices resolved for this network (solvers.param_groups)."""
         return network.recipe(self.spec, self.net)["param_mults"]
 
     def recipe(self) -> dict:

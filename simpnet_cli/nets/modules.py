@@ -6,7 +6,7 @@ normal(0, sqrt(2/fan_in)), the convs listed in ``init.on_convs`` are drawn from 
 and every bias starts at 0. BatchNorm keeps Caffe's moving-average fraction (PyTorch momentum = 1 - fraction) and
 eps 1e-5, with a learned scale and shift. Every conv module is tagged with its 1-based index in the network
 (``caffe_conv_index``) and the classifier with ``caffe_classifier``, so the optimizer can give them Caffe's
-per-parameter multipliers (train.param_groups).
+per-parameter multipliers (solvers.param_groups).
 """
 from __future__ import annotations
 

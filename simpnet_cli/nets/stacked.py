@@ -116,7 +116,7 @@ class StackedClassifier(nn.Module):
         self.fc = nn.Module()  # the ordinary Classifier's ``fc``, so the state_dict keys match
         self.fc.weight = nn.Parameter(torch.zeros(k, out, features))
         self.fc.bias = nn.Parameter(torch.zeros(k, out))
-        self.fc.caffe_classifier = True  # train.param_groups finds the classifier's multipliers by this tag
+        self.fc.caffe_classifier = True  # solvers.param_groups finds the classifier's multipliers by this tag
 
     def forward(self, x):
         x = x.reshape(x.shape[0], self.k, -1).transpose(0, 1)  # k, B, features
@@ -144,7 +144,7 @@ def _conv(rec: N.Conv, width: Width, build: _Build, prefix: str, pad_to: int | N
     out = Width(rec.out, pad_to if pad_to is not None else padded(rec.out, build.align))
     conv = nn.Conv2d(build.k * width.block, build.k * out.block, rec.k, rec.s, rec.p, groups=build.k * g, bias=True)
     build.convs_built += 1
-    conv.caffe_conv_index = build.convs_built  # train.param_groups finds the convs' multipliers by this tag
+    conv.caffe_conv_index = build.convs_built  # solvers.param_groups finds the convs' multipliers by this tag
     has_bn, has_relu = rec.act.startswith("bn"), rec.act in ("bn_relu", "relu")
     name = f"{prefix}.0" if has_bn or has_relu else prefix
     build.slots[f"{name}.weight"] = Slot("channels", out.real, out.block, width.real // g)

@@ -337,7 +337,7 @@ def ops_main(cfg, flags, device: torch.device) -> int:
     b = cfg.bench
     as_json = "--json" in flags
     head = ["# ATen ops per training step", "",
-            f"Counted {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on **{train.device_name(device)}**, torch "
+            f"Counted {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on **{run_state.device_name(device)}**, torch "
             f"{torch.__version__}, by `simpnet bench bench.ops=true`: the ops one captured step body dispatches "
             f"(forward, backward, optimizer update, loss bookkeeping; views left out), a proxy for the kernels of "
             f"its CUDA graph.", "", "| row | mode | k | ops per step | per run |", "|---|---|---|---|---|"]

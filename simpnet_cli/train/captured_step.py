@@ -113,7 +113,7 @@ class Step:
         self.updates.add_(1)
 
     def _set_lr(self, lr: float) -> None:
-        """Each group at ``lr`` * its lr_mult (Caffe's per-parameter multipliers, train.param_groups). In a graph,
+        """Each group at ``lr`` * its lr_mult (Caffe's per-parameter multipliers, solvers.param_groups). In a graph,
         in place into the tensors the captured kernels read; the group is pointed at its tensor again each time,
         since a checkpoint's load_state_dict replaces the group's entries."""
         if self.graphs and self._graph is not None and lr == self._lr:
