@@ -31,8 +31,8 @@ from simpnet_cli.config.variants import RowOverrides, assign
 # command line, or SIMPNET_CONF_DIR) holding any of tables/, arch/, solver/, dataset/ with files of one's own.
 DEFAULT_CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 CONF_KINDS = ("tables", "arch", "solver", "dataset", "feed", "profile")
-# A row that names no test interval is evaluated as most of the authors' runs were: every 500 iterations.
-DEFAULT_TEST_INTERVAL = 500
+# A row that names no test interval is evaluated as most of the authors' runs were (the schema's default).
+DEFAULT_TEST_INTERVAL = schemas.Train.eval_every
 _search: list[Path] = [DEFAULT_CONF_DIR]
 
 
@@ -282,6 +282,12 @@ class RunSpec:
     def spec(self) -> tuple:
         net = self.net if self.widths is None else {**self.net, "widths": list(self.widths)}
         return network.build_spec(net, self.dataset["classes"])
+
+    @cached_property
+    def training(self) -> schemas.Train:
+        """The run's training keys as their typed schema (checked when the run resolved): each default where
+        the schema writes it, once."""
+        return schemas.Train(**self.train)
 
     @property
     def in_shape(self) -> network.Shape:

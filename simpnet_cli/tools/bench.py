@@ -436,11 +436,11 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
     size = max((len(group) for group, _ in groups), default=1)
     speed: dict[tuple, float] = {}
     per_table: dict[str, list[float]] = {}
-    networks = len({(repr(r.spec), r.train["batch_size"], r.train.get("precision", "fp32"), r.in_shape,
+    networks = len({(repr(r.spec), r.train["batch_size"], r.training.precision, r.in_shape,
                      group_of[id(r)]) for r in todo})
     for run in todo:
         k, how = group_of[id(run)]
-        key = (repr(run.spec), run.train["batch_size"], run.train.get("precision", "fp32"), run.in_shape, (k, how))
+        key = (repr(run.spec), run.train["batch_size"], run.training.precision, run.in_shape, (k, how))
         if key not in speed:
             mode = "runner bf16" if key[2] == "bf16" and device.type == "cuda" else \
                 "runner fp32" if device.type == "cuda" else "eager fp32"

@@ -143,10 +143,8 @@ def build(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path, dow
           data: D.DeviceData | None = None) -> TrainState:
     """The run's data, network, optimizer and step, at iteration 0. ``data``: the run's dataset already on
     the device (another seed's: runs trained together share the images, each with its own order)."""
-    tr = run.train
-    iterations, batch_size = int(tr["iterations"]), int(tr["batch_size"])
-    eval_every = int(tr.get("eval_every", 500))
-    precision = tr.get("precision", "fp32")
+    tr = run.training
+    iterations, batch_size, eval_every, precision = tr.iterations, tr.batch_size, tr.eval_every, tr.precision
 
     torch.manual_seed(run.seed)
     data = (D.load(run.dataset, data_dir, download, device, batch_size, run.seed) if data is None
@@ -161,14 +159,14 @@ def build(run: RunSpec, run_dir: Path, device: torch.device, data_dir: Path, dow
         # (gpucheck's comparisons): autotuning picks kernels by their timing, so two runs could differ.
         torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
     # CUDA graphs on a GPU; a test's stand-in backend runs the same capture logic on the CPU.
-    graphs = bool(tr.get("graphs", True)) and (device.type == "cuda" or backend is not None)
+    graphs = tr.graphs and (device.type == "cuda" or backend is not None)
     optimizer = solvers.make_optimizer(run.solver, solvers.param_groups(model, run.param_mults))
     autocast = autocast_for(precision, device)
     model.train()
     step = captured_step.Step(model, optimizer, data, autocast, graphs, backend=backend)
     return TrainState(run=run, run_dir=run_dir, device=device, model=model, optimizer=optimizer, data=data,
                       step=step, autocast=autocast, log=log, iterations=iterations, batch_size=batch_size,
-                      eval_every=eval_every, checkpoint_every=int(tr.get("checkpoint_every", 5000)),
+                      eval_every=eval_every, checkpoint_every=tr.checkpoint_every,
                       check_every=min(eval_every, 50), precision=precision, params=(paper_params, total_params))
 
 

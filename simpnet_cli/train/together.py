@@ -41,7 +41,7 @@ def build_together(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: to
         states.append(state)
         generators.append(stacked_step.generator_now(device))  # where this run's dropout draws from, alone
     first = states[0]
-    graphs = bool(first.run.train.get("graphs", True)) and (device.type == "cuda" or backend is not None)
+    graphs = first.run.training.graphs and (device.type == "cuda" or backend is not None)
     net = None
     if how == "grouped":
         net = S.build_stacked(first.run.spec, first.run.in_shape, len(runs), first.run.net).to(device)
