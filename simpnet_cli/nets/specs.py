@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from simpnet_cli.config import schemas
 from simpnet_cli.errors import UserError
 from simpnet_cli.nets.notation import parse_widths
 
@@ -271,9 +272,12 @@ def count_params(spec: Sequence, in_shape: Shape) -> tuple[int, int]:
 BUILDERS: dict[str, Callable[[Mapping, int], tuple]] = {}
 
 
-def builder(name: str):
+def builder(name: str, schema: type):
+    """``@builder("plain", schemas.PlainNet)``: the spec of an arch whose ``builder`` is ``name``, and the schema
+    of its keys (one registry entry for both: config/schemas.NETWORKS is filled from here)."""
     def register(fn):
         BUILDERS[name] = fn
+        schemas.NETWORKS[name] = schema
         return fn
     return register
 
@@ -301,7 +305,7 @@ def _per_layer(table: Mapping | None, n: int, default, what: str) -> list:
     return values
 
 
-@builder("plain")
+@builder("plain", schemas.PlainNet)
 def plain(arch: Mapping, num_classes: int) -> list:
     """The SimpNet family (Arch1-Arch5): a chain of conv blocks with max pools, dropout, global pooling, fc.
 
@@ -368,7 +372,7 @@ def plain(arch: Mapping, num_classes: int) -> list:
     return spec
 
 
-@builder("resnet")
+@builder("resnet", schemas.ResNet)
 def resnet(arch: Mapping, num_classes: int) -> list:
     """CIFAR ResNet (basic blocks) in the authors' layout; see conf/arch/resnet32.yaml for the block forms.
 
@@ -394,7 +398,7 @@ def resnet(arch: Mapping, num_classes: int) -> list:
     return spec
 
 
-@builder("squeezenet")
+@builder("squeezenet", schemas.SqueezeNet)
 def squeezenet(arch: Mapping, num_classes: int) -> list:
     """SqueezeNet v1.1 for 32x32 inputs; ``saf_dropout`` puts a dropout right after each max pool.
     ``batchnorm: false`` (the authors' net) follows every conv by a ReLU alone."""
