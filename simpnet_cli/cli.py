@@ -361,12 +361,13 @@ def multirun(flags, overrides) -> int:
 
 def print_submitit_logs(overrides: list[str]) -> None:
     """Where each job of a submitit launch writes its log: <sweep dir>/.submitit/<job id>/ (the launcher's
-    default folder); the sweep dir is hydra.sweep.dir= if given, else the newest under experiments/multirun."""
+    default folder); the sweep dir is hydra.sweep.dir= if given, else the newest under runs_dir/multirun."""
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.sweep.dir=")]
     if given:
         sweep = Path(given[-1])
     else:
-        found = sorted(Path("experiments/multirun").glob("*"), key=lambda p: p.stat().st_mtime)
+        runs_dir = ([o.split("=", 1)[1] for o in overrides if o.startswith("runs_dir=")] or ["experiments"])[-1]
+        found = sorted(Path(runs_dir, "multirun").glob("*"), key=lambda p: p.stat().st_mtime)
         if not found:
             return
         sweep = found[-1]
