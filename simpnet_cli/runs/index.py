@@ -17,9 +17,13 @@ holds every finished run. A run killed between its result.json and the rebuild i
 command's rebuild or by ``simpnet repair``.
 
 A folder is refused, with a warning, never indexed, when its result.json or config.yaml names another run
-than the folder's name (a swapped or copied folder must never put 9L's figures on 8L's line). A result.json
-without a ``config_hash`` (written by an older simpnet, or by a process killed before the runner stamped it)
-is accepted only if its parameter counts are those of the network in config.yaml.
+than the folder's name (a swapped or copied folder must never put 9L's figures on 8L's line). The training loop
+writes the run's identity (``config_hash``, ``table``, ``row_id``, ``seed``) into result.json, and each must
+agree with the folder's name and config.yaml: a result.json lacking some of them, or naming another run, is
+refused. One lacking all of them was written by an older simpnet (which stamped it after training): its figures
+cannot tell seed 0 from seed 1, so it is accepted only where the table's existing CSV has the run's line with
+the same figures (and its parameter counts are those of config.yaml's network); the rebuild then writes the
+identity into it, so the folder no longer needs the CSV.
 
 Lines of the existing CSV (read tolerantly: results.parse) that no folder provides are not lost: a line
 whose run folder is under runs_dir and finished is adopted (a record is written for it, so folders written
@@ -58,6 +62,8 @@ RECORD_COLUMNS = ["table", "row", "row_id", "variant", "seed", "dataset", "paper
 RESULT_COLUMNS = ["params_paper", "params_total", "final_acc", "best_acc", "best_iter", "iterations", "epochs",
                   "wall_s", "img_per_s", "device", "precision", "step_mode", "status"]
 RESULT_DEFAULTS = {"step_mode": "eager"}  # result.json files written before the column
+# What a result.json says about whose it is (train.loop.run_identity), each checked against the folder.
+IDENTITY = ("config_hash", "table", "row_id", "seed")
 HASH = re.compile(r"[A-Za-z0-9_-]+")  # a config_hash read from a CSV line, before it is used as a folder name
 
 
@@ -129,7 +135,7 @@ class Folder:
     result: dict
     config: dict
     finished_at: str
-    stamped: bool  # result.json names its run (else: checked by its parameter counts)
+    stamped: bool  # result.json names its run (else: an older simpnet's, vouched for only by its CSV line)
 
 
 _checked: dict[tuple, Folder | Refused | None] = {}  # by the folder's files' identity: rebuilds re-read cheaply
@@ -186,12 +192,11 @@ def _check_folder(run_dir: Path) -> Folder | None:
     missing = [c for c in RESULT_COLUMNS if c not in result and c not in RESULT_DEFAULTS]
     if missing:
         raise Refused(f"its {RESULT} lacks {', '.join(missing)}")
-    stamped = "config_hash" in result
+    stamped = any(k in result for k in IDENTITY)
     if stamped:
-        if str(result["config_hash"]) != name:
-            raise Refused(f"its {RESULT} is run {result['config_hash']}'s, not {name}'s (a moved or swapped file)")
-        if "seed" in result and str(result["seed"]) != str(config.get("seed")):
-            raise Refused(f"its {RESULT} is seed {result['seed']}'s, its {CONFIG} seed {config.get('seed')}'s")
+        why = identity_problem(result, config)
+        if why:
+            raise Refused(why)
     else:
         # Written before results named their run: the parameter counts must be those of config.yaml's network.
         try:
@@ -207,6 +212,18 @@ def _check_folder(run_dir: Path) -> Folder | None:
                   stamped)
 
 
+def identity_problem(result: dict, config: dict) -> str | None:
+    """Why ``result`` (a result.json) is not the run of ``config`` (its folder's config.yaml), or None."""
+    lacking = [k for k in IDENTITY if result.get(k) in (None, "")]
+    if lacking:
+        return f"its {RESULT} does not say whose it is (it lacks {', '.join(lacking)}): a copied file?"
+    for k in IDENTITY:
+        if str(result[k]) != str(config.get(k)):
+            return (f"its {RESULT} is {k} {str(result[k])[:40]!r}'s, its {CONFIG} {k} "
+                    f"{str(config.get(k))[:40]!r}'s (a moved, swapped or copied file)")
+    return None
+
+
 def _counts(config: dict) -> tuple[int, int]:
     from simpnet_cli.nets import specs as network
 
@@ -215,22 +232,43 @@ def _counts(config: dict) -> tuple[int, int]:
     return network.count_params(spec, network.Shape(ds["channels"], ds["size"], ds["size"]))
 
 
+UNNAMED = (f"its {RESULT} does not say whose it is (no config_hash, table, row_id, seed: an older simpnet's, or "
+           f"copied from another run's folder) and no line of the table's CSV vouches for its figures")
+
+
 def seal(run_dir: Path) -> dict:
-    """The finished run of ``run_dir``, checked, with its identity written into its result.json if the
-    training loop did not write it (a UserError if the folder holds another run's files)."""
+    """The finished run of ``run_dir``, checked: a UserError if the folder holds another run's files, or a
+    result.json that does not name its run (the training loop names it; only a copy or an older simpnet's
+    does not, and only a CSV line can vouch for that one: ``simpnet repair``)."""
     run_dir = Path(run_dir)
     try:
         got = folder(run_dir)
+        if got is not None and not got.stamped:
+            raise Refused(UNNAMED)
     except Refused as why:
         raise UserError(f"{run_dir}: {why}; move the folder away to train this run again") from None
     if got is None:
         raise UserError(f"{run_dir}: no {RESULT} after training")
-    if not got.stamped:
-        cfg = got.config
-        write_json(run_dir / RESULT, {**got.result, "config_hash": run_dir.name, "table": cfg.get("table"),
-                                      "row_id": cfg.get("row_id"), "seed": cfg.get("seed"),
-                                      "finished_at": got.finished_at})
     return got.result
+
+
+def stamp(run_dir: Path, got: Folder, finished_at: str) -> None:
+    """Write its identity into the result.json of an older simpnet's folder that a CSV line vouched for."""
+    cfg = got.config
+    write_json(Path(run_dir) / RESULT, {**got.result, "config_hash": Path(run_dir).name, "table": cfg.get("table"),
+                                        "row_id": cfg.get("row_id"), "seed": cfg.get("seed"),
+                                        "finished_at": finished_at})
+
+
+def _vouched(raw: dict | None, got: Folder) -> bool:
+    """Whether an old CSV line ``raw`` holds exactly the figures of the unnamed result.json of ``got``."""
+    if raw is None:
+        return False
+    try:
+        _, formatted = _good_text(line_of({c: raw[c] for c in RECORD_COLUMNS}, got.result, raw["finished_at"]))
+    except (ValueError, KeyError):
+        return False
+    return all(formatted[c] == raw[c] for c in (results.RENAMED.get(c, c) for c in RESULT_COLUMNS))
 
 
 def line_of(record: dict, result: dict, finished_at: str) -> dict:
@@ -263,6 +301,8 @@ class Index:
     duplicates: int = 0
     dropped: list = field(default_factory=list)   # BadLines of the old file
     refused: list = field(default_factory=list)   # messages
+    stamp: list = field(default_factory=list)     # (run folder, Folder, finished_at): unnamed results a line vouched for
+    read: int = 0                                 # run folders recorded for the table (finished or not) read
     backup: Path | None = None
     changed: bool = False
 
@@ -285,8 +325,11 @@ def _sort_key(raw: dict) -> tuple:
     return (raw["finished_at"], raw["row_id"], int(float(raw["seed"])), raw["config_hash"])
 
 
-def _from_folders(results_dir: Path, table: str, runs_dir: Path, idx: Index) -> None:
+def _from_folders(results_dir: Path, table: str, runs_dir: Path, idx: Index, old: dict | None = None) -> None:
+    """Index the finished runs recorded for the table; ``old``: the existing CSV's lines by key, the only
+    evidence for an older simpnet's result.json that does not name its run."""
     for run_dir, rec in _records(runs_dir, results_dir, table):
+        idx.read += 1
         try:
             if str(rec.get("config_hash")) != run_dir.name:
                 raise Refused(f"its record for table {table} names run {rec.get('config_hash')}")
@@ -296,10 +339,15 @@ def _from_folders(results_dir: Path, table: str, runs_dir: Path, idx: Index) -> 
             if str(rec.get("seed")) != str(got.config.get("seed")):
                 raise Refused(f"its record for table {table} is seed {rec.get('seed')}'s, the run seed "
                               f"{got.config.get('seed')}'s")
+            if not got.stamped:
+                raw = (old or {}).get((table, str(rec.get("row_id")), run_dir.name, int(got.config.get("seed"))))
+                if not _vouched(raw, got):
+                    raise Refused(UNNAMED)
+                idx.stamp.append((run_dir, got, raw["finished_at"]))
             if Path(str(rec.get("run_dir"))).resolve() != run_dir.resolve():
                 rec = {**rec, "run_dir": str(run_dir)}  # a moved runs_dir: the line says where the run is now
             text, raw = _good_text(line_of(rec, got.result, got.finished_at))
-        except (Refused, ValueError, KeyError) as why:
+        except (Refused, ValueError, KeyError, TypeError) as why:
             idx.refused.append(f"{run_dir}: refused, not indexed in {idx.path.name}: {why}")
             continue
         k = results.key(raw)
@@ -308,8 +356,9 @@ def _from_folders(results_dir: Path, table: str, runs_dir: Path, idx: Index) -> 
             idx.from_folders.add(k)
 
 
-def _adoptable(raw: dict, results_dir: Path, runs_dir: Path) -> tuple[Path, dict, str] | None:
-    """(run folder, record, line) for an old line whose run folder under runs_dir is finished and its own."""
+def _adoptable(raw: dict, results_dir: Path, runs_dir: Path) -> tuple[Path, dict, str, Folder] | None:
+    """(run folder, record, line, folder) for an old line whose run folder under runs_dir is finished and its own
+    (named in its result.json, or holding exactly the line's figures)."""
     if not HASH.fullmatch(raw["config_hash"]):
         return None
     run_dir = Path(runs_dir) / raw["config_hash"]
@@ -319,6 +368,8 @@ def _adoptable(raw: dict, results_dir: Path, runs_dir: Path) -> tuple[Path, dict
         return None
     if got is None or str(got.config.get("seed")) != str(int(float(raw["seed"]))):
         return None
+    if not got.stamped and not _vouched(raw, got):
+        return None
     # The line's run_dir as written when it names this folder (the CSV is reproduced), else where it is now.
     same = Path(raw["run_dir"]).resolve() == run_dir.resolve()
     record = {**{c: raw[c] for c in RECORD_COLUMNS}, "seed": int(float(raw["seed"])),
@@ -327,7 +378,7 @@ def _adoptable(raw: dict, results_dir: Path, runs_dir: Path) -> tuple[Path, dict
         text, _ = _good_text(line_of(record, got.result, got.finished_at))
     except (ValueError, KeyError):
         return None
-    return run_dir, record, text
+    return run_dir, record, text, got
 
 
 def _verbatim(raw: dict) -> str:
@@ -341,8 +392,11 @@ def build(results_dir: Path, table: str, runs_dir: Path) -> Index:
     """What the table's CSV should hold now (reads only)."""
     table = str(table)
     idx = Index(results.csv_path(results_dir, table))
-    _from_folders(results_dir, table, runs_dir, idx)
     good, bad = results.parse(idx.path, table)
+    old: dict = {}
+    for line in good:
+        old.setdefault(results.key(line.raw), line.raw)
+    _from_folders(results_dir, table, runs_dir, idx, old)
     idx.dropped = [b for b in bad if not b.duplicate]
     idx.duplicates = len(bad) - len(idx.dropped)
     for line in good:
@@ -355,8 +409,10 @@ def build(results_dir: Path, table: str, runs_dir: Path) -> Index:
             continue
         adopted = _adoptable(line.raw, results_dir, runs_dir)
         if adopted:
-            run_dir, record, text = adopted
+            run_dir, record, text, got = adopted
             idx.adopt.append((run_dir, record))
+            if not got.stamped:
+                idx.stamp.append((run_dir, got, line.raw["finished_at"]))
             idx.from_folders.add(k)
         else:
             text = _verbatim(line.raw)
@@ -376,7 +432,8 @@ def is_recorded(results_dir: Path, runs_dir: Path, run) -> bool:
     run_dir = Path(runs_dir) / run.config_hash
     if record_path(run_dir, results_dir, run.table, run.row_id).exists():
         try:
-            if folder(run_dir) is not None:
+            got = folder(run_dir)
+            if got is not None and got.stamped:
                 return True
         except Refused:
             pass
@@ -398,6 +455,11 @@ def rebuild(results_dir: Path, table: str, runs_dir: Path, warn: Warn | None = N
     backup = None
     for _ in range(tries):
         idx = build(results_dir, table, runs_dir)
+        for run_dir, got, finished_at in idx.stamp:
+            try:
+                stamp(run_dir, got, finished_at)
+            except UserError:
+                pass  # a read-only runs_dir: the line is still written, and vouched for again next time
         for run_dir, record in idx.adopt:
             try:
                 write_record(run_dir, results_dir, record)
