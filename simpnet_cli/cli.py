@@ -481,7 +481,8 @@ def cmd_export(args: list[str]) -> int:
     if bad or "run_dir" not in keys:
         raise UserError("usage: simpnet export run_dir=PATH [format=torchscript|onnx] [out=FILE]"
                         + (f" (unknown: {', '.join(bad)})" if bad else ""))
-    path = trained.export(keys["run_dir"], keys.get("format", "torchscript"), keys.get("out"))
+    path = trained.export(keys["run_dir"], keys.get("format", "torchscript"), keys.get("out"),
+                          warn=lambda msg: print(f"simpnet: warning: {msg}", file=sys.stderr))
     print(f"wrote {path}")
     return 0
 

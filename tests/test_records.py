@@ -38,3 +38,193 @@ def test_a_sweep_writes_nothing_outside_results_dir_and_runs_dir(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["results", "runs"]
     (sweep,) = (out / "runs" / "multirun").iterdir()
     assert (sweep / "multirun.yaml").is_file()
+
+
+# --------------------------------------------------------------------------- item 3: records carry their identity
+
+import json  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+from simpnet_cli import cli  # noqa: E402
+from simpnet_cli.errors import UserError  # noqa: E402
+from simpnet_cli.runs import index, results  # noqa: E402
+
+
+IDENTITY = ("config_hash", "table", "row_id", "seed")  # what a result.json says about whose it is
+
+
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    return tmp_path / "results", tmp_path / "runs"
+
+
+def planned(tmp_path: Path, *args: str):
+    out, runs = dirs(tmp_path)
+    cfg, variant = cli.compose([*args, "profile=smoke", *TINY, f"results_dir={out}", f"runs_dir={runs}"])
+    return cli.plan_runs(cfg, variant)
+
+
+def repair(tmp_path: Path, *args: str) -> int:
+    out, runs = dirs(tmp_path)
+    return cli.main(["repair", *args, f"results_dir={out}", f"runs_dir={runs}"])
+
+
+def lines_of(path: Path) -> list[dict]:
+    rows, bad = results.read(path)
+    assert not bad, [str(b) for b in bad]
+    return rows
+
+
+def two_seeds(tmp_path: Path, finished_run) -> tuple[Path, Path]:
+    """Seeds 0 and 1 of Table 5's P5 finished by hand, with different figures (one network: equal counts)."""
+    out, runs = dirs(tmp_path)
+    s0, s1 = planned(tmp_path, "table=5", "row=P5", "seeds=2")
+    return (finished_run(s0, out, runs, "2025-01-01T00:00:00Z", final_acc=10.0, best_acc=12.0),
+            finished_run(s1, out, runs, "2025-01-01T00:00:01Z", final_acc=90.0, best_acc=95.0))
+
+
+def warnings_naming(err: str, folder: Path) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("simpnet: warning:") and str(folder) in line]
+
+
+def test_a_result_without_its_identity_copied_into_another_runs_folder_is_refused(tmp_path, capsys, finished_run):
+    """Seed 1's result.json, without the keys that name its run, copied over seed 0's: seed 0's line got seed 1's
+    figures (the parameter counts, all that was checked, are one network's). Now the folder is refused, once."""
+    out, _ = dirs(tmp_path)
+    d0, d1 = two_seeds(tmp_path, finished_run)
+    copied = {k: v for k, v in json.loads((d1 / "result.json").read_text()).items() if k not in IDENTITY}
+    (d0 / "result.json").write_text(json.dumps(copied))
+    path = results.csv_path(out, "5")
+    capsys.readouterr()
+    assert repair(tmp_path, "table=5") == 0
+    err = capsys.readouterr().err
+    assert len(warnings_naming(err, d0)) == 1 and "refused" in warnings_naming(err, d0)[0], err
+    assert [(r["seed"], r["final_acc"]) for r in lines_of(path)] == [(1, 90.0)]
+
+
+# How an identity key of seed 0's result.json is damaged: ``(key, seed 0's value, seed 1's hash)`` -> the value
+# written ("deleted" removes the key).
+IDENTITY_CORRUPTIONS = {
+    "deleted": None,
+    "null": lambda key, mine, other_hash: None,
+    "empty": lambda key, mine, other_hash: "",
+    "another run's": lambda key, mine, other_hash: {"config_hash": other_hash, "seed": 1, "table": "2",
+                                                    "row_id": "P3"}[key],
+    "in a list": lambda key, mine, other_hash: [mine],
+    "in a mapping": lambda key, mine, other_hash: {key: mine},
+    "edited": lambda key, mine, other_hash: f"{mine}x",
+}
+
+
+def corruptions(n: int, seed: int = 25):
+    """``n`` random corruptions of a result.json's identity: a non-empty set of its keys, each damaged one way."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        keys = rng.sample(IDENTITY, rng.randint(1, len(IDENTITY)))
+        yield {k: rng.choice(sorted(IDENTITY_CORRUPTIONS)) for k in keys}
+
+
+@pytest.mark.parametrize("with_csv", [False, True])
+def test_fuzz_no_run_is_indexed_from_a_folder_whose_result_has_a_damaged_identity(tmp_path, capsys, finished_run,
+                                                                                    with_csv):
+    """For random deletions and changes of the identity keys of seed 0's result.json (seed 1's figures in it),
+    nothing is indexed from that folder: one warning names it, and the CSV never holds seed 1's figures on seed
+    0's line (with an earlier CSV, seed 0's own line is kept as it was)."""
+    for case, damage in enumerate(corruptions(8 if with_csv else 12, seed=25 + with_csv)):
+        base = tmp_path / str(case)
+        out, _ = dirs(base)
+        d0, d1 = two_seeds(base, finished_run)
+        path = results.csv_path(out, "5")
+        if with_csv:
+            assert repair(base, "table=5") == 0
+            before = {r["seed"]: r["final_acc"] for r in lines_of(path)}
+        else:
+            path.unlink(missing_ok=True)
+        mine, other = json.loads((d0 / "result.json").read_text()), json.loads((d1 / "result.json").read_text())
+        forged = {**other, **{k: mine[k] for k in IDENTITY}}  # seed 1's figures under seed 0's name...
+        for key, how in damage.items():  # ...then the name damaged
+            if how == "deleted":
+                forged.pop(key)
+            else:
+                forged[key] = IDENTITY_CORRUPTIONS[how](key, mine[key], other["config_hash"])
+        (d0 / "result.json").write_text(json.dumps(forged))
+        capsys.readouterr()
+        assert repair(base, "table=5") == 0, damage
+        err = capsys.readouterr().err
+        assert len(warnings_naming(err, d0)) == 1, (damage, err)
+        got = {r["seed"]: r["final_acc"] for r in (lines_of(path) if path.exists() else [])}
+        assert got == (before if with_csv else {1: 90.0}), (damage, got)
+
+
+@pytest.fixture
+def trained_pair(tmp_path, one_thread):
+    """Seeds 0 and 1 of Table 5's P5, trained (a few steps of the tiny smoke profile): their folders."""
+    out, runs = dirs(tmp_path)
+    assert cli.main(["run", "table=5", "row=P5", "seeds=2", *SMOKE, f"results_dir={out}",
+                     f"runs_dir={runs}"]) == 0
+    s0, s1 = planned(tmp_path, "table=5", "row=P5", "seeds=2")
+    return runs / s0.config_hash, runs / s1.config_hash
+
+
+def copy_files(src: Path, dst: Path, names: list[str]) -> None:
+    for name in names:
+        shutil.copy2(src / name, dst / name)
+
+
+@pytest.mark.parametrize("copied", [["model.pt"], ["model.pt", "result.json"]])
+def test_load_model_and_export_refuse_weights_that_are_another_runs(trained_pair, tmp_path, capsys, copied):
+    """Seed 1's model.pt (alone, or with its result.json) copied into seed 0's folder loaded as seed 0's."""
+    import simpnet_cli
+
+    d0, d1 = trained_pair
+    simpnet_cli.load_model(d0)  # its own weights load
+    copy_files(d1, d0, copied)
+    with pytest.raises(UserError) as info:
+        simpnet_cli.load_model(d0)
+    assert str(d0) in str(info.value) and "\n" not in str(info.value)
+    capsys.readouterr()
+    assert cli.main(["export", f"run_dir={d0}", f"out={tmp_path}/m.ts"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("simpnet: error: ") and not (tmp_path / "m.ts").exists(), err
+
+
+def test_fuzz_load_model_takes_only_the_folders_own_weights(trained_pair, tmp_path):
+    """Property: over random mixes of the two folders' files (config.yaml, result.json, model.pt from either
+    run) in a third folder, load_model gives weights exactly when all three are one run's, and then that run's."""
+    import torch
+
+    import simpnet_cli
+
+    names = ["config.yaml", "result.json", "model.pt"]
+    own = [torch.load(d / "model.pt", weights_only=True) for d in trained_pair]
+    rng = random.Random(25)
+    mixes = {tuple(rng.randrange(2) for _ in names) for _ in range(12)} | {(0, 0, 0), (1, 1, 1), (0, 0, 1)}
+    for mix in sorted(mixes):
+        folder = tmp_path / ("mix" + "".join(map(str, mix)))
+        folder.mkdir()
+        for name, which in zip(names, mix):
+            shutil.copy2(trained_pair[which] / name, folder / name)
+        if len(set(mix)) == 1:
+            state = simpnet_cli.load_model(folder).state_dict()
+            assert all(torch.equal(state[k], own[mix[0]][k]) for k in own[mix[0]]), mix
+        else:
+            with pytest.raises(UserError):
+                simpnet_cli.load_model(folder)
+
+
+def test_weights_written_before_their_digest_was_recorded_load_with_a_warning(trained_pair, capsys):
+    """The rule for an older folder: its result.json names the run but holds no digest of model.pt, so the
+    weights cannot be checked; they load (they fit the network) and the user is told."""
+    import simpnet_cli
+
+    d0, _ = trained_pair
+    result = json.loads((d0 / "result.json").read_text())
+    del result["model_sha256"]
+    (d0 / "result.json").write_text(json.dumps(result))
+    with pytest.warns(UserWarning, match="cannot be checked"):
+        simpnet_cli.load_model(d0)
+    capsys.readouterr()
+    assert cli.main(["export", f"run_dir={d0}", f"out={d0.parent}/m.ts"]) == 0
+    assert "simpnet: warning:" in capsys.readouterr().err
