@@ -407,11 +407,19 @@ def cmd_repair(cfg, flags, variant) -> int:
         raise UserError(f"no results files (table*.csv) in {results_dir} and no runs recorded for it in {runs_dir}")
     for name, idx in index.rebuild_tables(results_dir, runs_dir, names, runner.warn).items():
         done = idx.counts()
-        print(f"{idx.path}: {'rebuilt' if done['changed'] else 'unchanged'} from {runs_dir}/: {done['lines']} "
+        print(f"{idx.path}: {'rebuilt' if done['changed'] else 'unchanged'} from {runs_dir}/: "
+              f"{done['read']} run folder(s) read, {done['indexed']} indexed, {done['refused']} refused, "
+              f"{done['unfinished']} unfinished; {done['lines']} "
               f"line(s): {done['kept']} kept, {done['recovered']} recovered from run folders, {done['carried']} "
               f"kept without a run folder; {done['duplicates']} duplicate(s) and {done['dropped']} damaged "
-              f"line(s) dropped, {done['refused']} run folder(s) refused"
+              f"line(s) dropped"
               + (f"; the old file is {done['backup']}" if done["backup"] else ""), file=sys.stderr)
+        if not done["read"]:
+            elsewhere = index.recorded_elsewhere(runs_dir, results_dir, name)
+            if elsewhere:
+                runner.warn(f"no run folder under {runs_dir}/ is recorded for table {name} in {results_dir}; "
+                            f"{len(elsewhere)} other results folder(s) have runs there: "
+                            f"{', '.join(elsewhere[:3])} (results_dir= names the one to rebuild)")
     return 0
 
 

@@ -228,3 +228,104 @@ def test_weights_written_before_their_digest_was_recorded_load_with_a_warning(tr
     capsys.readouterr()
     assert cli.main(["export", f"run_dir={d0}", f"out={d0.parent}/m.ts"]) == 0
     assert "simpnet: warning:" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- item 4: a moved or copied project
+
+def project(root: Path, finished_run, results: str = "results", runs: str = "runs", seeds: int = 2) -> list:
+    """A project folder with ``seeds`` finished runs of Table 5's P5 recorded for its results folder."""
+    planned_runs = planned(root, "table=5", "row=P5", f"seeds={seeds}")
+    for i, run in enumerate(planned_runs):
+        finished_run(run, root / results, root / runs, f"2025-01-01T00:00:0{i}Z", final_acc=10.0 + i)
+    assert cli.main(["repair", "table=5", f"results_dir={root / results}", f"runs_dir={root / runs}"]) == 0
+    return planned_runs
+
+
+def as_an_older_simpnet_wrote_them(root: Path, results: str = "results", runs: str = "runs",
+                                   relative_run_dir: bool = False) -> None:
+    """Rewrite the project's records as simpnet wrote them before issue 25: the absolute results_dir, and
+    run_dir as the command was given it (absolute, or relative to the project folder it was run from)."""
+    for path in (root / runs).glob("*/records/*.json"):
+        rec = json.loads(path.read_text())
+        run_dir = path.parent.parent
+        rec.update(results_dir=str((root / results).resolve()),
+                   run_dir=str(run_dir.relative_to(root)) if relative_run_dir else str(run_dir))
+        path.write_text(json.dumps(rec))
+
+
+def repair_in(root: Path, capsys, results: str = "results", runs: str = "runs") -> tuple[list[dict], str]:
+    capsys.readouterr()
+    assert cli.main(["repair", "table=5", f"results_dir={root / results}", f"runs_dir={root / runs}"]) == 0
+    err = capsys.readouterr().err
+    path = results_csv(root / results)
+    return (lines_of(path) if path.exists() else []), err
+
+
+def results_csv(results_dir: Path) -> Path:
+    return results.csv_path(results_dir, "5")
+
+
+@pytest.mark.parametrize("how", ["moved", "copied"])
+def test_repair_after_a_move_or_copy_rebuilds_every_intact_run_and_says_how_many(tmp_path, capsys, finished_run,
+                                                                                  how):
+    """`mv p q`, the CSV gone: repair found none of the runs (their records named p's results folder) and said
+    nothing of the folders. Now it indexes both and says what it read."""
+    p, q = tmp_path / "p", tmp_path / "q"
+    project(p, finished_run)
+    (shutil.move if how == "moved" else shutil.copytree)(p, q)
+    results_csv(q / "results").unlink(missing_ok=True)
+    rows, err = repair_in(q, capsys)
+    assert sorted((r["seed"], r["final_acc"]) for r in rows) == [(0, 10.0), (1, 11.0)], err
+    assert "2 run folder(s) read, 2 indexed, 0 refused" in err, err
+    assert all(Path(r["run_dir"]).parent == q / "runs" for r in rows)
+    if how == "copied":
+        assert [r["seed"] for r in lines_of(results_csv(p / "results"))] == [0, 1]
+        assert all(Path(r["run_dir"]).parent == p / "runs" for r in lines_of(results_csv(p / "results")))
+
+
+@pytest.mark.parametrize("relative_run_dir", [False, True])
+def test_an_older_simpnets_absolute_records_are_read_in_place_and_after_a_move(tmp_path, capsys, finished_run,
+                                                                               relative_run_dir):
+    p, q = tmp_path / "p", tmp_path / "q"
+    project(p, finished_run)
+    as_an_older_simpnet_wrote_them(p, relative_run_dir=relative_run_dir)
+    shutil.copytree(p, tmp_path / "p-as-it-was")
+    results_csv(p / "results").unlink()
+    rows, err = repair_in(p, capsys)
+    assert [r["seed"] for r in rows] == [0, 1], err
+    assert all(not os.path.isabs(json.loads(f.read_text())["results_dir"])
+               for f in (p / "runs").glob("*/records/*.json")), "rewritten relative where found in place"
+    shutil.move(tmp_path / "p-as-it-was", q)  # never read in place: still absolute, naming p
+    results_csv(q / "results").unlink()
+    rows, err = repair_in(q, capsys)
+    assert [r["seed"] for r in rows] == [0, 1], err
+
+
+def test_repair_says_where_the_runs_are_recorded_when_none_is_for_its_results_folder(tmp_path, capsys,
+                                                                                      finished_run):
+    project(tmp_path, finished_run)
+    rows, err = repair_in(tmp_path, capsys, results="elsewhere")
+    assert rows == [] and "0 run folder(s) read" in err
+    assert f"have runs there: {tmp_path / 'results'}" in err, err
+
+
+def test_fuzz_records_survive_any_move_or_copy_of_the_project(tmp_path, capsys, finished_run):
+    """Property: for random layouts (results and runs folders at random depths), records written now or by an
+    older simpnet, and a random move or copy of the project to a random depth, repair indexes every run once."""
+    rng = random.Random(25)
+    for case in range(6):
+        base = tmp_path / str(case)
+        depth = lambda: "/".join(rng.sample(["a", "b", "c", "d"], rng.randint(0, 2)))  # noqa: E731
+        res, runs = f"{depth()}/results".lstrip("/"), f"{depth()}/runs".lstrip("/")
+        p = base / "p"
+        n = rng.randint(1, 3)
+        project(p, finished_run, res, runs, seeds=n)
+        if rng.random() < 0.5:
+            as_an_older_simpnet_wrote_them(p, res, runs, relative_run_dir=rng.random() < 0.5)
+        q = base / "/".join(["q"] + rng.sample(["x", "y"], rng.randint(0, 2)))
+        q.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.move if rng.random() < 0.5 else shutil.copytree)(p, q)
+        results_csv(q / res).unlink()
+        rows, err = repair_in(q, capsys, res, runs)
+        assert sorted(r["seed"] for r in rows) == list(range(n)), (case, res, runs, err)
+        assert f"{n} run folder(s) read, {n} indexed, 0 refused" in err, (case, err)

@@ -2,12 +2,16 @@
 
 A run folder ``runs_dir/<config_hash>/`` is written by one process at a time (runner.RunLock) and holds
 ``config.yaml`` (the resolved run, written when it starts) and, once finished, ``result.json`` (written last,
-atomically; ``seal`` then adds the run's ``config_hash``, ``table``, ``row_id``, ``seed`` and ``finished_at``,
-which the training loop does not write). Which tables
+atomically, naming its run: ``config_hash``, ``table``, ``row_id``, ``seed``, ``finished_at`` and the SHA-256
+of ``model.pt``). Which tables
 a run belongs to is kept beside them in ``records/``: one small JSON file per (results_dir, table, row) that
 asked for the run, written when the command plans to train or record it. Its fields are the CSV's columns that
 depend on the row rather than on the run (label, variant, paper figures, profile, run_dir): Table 2's 8L is
-Table 7's and Table 9's 3x3-300K, one folder with three records.
+Table 7's and Table 9's 3x3-300K, one folder with three records. A record names its results_dir relative to its
+own folder (``../../../results``), so a project moved or copied whole (``mv p q``) keeps its records. Records of
+an older simpnet name it by its absolute path: they are read where that is the results_dir, or where the
+project moved as a whole (the record's results_dir stands to the run_dir it recorded as the results_dir stands
+to the folder now), and rewritten in the relative form when found in place.
 
 ``rebuild`` writes a table's CSV from the folders that hold a record for that table and that results_dir,
 whole, through a temporary file and a rename. Nothing is ever appended, so concurrent commands cannot
@@ -75,9 +79,53 @@ def utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def results_key(results_dir: Path) -> str:
-    """How a record names its results_dir: the absolute path, so every spelling of one folder agrees."""
-    return str(Path(results_dir).resolve())
+def results_key(results_dir: Path, run_dir: Path) -> str:
+    """How a record in ``run_dir/records/`` names its results_dir: relative to that folder, so every spelling
+    of one folder agrees and a project moved or copied whole keeps its records."""
+    return os.path.relpath(Path(results_dir).resolve(), (Path(run_dir) / RECORDS).resolve())
+
+
+def _names(rec: dict, records_dir: Path, results_dir: Path) -> bool | None:
+    """Whether the record ``rec`` in ``records_dir`` is for ``results_dir``: True, False, or None for an older
+    simpnet's record that names it by the absolute path it had when written, found there (to rewrite)."""
+    named = rec.get("results_dir")
+    if not isinstance(named, str) or not named:
+        return False
+    want = Path(results_dir).resolve()
+    if not os.path.isabs(named):
+        return Path(os.path.normpath(records_dir.resolve() / named)) == want
+    if Path(named) == want:
+        return None
+    return _moved_with_the_project(Path(named), str(rec.get("run_dir") or ""), records_dir.parent.resolve(), want)
+
+
+def _moved_with_the_project(old_results: Path, recorded_run: str, run_dir: Path, results_dir: Path) -> bool:
+    """An older simpnet's record after a move or copy: its results_dir (absolute, as it was) stands to the run
+    folder it recorded as ``results_dir`` stands to ``run_dir`` now. The recorded run folder is absolute, or
+    relative to the command's folder, which is then taken to be where results_dir was relative to as well."""
+    recorded = Path(recorded_run)
+    if not recorded_run or ".." in recorded.parts:
+        return False
+    if recorded.is_absolute():
+        tail = 0  # the path's end that the folder kept: what precedes it is where the project was, and is
+        while tail < min(len(recorded.parts), len(run_dir.parts)) - 1 and \
+                recorded.parts[-1 - tail] == run_dir.parts[-1 - tail]:
+            tail += 1
+        if tail == 0:
+            return False
+        old_root, new_root = Path(*recorded.parts[:-tail]), Path(*run_dir.parts[:-tail])
+        try:
+            return new_root / old_results.relative_to(old_root) == results_dir
+        except ValueError:
+            return False
+    if run_dir.parts[-len(recorded.parts):] != recorded.parts:
+        return False
+    new_root = Path(*run_dir.parts[:-len(recorded.parts)])
+    try:
+        rel = results_dir.relative_to(new_root).parts
+    except ValueError:
+        return False
+    return len(rel) > 0 and old_results.parts[-len(rel):] == rel
 
 
 # --------------------------------------------------------------------------- records
@@ -91,41 +139,42 @@ def record_of(run, run_dir: Path, profile: str) -> dict:
 
 
 def record_path(run_dir: Path, results_dir: Path, table: str, row_id: str) -> Path:
-    digest = hashlib.sha256(json.dumps([results_key(results_dir), str(table), str(row_id)]).encode()).hexdigest()
+    key = results_key(results_dir, run_dir)
+    digest = hashlib.sha256(json.dumps([key, str(table), str(row_id)]).encode()).hexdigest()
     return Path(run_dir) / RECORDS / f"table{re.sub(r'[^A-Za-z0-9_.-]', '_', str(table))}-{digest[:16]}.json"
 
 
 def write_record(run_dir: Path, results_dir: Path, record: dict) -> Path:
     """Say that ``run_dir``'s run belongs to ``record``'s table row in ``results_dir`` (idempotent)."""
-    record = {"results_dir": results_key(results_dir), **record}
+    record = {**record, "results_dir": results_key(results_dir, run_dir)}
     return write_json_unless_same(record_path(run_dir, results_dir, record["table"], record["row_id"]), record)
 
 
-def _records(runs_dir: Path, results_dir: Path, table: str | None = None):
-    """(run folder, record) of every record under ``runs_dir`` for ``results_dir`` (and ``table``)."""
-    want = results_key(results_dir)
-    for path in sorted(Path(runs_dir).glob(f"*/{RECORDS}/*.json")):
+def _records(runs_dir: Path, results_dir: Path, table: str | None = None, paths=None):
+    """(run folder, record) of every record under ``runs_dir`` (or of the record files ``paths``) for
+    ``results_dir`` (and ``table``). An older simpnet's record found in place is rewritten relative."""
+    for path in sorted(Path(runs_dir).glob(f"*/{RECORDS}/*.json") if paths is None else paths):
         try:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # a record half-written by an older version cannot exist (atomic); anything else is not ours
-        if isinstance(rec, dict) and rec.get("results_dir") == want and (table is None or str(rec.get("table")) == table):
+        if not isinstance(rec, dict) or (table is not None and str(rec.get("table")) != table):
+            continue
+        named = _names(rec, path.parent, results_dir)
+        if named is None:  # an absolute path, in place: the relative form survives a move of the project
+            try:
+                if write_record(path.parent.parent, results_dir, rec) != path:
+                    path.unlink()
+            except (OSError, UserError):
+                pass  # a read-only runs_dir: read as it is
+        if named is not False:
             yield path.parent.parent, rec
 
 
 def tables_recorded(runs_dir: Path, results_dir: Path, run_dir: Path | None = None) -> list[str]:
     """The tables with records for ``results_dir`` (in one run folder, or in all of them)."""
-    if run_dir is not None:
-        found = set()
-        for path in (Path(run_dir) / RECORDS).glob("*.json"):
-            try:
-                rec = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(rec, dict) and rec.get("results_dir") == results_key(results_dir):
-                found.add(str(rec.get("table")))
-        return sorted(found)
-    return sorted({str(rec.get("table")) for _, rec in _records(runs_dir, results_dir)})
+    paths = None if run_dir is None else sorted((Path(run_dir) / RECORDS).glob("*.json"))
+    return sorted({str(rec.get("table")) for _, rec in _records(runs_dir, results_dir, paths=paths)})
 
 
 # --------------------------------------------------------------------------- run folders
@@ -302,7 +351,8 @@ class Index:
     dropped: list = field(default_factory=list)   # BadLines of the old file
     refused: list = field(default_factory=list)   # messages
     stamp: list = field(default_factory=list)     # (run folder, Folder, finished_at): unnamed results a line vouched for
-    read: int = 0                                 # run folders recorded for the table (finished or not) read
+    read: set = field(default_factory=set)        # the run folders read (recorded for the table, or a line's)
+    unfinished: int = 0                           # of those, runs not finished (nothing to index yet)
     backup: Path | None = None
     changed: bool = False
 
@@ -315,7 +365,8 @@ class Index:
         return set(self.entries)
 
     def counts(self) -> dict:
-        return {"lines": len(self.entries), "kept": len(self.from_folders & self.old_keys),
+        return {"lines": len(self.entries), "read": len(self.read), "indexed": len(self.from_folders),
+                "unfinished": self.unfinished, "kept": len(self.from_folders & self.old_keys),
                 "recovered": len(self.from_folders - self.old_keys), "carried": len(self.carried),
                 "adopted": len(self.adopt), "duplicates": self.duplicates, "dropped": len(self.dropped),
                 "refused": len(self.refused), "backup": self.backup, "changed": self.changed}
@@ -329,13 +380,14 @@ def _from_folders(results_dir: Path, table: str, runs_dir: Path, idx: Index, old
     """Index the finished runs recorded for the table; ``old``: the existing CSV's lines by key, the only
     evidence for an older simpnet's result.json that does not name its run."""
     for run_dir, rec in _records(runs_dir, results_dir, table):
-        idx.read += 1
+        idx.read.add(run_dir.name)
         try:
             if str(rec.get("config_hash")) != run_dir.name:
                 raise Refused(f"its record for table {table} names run {rec.get('config_hash')}")
             got = folder(run_dir)
             if got is None:
-                continue  # not finished
+                idx.unfinished += 1
+                continue
             if str(rec.get("seed")) != str(got.config.get("seed")):
                 raise Refused(f"its record for table {table} is seed {rec.get('seed')}'s, the run seed "
                               f"{got.config.get('seed')}'s")
@@ -407,6 +459,8 @@ def build(results_dir: Path, table: str, runs_dir: Path) -> Index:
         idx.old_keys.add(k)
         if k in idx.entries:
             continue
+        if HASH.fullmatch(line.raw["config_hash"]) and (Path(runs_dir) / line.raw["config_hash"]).is_dir():
+            idx.read.add(line.raw["config_hash"])
         adopted = _adoptable(line.raw, results_dir, runs_dir)
         if adopted:
             run_dir, record, text, got = adopted
@@ -499,6 +553,22 @@ def rebuild(results_dir: Path, table: str, runs_dir: Path, warn: Warn | None = N
             warn(f"{path}: kept {len(idx.carried)} line(s) whose run folder is not a finished run under "
                  f"{runs_dir}/ (e.g. {some}); they count as recorded: delete a line to drop it")
     return idx
+
+
+def recorded_elsewhere(runs_dir: Path, results_dir: Path, table: str) -> list[str]:
+    """The results folders other than ``results_dir`` that records under ``runs_dir`` name for ``table``, as
+    the records spell them (said when a repair finds no run for ``results_dir``)."""
+    found = set()
+    for path in Path(runs_dir).glob(f"*/{RECORDS}/*.json"):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and str(rec.get("table")) == str(table) and \
+                _names(rec, path.parent, results_dir) is False and isinstance(rec.get("results_dir"), str):
+            named = rec["results_dir"]
+            found.add(named if os.path.isabs(named) else os.path.normpath(path.parent / named))
+    return sorted(found)
 
 
 def rebuild_tables(results_dir: Path, runs_dir: Path, names, warn: Warn | None = None,
