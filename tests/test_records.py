@@ -329,3 +329,126 @@ def test_fuzz_records_survive_any_move_or_copy_of_the_project(tmp_path, capsys, 
         rows, err = repair_in(q, capsys, res, runs)
         assert sorted(r["seed"] for r in rows) == list(range(n)), (case, res, runs, err)
         assert f"{n} run folder(s) read, {n} indexed, 0 refused" in err, (case, err)
+
+
+# --------------------------------------------------------------------------- item 2: one row, one computation
+
+import dataclasses  # noqa: E402
+
+from simpnet_cli.config import tables  # noqa: E402
+from simpnet_cli.report import data as report_data  # noqa: E402
+
+
+def report_lines(results_dir: Path, table: str, row_id: str) -> list:
+    rep = report_data.collect(results_dir, table, profile="smoke")
+    return [r for tr in rep.tables for r in tr.rows if r.kind == "trained" and r.row_id == row_id and r.n]
+
+
+def own_conf_dir(tmp_path: Path) -> Path:
+    """A conf_dir whose arch1 is not the built-in one (another BatchNorm fraction): Table 2's 8L redefined."""
+    root = tmp_path / "conf"
+    (root / "arch").mkdir(parents=True)
+    text = (tables.DEFAULT_CONF_DIR / "arch" / "arch1.yaml").read_text()
+    (root / "arch" / "arch1.yaml").write_text(text.replace("bn_fraction: 0.99", "bn_fraction: 0.9"))
+    return root
+
+
+def two_computations(tmp_path: Path, case: str):
+    """(table, row id, two runs of seed 0 under one row and no variant, computing different things)."""
+    if case == "two networks under one custom.row":
+        a = planned(tmp_path, "arch=arch2", "net.widths=C16, C32", "custom.row=six")
+        b = planned(tmp_path, "arch=arch2", "net.widths=C16{2}, C32", "custom.row=six")
+        return "custom", "six", a[0], b[0]
+    if case == "custom.dataset=mnist beside cifar10":
+        a = planned(tmp_path, "arch=arch2", "net.widths=C16, C32")
+        b = planned(tmp_path, "arch=arch2", "net.widths=C16, C32", "custom.dataset=mnist")
+        return "custom", "arch2", a[0], b[0]
+    if case == "a conf_dir arch that redefines 8L":
+        (a,) = planned(tmp_path, "table=2", "row=8L")
+        try:
+            (b,) = planned(tmp_path, "table=2", "row=8L", f"conf_dir={own_conf_dir(tmp_path)}")
+        finally:
+            tables.use_conf_dir(None)
+        return "2", "8L", a, b
+    (a,) = planned(tmp_path, "table=2", "row=8L")  # an older simpnet's folder of the seed, under another hash
+    return "2", "8L", a, dataclasses.replace(a, train={**a.train, "iterations": 5})
+
+
+@pytest.mark.parametrize("case", ["two networks under one custom.row", "custom.dataset=mnist beside cifar10",
+                                  "a conf_dir arch that redefines 8L", "a second folder of the seed"])
+def test_a_rows_figures_pool_only_one_computation(tmp_path, finished_run, case):
+    """Each of these was one line with n=2, seed 0 counted twice; now each computation is a line of its own,
+    the second named by what differs."""
+    out, runs = dirs(tmp_path)
+    table, row_id, a, b = two_computations(tmp_path, case)
+    assert (a.table, a.row_id, a.variant, a.seed) == (b.table, b.row_id, b.variant, b.seed)
+    assert a.config_hash != b.config_hash
+    finished_run(a, out, runs, "2025-01-01T00:00:00Z", final_acc=10.0, best_acc=10.0)
+    finished_run(b, out, runs, "2025-01-01T00:00:01Z", final_acc=90.0, best_acc=90.0)
+    assert repair(tmp_path, f"table={table}") == 0
+    lines = report_lines(out, table, row_id)
+    assert [(r.n, r.values("final")) for r in lines] == [(1, [10.0]), (1, [90.0])], [r.label for r in lines]
+    assert lines[0].differs == "" and lines[1].differs and lines[1].differs in lines[1].label
+    assert [r.computation for r in lines] == [a.computation, b.computation]
+
+
+def test_the_computation_is_the_runs_identity_but_its_seed_and_reads_back_from_its_folder(tmp_path, finished_run):
+    out, runs = dirs(tmp_path)
+    s0, s1 = planned(tmp_path, "table=5", "row=P5", "seeds=2")
+    assert s0.computation == s1.computation and s0.config_hash != s1.config_hash
+    import yaml
+    from omegaconf import OmegaConf
+
+    config = yaml.safe_load(OmegaConf.to_yaml(OmegaConf.create(s0.to_dict())))
+    assert tables.computation_of(config) == s0.computation
+    assert tables.computation_of({**config, "config_hash": "0" * 16}) is None  # not the run it names
+
+
+def blank_computations(path: Path, rng: random.Random) -> None:
+    """A CSV as written before the computation column, for a random share of its lines."""
+    import csv as _csv
+    import io
+
+    rows = list(_csv.DictReader(io.StringIO(path.read_text())))
+    for row in rows:
+        if rng.random() < 0.5:
+            row["computation"] = ""
+    buf = io.StringIO()
+    writer = _csv.DictWriter(buf, fieldnames=results.COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buf.getvalue())
+
+
+def test_property_every_report_line_pools_the_distinct_seeds_of_one_computation(tmp_path, finished_run):
+    """For random sets of runs of one row (several computations, random seeds, some lines without the
+    computation column and some of those without their folder), each report line's n is the number of distinct
+    seeds of one computation, no seed counts twice, and every ok run is on exactly one line."""
+    rng = random.Random(25)
+    (base,) = planned(tmp_path, "table=5", "row=P5")
+    for case in range(8):
+        root = tmp_path / str(case)
+        out, runs = dirs(root)
+        made = []
+        for length in rng.sample([4, 5, 6, 7], rng.randint(1, 3)):
+            comp = dataclasses.replace(base, train={**base.train, "iterations": length})
+            for seed in rng.sample(range(5), rng.randint(1, 4)):
+                run = comp.with_seed(seed)
+                finished_run(run, out, runs, f"2025-01-01T00:00:{len(made):02d}Z", final_acc=float(len(made)),
+                             iterations=length, best_iter=length)
+                made.append(run)
+        assert repair(root, "table=5") == 0
+        path = results.csv_path(out, "5")
+        blank_computations(path, rng)
+        for run in made:
+            if rng.random() < 0.2:
+                shutil.rmtree(runs / run.config_hash)  # (only what the line says of its run is left)
+        lines = report_lines(out, "5", "P5")
+        by_acc = {float(i): run for i, run in enumerate(made)}
+        seen = []
+        for line in lines:
+            mine = [by_acc[v] for v in line.values("final")]
+            assert line.n == len({r.seed for r in mine}), (case, line.label)
+            assert len({r.train["iterations"] for r in mine}) == 1, (case, line.label)  # one computation
+            seen += mine
+        assert sorted(r.config_hash for r in seen) == sorted(r.config_hash for r in made), case

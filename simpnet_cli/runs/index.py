@@ -48,10 +48,12 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from simpnet_cli.config import tables
 from simpnet_cli.errors import UserError
 from simpnet_cli.files import write_json, write_json_unless_same
 from simpnet_cli.runs import results
@@ -62,7 +64,8 @@ CONFIG = "config.yaml"
 # The CSV's columns that depend on the table row (kept in its record) and on the run (kept in result.json, whose
 # params_paper is the CSV's counted_params: results.format_line renames it).
 RECORD_COLUMNS = ["table", "row", "row_id", "variant", "seed", "dataset", "paper_params", "paper_acc", "profile",
-                  "config_hash", "run_dir"]
+                  "config_hash", "computation", "run_dir"]
+RECORD_DEFAULTS = {"computation": ""}  # records written before the column: filled from config.yaml
 RESULT_COLUMNS = ["params_paper", "params_total", "final_acc", "best_acc", "best_iter", "iterations", "epochs",
                   "wall_s", "img_per_s", "device", "precision", "step_mode", "status"]
 RESULT_DEFAULTS = {"step_mode": "eager"}  # result.json files written before the column
@@ -135,7 +138,7 @@ def record_of(run, run_dir: Path, profile: str) -> dict:
     return {"table": run.table, "row": run.label, "row_id": run.row_id, "variant": run.variant, "seed": run.seed,
             "dataset": run.dataset["name"], "paper_params": run.paper.get("params", "-"),
             "paper_acc": run.paper.get("acc", "-"), "profile": profile, "config_hash": run.config_hash,
-            "run_dir": str(run_dir)}
+            "computation": run.computation, "run_dir": str(run_dir)}
 
 
 def record_path(run_dir: Path, results_dir: Path, table: str, row_id: str) -> Path:
@@ -185,6 +188,11 @@ class Folder:
     config: dict
     finished_at: str
     stamped: bool  # result.json names its run (else: an older simpnet's, vouched for only by its CSV line)
+
+    @cached_property  # (once per folder and process: the folders are cached by their files' identity)
+    def computation(self) -> str:
+        """The run's computation (tables.RunSpec.computation), from config.yaml; "" if it does not rebuild."""
+        return tables.computation_of(self.config) or ""
 
 
 _checked: dict[tuple, Folder | Refused | None] = {}  # by the folder's files' identity: rebuilds re-read cheaply
@@ -320,10 +328,12 @@ def _vouched(raw: dict | None, got: Folder) -> bool:
     return all(formatted[c] == raw[c] for c in (results.RENAMED.get(c, c) for c in RESULT_COLUMNS))
 
 
-def line_of(record: dict, result: dict, finished_at: str) -> dict:
-    """A CSV line: the row's columns from its record, the run's from its result."""
-    return {**{c: record[c] for c in RECORD_COLUMNS}, **{c: result.get(c, RESULT_DEFAULTS.get(c)) for c in
-                                                         RESULT_COLUMNS},
+def line_of(record: dict, result: dict, finished_at: str, computation: str = "") -> dict:
+    """A CSV line: the row's columns from its record, the run's from its result (``computation``: the run's,
+    for an older record that lacks it)."""
+    row = {c: record[c] if c not in RECORD_DEFAULTS else record.get(c) or RECORD_DEFAULTS[c] for c in RECORD_COLUMNS}
+    row["computation"] = row["computation"] or computation
+    return {**row, **{c: result.get(c, RESULT_DEFAULTS.get(c)) for c in RESULT_COLUMNS},
             "finished_at": record.get("finished_at") or finished_at}
 
 
@@ -398,7 +408,7 @@ def _from_folders(results_dir: Path, table: str, runs_dir: Path, idx: Index, old
                 idx.stamp.append((run_dir, got, raw["finished_at"]))
             if Path(str(rec.get("run_dir"))).resolve() != run_dir.resolve():
                 rec = {**rec, "run_dir": str(run_dir)}  # a moved runs_dir: the line says where the run is now
-            text, raw = _good_text(line_of(rec, got.result, got.finished_at))
+            text, raw = _good_text(line_of(rec, got.result, got.finished_at, got.computation))
         except (Refused, ValueError, KeyError, TypeError) as why:
             idx.refused.append(f"{run_dir}: refused, not indexed in {idx.path.name}: {why}")
             continue
@@ -427,7 +437,7 @@ def _adoptable(raw: dict, results_dir: Path, runs_dir: Path) -> tuple[Path, dict
     record = {**{c: raw[c] for c in RECORD_COLUMNS}, "seed": int(float(raw["seed"])),
               "run_dir": raw["run_dir"] if same else str(run_dir), "finished_at": raw["finished_at"]}
     try:
-        text, _ = _good_text(line_of(record, got.result, got.finished_at))
+        text, _ = _good_text(line_of(record, got.result, got.finished_at, got.computation))
     except (ValueError, KeyError):
         return None
     return run_dir, record, text, got
