@@ -452,3 +452,22 @@ def test_property_every_report_line_pools_the_distinct_seeds_of_one_computation(
             assert len({r.train["iterations"] for r in mine}) == 1, (case, line.label)  # one computation
             seen += mine
         assert sorted(r.config_hash for r in seen) == sorted(r.config_hash for r in made), case
+
+
+def test_property_hydras_own_folders_are_under_runs_dir_whatever_it_is(tmp_path):
+    """For random runs_dir values (absolute or relative, nested, with odd characters), the folder a sweep's
+    Hydra writes to is under runs_dir, and Hydra writes no output subfolder of its own anywhere."""
+    from hydra import compose, initialize_config_dir
+
+    rng = random.Random(25)
+    parts = ["runs", "a b", "x.y", "deep", "_r", "é"]
+    with initialize_config_dir(config_dir=str(tables.DEFAULT_CONF_DIR), version_base="1.3"):
+        for case in range(12):
+            runs_dir = "/".join(rng.sample(parts, rng.randint(1, 3)))
+            if rng.random() < 0.5:
+                runs_dir = str(tmp_path / runs_dir)
+            cfg = compose(config_name="config", overrides=[f"runs_dir='{runs_dir}'", f"results_dir={tmp_path}/r"],
+                          return_hydra_config=True)
+            sweep = Path(str(cfg.hydra.sweep.dir))
+            assert Path(runs_dir) in sweep.parents, (runs_dir, sweep)
+            assert cfg.hydra.output_subdir is None and not cfg.hydra.job.chdir

@@ -110,7 +110,7 @@ def _moved_with_the_project(old_results: Path, recorded_run: str, run_dir: Path,
     if not recorded_run or ".." in recorded.parts:
         return False
     if recorded.is_absolute():
-        tail = 0  # the path's end that the folder kept: what precedes it is where the project was, and is
+        tail = 0  # the end of the path that the move kept: what precedes it was the project's folder, and is now
         while tail < min(len(recorded.parts), len(run_dir.parts)) - 1 and \
                 recorded.parts[-1 - tail] == run_dir.parts[-1 - tail]:
             tail += 1
@@ -435,6 +435,7 @@ def _adoptable(raw: dict, results_dir: Path, runs_dir: Path) -> tuple[Path, dict
     # The line's run_dir as written when it names this folder (the CSV is reproduced), else where it is now.
     same = Path(raw["run_dir"]).resolve() == run_dir.resolve()
     record = {**{c: raw[c] for c in RECORD_COLUMNS}, "seed": int(float(raw["seed"])),
+              "computation": raw["computation"] or got.computation,
               "run_dir": raw["run_dir"] if same else str(run_dir), "finished_at": raw["finished_at"]}
     try:
         text, _ = _good_text(line_of(record, got.result, got.finished_at, got.computation))
@@ -451,7 +452,8 @@ def _verbatim(raw: dict) -> str:
 
 
 def build(results_dir: Path, table: str, runs_dir: Path) -> Index:
-    """What the table's CSV should hold now (reads only)."""
+    """What the table's CSV should hold now (reads only, but for rewriting an older simpnet's records found in
+    place in their relative form: ``_records``)."""
     table = str(table)
     idx = Index(results.csv_path(results_dir, table))
     good, bad = results.parse(idx.path, table)
