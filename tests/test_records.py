@@ -265,6 +265,19 @@ def results_csv(results_dir: Path) -> Path:
     return results.csv_path(results_dir, "5")
 
 
+def test_a_runs_dir_moved_alone_keeps_its_records(tmp_path, capsys, finished_run):
+    a, b = tmp_path / "a", tmp_path / "b"
+    project(a / "p", finished_run)
+    shutil.move(a / "p" / "runs", a / "elsewhere")
+    results_csv(a / "p" / "results").unlink()
+    rows, err = repair_in(a, capsys, results="p/results", runs="elsewhere")
+    assert [r["seed"] for r in rows] == [0, 1] and "2 run folder(s) read, 2 indexed" in err, err
+    shutil.move(a, b)  # then all of it (the records were rewritten for where the runs are now)
+    results_csv(b / "p" / "results").unlink()
+    rows, err = repair_in(b, capsys, results="p/results", runs="elsewhere")
+    assert [r["seed"] for r in rows] == [0, 1], err
+
+
 @pytest.mark.parametrize("how", ["moved", "copied"])
 def test_repair_after_a_move_or_copy_rebuilds_every_intact_run_and_says_how_many(tmp_path, capsys, finished_run,
                                                                                   how):

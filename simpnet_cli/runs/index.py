@@ -8,10 +8,11 @@ a run belongs to is kept beside them in ``records/``: one small JSON file per (r
 asked for the run, written when the command plans to train or record it. Its fields are the CSV's columns that
 depend on the row rather than on the run (label, variant, paper figures, profile, run_dir): Table 2's 8L is
 Table 7's and Table 9's 3x3-300K, one folder with three records. A record names its results_dir relative to its
-own folder (``../../../results``), so a project moved or copied whole (``mv p q``) keeps its records. Records of
-an older simpnet name it by its absolute path: they are read where that is the results_dir, or where the
-project moved as a whole (the record's results_dir stands to the run_dir it recorded as the results_dir stands
-to the folder now), and rewritten in the relative form when found in place.
+own folder (``../../../results``), so a project moved or copied whole (``mv p q``) keeps its records, and by
+its absolute path (``results_dir_abs``), so a runs_dir moved alone keeps them too. Records of an older simpnet
+name it by its absolute path only: they are read where that is the results_dir, or where the project moved as
+a whole (the record's results_dir stands to the run_dir it recorded as the results_dir stands to the folder
+now), and rewritten in the new form when found in place.
 
 ``rebuild`` writes a table's CSV from the folders that hold a record for that table and that results_dir,
 whole, through a temporary file and a rename. Nothing is ever appended, so concurrent commands cannot
@@ -89,14 +90,16 @@ def results_key(results_dir: Path, run_dir: Path) -> str:
 
 
 def _names(rec: dict, records_dir: Path, results_dir: Path) -> bool | None:
-    """Whether the record ``rec`` in ``records_dir`` is for ``results_dir``: True, False, or None for an older
-    simpnet's record that names it by the absolute path it had when written, found there (to rewrite)."""
+    """Whether the record ``rec`` in ``records_dir`` is for ``results_dir``: True, False, or None where it is but
+    says so in a form to rewrite (found by its absolute path: an older simpnet's, or its runs_dir moved alone)."""
     named = rec.get("results_dir")
     if not isinstance(named, str) or not named:
         return False
     want = Path(results_dir).resolve()
     if not os.path.isabs(named):
-        return Path(os.path.normpath(records_dir.resolve() / named)) == want
+        if Path(os.path.normpath(records_dir.resolve() / named)) == want:
+            return True
+        return None if rec.get("results_dir_abs") == str(want) else False
     if Path(named) == want:
         return None
     return _moved_with_the_project(Path(named), str(rec.get("run_dir") or ""), records_dir.parent.resolve(), want)
@@ -149,7 +152,8 @@ def record_path(run_dir: Path, results_dir: Path, table: str, row_id: str) -> Pa
 
 def write_record(run_dir: Path, results_dir: Path, record: dict) -> Path:
     """Say that ``run_dir``'s run belongs to ``record``'s table row in ``results_dir`` (idempotent)."""
-    record = {**record, "results_dir": results_key(results_dir, run_dir)}
+    record = {**record, "results_dir": results_key(results_dir, run_dir),
+              "results_dir_abs": str(Path(results_dir).resolve())}
     return write_json_unless_same(record_path(run_dir, results_dir, record["table"], record["row_id"]), record)
 
 
@@ -164,7 +168,7 @@ def _records(runs_dir: Path, results_dir: Path, table: str | None = None, paths=
         if not isinstance(rec, dict) or (table is not None and str(rec.get("table")) != table):
             continue
         named = _names(rec, path.parent, results_dir)
-        if named is None:  # an absolute path, in place: the relative form survives a move of the project
+        if named is None:  # found by its absolute path: the relative form survives a move of the project
             try:
                 if write_record(path.parent.parent, results_dir, rec) != path:
                     path.unlink()
