@@ -374,12 +374,13 @@ def multirun(flags, overrides) -> int:
 
 def print_submitit_logs(overrides: list[str]) -> None:
     """Where each job of a submitit launch writes its log: <sweep dir>/.submitit/<job id>/ (the launcher's
-    default folder); the sweep dir is hydra.sweep.dir= if given, else the newest under experiments/multirun."""
+    default folder); the sweep dir is hydra.sweep.dir= if given, else the newest under runs_dir/multirun."""
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.sweep.dir=")]
     if given:
         sweep = Path(given[-1])
     else:
-        found = sorted(Path("experiments/multirun").glob("*"), key=lambda p: p.stat().st_mtime)
+        runs_dir = ([o.split("=", 1)[1] for o in overrides if o.startswith("runs_dir=")] or ["experiments"])[-1]
+        found = sorted(Path(runs_dir, "multirun").glob("*"), key=lambda p: p.stat().st_mtime)
         if not found:
             return
         sweep = found[-1]
@@ -419,11 +420,19 @@ def cmd_repair(cfg, flags, variant) -> int:
         raise UserError(f"no results files (table*.csv) in {results_dir} and no runs recorded for it in {runs_dir}")
     for name, idx in index.rebuild_tables(results_dir, runs_dir, names, runner.warn).items():
         done = idx.counts()
-        print(f"{idx.path}: {'rebuilt' if done['changed'] else 'unchanged'} from {runs_dir}/: {done['lines']} "
+        print(f"{idx.path}: {'rebuilt' if done['changed'] else 'unchanged'} from {runs_dir}/: "
+              f"{done['read']} run folder(s) read, {done['indexed']} indexed, {done['refused']} refused, "
+              f"{done['unfinished']} unfinished; {done['lines']} "
               f"line(s): {done['kept']} kept, {done['recovered']} recovered from run folders, {done['carried']} "
               f"kept without a run folder; {done['duplicates']} duplicate(s) and {done['dropped']} damaged "
-              f"line(s) dropped, {done['refused']} run folder(s) refused"
+              f"line(s) dropped"
               + (f"; the old file is {done['backup']}" if done["backup"] else ""), file=sys.stderr)
+        if not done["read"]:
+            elsewhere = index.recorded_elsewhere(runs_dir, results_dir, name)
+            if elsewhere:
+                runner.warn(f"no run folder under {runs_dir}/ is recorded for table {name} in {results_dir}; "
+                            f"{len(elsewhere)} other results folder(s) have runs there: "
+                            f"{', '.join(elsewhere[:3])} (results_dir= names the one to rebuild)")
     return 0
 
 
@@ -499,7 +508,8 @@ def cmd_export(args: list[str]) -> int:
     if bad or "run_dir" not in keys:
         raise UserError("usage: simpnet export run_dir=PATH [format=torchscript|onnx] [out=FILE]"
                         + (f" (unknown: {', '.join(bad)})" if bad else ""))
-    path = trained.export(keys["run_dir"], keys.get("format", "torchscript"), keys.get("out"))
+    path = trained.export(keys["run_dir"], keys.get("format", "torchscript"), keys.get("out"),
+                          warn=lambda msg: print(f"simpnet: warning: {msg}", file=sys.stderr))
     print(f"wrote {path}")
     return 0
 

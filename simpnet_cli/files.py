@@ -6,6 +6,7 @@ file in the same folder, fsync, rename. Readers see the old file or the new one,
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -48,6 +49,15 @@ def save_pt(obj, path: Path) -> None:
     reports, where torch's own writer (given a file name) raises an opaque RuntimeError."""
     with open(path, "wb") as fh:
         torch.save(obj, fh)
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes (a run's weights, named in its result.json)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -134,7 +134,10 @@ SLOW = {
     "test_report.py": ("test_networks_of_ones_own", "test_empty_results_render"),
     "test_one_hash_one_figure.py": tuple(f"test_stacked_and_separate_training_never_record_two_figures_under_one_"
                                          f"hash[{row}]" for row in ("SN-SAF", "RN32-max")),
-    "test_stacked.py": ("test_a_stacked_run_killed_and_resumed", "test_a_stacked_run_whose_group_mates", "test_packed_stacked_groups_are_one_job",
+    # (a sweep in a subprocess, and a TorchScript export: the fast tier keeps item 5's property of the sweep folder)
+    "test_records.py": ("test_a_sweep_writes_nothing", "test_weights_written_before"),
+    "test_stacked.py": ("test_a_stacked_run_killed_and_resumed", "test_a_stacked_run_whose_group_mates",
+                        "test_packed_stacked_groups_are_one_job",
                         "test_bench_reports_separate_grouped_and_branched"),
 }
 # Tests of many cases of which the fast tier runs every k-th (the first, the (k+1)-th...) and the slow tier the

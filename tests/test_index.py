@@ -81,7 +81,8 @@ def test_a_run_killed_between_its_result_and_the_rebuild_is_indexed_once_by_the_
                           text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     run_dir = runs / p5.config_hash
-    assert (run_dir / "result.json").exists() and "config_hash" not in json.loads((run_dir / "result.json").read_text())
+    killed = json.loads((run_dir / "result.json").read_text())  # the loop names the run in it (issue 25)
+    assert (killed["config_hash"], killed["seed"]) == (p5.config_hash, 0)
     assert not results.csv_path(out, "5").exists(), "killed before the index was written"
     capsys.readouterr()
     if then == "run":
@@ -279,7 +280,8 @@ def line(row_id: str, **over) -> dict:
             "counted_params": 53370, "params_total": 53912, "paper_params": "53K", "paper_acc": 79.44, "final_acc": 61.5,
             "best_acc": 62.25, "best_iter": 4, "iterations": 4, "epochs": 0.5, "wall_s": 1.25, "img_per_s": 100.0,
             "device": "cpu", "precision": "fp32", "step_mode": "eager", "profile": "smoke", "status": "ok",
-            "config_hash": f"h{row_id}", "run_dir": "runs/x", "finished_at": "2025-01-01T00:00:00Z", **over}
+            "config_hash": f"h{row_id}", "computation": "", "run_dir": "runs/x", "finished_at": "2025-01-01T00:00:00Z",
+            **over}
 
 
 def test_the_reader_matches_columns_by_name_and_ignores_what_is_not_a_finished_run_of_its_table(tmp_path):

@@ -308,6 +308,14 @@ class RunSpec:
         blob = json.dumps(self.identity(), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    @cached_property
+    def computation(self) -> str:
+        """The run's identity but its seed, hashed: the runs of one computation are its seeds, and only they are
+        pooled into one figure (the report). Not the config hash, which stays what it was."""
+        unseeded = {k: v for k, v in self.identity().items() if k != "seed"}  # (a stacked run's step included)
+        blob = json.dumps(unseeded, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def with_seed(self, seed: int) -> "RunSpec":
         """This run with another seed, sharing its built network and identity (the seed changes neither): a
         command with seeds=30000 resolves each row once, not once per seed."""
@@ -351,6 +359,19 @@ class RunSpec:
 
 # Keys that change how a run is executed or recorded but not what it computes.
 NON_IDENTITY_TRAIN_KEYS = {"checkpoint_every", "graphs"}
+
+
+def computation_of(config: dict) -> str | None:
+    """The computation (``RunSpec.computation``) of a run folder's config.yaml (``RunSpec.to_dict``); None
+    unless the config rebuilds to the config hash it names (a run of an older simpnet whose identity was
+    computed otherwise, or a damaged file)."""
+    try:
+        run = RunSpec(str(config["table"]), str(config["row_id"]), str(config.get("label", "")),
+                      int(config["seed"]), dict(config["net"]), dict(config["dataset"]), dict(config["solver"]),
+                      dict(config["train"]), dict(config.get("paper") or {}), step=str(config.get("step") or ""))
+        return run.computation if run.config_hash == str(config.get("config_hash")) else None
+    except Exception:  # noqa: BLE001 - any config that does not rebuild has no computation we can vouch for
+        return None
 
 
 def _parts(row: dict, profile: dict, run_opts: dict | None, data_opts: dict | None,

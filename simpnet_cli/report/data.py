@@ -24,6 +24,16 @@ Variants. Runs whose ``variant`` column is not empty (command-line overrides of 
 ``TableReport`` of their own per variant: never averaged with the paper's configuration, claims checked
 within the variant.
 
+One row, one computation. A row's figures pool only the seeds of one computation (the ``computation`` column:
+the run's identity but its seed, tables.RunSpec.computation; for a line written before the column, computed
+from its run folder's config.yaml). Runs of a row under any other computation (two networks under one
+``custom.row``, another dataset, a conf_dir table or arch that redefines the row, an older simpnet's folder of
+the same seed under another hash) are a line of their own below the row's, named by what differs (the keys of
+config.yaml whose values differ, else the line's dataset or size, else the computation's hash), never
+compared with the paper and left out of the claims. The row's own line is the computation the table file
+gives the row now, else the one with the most ok seeds. A line whose computation cannot be known (no column,
+no folder) is grouped by its dataset, size and length, and a seed is never counted twice in one line.
+
 Nothing in the CSVs is fatal: a malformed line (``results.BadLine``) or a line naming an unknown table or row
 id is listed under "Skipped lines" and logged as a warning.
 """
@@ -75,8 +85,11 @@ class RowReport:
     notes: list[str] = field(default_factory=list)
     paper_stat: str | None = DEFAULT_STAT  # a PAPER_STATS key; None: the table file's stat is unknown
     # The authors' runs of the row (runs/authors.py: one dict per log, best_acc, best_iter, final_acc, wall_h...);
-    # empty for a row without logs, and where the runs shown are on another dataset than the row's.
+    # empty for a row without logs, for a row's other computations, and where the runs shown are on another
+    # dataset than the row's.
     authors: list[dict] = field(default_factory=list)
+    computation: str = ""         # the computation whose seeds this line pools ("" before any run)
+    differs: str = ""             # "" for the row's own computation; else what differs from it (its own line)
 
     @property
     def n(self) -> int:
@@ -259,6 +272,80 @@ def _dataset_name(value: Any, feed: Any = None) -> str:
     return name + (f" ({', '.join(extra)})" if extra else "")
 
 
+def run_path(run_dir: str, results_dir: Path) -> Path:
+    """A CSV's run_dir (relative to the repository, where runs are launched) as a path that exists if any does."""
+    p = Path(run_dir)
+    if p.is_absolute():
+        return p
+    for base in (Path.cwd(), Path(results_dir).resolve().parent, Path(results_dir)):
+        if (base / p).exists():
+            return base / p
+    return Path.cwd() / p
+
+
+def _run_config(rec: dict, results_dir: Path | None) -> dict | None:
+    """The config.yaml of a line's run folder, when it is there and is that run's."""
+    import yaml
+
+    if results_dir is None:
+        return None
+    try:
+        config = yaml.safe_load((run_path(str(rec["run_dir"]), results_dir) / "config.yaml").read_text())
+    except (OSError, UnicodeError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) and str(config.get("config_hash")) == str(rec["config_hash"]) else None
+
+
+def _computations(runs: list[dict], results_dir: Path | None) -> dict[str, list[dict]]:
+    """A row's runs by computation: the ``computation`` column, else from the run's config.yaml, else (nothing
+    says) by what the line says of its data, size and length, with a seed never twice in one group."""
+    groups: dict[str, list[dict]] = {}
+    for rec in runs:
+        key = str(rec.get("computation") or "")
+        if not key:
+            config = _run_config(rec, results_dir)
+            key = (tables.computation_of(config) if config else None) or ""
+        if not key:
+            key = f"?{rec.get('dataset')}|{rec['counted_params']}|{rec['params_total']}|{rec['iterations']}"
+            n = 0
+            while any(int(r["seed"]) == int(rec["seed"]) for r in groups.get(f"{key}#{n}", [])):
+                n += 1
+            key = f"{key}#{n}"
+        groups.setdefault(key, []).append(rec)
+    return groups
+
+
+def _identity_keys(config: dict) -> dict:
+    """What a run folder's config.yaml says the run computes, flattened (``net.widths``, ``dataset.name``...)."""
+    train = {k: v for k, v in (config.get("train") or {}).items() if k not in tables.NON_IDENTITY_TRAIN_KEYS}
+    return tables._flat({"net": config.get("net") or {}, "dataset": config.get("dataset") or {},
+                         "solver": config.get("solver") or {}, "train": train})
+
+
+SHOWN_DIFFERENCES = 3  # keys named in a line's "what differs"; the rest are counted
+
+
+def _differences(main: list[dict], other: list[dict], other_key: str, results_dir: Path | None) -> str:
+    """What makes ``other``'s computation not ``main``'s, in words: differing config keys (names first), else
+    the lines' dataset or size, else its computation's hash."""
+    configs = [next((c for c in (_run_config(r, results_dir) for r in runs) if c), None) for runs in (main, other)]
+    if all(configs):
+        a, b = (_identity_keys(c) for c in configs)
+        keys = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)),
+                      key=lambda k: (not k.endswith((".name", "widths")), k))
+        if keys:
+            words = [f"{k}={tables._word(b[k]) if k in b else 'unset'}" for k in keys[:SHOWN_DIFFERENCES]]
+            more = len(keys) - SHOWN_DIFFERENCES
+            return ", ".join(words) + (f" (+{more} more)" if more > 0 else "")
+    facts = [("dataset", lambda r: str(r.get("dataset"))), ("params", lambda r: params_text(int(r["counted_params"]))),
+             ("iterations", lambda r: str(r["iterations"]))]
+    for name, fact in facts:
+        mine, theirs = {fact(r) for r in main}, {fact(r) for r in other}
+        if mine != theirs:
+            return f"{name} {', '.join(sorted(theirs))}"
+    return f"computation {other_key[:8]}" if not other_key.startswith("?") else "another computation"
+
+
 def _line_numbers(path: Path, bad: list[results.BadLine], n_rows: int) -> list[int | None]:
     """Line numbers of the rows ``results.read`` returned, in order (it skips blank and bad lines)."""
     try:
@@ -338,10 +425,32 @@ def _counted(table: tables.Table, row: dict, warnings: list[str]) -> int | None:
         return None
 
 
+def _row_first(groups: dict[str, list[dict]], table: tables.Table, row: dict, variant: str,
+               profile: str | None) -> list[str]:
+    """A row's computations in the order of its lines: the one the table file gives the row now (for the rows
+    as printed, under a profile of conf/profile/), else the one with the most ok seeds, first; then by ok seeds
+    and by when their first run finished."""
+    def rank(key):
+        runs = groups[key]
+        return (-sum(r["status"] == "ok" for r in runs), min(str(r.get("finished_at")) for r in runs), key)
+
+    order = sorted(groups, key=rank)
+    if len(order) > 1 and not variant and table.path is not None and profile is not None:
+        try:
+            now = tables.resolve(table, row, 0, tables.load_named("profile", profile)).computation
+        except Exception:  # noqa: BLE001 - a row or profile that no longer resolves: the most seeds first
+            now = None
+        if now in groups:
+            order.remove(now)
+            order.insert(0, now)
+    return order
+
+
 def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnings: list[str],
-                  variant: str = "", variant_no: int = 0) -> TableReport:
+                  variant: str = "", variant_no: int = 0, results_dir: Path | None = None) -> TableReport:
     """One table's section for the runs of one variant ("" = the paper's configuration): a variant's runs are
-    never averaged with the paper's, and the table's claims are checked within each variant."""
+    never averaged with the paper's, and the table's claims are checked within each variant; a row's runs
+    of another computation are lines of their own (``_computations``)."""
     mine = [r for r in all_runs if str(r["table"]) == table.name and str(r.get("variant") or "") == variant]
     profile, banner = _choose_profile(mine, wanted)
     shown = [r for r in mine if r["profile"] == profile]
@@ -356,32 +465,41 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
         if problem:
             rr.notes.append(problem)
             warnings.append(f"table {table.name}, row {row['id']}: {problem}")
-        runs = [r for r in shown if r["row_id"] == row["id"]]
-        ran_on = {str(r.get("dataset") or "") for r in runs} - {""}
-        if ran_on and ran_on != {dataset.split(" ")[0]}:
-            # A variant on another dataset: the paper's figure (and any cited row) is no yardstick for it.
-            rr.paper_acc, rr.paper_text = None, f"({rr.paper_text} on {dataset.split(' ')[0]})"
-            rr.notes.append(f"trained on {', '.join(sorted(ran_on))}, not the paper's {dataset.split(' ')[0]}")
-            other_dataset = True
-        elif table.path is not None:
-            rr.authors = authors.runs_of(table.name, row["id"]).to_dict("records")
-        rr.ok_runs = [r for r in runs if r["status"] == "ok"]
-        rr.diverged = sum(r["status"] == "diverged" for r in runs)
+        groups = _computations([r for r in shown if r["row_id"] == row["id"]], results_dir)
+        order = _row_first(groups, table, row, variant, profile)
         now = _counted(table, row, warnings) if table.path is not None else None  # (own networks: from runs)
-        recorded = Counter(int(r["counted_params"]) for r in runs)
-        if recorded:
-            rr.counted_params = recorded.most_common(1)[0][0]
-            if len(recorded) > 1:
-                rr.notes.append("runs differ in params: " + ", ".join(params_text(p) for p in sorted(recorded)))
-            if now is not None and set(recorded) != {now}:
-                rr.notes.append(f"config now counts {params_text(now)}")
-        else:
-            rr.counted_params = now
-        seeds = Counter(int(r["seed"]) for r in runs)
-        dup = sorted(s for s, c in seeds.items() if c > 1)
-        if dup:
-            rr.notes.append(f"seed(s) {', '.join(map(str, dup))} recorded more than once (configs differ)")
-        rows.append(rr)
+        for i, key in enumerate(order or [""]):
+            line = rr if i == 0 else dataclasses.replace(rr, notes=[], ok_runs=[], authors=[])
+            runs = groups.get(key, [])
+            line.computation = key
+            if i:  # another computation of the row: its own line, named by what differs, never the paper's
+                line.differs = _differences(groups[order[0]], runs, key, results_dir)
+                own = Counter(str(r.get("row") or line.label) for r in runs).most_common(1)[0][0]  # its label
+                line.label = f"{own} ({line.differs})"
+                line.dataset = ", ".join(sorted({str(r.get("dataset")) for r in runs})) or line.dataset
+                line.paper_acc, line.paper_text, line.paper_stat = None, "-", None
+            elif len(order) > 1:
+                line.notes.append(f"{len(order) - 1} other computation(s) of this row on their own line(s) below")
+            ran_on = {str(r.get("dataset") or "") for r in runs} - {""}
+            if not i and ran_on and ran_on != {dataset.split(" ")[0]}:
+                # A variant on another dataset: the paper's figure (and any cited row) is no yardstick for it.
+                line.paper_acc, line.paper_text = None, f"({line.paper_text} on {dataset.split(' ')[0]})"
+                line.notes.append(f"trained on {', '.join(sorted(ran_on))}, not the paper's {dataset.split(' ')[0]}")
+                other_dataset = True
+            elif not i and table.path is not None:
+                line.authors = authors.runs_of(table.name, row["id"]).to_dict("records")
+            line.ok_runs = [r for r in runs if r["status"] == "ok"]
+            line.diverged = sum(r["status"] == "diverged" for r in runs)
+            recorded = Counter(int(r["counted_params"]) for r in runs)
+            if recorded:
+                line.counted_params = recorded.most_common(1)[0][0]
+                if len(recorded) > 1:
+                    line.notes.append("runs differ in params: " + ", ".join(params_text(p) for p in sorted(recorded)))
+                if now is not None and set(recorded) != {now} and not i:
+                    line.notes.append(f"config now counts {params_text(now)}")
+            else:
+                line.counted_params = now
+            rows.append(line)
     for c in ([] if other_dataset else table.cited):
         acc_spec = c.get("acc", c.get("error"))
         keys = sorted(acc_spec) if isinstance(acc_spec, dict) else [None]
@@ -392,7 +510,8 @@ def _table_report(table: tables.Table, all_runs: list[dict], wanted: str, warnin
             rr = RowReport("cited", "", str(c.get("label", "?")), dataset, str(c.get("params", "-")), acc, text)
             rr.notes.append(f"cited ({source})" if source else "cited")
             rows.append(rr)
-    samples = {m: {r.row_id: r.values(m) for r in rows if r.kind == "trained"} for m in ("best", "final")}
+    samples = {m: {r.row_id: r.values(m) for r in rows if r.kind == "trained" and not r.differs}
+               for m in ("best", "final")}
     claims = [evaluate_claim(c, samples, judge=profile != "smoke") for c in table.claims]
     for c in claims:
         if c.error:
@@ -441,13 +560,14 @@ def collect(results_dir: Path, tables_sel: Any = "all", profile: str = DEFAULT_P
     for t in selected:
         mine = [r for r in runs if str(r["table"]) == t.name]
         variants = sorted({str(r.get("variant") or "") for r in mine} - {""})
-        with_variants = [_table_report(t, mine, profile, warnings, v, i) for i, v in enumerate(variants, 1)]
+        with_variants = [_table_report(t, mine, profile, warnings, v, i, Path(results_dir))
+                         for i, v in enumerate(variants, 1)]
         if t.path is None and variants and not any(str(r.get("variant") or "") == "" for r in mine):
             # Rows known only from their runs (or from what `run` kept of a conf_dir's table), all run with
             # overrides: a section of the rows without them would be rows that were never meant to run.
             with_variants[0].beside_base = False
         else:
-            reports.append(_table_report(t, mine, profile, warnings))
+            reports.append(_table_report(t, mine, profile, warnings, results_dir=Path(results_dir)))
         reports += with_variants
     return Report(reports, skipped, warnings, profile)
 

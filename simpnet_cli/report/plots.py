@@ -27,7 +27,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from simpnet_cli.report.claims import mean_var
 from simpnet_cli.report.data import (PAPER_STATS, Ablation, TableReport, ablation_points, axis_slots,
-                                     differs_in_size, parse_params)
+                                     differs_in_size, parse_params, run_path)
 from simpnet_cli.runs import authors
 
 PAPER_COLOR = "black"
@@ -35,17 +35,6 @@ PAPER_COLOR = "black"
 # black marker whose shape says what the printed figure is, so a mean of runs is not read as a best run.
 PAPER_MARKERS = {"best": "D", "mean": "s", "run": "^", "": "h"}
 TICK_WIDTH = 14  # characters per line of a tick label before it wraps
-
-
-def run_path(run_dir: str, results_dir: Path) -> Path:
-    """A CSV's run_dir (relative to the repository, where runs are launched) as a path that exists if any does."""
-    p = Path(run_dir)
-    if p.is_absolute():
-        return p
-    for base in (Path.cwd(), Path(results_dir).resolve().parent, Path(results_dir)):
-        if (base / p).exists():
-            return base / p
-    return Path.cwd() / p
 
 
 def read_curve(run_dir: Path) -> pd.DataFrame | None:

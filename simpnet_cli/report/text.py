@@ -246,7 +246,7 @@ def header(rep: Report, results_dir: Path) -> str:
 def summary(rep: Report) -> str:
     lines = []
     for tr in rep.tables:
-        trained = [r for r in tr.rows if r.kind == "trained"]
+        trained = [r for r in tr.rows if r.kind == "trained" and not r.differs]  # (a row's own lines)
         done = sum(1 for r in trained if r.n)
         def tally(metric):
             c = Counter(cl.verdict(metric) if not cl.error else "invalid" for cl in tr.claims)

@@ -26,16 +26,17 @@ from simpnet_cli.errors import UserError
 COLUMNS = [
     "table", "row", "row_id", "variant", "seed", "dataset", "counted_params", "params_total", "paper_params", "paper_acc",
     "final_acc", "best_acc", "best_iter", "iterations", "epochs", "wall_s", "img_per_s", "device", "precision",
-    "step_mode", "profile", "status", "config_hash", "run_dir", "finished_at",
+    "step_mode", "profile", "status", "config_hash", "computation", "run_dir", "finished_at",
 ]
 NUMERIC = {"seed", "counted_params", "params_total", "final_acc", "best_acc", "best_iter", "iterations",
            "epochs", "wall_s", "img_per_s"}
 INTEGER = {"seed", "counted_params", "params_total", "best_iter", "iterations"}
 STATUSES = {"ok", "diverged"}
-# Columns that may be empty: ``variant`` is empty for a paper's row as printed (no overrides).
-MAY_BE_EMPTY = {"variant"}
+# Columns that may be empty: ``variant`` is empty for a paper's row as printed (no overrides); ``computation``
+# (tables.RunSpec.computation: the run's identity but its seed) where a line's run is not known to be of one.
+MAY_BE_EMPTY = {"variant", "computation"}
 # Columns added after the first release: a file written before them reads them as these values.
-LATER_COLUMNS = {"variant": "", "step_mode": "eager"}
+LATER_COLUMNS = {"variant": "", "step_mode": "eager", "computation": ""}
 # Columns renamed since: a file (or a line to format) with the old name reads as the new one. (params_paper held
 # the counted parameters beside paper_params, the printed figure.)
 RENAMED = {"params_paper": "counted_params"}
@@ -75,7 +76,7 @@ def table_of(path: Path) -> str:
 
 def format_line(row: dict) -> str:
     """One CSV line (with its newline) in the column order of ``COLUMNS``."""
-    row = {RENAMED.get(k, k): v for k, v in row.items()}
+    row = {"computation": "", **{RENAMED.get(k, k): v for k, v in row.items()}}  # (unknown for older records)
     missing = [c for c in COLUMNS if row.get(c) is None or (row.get(c) == "" and c not in MAY_BE_EMPTY)]
     if missing:
         raise ValueError(f"result row lacks {missing}")

@@ -6,21 +6,60 @@ that trained can be made again exactly, with no table file or command line:
     from simpnet_cli import load_model
     model = load_model("experiments/3f2a...")    # eval mode, on the CPU
     logits = model(images)                       # images normalised as the run's feed says (see train.data)
+
+The weights must be the folder's run's: its result.json names the run (checked against config.yaml) and the
+SHA-256 of the model.pt it wrote, so a model.pt copied in from another run's folder is refused. A folder written
+before result.json held that digest (simpnet before issue 25) cannot be checked: its weights load if its
+result.json names the folder's run and they fit the network, with a warning.
 """
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
 
 from simpnet_cli.errors import UserError
+from simpnet_cli.files import file_sha256
 from simpnet_cli.nets import modules as M
 from simpnet_cli.nets import specs as network
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The trained network of ``run_dir`` in eval mode; a UserError names what is missing or does not fit."""
+def check_weights(run_dir: Path, config: dict, warn: Callable[[str], None] | None = None) -> None:
+    """A UserError unless ``run_dir/model.pt`` is the weights of the run of ``config`` (its config.yaml)."""
+    from simpnet_cli.runs import index
+
+    weights = run_dir / "model.pt"
+    try:
+        result = json.loads((run_dir / index.RESULT).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} has no {index.RESULT}: its run is not finished, so its model.pt is not "
+                        f"its final weights") from None
+    except (OSError, UnicodeError, ValueError) as err:
+        raise UserError(f"{run_dir / index.RESULT} is unreadable ({type(err).__name__}): the weights cannot be "
+                        f"tied to the run") from None
+    why = index.identity_problem(result, config) if isinstance(result, dict) else "it is not a result record"
+    if why:
+        raise UserError(f"{run_dir}: {why}; its model.pt is not loaded as this run's (`simpnet repair` names "
+                        f"an older simpnet's result where the table's CSV vouches for it)")
+    digest = result.get("model_sha256")
+    if digest is None:
+        say = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
+        say(f"{weights}: written before simpnet recorded the weights' digest, so they cannot be checked to be "
+            f"this run's (they fit its network)")
+    elif file_sha256(weights) != str(digest):
+        raise UserError(f"{weights} is not the model.pt its run wrote (its SHA-256 is not the one in "
+                        f"{index.RESULT}): another run's weights?")
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
+               warn: Callable[[str], None] | None = None) -> torch.nn.Module:
+    """The trained network of ``run_dir`` in eval mode; a UserError names what is missing, does not fit or is
+    another run's (``check_weights``; ``warn`` is told when the weights cannot be checked, by default as a
+    Python warning)."""
     run_dir = Path(run_dir)
     config, weights = run_dir / "config.yaml", run_dir / "model.pt"
     for path in (config, weights):
@@ -34,6 +73,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> torch
         shape = network.Shape(int(dataset["channels"]), int(dataset["size"]), int(dataset["size"]))
     except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"{config} does not describe a run ({type(err).__name__}: {err})") from None
+    check_weights(run_dir, run, warn)
     model = M.build_model(spec, shape, net)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -44,11 +84,12 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> torch
     return model.to(device).eval()
 
 
-def export(run_dir: str | Path, fmt: str = "torchscript", out: str | Path | None = None) -> Path:
+def export(run_dir: str | Path, fmt: str = "torchscript", out: str | Path | None = None,
+           warn: Callable[[str], None] | None = None) -> Path:
     """Write the trained network of ``run_dir`` as TorchScript (``model.ts``) or ONNX (``model.onnx``; needs the
     ``onnx`` package: ``pip install 'simpnet[onnx]'``); return the file written."""
     run_dir = Path(run_dir)
-    model = load_model(run_dir)
+    model = load_model(run_dir, warn=warn)
     run = yaml.safe_load((run_dir / "config.yaml").read_text())
     d = run["dataset"]
     example = torch.zeros(1, int(d["channels"]), int(d["size"]), int(d["size"]))

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from simpnet_cli.config.tables import RunSpec
 from simpnet_cli.errors import UserError
-from simpnet_cli.files import atomic_write, read_json, save_pt, write_json
+from simpnet_cli.files import atomic_write, file_sha256, read_json, save_pt, write_json
 from simpnet_cli.nets import modules as M
 from simpnet_cli.nets import specs as network
 from simpnet_cli.train import captured_step
@@ -134,6 +134,11 @@ def result_of(state: TrainState) -> dict:
     }
 
 
+def run_identity(run: RunSpec) -> dict:
+    """What a result.json says about whose it is: checked against the folder's name and its config.yaml."""
+    return {"config_hash": run.config_hash, "table": run.table, "row_id": run.row_id, "seed": run.seed}
+
+
 def read_result(run_dir: Path) -> dict | None:
     return read_json(Path(run_dir) / "result.json")
 
@@ -180,8 +185,14 @@ def write_config(run: RunSpec, run_dir: Path) -> None:
 
 
 def write_outcome(state: TrainState, result: dict) -> None:
-    """A finished run's weights, then its result.json (a run is finished exactly when that file exists)."""
-    atomic_write(state.run_dir / "model.pt", lambda tmp: save_pt(state.model.state_dict(), tmp))
+    """A finished run's weights, then its result.json (a run is finished exactly when that file exists).
+
+    ``result`` gains the run's identity (``run_identity``) and the digest of the weights: a result.json or a
+    model.pt copied into another run's folder then names another run, and is refused (runs/index.py)."""
+    weights = state.run_dir / "model.pt"
+    atomic_write(weights, lambda tmp: save_pt(state.model.state_dict(), tmp))
+    result.update(run_identity(state.run), finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  model_sha256=file_sha256(weights))
     write_json(state.run_dir / "result.json", result)
     (state.run_dir / CHECKPOINT).unlink(missing_ok=True)  # only now: until result.json exists, it is the run
     (state.run_dir / PREVIOUS_CHECKPOINT).unlink(missing_ok=True)
