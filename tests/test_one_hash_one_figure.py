@@ -66,6 +66,13 @@ def test_stacked_and_separate_training_never_record_two_figures_under_one_hash(t
                        (alone["final_acc"], alone["best_acc"], alone["best_iter"])
                 mine, theirs = weights(line["run_dir"]), weights(alone["run_dir"])
                 assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    # the report pools each way's seeds on a line of its own, named by its step
+    from simpnet_cli.report import data as report
+
+    sections = report.collect(tmp_path / "results", table, profile="smoke").tables
+    lines = [r for s in sections for r in s.rows if r.kind == "trained" and r.row_id == row and r.n]
+    assert sorted(r.differs for r in lines) == ["", "step=branched 3", "step=grouped 3"]
+    assert [r.n for r in lines] == [SEEDS] * 3
     # again, any way: every run is recorded, nothing trains, no figure changes
     for extra in ways.values():
         assert run(tmp_path, table, row, *extra) == 0

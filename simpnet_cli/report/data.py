@@ -318,8 +318,9 @@ def _computations(runs: list[dict], results_dir: Path | None) -> dict[str, list[
 def _identity_keys(config: dict) -> dict:
     """What a run folder's config.yaml says the run computes, flattened (``net.widths``, ``dataset.name``...)."""
     train = {k: v for k, v in (config.get("train") or {}).items() if k not in tables.NON_IDENTITY_TRAIN_KEYS}
-    return tables._flat({"net": config.get("net") or {}, "dataset": config.get("dataset") or {},
+    flat = tables._flat({"net": config.get("net") or {}, "dataset": config.get("dataset") or {},
                          "solver": config.get("solver") or {}, "train": train})
+    return {**flat, **({"step": config["step"]} if config.get("step") else {})}  # a stacked run's shared step
 
 
 SHOWN_DIFFERENCES = 3  # keys named in a line's "what differs"; the rest are counted
