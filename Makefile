@@ -10,8 +10,8 @@ RUN_ARGS ?=
 .PHONY: install smoke test test-fast report reproduce-all bench dry-run gpu-check clean-smoke
 
 $(BIN)/simpnet: pyproject.toml
-	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test]'
+	$(PY) -m simpnet_cli.tools.gpusetup --venv $(VENV) --project test $(if $(WHEELS),--wheels $(WHEELS)) \
+	  $(if $(TORCH_INDEX),--torch-index $(TORCH_INDEX))
 	touch $@
 
 install: $(BIN)/simpnet
@@ -52,10 +52,9 @@ bench: install
 # The GPU path end to end (under 10 minutes on one GPU): CPU proofs, SIGKILL-and-resume on CUDA, graphed vs
 # eager, memory across lr changes, bench alone and packed; figures into results/benchmarks.md. On a machine
 # without CUDA it runs the CPU proofs and says which GPU steps it skipped. It uses the machine's own torch (no
-# venv if $(PY) imports everything; else .venv-gpu with system site-packages and only what is missing) and
-# needs no network with WHEELS=DIR, a folder of wheels (`pip wheel -w DIR ...` on a connected machine;
-# simpnet_cli/tools/gpusetup.py says which).
-WHEELS ?=
+# venv if $(PY) imports everything; else .venv-gpu that sees $(PY)'s site-packages, venv or conda, and gets only
+# what is missing) and needs no network with WHEELS=DIR, a folder of wheels (`pip wheel -w DIR ...` on a
+# connected machine; simpnet_cli/tools/gpusetup.py says which).
 gpu-check:
 	$(PY) -m simpnet_cli.tools.gpusetup $(if $(WHEELS),--wheels $(WHEELS))
 
