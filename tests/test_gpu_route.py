@@ -112,3 +112,75 @@ def test_a_bare_cpu_machine_gets_the_cpu_build_of_torch(tmp_path):
     # make install always gets a venv (the project goes into it), seeing the machine's torch when there is one
     always = gpusetup.plan([], "2.14.1", None, tmp_path / "v", parent_sites=["/x/site-packages"], always_venv=True)
     assert always.make_venv and always.parent_sites == ["/x/site-packages"] and always.install == []
+
+
+# --------------------------------------------------------------------------- item 4: the authors' speed as the baseline
+
+def test_authors_speed_is_read_from_the_reference_and_chooses_the_reported_run():
+    from simpnet_cli.runs import authors
+
+    assert authors.authors_runs(), "authors_runs.csv: neither the package's copy nor ../shared/reference"
+    eight = authors.authors_speed("2", "Arch1, 8 layers")
+    assert eight.img_per_s == pytest.approx(2341) and eight.hours == pytest.approx(0.375)
+    five = authors.authors_speed("12", "SimpNet 5.48M, CIFAR-10")
+    assert five.img_per_s == pytest.approx(522.3) and five.hours == pytest.approx(14.731)
+    assert authors.authors_speed("2", "no such row") is None
+    assert authors.beside("2", "Arch1, 8 layers", 4682) == "2,341 | 0.375 | 2.00x"
+    assert authors.beside("2", "Arch1, 8 layers", None, 0.75) == "2,341 | 0.375 | 0.50x"  # by hours
+    assert authors.beside("2", "no such row", 100) == "- | - | -"
+
+
+def test_dry_run_puts_the_authors_speed_beside_each_row(tmp_path, capsys):
+    from simpnet_cli.cli import main
+    from simpnet_cli.runs import authors
+
+    code = main(["run", "table=2", "row=8L", "profile=smoke", "--dry-run", "quiet=true", "dry_run.iters=1",
+                 "dry_run.batch_size=2", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/e"])
+    assert code == 0
+    out = capsys.readouterr().out
+    (line,) = [row for row in out.splitlines() if row.startswith("| 2 | 8L |")]
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    ours = float(cells[5].replace(",", ""))
+    assert cells[6:8] == ["2,341", "0.375"] and cells[8] == f"{ours / 2341:.2f}x"
+    assert authors.beside("2", "Arch1, 8 layers", ours).endswith(cells[8])
+
+
+def test_bench_writes_no_tracked_file_and_shows_progress_from_the_start(tmp_path, capsys):
+    from simpnet_cli.cli import compose
+    from simpnet_cli.tools import gpucheck
+
+    cfg, _ = compose([])
+    out = str(cfg.bench.out)
+    assert out.startswith("results/")
+    ignored = subprocess.run(["git", "check-ignore", "-q", out], cwd=REPO)
+    assert ignored.returncode == 0, f"bench.out={out} is not git-ignored: a bench would rewrite a tracked file"
+    assert subprocess.run(["git", "check-ignore", "-q", str(gpucheck.OUT)], cwd=REPO).returncode == 0
+    from simpnet_cli.cli import main
+
+    code = main(["bench", "bench.rows=[]", "bench.s1=false", "bench.stack=[]", "bench.grouped.rows=[]",
+                 f"bench.out={tmp_path}/b.md", "device=cpu"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith("bench: starting; figures go to")
+
+
+def test_gpu_check_benches_only_what_decides():
+    """Issue 26: stack [1,3] (not [1,2,3,4]), the grouped-conv probe on 8L and 5M-C10 only, no Table S1."""
+    from simpnet_cli.cli import compose
+    from simpnet_cli.config import tables
+    from simpnet_cli.tools import gpucheck
+
+    cfg, _ = compose(gpucheck.BENCH_ARGS)
+    b = tables.to_plain(cfg.bench)
+    assert b["stack"] == [1, 3] and b["grouped"]["rows"] == ["2/8L", "12/5M-C10"] and b["s1"] is False
+    assert b["rows"] == ["2/8L", "12/5M-C10"] and b["precision"]["rows"] == []
+    assert gpucheck.BUDGET_S == 300
+
+
+def test_a_runner_figure_that_fell_back_to_eager_is_labelled_so():
+    from simpnet_cli.tools import bench
+
+    assert bench.mode_label("runner fp32", "cuda-graph") == "runner fp32"
+    assert "FELL BACK TO EAGER" in bench.mode_label("runner bf16", "eager (capture failed: RuntimeError: x)")
+    assert bench.mode_label("eager fp32", "eager") == "eager fp32"
+    assert bench.packed_rate([(1000, 0.0, 10.0, "cuda-graph"), (1000, 5.0, 15.0, "eager")]) == pytest.approx(2000 / 15)

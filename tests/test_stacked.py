@@ -629,7 +629,8 @@ def test_bench_reports_separate_grouped_and_branched_at_each_k_on_a_labelled_dev
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
             if line.startswith("| 5/P5 | 1 |") or line.startswith("| 5/P5 | 2 |")]
     assert [(r[1], r[2]) for r in rows] == [(k, how) for k in ("1", "2") for how in ("separate", "grouped", "branched")]
-    for _, k, _, per_run, total, _ in rows:
+    for _, k, _, step_mode, per_run, total, *_ in rows:
+        assert step_mode.startswith("eager")
         assert float(total.replace(",", "")) == pytest.approx(int(k) * float(per_run.replace(",", "")), rel=0.01, abs=1)
         assert float(total.replace(",", "")) > 0
 
