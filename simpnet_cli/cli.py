@@ -55,7 +55,9 @@ def options(cfg) -> runner.Options:
         data_dir=Path(str(cfg.data_dir)), download=bool(cfg.download),
         results_dir=Path(str(cfg.results_dir)), runs_dir=Path(str(cfg.runs_dir)),
         device=str(cfg.profile.get("device", "auto") if cfg.device == "auto" else cfg.device),
-        jobs_per_device=int(cfg.jobs_per_device), profile=str(cfg.profile.name), quiet=bool(cfg.quiet),
+        jobs_per_device="auto" if cfg.jobs_per_device == "auto" else int(cfg.jobs_per_device),
+        profile=str(cfg.profile.name), quiet=bool(cfg.quiet),
+        shard=cfg.get("shard"), shards=cfg.get("shards"),
         stack=cfg.get("stack", "auto"), stack_mode=str(cfg.get("stack_mode", "grouped")),
         logger=callbacks.logger_names(logger if logger is None or isinstance(logger, str) else list(logger)))
 

@@ -21,6 +21,7 @@ import multiprocessing as mp
 import multiprocessing.connection  # noqa: F401 - mp.connection.wait
 import os
 import signal
+import statistics
 import sys
 from dataclasses import dataclass, replace
 from multiprocessing.managers import SyncManager
@@ -30,6 +31,7 @@ import torch
 
 from simpnet_cli.runs import index, results
 from simpnet_cli.runs import progress
+from simpnet_cli.runs import schedule
 from simpnet_cli.runs.watch import watch_parent  # (its own module: the manager process imports only it)
 from simpnet_cli.config import schemas, tables
 from simpnet_cli.train import callbacks
@@ -50,12 +52,14 @@ class Options:
     results_dir: Path
     runs_dir: Path
     device: str
-    jobs_per_device: int
+    jobs_per_device: int | str  # N, or "auto": by schedule.jobs_for, measured
     profile: str
     quiet: bool = False
     logger: str | tuple[str, ...] = "csv"  # train.callbacks.logger_names: csv, tensorboard, mlflow or several
     stack: str | int = "off"  # auto | off | N: runs sharing one training step (stack_size)
     stack_mode: str = "grouped"  # how stacked runs share it: grouped | branched (train/together.py)
+    shard: int | None = None  # with shards: train only the shard-th of `shards` slices of the jobs (a cluster job)
+    shards: int | None = None
 
 
 def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: dict | None = None,
@@ -121,34 +125,87 @@ def stack_groups(runs: list[tables.RunSpec], size: int | dict[str, int]) -> list
 
 
 AUTO_MOST = 4            # stack=auto puts at most this many runs in one step
-AUTO_TIMING = (20, 10)   # (timed steps, warm-up steps) of each way stack=auto compares
+AUTO_TIMING = (20, 10)   # (timed steps, warm-up steps) of each window of each way stack=auto compares
+AUTO_WINDOWS = 5         # windows per way; the median decides (one window can be hit by a clock boost or a rival)
 STACK_CHOICES = "stack_choices.json"  # in runs_dir: what stack=auto measured, per device and network
+
+
+def choice_key(runs: list[tables.RunSpec], device_label: str) -> str:
+    k = min(AUTO_MOST, len(runs))
+    return f"{device_label} | {hashlib.sha256(share_key(runs[0]).encode()).hexdigest()[:16]} | k={k}"
+
+
+def measure_ways(run: tables.RunSpec, device: torch.device, k: int, timer=together.time_steps,
+                 windows: int = AUTO_WINDOWS) -> dict:
+    """stack=auto's measurement: separate, grouped and branched at ``k``, ``windows`` times each, the way that
+    runs first rotated from one window to the next (the first of a round meets a cooler or busier GPU), each
+    window inside one epoch of its data (together.time_steps), the median of each way's windows kept. A way whose
+    step did not run as a CUDA graph (its capture failed: it ran eagerly) is not chosen: the graphed ways are
+    compared with each other, never with an eager fallback."""
+    rates: dict[str, list[float]] = {how: [] for how in together.TIMED}
+    modes: dict[str, str] = {}
+    for window in range(windows):
+        turn = window % len(together.TIMED)
+        for how in together.TIMED[turn:] + together.TIMED[:turn]:
+            seen: list[str] = []
+            rates[how].append(timer(run, device, how, k, *AUTO_TIMING, seen))
+            if seen:
+                modes[how] = seen[-1]
+    median = {how: statistics.median(r) for how, r in rates.items()}
+    fell_back = sorted(how for how, mode in modes.items() if device.type == "cuda" and not mode.startswith("cuda-graph"))
+    eligible = {how: r for how, r in median.items() if how not in fell_back or how == "separate"}
+    fastest = max(eligible, key=eligible.get)
+    return {"fastest": fastest, "img_per_s": {h: round(r, 1) for h, r in median.items()}, "windows": windows,
+            "step_mode": modes, "fell_back": fell_back}
 
 
 def auto_choice(runs: list[tables.RunSpec], device: torch.device, device_label: str, cache: dict,
                 timer=together.time_steps) -> tuple[int, str]:
     """(runs per step, how) for ``runs`` (one share_key) by ``stack=auto`` on ``device``: the fastest of
-    separate, grouped and branched at k = min(AUTO_MOST, len(runs)) by ``timer`` (total img/s), measured once
-    per device and network and kept in ``cache``; separate on the CPU, where no shared step pays."""
+    separate, grouped and branched at k = min(AUTO_MOST, len(runs)) by ``measure_ways`` (total img/s), measured
+    once per device and network and kept in ``cache``; separate on the CPU, where no shared step pays."""
     k = min(AUTO_MOST, len(runs))
     if k < 2 or device.type != "cuda":
         return 1, "separate"
-    entry = f"{device_label} | {hashlib.sha256(share_key(runs[0]).encode()).hexdigest()[:16]} | k={k}"
+    entry = choice_key(runs, device_label)
     if entry not in cache:
-        rates = {how: timer(runs[0], device, how, k, *AUTO_TIMING) for how in together.TIMED}
-        cache[entry] = {"fastest": max(rates, key=rates.get), "img_per_s": {h: round(r, 1) for h, r in rates.items()}}
+        cache[entry] = measure_ways(runs[0], device, k, timer)
     fastest = cache[entry]["fastest"]
     return (1, "separate") if fastest == "separate" else (k, fastest)
 
 
+def decide_in_worker(group: list[tables.RunSpec], opts: Options, dev: torch.device,
+                     timer=together.time_steps) -> list[tuple[list[tables.RunSpec], str]]:
+    """A ``stack=auto`` job (plan_groups with ``defer``) decided where it trains: measured on this worker's own
+    device while the other workers measure or train on theirs (never all of them one after another on cuda:0
+    while the other GPUs wait), the result merged into runs_dir/stack_choices.json under a lock."""
+    path = opts.runs_dir / STACK_CHOICES
+    label = train.device_name(dev)
+    cache = read_json(path) or {}
+    entry = choice_key(group, label)
+    if entry not in cache:
+        found: dict = {}
+        auto_choice(group, dev, label, found, timer)  # measured outside the lock: other devices go on
+        with open(opts.runs_dir / f".{STACK_CHOICES}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            cache = {**(read_json(path) or {}), **found}
+            write_json(path, cache)
+    k, how = auto_choice(group, dev, label, cache, timer)
+    return [(group[i:i + k], how if k > 1 else "separate") for i in range(0, len(group), k)]
+
+
 def plan_groups(runs: list[tables.RunSpec], opts: Options, device: torch.device,
-                timer=together.time_steps) -> list[tuple[list[tables.RunSpec], str]]:
+                timer=together.time_steps, defer: bool = False) -> list[tuple[list[tables.RunSpec], str]]:
     """The runs cut into groups that share one training step, each with how it shares it ("separate" for a
-    group of one): as ``stack`` and ``stack_mode`` say, or, for ``stack=auto`` on a GPU, as measured."""
+    group of one): as ``stack`` and ``stack_mode`` say, or, for ``stack=auto`` on a GPU, as measured; with
+    ``defer``, a stack=auto group of several runs is left "auto", for the worker that trains it to decide on its
+    own device (decide_in_worker)."""
     how = stack_mode(opts.stack_mode)
     if opts.stack != "auto" or device.type != "cuda":
         size = stack_size(opts.stack, device)
         return [(g, how if len(g) > 1 else "separate") for g in stack_groups(runs, size)]
+    if defer:
+        return [(g, "auto" if len(g) > 1 else "separate") for g in stack_groups(runs, AUTO_MOST)]
     cache_path = opts.runs_dir / STACK_CHOICES
     cache = read_json(cache_path) or {}
     chosen: dict[str, tuple[int, str]] = {}
@@ -327,6 +384,9 @@ def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: 
     different iterations (killed between two of the group's checkpoint writes) resume one at a time."""
     if len(group) == 1:
         return [(group[0], *execute_one(group[0], opts, device, shown))]
+    if how == "auto":  # stack=auto: decided here, on this worker's device
+        return [outcome for part, part_how in decide_in_worker(group, opts, pick_device(device))
+                for outcome in execute_group(part, part_how, opts, device, shown)]
     if shown is None:
         shown = progress.Reporter({}, 0, quiet=opts.quiet, tty=False)
     outcomes, todo = [], []
@@ -420,6 +480,10 @@ def warn(msg: str) -> None:
     print(f"simpnet: warning: {msg}", file=sys.stderr, flush=True)
 
 
+def warn_plain(msg: str) -> None:
+    print(f"simpnet: {msg}", file=sys.stderr, flush=True)
+
+
 def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
     """Run everything in ``runs``: one after another, or ``jobs_per_device`` at once on every visible device."""
     preflight(runs, opts)
@@ -435,8 +499,20 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
         (twins if run.config_hash in seen else first).append(run)
         seen.add(run.config_hash)
     slots = devices_for(opts)
-    groups = plan_groups(first, opts, torch.device(slots[0]))
+    groups = plan_groups(first, opts, torch.device(slots[0]), defer=True)
+    if opts.shards is not None or opts.shard is not None:  # a cluster job: its slice of the longest-first jobs
+        groups = schedule.shard_of(schedule.longest_first(groups), opts.shard, opts.shards)
+        mine = {run.config_hash for group, _ in groups for run in group}
+        twins = [twin for twin in twins if twin.config_hash in mine]
+        runs = [run for run in runs if run.config_hash in mine]
+    if opts.jobs_per_device == "auto":
+        opts = replace(opts, jobs_per_device=schedule.auto_jobs(first, slots[0], warn_plain))
     workers = min(len(slots) * max(1, opts.jobs_per_device), len(groups))
+    if workers > 1:  # the longest jobs start first, on every device
+        groups = schedule.longest_first(groups)
+        note = schedule.mps_note(opts.jobs_per_device, slots[0])
+        if note:
+            warn(note)
     with progress_for(runs, opts, run_bars=workers <= 1) as shown:
         if workers <= 1:  # in this process; the first bad input stops everything, with its own message
             for group, how in groups + [([twin], "separate") for twin in twins]:
