@@ -304,7 +304,7 @@ def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
     from simpnet_cli.config import compose as composition
     from simpnet_cli.runs import runner
 
-    jobs, planned = sweep_jobs(prepared), []
+    jobs, planned = sweep_jobs(prepared), {}
     with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
         for job in jobs:
             try:
@@ -314,10 +314,13 @@ def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
             except RecursionError:
                 raise composition.defaults_loop(primary) from None
             check_options(cfg)
-            planned.append((plan_runs(cfg, composition.row_overrides(cfg, job)), options(cfg)))
+            # the slices of one sharded command (shard=range(0,N)) plan the same runs: planned once
+            same = tuple(o for o in job if not o.startswith("shard="))
+            if same not in planned:
+                planned[same] = (plan_runs(cfg, composition.row_overrides(cfg, job)), options(cfg))
     # Then what the jobs will meet when they run (devices, memory, output folders, datasets): every job's
     # config is good by now, so a folder this creates is one a job would have created.
-    for runs, opts in planned:
+    for runs, opts in planned.values():
         runner.preflight(runs, opts)
     return len(jobs)
 

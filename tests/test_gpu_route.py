@@ -184,3 +184,165 @@ def test_a_runner_figure_that_fell_back_to_eager_is_labelled_so():
     assert "FELL BACK TO EAGER" in bench.mode_label("runner bf16", "eager (capture failed: RuntimeError: x)")
     assert bench.mode_label("eager fp32", "eager") == "eager fp32"
     assert bench.packed_rate([(1000, 0.0, 10.0, "cuda-graph"), (1000, 5.0, 15.0, "eager")]) == pytest.approx(2000 / 15)
+
+
+# --------------------------------------------------------------------------- item 2: the default reproduction
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+
+import torch  # noqa: E402
+
+from simpnet_cli.runs import runner, schedule  # noqa: E402
+
+
+def make_line(target: str, *variables: str) -> list[str]:
+    """The `simpnet run` line a make target runs (make -n: nothing is executed), as argv after `simpnet`."""
+    out = subprocess.run(["make", "-n", "-s", target, *variables], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    (line,) = [ln for ln in out.splitlines() if "simpnet run" in ln or "/simpnet run" in ln]
+    return shlex.split(line)[1:]
+
+
+def test_reproduce_all_trains_three_seeds_packs_as_measured_and_starts_the_longest_jobs_first():
+    from simpnet_cli.cli import compose, options, plan_runs
+
+    args = make_line("reproduce-all")
+    assert args[0] == "run" and "seeds=3" in args and "jobs_per_device=auto" in args and "table=all" in args
+    assert not any(a.startswith("precision=") for a in args)  # TF32 (the profile's fp32) by default
+    cfg, variant = compose([a for a in args[1:] if a != "download=true"])
+    runs, opts = plan_runs(cfg, variant), options(cfg)
+    assert opts.jobs_per_device == "auto" and opts.stack == "auto"
+    by_row: dict = {}
+    for run in runs:
+        by_row.setdefault((run.table, run.row_id), set()).add(run.seed)
+    assert set(map(frozenset, by_row.values())) == {frozenset({0, 1, 2})}
+    # on a GPU a job is up to 4 runs of one network (a row's seeds; rows that differ only in rate), stack=auto
+    # deciding in the worker; planned here with a device name only. Each distinct run once (execute's twins).
+    first = list({run.config_hash: run for run in reversed(runs)}.values())[::-1]
+    jobs = runner.plan_groups(first, opts, torch.device("cuda"), defer=True)
+    assert sorted(r.config_hash for g, _ in jobs for r in g) == sorted(r.config_hash for r in first)
+    assert all(how == ("auto" if len(g) > 1 else "separate") and len(g) <= runner.AUTO_MOST for g, how in jobs)
+    ordered = schedule.longest_first(jobs)
+    costs = [schedule.job_cost(g) for g, _ in ordered]
+    assert costs == sorted(costs, reverse=True)
+    first_rows = {(g[0].table, g[0].row_id) for g, _ in ordered[:2]}
+    assert first_rows == {("12", "9M-C10"), ("12", "9M-C100")}  # the authors' longest runs (~17 h each)
+    assert ordered[-1][0][0].table in ("5", "2", "3")  # small 300K-class nets last
+
+
+def test_jobs_per_device_auto_follows_the_measured_rule():
+    GiB = 2**30
+    idle = schedule.PackProbe("cuda:0", free_bytes=80 * GiB, run_bytes=2 * GiB, step_s=0.004, step_4x_s=0.004)
+    assert schedule.jobs_for(idle)[0] == 4  # a launch-bound net: 4x the batch costs no more time
+    full = schedule.PackProbe("cuda:0", free_bytes=80 * GiB, run_bytes=2 * GiB, step_s=0.1, step_4x_s=0.4)
+    assert schedule.jobs_for(full)[0] == 1  # a net that fills the GPU: packing gains nothing
+    half = schedule.PackProbe("cuda:0", free_bytes=80 * GiB, run_bytes=2 * GiB, step_s=0.01, step_4x_s=0.02)
+    assert schedule.jobs_for(half)[0] == 2
+    tight = schedule.PackProbe("cuda:0", free_bytes=8 * GiB, run_bytes=3 * GiB, step_s=0.004, step_4x_s=0.004)
+    jobs, why = schedule.jobs_for(tight)
+    assert jobs == 2 and "memory fits 2" in why  # 0.9 x 8 GiB holds two runs of 3 GiB
+    # measured on the heaviest network of the plan; the CPU packs nothing and measures nothing
+    from simpnet_cli.cli import compose, plan_runs
+
+    cfg, variant = compose(["table=[2,12]"])
+    runs = plan_runs(cfg, variant)
+    probed, said = [], []
+    assert schedule.auto_jobs(runs, "cuda:0", said.append,
+                              measure=lambda run, dev: probed.append(run.row_id) or half) == 2
+    assert probed == ["9M-C10"] and "jobs_per_device=auto: 2 per GPU" in said[0]
+    assert schedule.auto_jobs(runs, "cpu", said.append, measure=lambda *a: pytest.fail("measured on the CPU")) == 1
+
+
+def test_packing_without_mps_is_said_once_and_only_then():
+    assert "without NVIDIA MPS" in schedule.mps_note(4, "cuda:0", status="off")
+    assert schedule.mps_note(4, "cuda:0", status="on (nvidia-cuda-mps runs)") is None
+    assert schedule.mps_note(1, "cuda:0", status="off") is None and schedule.mps_note(2, "cpu", status="off") is None
+
+
+def fake_windows(rates: dict, modes: dict, calls: list):
+    """A stand-in for together.time_steps: rates[how] is a list, one img/s per window, in call order."""
+    def timer(run, device, how, k, iters, warmup, seen=None):
+        calls.append(how)
+        if seen is not None:
+            seen.append(modes.get(how, "cuda-graph"))
+        return rates[how][sum(1 for c in calls if c == how) - 1]
+    return timer
+
+
+def test_stack_auto_takes_the_median_of_rotated_windows_and_never_an_eager_fallback():
+    from tests.test_stacked import family_plan
+
+    runs, gpu = family_plan("plain"), torch.device("cuda")
+    n = runner.AUTO_WINDOWS
+    # one window of grouped is hit by a clock boost: the median ignores it
+    spiky = {"separate": [1000.0] * n, "grouped": [5000.0] + [900.0] * (n - 1), "branched": [1100.0] * n}
+    calls: list = []
+    found = runner.measure_ways(runs[0], gpu, 3, fake_windows(spiky, {}, calls))
+    assert found["fastest"] == "branched" and found["windows"] == n
+    firsts = [calls[3 * w] for w in range(n)]
+    assert firsts[:3] == ["separate", "grouped", "branched"]  # the way that runs first rotates
+    # the fastest way fell back to eager: not chosen
+    fell = {"separate": [1000.0] * n, "grouped": [3000.0] * n, "branched": [2000.0] * n}
+    found = runner.measure_ways(runs[0], gpu, 3, fake_windows(fell, {"grouped": "eager (capture failed: X)"}, []))
+    assert found["fastest"] == "branched" and found["fell_back"] == ["grouped"]
+
+
+def test_stack_auto_is_decided_in_the_worker_on_its_own_device(tmp_path, monkeypatch):
+    """execute plans stack=auto jobs as "auto" (nothing measured in the parent); each worker measures on its own
+    device, and the choices of several devices are merged into one stack_choices.json."""
+    from simpnet_cli.train import loop as train
+    from tests.test_stacked import family_plan, options
+
+    runs = family_plan("plain")
+    opts = options(tmp_path, stack="auto")
+    never = fake_windows({}, {}, [])
+    jobs = runner.plan_groups(runs, opts, torch.device("cuda"), timer=never, defer=True)
+    assert jobs == [(runs, "auto")] and not (tmp_path / "runs" / runner.STACK_CHOICES).exists()
+    (tmp_path / "runs").mkdir()
+    n = runner.AUTO_WINDOWS
+    for name, rates, expected in (("GPU-A", {"separate": [1.0] * n, "grouped": [9.0] * n, "branched": [2.0] * n},
+                                   [(runs, "grouped")]),
+                                  ("GPU-B", {"separate": [9.0] * n, "grouped": [1.0] * n, "branched": [2.0] * n},
+                                   [([r], "separate") for r in runs])):
+        monkeypatch.setattr(train, "device_name", lambda device, name=name: name)
+        assert runner.decide_in_worker(runs, opts, torch.device("cuda"), fake_windows(rates, {}, [])) == expected
+    kept = json.loads((tmp_path / "runs" / runner.STACK_CHOICES).read_text())
+    assert sorted(k.split(" | ")[0] for k in kept) == ["GPU-A", "GPU-B"]
+
+
+def test_shards_split_the_longest_first_jobs_between_cluster_jobs():
+    jobs = list(range(7))
+    assert [schedule.shard_of(jobs, i, 3) for i in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert schedule.shard_of(jobs, None, None) == jobs
+    from simpnet_cli.errors import UserError
+
+    with pytest.raises(UserError, match="shard= and shards= go together"):
+        schedule.shard_of(jobs, 1, None)
+    with pytest.raises(UserError, match="shard=3"):
+        schedule.shard_of(jobs, 3, 3)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+                    reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
+def test_the_cluster_command_runs_every_slice_through_submitit_into_one_index(tmp_path):
+    """`make reproduce-slurm`'s command, on submitit's local executor: one job per slice, each training its own
+    runs into the same runs_dir and results_dir, one index with every run."""
+    from simpnet_cli.runs import results
+    from tests.test_variants import TINY_PROFILE, simpnet
+
+    (tmp_path / "tinyconf" / "profile").mkdir(parents=True)
+    (tmp_path / "tinyconf" / "profile" / "tiny.yaml").write_text(TINY_PROFILE)
+    args = make_line("reproduce-slurm", "TABLES=5", "SEEDS=2", "SHARDS=2", "LAUNCHER=submitit_local",
+                     f"RUN_ARGS=row=P5 profile=tiny conf_dir={tmp_path}/tinyconf results_dir={tmp_path}/results "
+                     f"runs_dir={tmp_path}/runs hydra.sweep.dir={tmp_path}/sweep")
+    assert args[:2] == ["run", "-m"] and "hydra/launcher=submitit_local" in args and "shard=range(0,2)" in args
+    proc = simpnet(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows, bad = results.read(tmp_path / "results" / "table5.csv")
+    assert not bad and sorted((r["row_id"], r["seed"]) for r in rows) == [("P5", 0), ("P5", 1)]
+    logs = sorted((tmp_path / "sweep").glob(".submitit/*/*_log.err"))
+    assert len(logs) == 2, "one submitit job per slice"
+    trained = [log.read_text().count("run(s): 1 ok;") for log in logs]
+    assert trained == [1, 1], [log.read_text()[-500:] for log in logs]
