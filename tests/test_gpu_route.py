@@ -188,7 +188,6 @@ def test_a_runner_figure_that_fell_back_to_eager_is_labelled_so():
 
 # --------------------------------------------------------------------------- item 2: the default reproduction
 
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 

@@ -15,6 +15,7 @@ cluster shard takes.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,10 +150,24 @@ def mps_note(jobs: int, device: str, status=None) -> str | None:
     if jobs <= 1 or not device.startswith("cuda"):
         return None
     if status is None:
-        from simpnet_cli.tools.bench import mps_status
-
         status = mps_status()
     if status != "off":
         return None
     return (f"{jobs} processes per GPU without NVIDIA MPS: they time-slice each GPU; `nvidia-cuda-mps-control -d` "
             f"before the command lets them share it (README: packing runs on one GPU)")
+
+
+def mps_status(proc: Path = Path("/proc"), pipe_dir: str | None = None) -> str:
+    """Whether NVIDIA's Multi-Process Service is on (packed processes then share the GPU's SMs instead of
+    time-slicing it): its daemon runs here, or its control pipe exists."""
+    for comm in proc.glob("[0-9]*/comm"):
+        try:
+            name = comm.read_text().strip()
+        except OSError:
+            continue
+        if name.startswith("nvidia-cuda-mps"):  # nvidia-cuda-mps-control / -server, cut to 15 characters
+            return f"on ({name} runs)"
+    pipe = Path(pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps") / "control"
+    if pipe.exists():
+        return f"on (control pipe {pipe})"
+    return "off"

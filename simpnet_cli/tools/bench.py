@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
-import os
 import queue
 import sys
 import time
@@ -31,6 +30,7 @@ from simpnet_cli.train import loop as train
 from simpnet_cli.train import together
 from simpnet_cli.errors import UserError
 from simpnet_cli.runs import authors
+from simpnet_cli.runs.schedule import mps_status  # noqa: F401 - bench.mps_status, as before
 
 # Table S1 of the supplement: minutes for 30,000 iterations of the 1.6M rows on a GTX 1080 (Caffe).
 TABLE_S1 = {"3x3-1.6M": 41.32, "5x5-1.6M": 45.29, "7x7-1.6M": 64.52}
@@ -110,22 +110,6 @@ def packed_rate(spans: list[tuple[int, float, float]]) -> float:
     one's start to the last one's end. (The sum of each process's own rate overstates it: a process that
     starts late or ends early had the device to fewer rivals for part of its time.)"""
     return sum(span[0] for span in spans) / (max(span[2] for span in spans) - min(span[1] for span in spans))
-
-
-def mps_status(proc: Path = Path("/proc"), pipe_dir: str | None = None) -> str:
-    """Whether NVIDIA's Multi-Process Service is on (packed processes then share the GPU's SMs instead of
-    time-slicing it): its daemon runs here, or its control pipe exists."""
-    for comm in proc.glob("[0-9]*/comm"):
-        try:
-            name = comm.read_text().strip()
-        except OSError:
-            continue
-        if name.startswith("nvidia-cuda-mps"):  # nvidia-cuda-mps-control / -server, cut to 15 characters
-            return f"on ({name} runs)"
-    pipe = Path(pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps") / "control"
-    if pipe.exists():
-        return f"on (control pipe {pipe})"
-    return "off"
 
 
 def stack_lines(b, device: torch.device) -> list[str]:

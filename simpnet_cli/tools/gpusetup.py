@@ -22,7 +22,6 @@ Each step prints its time. Standard library only: it runs before anything is ins
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import site
