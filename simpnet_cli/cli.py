@@ -420,6 +420,9 @@ def cmd_repair(cfg, flags, variant) -> int:
 
 
 def cmd_bench(cfg, flags, variant) -> int:
+    # said before torch is imported: a bench's first figure can be a minute away
+    print(f"bench: starting; figures go to {cfg.bench.out} (each row is printed as it is measured)",
+          file=sys.stderr, flush=True)
     from simpnet_cli.tools import bench
 
     return bench.main(cfg, flags)

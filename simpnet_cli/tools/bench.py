@@ -221,12 +221,14 @@ def speed_lines(b, device: torch.device) -> list[str]:
 def s1_lines(b, device: torch.device) -> list[str]:
     """Table S1: minutes for 30,000 iterations of the three 1.6M rows, beside the paper's."""
     lines = ["", "## Table S1: time for 30,000 iterations of the 1.6M rows (training steps only)", "",
-             "| row | paper (GTX 1080, Caffe), min | here, min | img/s |", "|---|---|---|---|"]
+             "| row | paper (GTX 1080, Caffe), min | here, min | img/s | mode | step_mode |", "|---|---|---|---|---|---|"]
     mode = "runner fp32" if device.type == "cuda" else "eager fp32"
     for row_id, paper_min in TABLE_S1.items():
         run = _run_for(f"7/{row_id}", b.batch_size)
-        rate = measure(run, device, mode, int(b.iters), int(b.warmup))
-        lines.append(f"| 7/{row_id} | {paper_min} | {30000 * run.train['batch_size'] / rate / 60:.2f} | {rate:,.0f} |")
+        progress(f"timing 7/{row_id}, {mode}")
+        rate, step_mode = measure_with_mode(run, device, mode, int(b.iters), int(b.warmup))
+        lines.append(f"| 7/{row_id} | {paper_min} | {30000 * run.train['batch_size'] / rate / 60:.2f} | {rate:,.0f} | "
+                     f"{mode_label(mode, step_mode)} | {step_mode} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -336,8 +338,6 @@ def main(cfg, flags) -> int:
     from simpnet_cli.runs.runner import pick_device
 
     b = cfg.bench
-    print(f"bench: starting; figures go to {b.out} (each row is printed as it is measured)", file=sys.stderr,
-          flush=True)
     device = pick_device(str(cfg.device))
     if device.type == "cuda":
         torch.cuda.set_device(device)
