@@ -456,7 +456,8 @@ HELP = {
             "Trains the chosen rows (finished runs are skipped, interrupted ones resume) and records each in\n"
             "results/table<N>.csv.\n"
             "  seeds=3 or seeds=[0,7]   profile=smoke (a few steps on synthetic data)   device=cuda:1\n"
-            "  jobs_per_device=4   precision=bf16   profile.train.eval_every=4   profile.data.train_size=512\n"
+            "  jobs_per_device=4 (or auto: as measured)   precision=bf16   profile.train.eval_every=4\n"
+            "  profile.data.train_size=512   shards=N shard=I (the I-th slice of the jobs: one cluster job)\n"
             "  stack=3 (a row's seeds in one training step; stack_mode=grouped|branched; auto: on a GPU as measured)\n"
             "  quiet=true   logger=[csv,tensorboard] (or mlflow)   --cfg job (print each resolved run, train nothing)\n"
             "  --dry-run (runs, iterations and an estimated time; trains nothing; quick and rough:\n"
@@ -467,7 +468,8 @@ HELP = {
                "Writes results/REPORT.md (and results/report/table<N>.md, .tex with --latex, and figures): every\n"
                "table beside the paper's figures, with the claims checked."),
     "bench": ("simpnet bench [bench.rows=[\"2/8L\"]] [bench.iters=300] [bench.pack=[4]]",
-              "Images/s of the eager loop and the runner's step for chosen rows, written to results/benchmarks.md.\n"
+              "Images/s of the eager loop and the runner's step for chosen rows (each with its step_mode, and the\n"
+              "authors' img/s and hours for the row beside it), written to results/bench/benchmarks.md (git-ignored).\n"
               "  bench.rows=[\"2/8L\",\"12/5M-C10\"]  bench.batch_size=100  bench.warmup=30  bench.s1=false\n"
               "  bench.precision.rows=[\"13/slim-300K\"] (fp32 vs bf16 accuracy on Fashion-MNIST)\n"
               "  bench.grouped.rows=[] (skip the probe of each conv alone vs three stacked in one grouped conv)"),

@@ -345,3 +345,17 @@ def test_the_cluster_command_runs_every_slice_through_submitit_into_one_index(tm
     assert len(logs) == 2, "one submitit job per slice"
     trained = [log.read_text().count("run(s): 1 ok;") for log in logs]
     assert trained == [1, 1], [log.read_text()[-500:] for log in logs]
+
+
+def test_a_shard_trains_its_slice_only_and_a_bad_shard_is_one_line(tmp_path, capsys):
+    from simpnet_cli.cli import main
+    from tests.test_stacked import family_plan, options
+
+    runs = family_plan("plain")  # three seeds of one tiny network: three jobs on the CPU
+    counts = runner.execute(runs, options(tmp_path, stack="auto", shard=0, shards=2))
+    assert counts == {"ok": 2}  # jobs 0 and 2 of three
+    counts = runner.execute(runs, options(tmp_path, stack="auto", shard=1, shards=2))
+    assert counts == {"ok": 1}
+    assert main(["run", "table=5", "row=P5", "profile=smoke", "shard=2", "shards=2", f"results_dir={tmp_path}/r",
+                 f"runs_dir={tmp_path}/e"]) == 2
+    assert capsys.readouterr().err.strip() == "simpnet: error: shard=2: give a shard from 0 to shards-1 (1)"
