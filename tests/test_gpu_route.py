@@ -359,3 +359,15 @@ def test_a_shard_trains_its_slice_only_and_a_bad_shard_is_one_line(tmp_path, cap
     assert main(["run", "table=5", "row=P5", "profile=smoke", "shard=2", "shards=2", f"results_dir={tmp_path}/r",
                  f"runs_dir={tmp_path}/e"]) == 2
     assert capsys.readouterr().err.strip() == "simpnet: error: shard=2: give a shard from 0 to shards-1 (1)"
+
+
+def test_a_stack_auto_job_whose_runs_are_recorded_measures_nothing(tmp_path, monkeypatch):
+    """A resumed reproduce-all: a job of finished runs is skipped without a measurement."""
+    from tests.test_stacked import family_plan, options
+
+    runs = family_plan("plain")
+    opts = options(tmp_path, stack="auto")
+    assert runner.execute(runs, opts) == {"ok": 3}  # on the CPU: separately
+    monkeypatch.setattr(runner, "decide_in_worker", lambda *a, **k: pytest.fail("measured recorded runs"))
+    outcomes = runner.execute_group(runs, "auto", opts, "cpu")
+    assert [(run.seed, outcome) for run, outcome, _ in outcomes] == [(0, "skipped"), (1, "skipped"), (2, "skipped")]

@@ -384,9 +384,15 @@ def execute_group(group: list[tables.RunSpec], how: str, opts: Options, device: 
     different iterations (killed between two of the group's checkpoint writes) resume one at a time."""
     if len(group) == 1:
         return [(group[0], *execute_one(group[0], opts, device, shown))]
-    if how == "auto":  # stack=auto: decided here, on this worker's device
-        return [outcome for part, part_how in decide_in_worker(group, opts, pick_device(device))
-                for outcome in execute_group(part, part_how, opts, device, shown)]
+    if how == "auto":  # stack=auto: decided here, on this worker's device, for the runs still to train
+        todo = [run for run in group if not index.is_recorded(opts.results_dir, opts.runs_dir, run)]
+        parts = (decide_in_worker(todo, opts, pick_device(device)) if len(todo) > 1 else
+                 [([run], "separate") for run in todo])
+        parts += [([run], "separate") for run in group if all(run is not t for t in todo)]  # recorded: said so
+        order = {id(r): n for n, r in enumerate(group)}
+        outcomes = [outcome for part, part_how in parts
+                    for outcome in execute_group(part, part_how, opts, device, shown)]
+        return sorted(outcomes, key=lambda o: order[id(o[0])])
     if shown is None:
         shown = progress.Reporter({}, 0, quiet=opts.quiet, tty=False)
     outcomes, todo = [], []
