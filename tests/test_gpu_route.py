@@ -183,6 +183,7 @@ def test_a_runner_figure_that_fell_back_to_eager_is_labelled_so():
     assert bench.mode_label("runner fp32", "cuda-graph") == "runner fp32"
     assert "FELL BACK TO EAGER" in bench.mode_label("runner bf16", "eager (capture failed: RuntimeError: x)")
     assert bench.mode_label("eager fp32", "eager") == "eager fp32"
+    assert "FELL BACK" in bench.mode_label("runner fp32", "cuda-graph / eager (capture failed: X)")  # one of 4 packed
     assert bench.packed_rate([(1000, 0.0, 10.0, "cuda-graph"), (1000, 5.0, 15.0, "eager")]) == pytest.approx(2000 / 15)
 
 

@@ -100,7 +100,7 @@ def mode_label(mode: str, step_mode: str) -> str:
     """A bench mode as it really ran: a runner (graphed) mode whose capture fell back to eager says so, so its
     figure is never read as a graphed one."""
     graphs = MODES.get(mode, (False,))[0]
-    if graphs and not str(step_mode).startswith("cuda-graph"):
+    if graphs and not all(m.startswith("cuda-graph") for m in str(step_mode).split(" / ")):  # (packed: each)
         return f"{mode}, FELL BACK TO EAGER"
     return mode
 
