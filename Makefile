@@ -1,5 +1,11 @@
 # simpnet: common jobs. `make smoke` on a fresh machine installs into .venv and runs a smoke table.
+# `make install` (and every target that needs it) uses the machine's torch when $(PY) imports one (a system,
+# venv or conda Python: .venv sees its site-packages) and installs only what is missing; with no torch, the CPU
+# build on a machine without an NVIDIA driver (TORCH_INDEX=URL picks another wheel index). WHEELS=DIR: offline,
+# from a folder of wheels. simpnet_cli/tools/gpusetup.py does it (README: Installing).
 PY      ?= python3
+WHEELS  ?=
+TORCH_INDEX ?=
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 SIMPNET := $(BIN)/simpnet
@@ -66,9 +72,10 @@ dry-run: install
 bench: install
 	$(SIMPNET) bench
 
-# The GPU path end to end (at most 5 minutes on one GPU; each step prints its time): CPU proofs, SIGKILL-and-resume on CUDA, graphed vs
-# eager, memory across lr changes, bench alone and packed; figures into results/benchmarks.md. On a machine
-# without CUDA it runs the CPU proofs and says which GPU steps it skipped. It uses the machine's own torch (no
+# The GPU path end to end (at most 5 minutes on one GPU; each step prints its time): CPU proofs,
+# SIGKILL-and-resume on CUDA, graphed vs eager, memory across lr changes, a bench of what decides (8L and
+# 5M-C10 alone and packed, k=1 vs k=3 in one step, the grouped-conv probe); figures into
+# results/bench/gpu-check.md (git-ignored). On a machine without CUDA it runs the CPU proofs and says which GPU steps it skipped. It uses the machine's own torch (no
 # venv if $(PY) imports everything; else .venv-gpu that sees $(PY)'s site-packages, venv or conda, and gets only
 # what is missing) and needs no network with WHEELS=DIR, a folder of wheels (`pip wheel -w DIR ...` on a
 # connected machine; simpnet_cli/tools/gpusetup.py says which).
