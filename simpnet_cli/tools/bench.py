@@ -141,9 +141,13 @@ def flops_per_step(run: tables.RunSpec, device: torch.device) -> int:
     return counter.get_total_flops()
 
 
+STARTED = time.monotonic()  # (reset by main) each progress line says the time since the bench began
+
+
 def progress(line: str) -> None:
-    """What the bench is doing now, before each measurement (a measurement can take a minute)."""
-    print(f"bench: {line} ...", file=sys.stderr, flush=True)
+    """What the bench is doing now, before each measurement (a measurement can take a minute), and the time
+    since the bench began: the gap between two lines is one step's time."""
+    print(f"bench [{time.monotonic() - STARTED:.0f} s]: {line} ...", file=sys.stderr, flush=True)
 
 
 def _packed_worker(run, device, mode, iters, warmup, barrier, out):
@@ -337,6 +341,8 @@ def precision_lines(p, device: torch.device, data_dir: Path) -> list[str]:
 def main(cfg, flags) -> int:
     from simpnet_cli.runs.runner import pick_device
 
+    global STARTED
+    STARTED = time.monotonic()
     b = cfg.bench
     device = pick_device(str(cfg.device))
     if device.type == "cuda":
@@ -367,7 +373,7 @@ def main(cfg, flags) -> int:
         out.write_text("\n".join(lines) + "\n")
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}") from None
-    print(f"wrote {out}")
+    print(f"wrote {out} ({time.monotonic() - STARTED:.0f} s)")
     return 0
 
 
