@@ -372,3 +372,23 @@ def test_a_stack_auto_job_whose_runs_are_recorded_measures_nothing(tmp_path, mon
     monkeypatch.setattr(runner, "decide_in_worker", lambda *a, **k: pytest.fail("measured recorded runs"))
     outcomes = runner.execute_group(runs, "auto", opts, "cpu")
     assert [(run.seed, outcome) for run, outcome, _ in outcomes] == [(0, "skipped"), (1, "skipped"), (2, "skipped")]
+
+
+def test_stack_autos_timed_window_holds_no_epoch_boundary(monkeypatch):
+    """together.time_steps gives its synthetic data one batch for every step it runs (warm-up and timed), so
+    no reshuffle or wrap falls inside the window stack=auto compares."""
+    from simpnet_cli.train import together
+    from tests.test_stacked import family_plan
+
+    run = family_plan("plain")[0]
+    seen: list = []
+
+    def stop(r, *a, **k):
+        seen.append(int(r.dataset["train_size"]))
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(together.loop, "build", stop)
+    with pytest.raises(RuntimeError, match="recorded"):
+        together.time_steps(run, torch.device("cpu"), "separate", 2, 5000, 30)
+    batch = int(run.train["batch_size"])
+    assert seen and seen[0] >= (5000 + 30 + 1) * batch  # (before: 20 batches, at least 2,000 images)
