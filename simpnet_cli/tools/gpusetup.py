@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{sys.executable} ({environment_kind()}) lacks {', '.join(p.install)}" if p.install else
         f"{sys.executable} ({environment_kind()}): {p.notes[0]}")
     for note in p.notes[bool(not p.install):]:
-        say(note)
+        if not p.torch_args or note != p.notes[-1]:  # the CPU build's note: said when it is installed
+            say(note)
     if p.make_venv:
         make_venv(venv, p.parent_sites)
     elif p.parent_sites:
@@ -249,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             still = p.install
         torch_first = [r for r in still if _name(r) in ("torch", "torchvision")] if p.torch_args else []
         if torch_first:
+            say(p.notes[-1])
             run_step(f"pip install {', '.join(torch_first)} (CPU build)",
                      [p.python, "-m", "pip", "install", "-q", *p.torch_args, *torch_first])
             still = [r for r in still if r not in torch_first]
