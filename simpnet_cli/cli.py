@@ -55,7 +55,9 @@ def options(cfg) -> runner.Options:
         data_dir=Path(str(cfg.data_dir)), download=bool(cfg.download),
         results_dir=Path(str(cfg.results_dir)), runs_dir=Path(str(cfg.runs_dir)),
         device=str(cfg.profile.get("device", "auto") if cfg.device == "auto" else cfg.device),
-        jobs_per_device=int(cfg.jobs_per_device), profile=str(cfg.profile.name), quiet=bool(cfg.quiet),
+        jobs_per_device="auto" if cfg.jobs_per_device == "auto" else int(cfg.jobs_per_device),
+        profile=str(cfg.profile.name), quiet=bool(cfg.quiet),
+        shard=cfg.get("shard"), shards=cfg.get("shards"),
         stack=cfg.get("stack", "auto"), stack_mode=str(cfg.get("stack_mode", "grouped")),
         logger=callbacks.logger_names(logger if logger is None or isinstance(logger, str) else list(logger)))
 
@@ -315,7 +317,7 @@ def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
     from simpnet_cli.config import compose as composition
     from simpnet_cli.runs import runner
 
-    jobs, planned = sweep_jobs(prepared), []
+    jobs, planned = sweep_jobs(prepared), {}
     with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
         for job in jobs:
             try:
@@ -325,10 +327,13 @@ def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
             except RecursionError:
                 raise composition.defaults_loop(primary) from None
             check_options(cfg)
-            planned.append((plan_runs(cfg, composition.row_overrides(cfg, job)), options(cfg)))
+            # the slices of one sharded command (shard=range(0,N)) plan the same runs: planned once
+            same = tuple(o for o in job if not o.startswith("shard="))
+            if same not in planned:
+                planned[same] = (plan_runs(cfg, composition.row_overrides(cfg, job)), options(cfg))
     # Then what the jobs will meet when they run (devices, memory, output folders, datasets): every job's
     # config is good by now, so a folder this creates is one a job would have created.
-    for runs, opts in planned:
+    for runs, opts in planned.values():
         runner.preflight(runs, opts)
     return len(jobs)
 
@@ -437,6 +442,9 @@ def cmd_repair(cfg, flags, variant) -> int:
 
 
 def cmd_bench(cfg, flags, variant) -> int:
+    # said before torch is imported: a bench's first figure can be a minute away
+    print(f"bench: starting; figures go to {cfg.bench.out} (each row is printed as it is measured)",
+          file=sys.stderr, flush=True)
     from simpnet_cli.tools import bench
 
     return bench.main(cfg, flags)
@@ -471,7 +479,8 @@ HELP = {
             "Trains the chosen rows (finished runs are skipped, interrupted ones resume) and records each in\n"
             "results/table<N>.csv.\n"
             "  seeds=3 or seeds=[0,7]   profile=smoke (a few steps on synthetic data)   device=cuda:1\n"
-            "  jobs_per_device=4   precision=bf16   profile.train.eval_every=4   profile.data.train_size=512\n"
+            "  jobs_per_device=4 (or auto: as measured)   precision=bf16   profile.train.eval_every=4\n"
+            "  profile.data.train_size=512   shards=N shard=I (the I-th slice of the jobs: one cluster job)\n"
             "  stack=3 (a row's seeds in one training step; stack_mode=grouped|branched; auto: on a GPU as measured)\n"
             "  quiet=true   logger=[csv,tensorboard] (or mlflow)   --cfg job (print each resolved run, train nothing)\n"
             "  --dry-run (runs, iterations and an estimated time, beside the authors' hours; trains nothing;\n"
@@ -484,7 +493,8 @@ HELP = {
                "Writes results/REPORT.md (and results/report/table<N>.md, .tex with --latex, and figures): every\n"
                "table beside the paper's figures, with the claims checked."),
     "bench": ("simpnet bench [bench.rows=[\"2/8L\"]] [bench.iters=300] [bench.pack=[4]]",
-              "Images/s of the eager loop and the runner's step for chosen rows, written to results/benchmarks.md.\n"
+              "Images/s of the eager loop and the runner's step for chosen rows (each with its step_mode, and the\n"
+              "authors' img/s and hours for the row beside it), written to results/bench/benchmarks.md (git-ignored).\n"
               "  bench.rows=[\"2/8L\",\"12/5M-C10\"]  bench.batch_size=100  bench.warmup=30  bench.s1=false\n"
               "  bench.precision.rows=[\"13/slim-300K\"] (fp32 vs bf16 accuracy on Fashion-MNIST)\n"
               "  bench.grouped.rows=[] (skip the probe of each conv alone vs three stacked in one grouped conv)\n"

@@ -122,6 +122,8 @@ SLOW = {
                       "test_other_seed", "test_finished_run_is_not", "test_interrupted_run"),
     "test_smoke_tables.py": ("test_smoke_run_records", "test_rerun_adds_no_lines", "test_twin_rows_share"),
     "test_gpu_path.py": ("test_graphed_run_with_recapture",),
+    "test_gpu_route.py": ("test_make_install_uses_the_present_torch_offline", "test_the_cluster_command",
+                          "test_gpu_check_set_up_with_a_venv_python"),
     "test_robustness.py": ("test_sigkill", "test_concurrent", "test_nan_loss", "test_resume_restores",
                            "test_corrupt_dataset", "test_missing_dataset", "test_report_lists_a_torn_line"),
     # (the fast tier keeps one damaged CSV rebuilt by `repair`, junk, and the killed run indexed by `run`)

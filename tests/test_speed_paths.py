@@ -30,8 +30,16 @@ def test_bench_writes_markdown_with_device_and_rates(tmp_path, capsys):
     assert run_state.device_name(torch.device("cpu")) in text
     rows = [line for line in text.splitlines() if line.startswith("| 5/P5 |")]
     assert len(rows) == 1 and "eager fp32" in rows[0]
-    rate = float(rows[0].split("|")[4].replace(",", ""))
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[3] == "eager"  # the step mode it really ran in
+    rate = float(cells[4].replace(",", ""))
     assert rate > 0
+    # the authors' speed for Table 5's P5 row (authors_runs.csv), and our ratio to it
+    from simpnet_cli.runs import authors
+
+    ref = authors.authors_speed("5", tables.load_table("5").row("P5")["label"])
+    assert cells[7] == f"{ref.img_per_s:,.0f}" and cells[8] == f"{ref.hours:.3g}"
+    assert cells[9] == f"{rate / ref.img_per_s:.2f}x"
 
 
 def test_dry_run_counts_runs_and_iterations_without_training(tmp_path, capsys):

@@ -581,7 +581,8 @@ def check_fits(spec, in_shape, train: dict, dataset: dict, available: int, where
 # Its keys, and the config groups a command line may choose (they compose into a mapping of that name).
 TOP_KEYS = {"table", "row", "seeds", "net", "iterations", "batch_size", "test_interval", "custom", "conf_dir",
             "data_dir", "download", "results_dir", "runs_dir", "device", "jobs_per_device", "precision",
-            "svhn_extra", "quiet", "logger", "dry_run", "bench", "profile", "stack", "stack_mode"}
+            "svhn_extra", "quiet", "logger", "dry_run", "bench", "profile", "stack", "stack_mode",
+            "shard", "shards"}
 GROUP_KEYS = {"arch", "dataset", "feed", "solver"}
 PROFILE_KEYS = {"name", "device", "train", "data"}
 CUSTOM_KEYS = {"table", "row", "label", "dataset", "solver", "iterations", "feed", "test_interval"}
@@ -680,7 +681,13 @@ def check_top(cfg: dict) -> None:
     _flag("svhn_extra", cfg["svhn_extra"], optional=True)
     _require(isinstance(cfg["device"], str) and cfg["device"].strip() != "", "device",
              "give auto, cpu, cuda or cuda:N", cfg["device"])
-    _whole("jobs_per_device", cfg["jobs_per_device"], optional=False)
+    jobs = cfg["jobs_per_device"]
+    _require(jobs == "auto" or (_is_int(jobs) and 1 <= jobs <= MAX_INT), "jobs_per_device",
+             f"give auto or a whole number from 1 to {MAX_INT}", jobs)
+    _whole("shards", cfg.get("shards"))
+    shard = cfg.get("shard")
+    _require(shard is None or (_is_int(shard) and 0 <= shard <= MAX_INT), "shard",
+             "give a shard number from 0 to shards-1", shard)
     stack = cfg["stack"]
     _require(stack in ("auto", "off") or (_is_int(stack) and 1 <= stack <= MAX_INT), "stack",
              "use auto, off, or the number of runs trained in one step (stack=3)", stack)

@@ -323,6 +323,11 @@ class RunSpec:
         run.__dict__["spec"], run.__dict__["_unseeded"] = self.spec, self._unseeded
         return run
 
+    @property
+    def alone_hash(self) -> str:
+        """The config hash this run has when trained alone (its own hash unless it is a stacked run's)."""
+        return self.in_step("").config_hash if self.step else self.config_hash
+
     def in_step(self, step: str) -> "RunSpec":
         """This run as trained in a shared step (``step``: "grouped K", "branched K"; "" alone): another hash."""
         run = dataclasses.replace(self, step=step)

@@ -13,6 +13,7 @@ show`` (``show_lines``) and the authors' hours beside a dry run's estimate (``ho
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -192,3 +193,44 @@ def show_lines(table: str, row_id: str) -> list[str]:
         lines.append(f"  {log.log}: iterations {log.first_iter:,}-{log.last_iter:,}, best {log.best_acc:g}% at "
                      f"{log.best_iter:,}, final {log.final_acc:g}%, {log.wall_h:g} h")
     return lines
+
+
+# --------------------------------------------------------------------------- their speed
+
+@dataclass(frozen=True)
+class AuthorsSpeed:
+    """One row's speed in the authors' run: images/s (median iterations/s x batch; None where the log gives no
+    iteration times) and wall-clock hours (evaluations included)."""
+    img_per_s: float | None
+    hours: float
+    iterations: int
+
+
+def authors_speed(table: str, label: str) -> AuthorsSpeed | None:
+    """The authors' speed for a table row (by its paper label): of its logs, the one with the row's best accuracy
+    (the run the paper reports; the first such). None when the row has no log with a time."""
+    logs = authors_runs()
+    logs = logs[(logs["table"].astype(str) == str(table)) & (logs["row"] == label) & logs["wall_h"].notna()]
+    if logs.empty:
+        return None
+    best = logs.loc[logs["best_acc"].fillna(-math.inf).idxmax()]
+    rate = (float(best["median_iter_per_s"]) * float(best["batch"])
+            if pd.notna(best.get("median_iter_per_s")) else None)
+    return AuthorsSpeed(rate, float(best["wall_h"]), int(best["last_iter"]) - int(best["first_iter"]))
+
+
+def beside(table: str, label: str, ours_img_per_s: float | None = None, ours_hours: float | None = None) -> str:
+    """``authors' img/s | authors' h | ours / authors'`` cells for a markdown row: the ratio is ours over theirs in
+    images/s (above 1: faster than the authors' GTX 1080), or in hours the other way round when only a time is
+    known; '-' where there is nothing to compare."""
+    ref = authors_speed(table, label)
+    if ref is None:
+        return "- | - | -"
+    if ours_img_per_s and ref.img_per_s:
+        ratio = f"{ours_img_per_s / ref.img_per_s:.2f}x"
+    elif ours_hours:
+        ratio = f"{ref.hours / ours_hours:.2f}x"
+    else:
+        ratio = "-"
+    rate = f"{ref.img_per_s:,.0f}" if ref.img_per_s else "-"
+    return f"{rate} | {ref.hours:.3g} | {ratio}"

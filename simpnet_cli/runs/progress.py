@@ -29,7 +29,9 @@ def run_name(run) -> str:
 
 
 def run_key(run) -> tuple:
-    return (str(run.table), run.row_id, run.seed, run.config_hash)
+    """A run's key in the display: its row, seed and what it computes apart from how its step is shared
+    (stack=auto decides that only in the worker that trains it)."""
+    return (str(run.table), run.row_id, run.seed, run.alone_hash)
 
 
 def duration(seconds: float | None) -> str:

@@ -21,6 +21,7 @@ import multiprocessing as mp
 import multiprocessing.connection  # noqa: F401 - mp.connection.wait
 import os
 import signal
+import statistics
 import sys
 from dataclasses import dataclass, replace
 from multiprocessing.managers import SyncManager
@@ -30,6 +31,7 @@ import torch
 
 from simpnet_cli.runs import authors, index, results
 from simpnet_cli.runs import progress
+from simpnet_cli.runs import schedule
 from simpnet_cli.runs.watch import watch_parent  # (its own module: the manager process imports only it)
 from simpnet_cli.config import schemas, tables
 from simpnet_cli.train import callbacks
@@ -51,12 +53,14 @@ class Options:
     results_dir: Path
     runs_dir: Path
     device: str
-    jobs_per_device: int
+    jobs_per_device: int | str  # N, or "auto": by schedule.jobs_for, measured
     profile: str
     quiet: bool = False
     logger: str | tuple[str, ...] = "csv"  # train.callbacks.logger_names: csv, tensorboard, mlflow or several
     stack: str | int = "off"  # auto | off | N: runs sharing one training step (stack_size)
     stack_mode: str = "grouped"  # how stacked runs share it: grouped | branched (train/together.py)
+    shard: int | None = None  # with shards: train only the shard-th of `shards` slices of the jobs (a cluster job)
+    shards: int | None = None
 
 
 def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: dict | None = None,
@@ -122,35 +126,88 @@ def stack_groups(runs: list[tables.RunSpec], size: int | dict[str, int]) -> list
 
 
 AUTO_MOST = 4            # stack=auto puts at most this many runs in one step
-AUTO_TIMING = (20, 10)   # (timed steps, warm-up steps) of each way stack=auto compares
+AUTO_TIMING = (20, 10)   # (timed steps, warm-up steps) of each window of each way stack=auto compares
+AUTO_WINDOWS = 5         # windows per way; the median decides (one window can be hit by a clock boost or a rival)
 STACK_CHOICES = "stack_choices.json"  # in runs_dir: what stack=auto measured, per device and network
+
+
+def choice_key(runs: list[tables.RunSpec], device_label: str) -> str:
+    k = min(AUTO_MOST, len(runs))
+    return f"{device_label} | {hashlib.sha256(share_key(runs[0]).encode()).hexdigest()[:16]} | k={k}"
+
+
+def measure_ways(run: tables.RunSpec, device: torch.device, k: int, timer=together.time_steps,
+                 windows: int = AUTO_WINDOWS) -> dict:
+    """stack=auto's measurement: separate, grouped and branched at ``k``, ``windows`` times each, the way that
+    runs first rotated from one window to the next (the first of a round meets a cooler or busier GPU), each
+    window inside one epoch of its data (together.time_steps), the median of each way's windows kept. A way whose
+    step did not run as a CUDA graph (its capture failed: it ran eagerly) is not chosen: the graphed ways are
+    compared with each other, never with an eager fallback."""
+    rates: dict[str, list[float]] = {how: [] for how in together.TIMED}
+    modes: dict[str, str] = {}
+    for window in range(windows):
+        turn = window % len(together.TIMED)
+        for how in together.TIMED[turn:] + together.TIMED[:turn]:
+            seen: list[str] = []
+            rates[how].append(timer(run, device, how, k, *AUTO_TIMING, seen))
+            if seen:
+                modes[how] = seen[-1]
+    median = {how: statistics.median(r) for how, r in rates.items()}
+    fell_back = sorted(how for how, mode in modes.items() if device.type == "cuda" and not mode.startswith("cuda-graph"))
+    eligible = {how: r for how, r in median.items() if how not in fell_back or how == "separate"}
+    fastest = max(eligible, key=eligible.get)
+    return {"fastest": fastest, "img_per_s": {h: round(r, 1) for h, r in median.items()}, "windows": windows,
+            "step_mode": modes, "fell_back": fell_back}
 
 
 def auto_choice(runs: list[tables.RunSpec], device: torch.device, device_label: str, cache: dict,
                 timer=together.time_steps) -> tuple[int, str]:
     """(runs per step, how) for ``runs`` (one share_key) by ``stack=auto`` on ``device``: the fastest of
-    separate, grouped and branched at k = min(AUTO_MOST, len(runs)) by ``timer`` (total img/s), measured once
-    per device and network and kept in ``cache``; separate on the CPU, where no shared step pays."""
+    separate, grouped and branched at k = min(AUTO_MOST, len(runs)) by ``measure_ways`` (total img/s), measured
+    once per device and network and kept in ``cache``; separate on the CPU, where no shared step pays."""
     k = min(AUTO_MOST, len(runs))
     if k < 2 or device.type != "cuda":
         return 1, "separate"
-    entry = f"{device_label} | {hashlib.sha256(share_key(runs[0]).encode()).hexdigest()[:16]} | k={k}"
+    entry = choice_key(runs, device_label)
     if entry not in cache:
-        rates = {how: timer(runs[0], device, how, k, *AUTO_TIMING) for how in together.TIMED}
-        cache[entry] = {"fastest": max(rates, key=rates.get), "img_per_s": {h: round(r, 1) for h, r in rates.items()}}
+        cache[entry] = measure_ways(runs[0], device, k, timer)
     fastest = cache[entry]["fastest"]
     return (1, "separate") if fastest == "separate" else (k, fastest)
 
 
+def decide_in_worker(group: list[tables.RunSpec], opts: Options, dev: torch.device,
+                     timer=together.time_steps) -> list[tuple[list[tables.RunSpec], str]]:
+    """A ``stack=auto`` job (plan_groups with ``defer``) decided where it trains: measured on this worker's own
+    device while the other workers measure or train on theirs (never all of them one after another on cuda:0
+    while the other GPUs wait), the result merged into runs_dir/stack_choices.json under a lock."""
+    path = opts.runs_dir / STACK_CHOICES
+    label = run_state.device_name(dev)
+    cache = read_json(path) or {}
+    entry = choice_key(group, label)
+    if entry not in cache:
+        found: dict = {}
+        auto_choice(group, dev, label, found, timer)  # measured outside the lock: other devices go on
+        with open(opts.runs_dir / f".{STACK_CHOICES}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            cache = {**(read_json(path) or {}), **found}
+            write_json(path, cache)
+    k, how = auto_choice(group, dev, label, cache, timer)
+    return [stepped(group[i:i + k], how) for i in range(0, len(group), k)]
+
+
 def plan_groups(runs: list[tables.RunSpec], opts: Options, device: torch.device,
-                timer=together.time_steps) -> list[tuple[list[tables.RunSpec], str]]:
+                timer=together.time_steps, defer: bool = False) -> list[tuple[list[tables.RunSpec], str]]:
     """The runs cut into groups that share one training step, each with how it shares it ("separate" for a
     group of one): as ``stack`` and ``stack_mode`` say, or, for ``stack=auto`` on a GPU, as measured. The runs of
-    a shared step come back as such (``RunSpec.in_step``): their hash says how they were computed."""
+    a shared step come back as such (``RunSpec.in_step``): their hash says how they were computed. With
+    ``defer``, a stack=auto group of several runs is left "auto", as runs trained alone, for the worker that
+    trains it to decide on its own device (decide_in_worker)."""
     how = stack_mode(opts.stack_mode)
     if opts.stack != "auto" or device.type != "cuda":
         size = stack_size(opts.stack, device)
         return [stepped(g, how) for g in stack_groups(runs, size)]
+    if defer:
+        return [(g, "auto" if len(g) > 1 else "separate") for g in stack_groups(runs, AUTO_MOST)]
     cache_path = opts.runs_dir / STACK_CHOICES
     cache = read_json(cache_path) or {}
     chosen: dict[str, tuple[int, str]] = {}
@@ -301,12 +358,17 @@ def prepare_device(dev: torch.device, opts: Options) -> None:
 
 
 def execute_group(group: list[tables.RunSpec], opts: Options, device: str,
-                  shown: progress.Reporter | progress.Forwarder | None = None) -> list[tuple[tables.RunSpec, str, str]]:
+                  shown: progress.Reporter | progress.Forwarder | None = None,
+                  auto: bool = False) -> list[tuple[tables.RunSpec, str, str]]:
     """Train (or resume, or just record) the runs of ``group``: one run, or the runs of one shared step (one
-    plan_groups group); returns (run, outcome, message) for each, for the caller to show. Runs already recorded
-    are skipped, those another process holds are busy, and the rest train in the step their hash names
-    (``RunSpec.step``), with as many runs in it as that says: places left by skipped or busy runs are taken by
-    passengers (copies of a run, trained and thrown away), so the arithmetic of every run is its hash's."""
+    plan_groups group); returns (run as trained, outcome, message) for each, in the group's order, for the
+    caller to show. Runs already recorded are skipped, those another process holds are busy, and the rest train
+    in the step their hash names (``RunSpec.step``), with as many runs in it as that says: places left by skipped
+    or busy runs are taken by passengers (copies of a run, trained and thrown away), so the arithmetic of every
+    run is its hash's. ``auto``: a stack=auto group, its way decided here first, on this worker's device."""
+    if auto and len(group) > 1:
+        parts = decide_in_worker(group, opts, pick_device(device))
+        return [outcome for part, _ in parts for outcome in execute_group(part, opts, device, shown)]
     how, k = group[0].shared_step
     if k == 1 and len(group) > 1:  # runs that each train alone
         return [outcome for run in group for outcome in execute_group([run], opts, device, shown)]
@@ -419,18 +481,18 @@ def passengers(run: tables.RunSpec, run_dir: Path, n: int, runs_dir: Path):
 
 def _slot_worker(opts, device, shown, conn) -> None:
     """A packed worker holding one device slot: trains the jobs the parent sends through ``conn``, one at a time,
-    and sends back each one's [(the run's place in the group, outcome, message)], until it gets None. A job is one
-    plan_groups group and how it shares its step (usually a single run, "separate"): a stacked group trains together
-    in this one process, on this one slot. Its progress goes to ``shown`` (a Forwarder to the parent's Reporter)."""
+    and sends back each one's [(the run's place in the group, outcome, message, its step as trained)], until it
+    gets None. A job is one plan_groups group and how it shares its step (usually a single run, "separate"; "auto":
+    decided here): a stacked group trains together in this one process, on this one slot. Its progress goes to
+    ``shown`` (a Forwarder to the parent's Reporter)."""
     watch_parent(os.getppid())  # the parent killed hard cannot stop this worker: it stops itself
     while (job := conn.recv()) is not None:
-        group, _ = job
+        group, how = job
         try:
-            outcomes = execute_group(group, opts, device, shown)
+            outcomes = execute_group(group, opts, device, shown, auto=how == "auto")
         except Exception as err:  # one group's failure (bad input, CUDA out of memory) must not stop the others
             outcomes = [(run, "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}") for run in group]
-        place = {id(run): n for n, run in enumerate(group)}
-        conn.send([(place[id(run)], outcome, message) for run, outcome, message in outcomes])
+        conn.send([(n, outcome, message, run.step) for n, (run, outcome, message) in enumerate(outcomes)])
 
 
 def death_cause(exitcode: int | None) -> str:
@@ -462,10 +524,17 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
     """Run everything in ``runs``: one after another, or ``jobs_per_device`` at once on every visible device."""
     preflight(runs, opts)
     counts: dict[str, int] = {}
+    steps: dict[str, str] = {}  # a trained run's hash alone -> its step as trained (stack=auto decides in workers)
 
-    def tally(run: tables.RunSpec, outcome: str, msg: str) -> None:
+    def tally(run: tables.RunSpec, outcome: str, msg: str, step: str | None = None) -> None:
         counts[outcome] = counts.get(outcome, 0) + 1
+        steps[run.alone_hash] = run.step if step is None else step
         shown.run_finished(progress.run_key(run), outcome, msg)
+
+    def as_trained(twin: tables.RunSpec) -> tables.RunSpec:
+        """A twin (the same run in another table) is recorded from its first run's folder: the same step, so the
+        same hash."""
+        return twin.in_step(steps.get(twin.alone_hash, ""))
 
     # Train each distinct run once; its twins in other tables are recorded from its result afterwards.
     first, twins, seen = [], [], set()
@@ -473,26 +542,40 @@ def execute(runs: list[tables.RunSpec], opts: Options) -> dict[str, int]:
         (twins if run.config_hash in seen else first).append(run)
         seen.add(run.config_hash)
     slots = devices_for(opts)
-    groups = plan_groups(first, opts, torch.device(slots[0]))
-    # A twin (the same run in another table) is recorded from its first run's folder: the same step, so the
-    # same hash.
-    step_of = {run.in_step("").config_hash: run.step for group, _ in groups for run in group}
-    twins = [twin.in_step(step_of.get(twin.config_hash, "")) for twin in twins]
-    runs = [run for group, _ in groups for run in group] + twins
+    groups = plan_groups(first, opts, torch.device(slots[0]), defer=True)
+    runs = [run for group, _ in groups for run in group] + twins  # (explicitly stacked runs: as they train)
+    if opts.shards is not None or opts.shard is not None:  # a cluster job: its slice of the longest-first jobs
+        groups = schedule.shard_of(schedule.longest_first(groups), opts.shard, opts.shards)
+        mine = {run.alone_hash for group, _ in groups for run in group}
+        twins = [twin for twin in twins if twin.alone_hash in mine]
+        runs = [run for run in runs if run.alone_hash in mine]
+    if opts.jobs_per_device == "auto":
+        opts = replace(opts, jobs_per_device=schedule.auto_jobs(first, slots[0], warn_plain))
     workers = min(len(slots) * max(1, opts.jobs_per_device), len(groups))
+    if workers > 1:  # the longest jobs start first, on every device
+        groups = schedule.longest_first(groups)
+        note = schedule.mps_note(opts.jobs_per_device, slots[0])
+        if note:
+            warn(note)
     with progress_for(runs, opts, run_bars=workers <= 1) as shown:
         if workers <= 1:  # in this process; the first bad input stops everything, with its own message
-            for group, _ in groups + [([twin], "separate") for twin in twins]:
-                for outcome in execute_group(group, opts, slots[0], shown):
+            for group, how in groups:
+                for outcome in execute_group(group, opts, slots[0], shown, auto=how == "auto"):
                     tally(*outcome)
+            for twin in twins:
+                tally(*execute_group([as_trained(twin)], opts, slots[0], shown)[0])
         else:
-            execute_packed(groups, twins, fetch_datasets(first, opts), slots, workers, shown, tally)
+            execute_packed(groups, twins, fetch_datasets(first, opts), slots, workers, shown, tally, as_trained)
     # Every table of the command, whatever its runs did: a damaged or stale file is rebuilt, runs killed
     # before their rebuild are indexed, and what was refused or dropped is said once.
     index.rebuild_tables(opts.results_dir, opts.runs_dir, {r.table for r in runs}, warn)
     if counts.get("error"):
         raise UserError(f"{counts['error']} run(s) failed; see the messages above")
     return counts
+
+
+def warn_plain(msg: str) -> None:
+    print(f"simpnet: {msg}", file=sys.stderr, flush=True)
 
 
 def fetch_datasets(runs: list[tables.RunSpec], opts: Options) -> Options:
@@ -550,7 +633,7 @@ class _Slot:
 
 
 def execute_packed(groups, twins, opts: Options, slots: list[str], workers: int, shown: progress.Reporter,
-                   tally) -> None:
+                   tally, as_trained=lambda twin: twin) -> None:
     """``workers`` processes, each holding one device slot and training one job at a time: a plan_groups group,
     one run or a stack of runs trained together in one step in that one process, so a device never holds more
     than ``jobs_per_device`` jobs. Processes, not threads: each packed job has its own CUDA context and
@@ -608,7 +691,7 @@ def execute_packed(groups, twins, opts: Options, slots: list[str], workers: int,
                         continue
                     (group, _), w.job = w.job, None
                     if reported == "died":  # the slot gets a fresh worker when a job needs it
-                        died.update(run.config_hash for run in group)
+                        died.update(run.alone_hash for run in group)
                         pool[i] = None
                         cause = death_cause(w.proc.exitcode)
                         shared = f" (it trained {len(group)} runs together)" if len(group) > 1 else ""
@@ -617,8 +700,8 @@ def execute_packed(groups, twins, opts: Options, slots: list[str], workers: int,
                                                 f"on, and this one resumes from its last checkpoint on the next "
                                                 f"invocation")
                         continue
-                    for place, outcome, message in reported:
-                        tally(group[place], outcome, message)
+                    for place, outcome, message, step in reported:
+                        tally(group[place], outcome, message, step)
         finally:
             live = [w for w in pool if w is not None]
             for w in live:
@@ -634,10 +717,10 @@ def execute_packed(groups, twins, opts: Options, slots: list[str], workers: int,
                 if w.proc.is_alive():
                     w.proc.kill()
     for run in twins:  # recorded from their first run's result.json (or trained here if that one failed)
-        if run.config_hash in died:  # not in this process: what killed that one would end the command
+        if run.alone_hash in died:  # not in this process: what killed that one would end the command
             tally(run, "error", f"{progress.run_name(run)}: not trained, its run's process died (above)")
             continue
         try:
-            tally(*execute_group([run], opts, slots[0], shown)[0])
+            tally(*execute_group([as_trained(run)], opts, slots[0], shown)[0])
         except Exception as err:  # noqa: BLE001 - as in a packed run: the others are recorded
             tally(run, "error", f"{progress.run_name(run)}: {type(err).__name__}: {err}")

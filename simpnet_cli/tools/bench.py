@@ -3,13 +3,15 @@ time estimate of ``simpnet run ... --dry-run``.
 
 Measurements train real steps of the row's network and solver at the row's batch size on synthetic data
 of the dataset's shape (speed does not depend on pixel values). ``simpnet bench`` writes
-results/benchmarks.md with the device name; figures from a CPU are labelled as such.
+results/bench/benchmarks.md (git-ignored: a bench never rewrites a tracked file; bench.out= says elsewhere) with
+the device name; figures from a CPU are labelled as such. Every row says the step mode it really ran in (a
+runner step whose capture failed ran eagerly, and is labelled so) and, beside it, the authors' images/s and
+hours for that row (runs/authors.py) and our ratio to them.
 """
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
-import os
 import queue
 import sys
 import time
@@ -29,6 +31,8 @@ from simpnet_cli.train import state as run_state
 from simpnet_cli.train import solvers
 from simpnet_cli.train import together
 from simpnet_cli.errors import UserError
+from simpnet_cli.runs import authors
+from simpnet_cli.runs.schedule import mps_status  # noqa: F401 - bench.mps_status, as before
 
 # Table S1 of the supplement: minutes for 30,000 iterations of the 1.6M rows on a GTX 1080 (Caffe).
 TABLE_S1 = {"3x3-1.6M": 41.32, "5x5-1.6M": 45.29, "7x7-1.6M": 64.52}
@@ -60,8 +64,8 @@ def _sync(device):
 
 
 def timed_steps(run: tables.RunSpec, device: torch.device, mode: str, iters: int, warmup: int,
-                barrier=None) -> tuple[int, float, float]:
-    """(images, start, end) of ``iters`` training steps of ``mode`` on ``run``'s network after ``warmup``
+                barrier=None) -> tuple[int, float, float, str]:
+    """(images, start, end, step mode) of ``iters`` training steps of ``mode`` on ``run``'s network after ``warmup``
     ones. The times are time.monotonic(): one clock for every process of the machine, so packed processes'
     spans can be put side by side."""
     graphs, precision, channels_last = MODES[mode]
@@ -79,50 +83,53 @@ def timed_steps(run: tables.RunSpec, device: torch.device, mode: str, iters: int
     for i in range(warmup, warmup + iters):
         step(i, lr)
     _sync(device)
-    return iters * batch, t0, time.monotonic()
+    return iters * batch, t0, time.monotonic(), step.step_mode
 
 
 def measure(run: tables.RunSpec, device: torch.device, mode: str, iters: int, warmup: int) -> float:
     """Training images per second of ``mode`` on ``run``'s network (after ``warmup`` steps)."""
-    images, t0, t1 = timed_steps(run, device, mode, iters, warmup)
-    return images / (t1 - t0)
+    return measure_with_mode(run, device, mode, iters, warmup)[0]
+
+
+def measure_with_mode(run: tables.RunSpec, device: torch.device, mode: str, iters: int,
+                      warmup: int) -> tuple[float, str]:
+    """(images per second, the step mode it really ran in) of ``mode`` on ``run``'s network."""
+    images, t0, t1, step_mode = timed_steps(run, device, mode, iters, warmup)
+    return images / (t1 - t0), step_mode
+
+
+def mode_label(mode: str, step_mode: str) -> str:
+    """A bench mode as it really ran: a runner (graphed) mode whose capture fell back to eager says so, so its
+    figure is never read as a graphed one."""
+    graphs = MODES.get(mode, (False,))[0]
+    if graphs and not all(m.startswith("cuda-graph") for m in str(step_mode).split(" / ")):  # (packed: each)
+        return f"{mode}, FELL BACK TO EAGER"
+    return mode
 
 
 def packed_rate(spans: list[tuple[int, float, float]]) -> float:
     """Images per second of processes that trained at once: all their images over the span from the first
     one's start to the last one's end. (The sum of each process's own rate overstates it: a process that
     starts late or ends early had the device to fewer rivals for part of its time.)"""
-    return sum(images for images, _, _ in spans) / (max(end for _, _, end in spans) - min(s for _, s, _ in spans))
-
-
-def mps_status(proc: Path = Path("/proc"), pipe_dir: str | None = None) -> str:
-    """Whether NVIDIA's Multi-Process Service is on (packed processes then share the GPU's SMs instead of
-    time-slicing it): its daemon runs here, or its control pipe exists."""
-    for comm in proc.glob("[0-9]*/comm"):
-        try:
-            name = comm.read_text().strip()
-        except OSError:
-            continue
-        if name.startswith("nvidia-cuda-mps"):  # nvidia-cuda-mps-control / -server, cut to 15 characters
-            return f"on ({name} runs)"
-    pipe = Path(pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps") / "control"
-    if pipe.exists():
-        return f"on (control pipe {pipe})"
-    return "off"
+    return sum(span[0] for span in spans) / (max(span[2] for span in spans) - min(span[1] for span in spans))
 
 
 def stack_lines(b, device: torch.device) -> list[str]:
     """img/s per run and in total of k seeds trained separately, grouped and branched, for each row and k."""
     lines = ["", f"## Several runs in one step (k seeds of a row; {'CUDA graphs' if device.type == 'cuda' else 'eager, CPU'})",
-             "", "| row | k | mode | img/s per run | img/s total | vs separate |", "|---|---|---|---|---|---|"]
+             "", "| row | k | mode | step_mode | img/s per run | img/s total | vs separate | authors' img/s | "
+                 "authors' h | per run vs authors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for ref in b.rows:
         run = _run_for(ref, b.batch_size)
         for k in (int(k) for k in b.stack):
             base = None
             for how in together.TIMED:
-                total = together.time_steps(run, device, how, k, int(b.iters), int(b.warmup))
+                progress(f"timing {ref}: {k} run(s), {how}")
+                seen: list[str] = []
+                total = together.time_steps(run, device, how, k, int(b.iters), int(b.warmup), seen)
                 base = base or total
-                lines.append(f"| {ref} | {k} | {how} | {total / k:,.0f} | {total:,.0f} | {total / base:.2f}x |")
+                lines.append(f"| {ref} | {k} | {how} | {seen[-1] if seen else '-'} | {total / k:,.0f} | "
+                             f"{total:,.0f} | {total / base:.2f}x | {authors.beside(run.table, run.label, total / k)} |")
                 print(lines[-1], flush=True)
     return lines
 
@@ -136,6 +143,15 @@ def flops_per_step(run: tables.RunSpec, device: torch.device) -> int:
     return counter.get_total_flops()
 
 
+STARTED = time.monotonic()  # (reset by main) each progress line says the time since the bench began
+
+
+def progress(line: str) -> None:
+    """What the bench is doing now, before each measurement (a measurement can take a minute), and the time
+    since the bench began: the gap between two lines is one step's time."""
+    print(f"bench [{time.monotonic() - STARTED:.0f} s]: {line} ...", file=sys.stderr, flush=True)
+
+
 def _packed_worker(run, device, mode, iters, warmup, barrier, out):
     out.put(timed_steps(run, torch.device(device), mode, iters, warmup, barrier))
 
@@ -143,6 +159,12 @@ def _packed_worker(run, device, mode, iters, warmup, barrier, out):
 def measure_packed(run: tables.RunSpec, device: str, n: int, iters: int, warmup: int,
                    mode: str = "runner fp32") -> float:
     """Total images per second of ``n`` processes training the same row at once on one device (packed_rate)."""
+    return measure_packed_with_modes(run, device, n, iters, warmup, mode)[0]
+
+
+def measure_packed_with_modes(run: tables.RunSpec, device: str, n: int, iters: int, warmup: int,
+                              mode: str = "runner fp32") -> tuple[float, str]:
+    """(measure_packed's total images per second, the step modes the processes ran in, joined)."""
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(n, timeout=600), ctx.Queue()
     procs = [ctx.Process(target=_packed_worker, args=(run, device, mode, iters, warmup, barrier, out))
@@ -159,7 +181,7 @@ def measure_packed(run: tables.RunSpec, device: str, n: int, iters: int, warmup:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    return packed_rate(spans)
+    return packed_rate(spans), " / ".join(sorted({str(span[3]) for span in spans}))
 
 
 def _run_for(ref: str, batch_size: int | None) -> tables.RunSpec:
@@ -173,24 +195,31 @@ def _run_for(ref: str, batch_size: int | None) -> tables.RunSpec:
 
 def speed_lines(b, device: torch.device) -> list[str]:
     """img/s and TFLOP/s of each mode on each row, and of packed runs."""
-    lines = ["| row | network params | mode | img/s | speed-up vs eager | TFLOP/s |", "|---|---|---|---|---|---|"]
+    lines = ["| row | network params | mode | step_mode | img/s | speed-up vs eager | TFLOP/s | authors' img/s | "
+             "authors' h | vs authors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for ref in b.rows:
         run = _run_for(ref, b.batch_size)
+        progress(f"counting the FLOPs of {ref}")
         flops = flops_per_step(run, device)
         params = network.count_params(run.spec, run.in_shape)[0]
         base = None
         for mode in MODES:
             if mode != "eager fp32" and device.type != "cuda":
                 continue  # the captured step exists only on a GPU
-            rate = measure(run, device, mode, int(b.iters), int(b.warmup))
+            progress(f"timing {ref}, {mode}: {b.iters} steps after {b.warmup}")
+            rate, step_mode = measure_with_mode(run, device, mode, int(b.iters), int(b.warmup))
             base = base or rate
             tflops = flops * rate / run.train["batch_size"] / 1e12
-            lines.append(f"| {ref} | {params:,} | {mode} | {rate:,.0f} | {rate / base:.2f}x | {tflops:.2f} |")
+            lines.append(f"| {ref} | {params:,} | {mode_label(mode, step_mode)} | {step_mode} | {rate:,.0f} | "
+                         f"{rate / base:.2f}x | {tflops:.2f} | {authors.beside(run.table, run.label, rate)} |")
             print(lines[-1], flush=True)
         for n in (int(p) for p in b.pack if int(p) > 1 and device.type == "cuda"):
             for mode in ("runner fp32", "runner bf16"):
-                rate = measure_packed(run, str(device), n, int(b.iters), int(b.warmup), mode)
-                lines.append(f"| {ref} | | {n} packed runs ({mode}), total | {rate:,.0f} | {rate / base:.2f}x | |")
+                progress(f"timing {ref}: {n} packed processes, {mode}")
+                rate, step_modes = measure_packed_with_modes(run, str(device), n, int(b.iters), int(b.warmup), mode)
+                lines.append(f"| {ref} | | {n} packed runs ({mode_label(mode, step_modes)}), total | {step_modes} | "
+                             f"{rate:,.0f} | "
+                             f"{rate / base:.2f}x | | {authors.beside(run.table, run.label, rate / n)} |")
                 print(lines[-1], flush=True)
     return lines
 
@@ -198,12 +227,14 @@ def speed_lines(b, device: torch.device) -> list[str]:
 def s1_lines(b, device: torch.device) -> list[str]:
     """Table S1: minutes for 30,000 iterations of the three 1.6M rows, beside the paper's."""
     lines = ["", "## Table S1: time for 30,000 iterations of the 1.6M rows (training steps only)", "",
-             "| row | paper (GTX 1080, Caffe), min | here, min | img/s |", "|---|---|---|---|"]
+             "| row | paper (GTX 1080, Caffe), min | here, min | img/s | mode | step_mode |", "|---|---|---|---|---|---|"]
     mode = "runner fp32" if device.type == "cuda" else "eager fp32"
     for row_id, paper_min in TABLE_S1.items():
         run = _run_for(f"7/{row_id}", b.batch_size)
-        rate = measure(run, device, mode, int(b.iters), int(b.warmup))
-        lines.append(f"| 7/{row_id} | {paper_min} | {30000 * run.train['batch_size'] / rate / 60:.2f} | {rate:,.0f} |")
+        progress(f"timing 7/{row_id}, {mode}")
+        rate, step_mode = measure_with_mode(run, device, mode, int(b.iters), int(b.warmup))
+        lines.append(f"| 7/{row_id} | {paper_min} | {30000 * run.train['batch_size'] / rate / 60:.2f} | {rate:,.0f} | "
+                     f"{mode_label(mode, step_mode)} | {step_mode} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -360,6 +391,8 @@ def ops_main(cfg, flags, device: torch.device) -> int:
 def main(cfg, flags) -> int:
     from simpnet_cli.runs.runner import pick_device
 
+    global STARTED
+    STARTED = time.monotonic()
     b = cfg.bench
     device = pick_device(str(cfg.device))
     if device.type == "cuda":
@@ -392,7 +425,7 @@ def main(cfg, flags) -> int:
         out.write_text("\n".join(lines) + "\n")
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}") from None
-    print(f"wrote {out}")
+    print(f"wrote {out} ({time.monotonic() - STARTED:.0f} s)")
     return 0
 
 
@@ -436,6 +469,7 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
     size = max((len(group) for group, _ in groups), default=1)
     speed: dict[tuple, float] = {}
     per_table: dict[str, list[float]] = {}
+    per_row: dict[tuple, list] = {}  # (table, row id, label): [runs, iterations, seconds, img/s of one run]
     networks = len({(repr(r.spec), r.train["batch_size"], r.training.precision, r.in_shape,
                      group_of[id(r)]) for r in todo})
     for run in todo:
@@ -458,6 +492,10 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
         entry[0] += 1
         entry[1] += run.train["iterations"]
         entry[2] += run.train["iterations"] / speed[key]
+        row = per_row.setdefault((run.table, run.row_id, run.label), [0, 0, 0.0, speed[key] * run.train["batch_size"]])
+        row[0] += 1
+        row[1] += run.train["iterations"]
+        row[2] += run.train["iterations"] / speed[key]
     slots = len(devices_for(opts))
     shared_hows = ", ".join(sorted({how for group, how in groups if len(group) > 1}))
     stacking = f"up to {size} runs in one step ({shared_hows})" if size > 1 else "one run at a time"
@@ -474,6 +512,13 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
         total = [total[0] + n, total[1] + it, total[2] + secs]
     every = [sum(col) for col in zip(*theirs.values())] if theirs else [0.0, 0, 0]
     lines.append(f"| all | {total[0]} | {total[1]:,} | {_duration(total[2] / slots)} | {_hours_cell(*every)} |")
+    lines += ["", "Per row, on one device, beside the authors' own run of the row (their Caffe log, authors_runs.csv: "
+                  "images/s and hours of one run; vs authors = our estimated img/s per run over theirs):",
+              "| table | row | runs | iterations | estimated time | img/s per run (estimated) | authors' img/s | "
+              "authors' h | vs authors |", "|---|---|---|---|---|---|---|---|---|"]
+    for (name, row_id, label), (n, it, secs, rate) in per_row.items():
+        lines.append(f"| {name} | {row_id} | {n} | {it:,} | {_duration(secs)} | {rate:,.0f} | "
+                     f"{authors.beside(name, label, rate)} |")
     return "\n".join(lines)
 
 

@@ -56,16 +56,19 @@ def build_together(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: to
     return states, step
 
 
-def time_steps(run: RunSpec, device: torch.device, how: str, k: int, iters: int, warmup: int) -> float:
+def time_steps(run: RunSpec, device: torch.device, how: str, k: int, iters: int, warmup: int,
+               seen: list | None = None) -> float:
     """Total training images per second of ``k`` seeds of ``run`` (its network, solver and batch, on synthetic
     data of its dataset's shape: speed does not depend on pixel values) trained ``how``: "separate" (one run's
     step, k of them one after another) or in one "grouped" or "branched" step. ``warmup`` steps come first
-    (capture, cuDNN's choice of kernels)."""
+    (capture, cuDNN's choice of kernels). The data holds every step's batch, so no epoch boundary (a reshuffle)
+    falls in the timed window. The step mode it really ran in is appended to ``seen``."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # as a run: fixed shapes
     batch = int(run.train["batch_size"])
-    ds = {**run.dataset, "source": "synthetic", "train_size": max(20 * batch, 2000), "test_size": batch}
+    ds = {**run.dataset, "source": "synthetic", "train_size": max((warmup + iters + 1) * batch, 2000),
+          "test_size": batch}
     runs = [dataclasses.replace(run, dataset=ds, seed=seed) for seed in range(1 if how == "separate" else k)]
     if how == "separate":
         step = run_state.build(runs[0], Path("."), device, Path("."), False, lambda s: None, None).step
@@ -82,4 +85,6 @@ def time_steps(run: RunSpec, device: torch.device, how: str, k: int, iters: int,
         step(i, lr)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if seen is not None:
+        seen.append(step.step_mode)
     return len(runs) * iters * batch / (time.perf_counter() - t0)
