@@ -119,7 +119,7 @@ def test_a_bare_cpu_machine_gets_the_cpu_build_of_torch(tmp_path):
 def test_authors_speed_is_read_from_the_reference_and_chooses_the_reported_run():
     from simpnet_cli.runs import authors
 
-    assert authors.authors_runs(), "authors_runs.csv: neither the package's copy nor ../shared/reference"
+    assert not authors.authors_runs().empty, "authors_runs.csv: the package's copy is missing"
     eight = authors.authors_speed("2", "Arch1, 8 layers")
     assert eight.img_per_s == pytest.approx(2341) and eight.hours == pytest.approx(0.375)
     five = authors.authors_speed("12", "SimpNet 5.48M, CIFAR-10")
@@ -292,7 +292,7 @@ def test_stack_auto_takes_the_median_of_rotated_windows_and_never_an_eager_fallb
 def test_stack_auto_is_decided_in_the_worker_on_its_own_device(tmp_path, monkeypatch):
     """execute plans stack=auto jobs as "auto" (nothing measured in the parent); each worker measures on its own
     device, and the choices of several devices are merged into one stack_choices.json."""
-    from simpnet_cli.train import loop as train
+    from simpnet_cli.train import state as run_state
     from tests.test_stacked import family_plan, options
 
     runs = family_plan("plain")
@@ -303,10 +303,10 @@ def test_stack_auto_is_decided_in_the_worker_on_its_own_device(tmp_path, monkeyp
     (tmp_path / "runs").mkdir()
     n = runner.AUTO_WINDOWS
     for name, rates, expected in (("GPU-A", {"separate": [1.0] * n, "grouped": [9.0] * n, "branched": [2.0] * n},
-                                   [(runs, "grouped")]),
+                                   [([r.in_step("grouped 3") for r in runs], "grouped")]),
                                   ("GPU-B", {"separate": [9.0] * n, "grouped": [1.0] * n, "branched": [2.0] * n},
                                    [([r], "separate") for r in runs])):
-        monkeypatch.setattr(train, "device_name", lambda device, name=name: name)
+        monkeypatch.setattr(run_state, "device_name", lambda device, name=name: name)
         assert runner.decide_in_worker(runs, opts, torch.device("cuda"), fake_windows(rates, {}, [])) == expected
     kept = json.loads((tmp_path / "runs" / runner.STACK_CHOICES).read_text())
     assert sorted(k.split(" | ")[0] for k in kept) == ["GPU-A", "GPU-B"]
@@ -370,7 +370,7 @@ def test_a_stack_auto_job_whose_runs_are_recorded_measures_nothing(tmp_path, mon
     opts = options(tmp_path, stack="auto")
     assert runner.execute(runs, opts) == {"ok": 3}  # on the CPU: separately
     monkeypatch.setattr(runner, "decide_in_worker", lambda *a, **k: pytest.fail("measured recorded runs"))
-    outcomes = runner.execute_group(runs, "auto", opts, "cpu")
+    outcomes = runner.execute_group(runs, opts, "cpu", auto=True)
     assert [(run.seed, outcome) for run, outcome, _ in outcomes] == [(0, "skipped"), (1, "skipped"), (2, "skipped")]
 
 
@@ -387,7 +387,7 @@ def test_stack_autos_timed_window_holds_no_epoch_boundary(monkeypatch):
         seen.append(int(r.dataset["train_size"]))
         raise RuntimeError("recorded")
 
-    monkeypatch.setattr(together.loop, "build", stop)
+    monkeypatch.setattr(together.run_state, "build", stop)
     with pytest.raises(RuntimeError, match="recorded"):
         together.time_steps(run, torch.device("cpu"), "separate", 2, 5000, 30)
     batch = int(run.train["batch_size"])

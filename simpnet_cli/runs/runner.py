@@ -366,9 +366,13 @@ def execute_group(group: list[tables.RunSpec], opts: Options, device: str,
     in the step their hash names (``RunSpec.step``), with as many runs in it as that says: places left by skipped
     or busy runs are taken by passengers (copies of a run, trained and thrown away), so the arithmetic of every
     run is its hash's. ``auto``: a stack=auto group, its way decided here first, on this worker's device."""
-    if auto and len(group) > 1:
-        parts = decide_in_worker(group, opts, pick_device(device))
-        return [outcome for part, _ in parts for outcome in execute_group(part, opts, device, shown)]
+    if auto and len(group) > 1:  # decided for the runs still to train (those recorded alone are only recorded)
+        todo = [run for run in group if not index.is_recorded(opts.results_dir, opts.runs_dir, run)]
+        parts = (decide_in_worker(todo, opts, pick_device(device)) if len(todo) > 1 else [([r], "") for r in todo])
+        parts += [([run], "") for run in group if all(run is not t for t in todo)]
+        place = {run.config_hash: n for n, run in enumerate(group)}
+        outcomes = [outcome for part, _ in parts for outcome in execute_group(part, opts, device, shown)]
+        return sorted(outcomes, key=lambda o: place[o[0].alone_hash])
     how, k = group[0].shared_step
     if k == 1 and len(group) > 1:  # runs that each train alone
         return [outcome for run in group for outcome in execute_group([run], opts, device, shown)]
