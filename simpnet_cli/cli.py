@@ -465,7 +465,7 @@ HELP = {
               "  bench.grouped.rows=[] (skip the probe of each conv alone vs three stacked in one grouped conv)"),
     "export": ("simpnet export run_dir=PATH [format=torchscript|onnx] [out=FILE]",
                "Writes a finished run's network with its trained weights as TorchScript (run_dir/model.ts) or ONNX\n"
-               "(run_dir/model.onnx; needs pip install 'simpnet[onnx]'). In Python: simpnet_cli.load_model(run_dir)."),
+               "(run_dir/model.onnx; needs pip install -e '.[onnx]'). In Python: simpnet_cli.load_model(run_dir)."),
     "repair": ("simpnet repair [table=N]   (or: simpnet index [table=N])",
                "Rebuilds results/table<N>.csv, an index, from the run folders under runs_dir (the folders are the\n"
                "record); a healthy file is left as it is, a damaged one is kept beside it."),

@@ -214,7 +214,7 @@ class CsvLogger(Callback):
 
 def _missing(package: str) -> UserError:
     return UserError(f"logger={package} needs the {package} package, which is not installed: "
-                     f"pip install 'simpnet[{package}]'")
+                     f"pip install -e '.[{package}]' (in a clone; pip install 'simpnet[{package}]' otherwise)")
 
 
 class TensorBoardLogger(Callback):
