@@ -2,11 +2,17 @@
 
   simpnet list                               tables and their rows
   simpnet show table=4 [row=WE10] [--json]   each row's resolved network and parameter counts
-  simpnet run table=4 [row=..] [seeds=3] [profile=smoke] [--dry-run]
+  simpnet run table=4 [row=WE10] [seeds=3] [profile=smoke] [--dry-run]
+  simpnet run table=4 row=WE10 logger=[csv,tensorboard] --cfg job   (each resolved run as YAML; trains nothing)
   simpnet run -m table=4 row=WE10,BW10 hydra/launcher=submitit_slurm   (one cluster job per row)
   simpnet report [table=4] [--latex]         results/REPORT.md beside the paper's figures
-  simpnet bench [rows=..]                    images/s of the eager loop and the runner's path
+  simpnet bench [bench.rows=[2/8L]]          images/s of the eager loop and the runner's path
   simpnet repair [table=4]                   rebuild results/table<N>.csv from the run folders (or: simpnet index)
+  simpnet export run_dir=PATH [format=onnx]  a finished run's network as TorchScript or ONNX
+  simpnet CMD --help                         a command's keys, with examples; simpnet --version
+
+Loggers: logger=[csv,tensorboard] or logger=[csv,mlflow] (curve.csv always). In Python:
+simpnet_cli.build_model(table=4, row="WE10"), simpnet_cli.load_model(run_dir), simpnet_cli.read_runs(table=4).
 
 Bad input gets one line on stderr and exit code 2; --debug shows the traceback instead.
 """
@@ -23,7 +29,7 @@ from simpnet_cli.errors import UserError
 if TYPE_CHECKING:  # imported where used, to keep `simpnet list` quick
     from simpnet_cli.runs import runner
 
-USAGE = __doc__.split("\n\n")[1]
+USAGE = "usage: simpnet COMMAND [KEY=VALUE ...] [--FLAGS]\n\n" + "\n\n".join(__doc__.split("\n\n")[1:3])
 FLAGS = {"--json", "--debug", "--dry-run", "--latex", "-m", "--multirun", "--help", "-h"}
 # The flags each command reads (and --debug, --help everywhere): any other is refused, not silently ignored
 # (`simpnet run --json` would otherwise train with no JSON anywhere).
@@ -259,8 +265,13 @@ def print_resolved(runs) -> None:
         doc["recipe"] = run.recipe()
         docs.append(doc)
     # libyaml's emitter where installed: the pure-Python one takes ~35 ms a run (seeds=30000: 20 minutes)
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    print(yaml.dump_all(docs, Dumper=dumper, sort_keys=False, width=120), end="")
+    base = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+    class PlainDumper(base):  # a mapping shared by two keys is written out twice, never as &id001 / *id001
+        def ignore_aliases(self, data) -> bool:
+            return True
+
+    print(yaml.dump_all(docs, Dumper=PlainDumper, sort_keys=False, width=120), end="")
 
 
 def is_multirun(flags, overrides) -> bool:
@@ -448,7 +459,7 @@ HELP = {
             "Trains the chosen rows (finished runs are skipped, interrupted ones resume) and records each in\n"
             "results/table<N>.csv.\n"
             "  seeds=3 or seeds=[0,7]   profile=smoke (a few steps on synthetic data)   device=cuda:1\n"
-            "  jobs_per_device=4   precision=bf16   profile.train.eval_every=4   profile.data.train_size=512\n"
+            "  jobs_per_device=4   precision=bf16   profile.train.eval_every=4   dataset.train_size=512 (a subset)\n"
             "  stack=3 (a row's seeds in one training step; stack_mode=grouped|branched; auto: on a GPU as measured)\n"
             "  quiet=true   logger=[csv,tensorboard] (or mlflow)   --cfg job (print each resolved run, train nothing)\n"
             "  --dry-run (runs, iterations and an estimated time; trains nothing; quick and rough:\n"
@@ -485,6 +496,36 @@ def cmd_export(args: list[str]) -> int:
     return 0
 
 
+# Hydra's own flags, which simpnet (a command line on top of Hydra's composition) does not offer: each is
+# answered in one line naming what does that job here.
+HYDRA_FLAGS = {
+    "--info": "Hydra's --info is not offered: `simpnet list` shows each table and where it comes from (conf/ or "
+              "conf_dir=), `simpnet show table=N row=ID --cfg job` each resolved run",
+    "--cfg=hydra": "--cfg hydra is not offered: Hydra's own settings change nothing in simpnet (runs go to runs_dir=, "
+                   "records to results_dir=); `--cfg job` prints each resolved run",
+    "--cfg=all": "--cfg all is not offered: `--cfg job` prints each resolved run (Hydra's own settings change "
+                 "nothing in simpnet)",
+    "--shell-completion": "simpnet has no shell completion: `simpnet --help` lists the commands, `simpnet CMD --help` "
+                          "each command's keys with examples",
+    "--hydra-help": "simpnet CMD --help lists a command's keys with examples (Hydra's own help does not apply)",
+    "--resolve": "--cfg job prints each run already resolved",
+    "--package": "--cfg job prints each whole run (there is no --package)",
+    "--config-path": "conf_dir=PATH adds a folder of your own configs (tables/, arch/, solver/, ...)",
+    "--config-name": "conf_dir=PATH adds a folder of your own configs (tables/, arch/, solver/, ...)",
+    "--config-dir": "conf_dir=PATH adds a folder of your own configs (tables/, arch/, solver/, ...)",
+    "--run": "simpnet run trains (and -m sweeps); Hydra's --run flag does not apply",
+}
+
+
+def check_hydra_flags(args: list[str]) -> None:
+    for arg in args:
+        flag = arg.split("=", 1)[0] if not arg.startswith("--cfg=") else arg
+        flag = {"-p": "--package", "-cp": "--config-path", "-cn": "--config-name", "-cd": "--config-dir",
+                "-r": "--run", "-i": "--info", "-sc": "--shell-completion"}.get(flag, flag)
+        if flag in HYDRA_FLAGS:
+            raise UserError(HYDRA_FLAGS[flag])
+
+
 def check_hydra_keys(overrides: list[str], multirun: bool) -> None:
     """Refuse ``hydra.*`` keys that would be accepted and then do nothing: simpnet writes where results_dir and
     runs_dir say, so Hydra's run folder and output settings have no effect; a sweep (-m) takes Hydra's
@@ -505,7 +546,22 @@ def print_help(cmd: str) -> int:
     if cmd not in HELP:
         raise UserError(f"unknown command {cmd!r}; commands: {', '.join(HELP)}")
     usage, text = HELP[cmd]
-    print(f"usage: {usage}\n\n{text}\n\n{COMMON_HELP}")
+    return say(f"usage: {usage}\n\n{text}\n\n{COMMON_HELP}")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("simpnet")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+def say(text: str) -> int:
+    """Print ``text`` and flush here, where a reader that left (``simpnet -h | head -2``) is caught."""
+    print(text)
+    sys.stdout.flush()
     return 0
 
 
@@ -570,18 +626,20 @@ def main(argv: list[str] | None = None) -> int:
             return main(argv)
         finally:
             sys.stderr = stderr
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0
+    if not argv or argv[0] in ("-h", "--help", "help", "--version", "-V"):
+        text = USAGE if not argv or argv[0] not in ("--version", "-V") else f"simpnet {version()}"
+        return guarded(lambda: say(text), debug=False)
     cmd, rest = argv[0], argv[1:]
-    if "--cfg" in rest:  # `--cfg job` as Hydra spells it: one flag
-        i = rest.index("--cfg")
-        rest = rest[:i] + [f"--cfg={rest[i + 1]}" if i + 1 < len(rest) else "--cfg="] + rest[i + 2:]
+    for short in ("--cfg", "-c"):  # `--cfg job` (or Hydra's `-c job`) as Hydra spells it: one flag
+        if short in rest:
+            i = rest.index(short)
+            rest = rest[:i] + [f"--cfg={rest[i + 1]}" if i + 1 < len(rest) else "--cfg="] + rest[i + 2:]
     flags = {a for a in rest if a.startswith("-")}
     overrides = [a for a in rest if not a.startswith("-")]
     debug = "--debug" in flags
 
     def dispatch() -> int:
+        check_hydra_flags([cmd, *flags])
         if flags & {"--help", "-h"}:
             return print_help(cmd)
         cfg_flags = {f for f in flags if f.startswith("--cfg=")}

@@ -85,6 +85,10 @@ def prepare(args: list[str]) -> list[str]:
             if not key.startswith("+") and not key.startswith("~"):
                 key = "++" + key
             arg = f"{key}={value}"
+        elif eq and bare.startswith("profile.") and not key.startswith(("+", "~")):
+            # A profile's part may be absent from its file (the full profile has no `data:`): the key is added,
+            # and the schema still refuses a key that does not exist (profile.data.train_sze=...).
+            arg = f"++{arg}"
         elif eq and bare in GROUPS + ("profile",) and "(" not in value:
             # A config's name (or a sweep of names): Hydra takes anything else for a mapping or a list and fails
             # with a ValueError of its own; a path (dataset=../x) would read a file outside conf/.
