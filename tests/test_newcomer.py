@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import simpnet_cli
+import simpnet_cli.errors
 from simpnet_cli import cli
 
 HAS_ONNX_EXTRA = all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript"))
@@ -55,3 +56,32 @@ def test_onnx_export_without_the_extra_names_the_command_for_a_clone(smoke_run, 
     assert cli.main(["export", f"run_dir={smoke_run[0]}", "format=onnx"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "onnxscript" in err and "pip install -e '.[onnx]'" in err
+
+
+# --------------------------------------------------------------------------- A6: the Python API
+
+
+def test_build_model_builds_a_rows_network_untrained_with_overrides(capsys):
+    from simpnet_cli.nets import modules as M
+
+    model = simpnet_cli.build_model(table=4, row="WE10")
+    assert cli.main(["show", "table=4", "row=WE10", "--json"]) == 0
+    import json
+
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert M.count_trainable(model) == shown["params_total"]
+    again = simpnet_cli.build_model(table=4, row="WE10")  # seed 0's fillers, as a run of seed 0 starts
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    wide = simpnet_cli.build_model(table=4, row="WE10", dataset="cifar100", net={"dropout": {"head": 0.3}})
+    assert wide(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in wide.modules())
+    with pytest.raises(simpnet_cli.errors.UserError, match="nope"):
+        simpnet_cli.build_model(table=4, row="WE10", nope=1)
+
+
+def test_read_runs_gives_a_tables_runs_as_a_dataframe(smoke_run, tmp_path):
+    _, results_dir = smoke_run
+    runs = simpnet_cli.read_runs(table=2, results_dir=results_dir)
+    assert list(runs["row_id"]) == ["8L"] and runs.loc[0, "status"] == "ok"
+    assert {"best_acc", "final_acc", "config_hash", "run_dir", "variant"} <= set(runs.columns)
+    assert simpnet_cli.read_runs(table=4, results_dir=tmp_path).empty
