@@ -85,3 +85,29 @@ def test_read_runs_gives_a_tables_runs_as_a_dataframe(smoke_run, tmp_path):
     assert list(runs["row_id"]) == ["8L"] and runs.loc[0, "status"] == "ok"
     assert {"best_acc", "final_acc", "config_hash", "run_dir", "variant"} <= set(runs.columns)
     assert simpnet_cli.read_runs(table=4, results_dir=tmp_path).empty
+
+
+# --------------------------------------------------------------------------- A8: a row given fewer layers
+
+
+def test_a_row_given_fewer_layers_adapts_its_dropout_ranges_and_pools_with_a_note(capsys):
+    assert cli.main(["show", "table=4", "row=WE10", "net.widths=C64"]) == 0  # was refused: layer 1-3 outside 1-1
+    out = capsys.readouterr().out
+    assert out.splitlines()[3].split() == ["conv64k3p1", "drop0.2", "GP-MAX", "fc10"]
+    assert ("note: WE10's dropout.conv {\"1-3\":0.2,\"5-6\":0.2,\"8-10\":0.2} adapted to {\"1\":0.2} for 1 layer; "
+            "set net.dropout.conv={..} to place them") in out
+    assert "note: WE10's pools_after [4,7,9] adapted to [] for 1 layer" in out
+    assert cli.main(["show", "table=4", "row=WE10", "net.widths=C64{3}, C128{6}"]) == 0  # a range cut at the end
+    assert 'adapted to {"1-3":0.2,"5-6":0.2,"8-9":0.2} for 9 layers' in capsys.readouterr().out
+    # ranges set on the command line are the user's: refused, not adapted
+    assert cli.main(["show", "table=4", "row=WE10", "net.widths=C64", "net.dropout.conv={1-3: 0.2}"]) == 2
+    assert "dropout.conv: layer 1-3 is outside 1-1" in capsys.readouterr().err
+
+
+def test_a_row_whose_layers_fit_is_not_adapted():
+    from simpnet_cli.config import tables
+
+    row = tables.load_table("4").row("WE10")
+    net = {**tables.load_named("arch", "arch2"), **row["net"]}
+    fitted, notes = tables.fit_to_depth(net, 10, "WE10", [])
+    assert notes == () and fitted == net  # the paper's rows (and their config hashes) are untouched
