@@ -93,7 +93,7 @@ def test_read_runs_gives_a_tables_runs_as_a_dataframe(smoke_run, tmp_path):
 def test_a_row_given_fewer_layers_adapts_its_dropout_ranges_and_pools_with_a_note(capsys):
     assert cli.main(["show", "table=4", "row=WE10", "net.widths=C64"]) == 0  # was refused: layer 1-3 outside 1-1
     out = capsys.readouterr().out
-    assert out.splitlines()[3].split() == ["conv64k3p1", "drop0.2", "GP-MAX", "fc10"]
+    assert ["conv64k3p1", "drop0.2", "GP-MAX", "fc10"] in [line.split() for line in out.splitlines()]
     assert ("note: WE10's dropout.conv {\"1-3\":0.2,\"5-6\":0.2,\"8-10\":0.2} adapted to {\"1\":0.2} for 1 layer; "
             "set net.dropout.conv={..} to place them") in out
     assert "note: WE10's pools_after [4,7,9] adapted to [] for 1 layer" in out
