@@ -111,3 +111,17 @@ def test_a_row_whose_layers_fit_is_not_adapted():
     net = {**tables.load_named("arch", "arch2"), **row["net"]}
     fitted, notes = tables.fit_to_depth(net, 10, "WE10", [])
     assert notes == () and fitted == net  # the paper's rows (and their config hashes) are untouched
+
+
+# --------------------------------------------------------------------------- A9: missing datasets
+
+
+def test_one_command_names_every_missing_dataset_at_once(tmp_path, capsys):
+    argv = ["run", "table=[6,13]", f"data_dir={tmp_path}/data", f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/e"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("simpnet: error: 3 datasets not found under")
+    for name, file in (("mnist", "MNIST/raw/train-images-idx3-ubyte"), ("cifar10", "cifar-10-batches-py/data_batch_1"),
+                       ("cifar100", "cifar-100-python/train")):
+        assert f"{name} (no {tmp_path}/data/{file})" in err
+    assert "download=true" in err and not list(tmp_path.glob("e/*/result.json"))  # nothing trained
