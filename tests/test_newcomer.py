@@ -125,3 +125,27 @@ def test_one_command_names_every_missing_dataset_at_once(tmp_path, capsys):
                        ("cifar100", "cifar-100-python/train")):
         assert f"{name} (no {tmp_path}/data/{file})" in err
     assert "download=true" in err and not list(tmp_path.glob("e/*/result.json"))  # nothing trained
+
+
+# --------------------------------------------------------------------------- A5: outputs are not tracked
+
+
+def test_what_run_and_report_write_under_results_is_ignored_by_git(smoke_run):
+    """Every file a run and its report write under results_dir, placed at the default results/ of this clone, is
+    ignored by git (so `git status` stays clean after a command), and the hand-curated benchmarks.md is tracked."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git clone")
+    _, results_dir = smoke_run
+    assert cli.main(["report", "table=2", f"results_dir={results_dir}"]) == 0
+    written = sorted(f"results/{p.relative_to(results_dir)}" for p in results_dir.rglob("*") if p.is_file())
+    assert {"results/REPORT.md", "results/table2.csv"} <= set(written) and any(p.endswith(".png") for p in written)
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=repo, capture_output=True,
+                             text=True).stdout.split()
+    assert sorted(ignored) == written
+    tracked = subprocess.run(["git", "ls-files", "results"], cwd=repo, capture_output=True, text=True).stdout.split()
+    assert tracked == ["results/benchmarks.md"]
