@@ -198,7 +198,26 @@ def cmd_show(cfg, flags, variant) -> int:
         print(f"  params: {rec['counted_params']:,} conv+fc (paper: {rec['paper_params'] or '-'}), "
               f"{rec['params_total']:,} trainable with BatchNorm")
         print(f"  recipe: {recipe_line(rec['recipe'])}")
+        print(f"  solver: {solver_line(rec['solver_config'])}")
     return 0
+
+
+def solver_line(solver: dict) -> str:
+    """A run's solver and its learning-rate schedule on one line (`simpnet show`): "adadelta lr 0.1, rho 0.9, eps
+    0.001, weight decay 0.005; lr x0.1 at [50000, 95000]" or "...; lr 0.1 from 0, 0.01 from 5000"."""
+    def word(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    settings = [f"{key.replace('_', ' ')} {word(value)}" for key, value in solver.items() if key not in ("type", "schedule")]
+    schedule = dict(solver.get("schedule") or {})
+    kind = schedule.pop("kind", None)
+    if kind == "multistep":
+        plan = f"lr x{word(schedule.get('gamma'))} at {schedule.get('steps')}"
+    elif kind == "piecewise":
+        plan = "lr " + ", ".join(f"{word(lr)} from {it}" for it, lr in (schedule.get("points") or {}).items())
+    else:  # another kind: its keys as they are
+        plan = f"{kind} schedule " + ", ".join(f"{k} {v}" for k, v in schedule.items()) if kind else "constant lr"
+    return f"{solver.get('type')} {', '.join(settings)}; {plan}"
 
 
 def recipe_line(recipe: dict) -> str:

@@ -149,3 +149,74 @@ def test_what_run_and_report_write_under_results_is_ignored_by_git(smoke_run):
     assert sorted(ignored) == written
     tracked = subprocess.run(["git", "ls-files", "results"], cwd=repo, capture_output=True, text=True).stdout.split()
     assert tracked == ["results/benchmarks.md"]
+
+
+# --------------------------------------------------------------------------- A7: logged while it trains
+
+
+def _tiny_run(iterations: int, eval_every: int, checkpoint_every: int):
+    from simpnet_cli.config import tables
+
+    table = tables.load_table("5")
+    profile = {"train": {"iterations": iterations, "batch_size": 8, "eval_every": eval_every,
+                         "checkpoint_every": checkpoint_every, "precision": "fp32"},
+               "data": {"source": "synthetic", "train_size": 40, "test_size": 16}}
+    return tables.resolve(table, table.row("P5"), 0, profile)
+
+
+def _curve_iters(run_dir) -> list[int]:
+    import csv
+
+    with open(run_dir / "curve.csv", newline="") as fh:
+        return [int(r["iter"]) for r in csv.DictReader(fh)]
+
+
+def test_curve_csv_grows_at_each_evaluation_and_a_resume_writes_no_line_twice(tmp_path, monkeypatch, one_thread):
+    from simpnet_cli.train import loop
+
+    run, run_dir = _tiny_run(iterations=6, eval_every=1, checkpoint_every=3), tmp_path / "run"
+    real = loop.lr_at
+
+    def crashing(solver, it):
+        if it == 5:  # dies about to train iteration 6, after the evaluation of 5, two past its checkpoint (3)
+            raise KeyboardInterrupt
+        return real(solver, it)
+
+    monkeypatch.setattr(loop, "lr_at", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train_run(run, run_dir, torch.device("cpu"), tmp_path, False)
+    assert _curve_iters(run_dir) == [1, 2, 3, 4, 5]  # written as it trained, not only at the end
+    monkeypatch.setattr(loop, "lr_at", real)
+    loop.train_run(run, run_dir, torch.device("cpu"), tmp_path, False)
+    assert _curve_iters(run_dir) == [1, 2, 3, 4, 5, 6]
+
+
+def test_tensorboard_gets_the_training_loss_at_every_check_between_evaluations(tmp_path, one_thread):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from simpnet_cli.train import callbacks as C
+    from simpnet_cli.train import loop
+
+    run, run_dir = _tiny_run(iterations=8, eval_every=4, checkpoint_every=100), tmp_path / "run"
+    loop.write_config(run, run_dir)
+    state = loop.build(run, run_dir, torch.device("cpu"), tmp_path, False, lambda s: None, None)
+    state.check_every = 2  # (a run's is min(eval_every, 50): a check every 2 of 4 iterations, as 50 of 500)
+    loop.fit(state, loop.run_callbacks([C.CsvLogger(), C.TensorBoardLogger()], None, ()))
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [step for step, _ in loss] == [2, 4, 6, 8]
+    assert [e.step for e in acc.Scalars("test/acc")] == [4, 8]
+    # each point is the mean of its two iterations: two of them make the evaluation interval's mean (curve.csv)
+    for (_, a), (_, b), row in zip(loss[0::2], loss[1::2], state.curve):
+        assert (a + b) / 2 == pytest.approx(row["train_loss"], rel=1e-5)
+
+
+def test_show_prints_the_solver_and_its_schedule(capsys):
+    assert cli.main(["show", "table=4", "row=WE10", "solver.lr=0.05"]) == 0
+    (line,) = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("solver:")]
+    assert line == ("solver: adadelta lr 0.05, rho 0.9, eps 0.001, weight decay 0.005; "
+                    "lr x0.1 at [50000, 95000, 253000, 295000, 320000, 370000]")
+    assert cli.main(["show", "table=13", "row=SimpNet"]) == 0
+    assert "; lr 0.1 from 0, 0.01 from 5000, 0.001 from 9500," in capsys.readouterr().out
