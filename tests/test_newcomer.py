@@ -220,3 +220,60 @@ def test_show_prints_the_solver_and_its_schedule(capsys):
                     "lr x0.1 at [50000, 95000, 253000, 295000, 320000, 370000]")
     assert cli.main(["show", "table=13", "row=SimpNet"]) == 0
     assert "; lr 0.1 from 0, 0.01 from 5000, 0.001 from 9500," in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- A4: discoverable
+
+
+def test_the_top_help_names_export_the_loggers_cfg_job_and_the_python_api(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: simpnet COMMAND")
+    for word in ("simpnet export", "load_model", "build_model", "read_runs", "logger=[csv,tensorboard]", "mlflow",
+                 "--cfg job", "--version"):
+        assert word in out, word
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"simpnet {version('simpnet')}\n"
+
+
+@pytest.mark.parametrize("args", [["-h"], ["run", "--help"], ["--version"]])
+@pytest.mark.parametrize("reader", ["head -2", "true"])  # (true leaves before a byte is written: always EPIPE)
+def test_help_into_a_pipe_that_closes_early_is_no_traceback(args, reader):
+    import subprocess
+
+    shell = f"{sys.executable} -m simpnet_cli.cli {' '.join(args)} | {reader}"
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {shell}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert reader == "true" or proc.stdout.startswith(("usage: simpnet", "simpnet "))
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--info"], "simpnet list"), (["run", "--info"], "--cfg job"), (["run", "table=2", "--cfg", "hydra"], "--cfg job"),
+    (["run", "--shell-completion", "install=bash"], "simpnet CMD --help"), (["show", "--hydra-help"], "--help"),
+    (["run", "-cp", "x"], "conf_dir=")])
+def test_hydras_own_flags_are_answered_in_one_line_naming_what_to_use(args, says, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+
+
+def test_cfg_job_prints_plain_yaml_without_anchors(capsys):
+    import yaml
+
+    assert cli.main(["run", "table=2", "seeds=2", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "&id0" not in out and "*id0" not in out
+    docs = list(yaml.safe_load_all(out))
+    assert len(docs) == 8 and docs[0]["net"]["param_mults"]["classifier"]["bias"]["lr"] == 2
+
+
+def test_profile_keys_are_taken_as_written_and_still_checked(capsys):
+    assert cli.main(["run", "table=2", "row=8L", "profile.data.train_size=512", "--cfg", "job"]) == 0
+    assert "variant: profile.data.train_size=512" in capsys.readouterr().out
+    assert cli.main(["run", "table=2", "row=8L", "profile.data.train_sze=512", "--cfg", "job"]) == 2
+    assert "train_sze: unknown key" in capsys.readouterr().err
