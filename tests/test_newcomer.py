@@ -28,6 +28,7 @@ def smoke_run(tmp_path_factory):
 # --------------------------------------------------------------------------- A1: export
 
 
+@pytest.mark.slow  # (tracing and translating the network: 5-15 s)
 @pytest.mark.skipif(not HAS_ONNX_EXTRA, reason="the onnx extra is not installed (pip install -e '.[onnx]')")
 def test_onnx_export_computes_what_the_torch_model_computes(smoke_run, tmp_path, capsys):
     run_dir, _ = smoke_run
