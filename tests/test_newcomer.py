@@ -277,4 +277,4 @@ def test_profile_keys_are_taken_as_written_and_still_checked(capsys):
     assert cli.main(["run", "table=2", "row=8L", "profile.data.train_size=512", "--cfg", "job"]) == 0
     assert "variant: profile.data.train_size=512" in capsys.readouterr().out
     assert cli.main(["run", "table=2", "row=8L", "profile.data.train_sze=512", "--cfg", "job"]) == 2
-    assert "train_sze: unknown key" in capsys.readouterr().err
+    assert "profile.data.train_sze: unknown key" in capsys.readouterr().err
