@@ -344,7 +344,15 @@ def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
             check_options(cfg)
             planned.append((plan_runs(cfg, composition.row_overrides(cfg, job)), options(cfg)))
     # Then what the jobs will meet when they run (devices, memory, output folders, datasets): every job's
-    # config is good by now, so a folder this creates is one a job would have created.
+    # config is good by now, so a folder this creates is one a job would have created. The datasets of all the
+    # jobs first, so that one line names every missing one (dataset=cifar10,cifar100 without either).
+    from simpnet_cli.train import data as D
+
+    places: dict = {}
+    for runs, opts in planned:
+        places.setdefault((opts.data_dir, opts.download), {}).update({runner.json_key(r.dataset): r.dataset for r in runs})
+    for (data_dir, download), datasets in places.items():
+        D.check_available(list(datasets.values()), data_dir, download)
     for runs, opts in planned:
         runner.preflight(runs, opts)
     return len(jobs)

@@ -128,6 +128,15 @@ def test_one_command_names_every_missing_dataset_at_once(tmp_path, capsys):
     assert "download=true" in err and not list(tmp_path.glob("e/*/result.json"))  # nothing trained
 
 
+def test_a_sweep_names_every_missing_dataset_of_its_jobs_at_once(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "-m", "table=4", "row=WE10", "dataset=cifar10,cifar100", f"data_dir={tmp_path}/data",
+            f"results_dir={tmp_path}/r", f"runs_dir={tmp_path}/e"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 datasets not found" in err and "cifar10 (no" in err and "cifar100 (no" in err
+
+
 # --------------------------------------------------------------------------- A5: outputs are not tracked
 
 
