@@ -190,6 +190,8 @@ def test_every_example_runs(where, example, done_run, tmp_path, monkeypatch, cap
     if cmd == "run" and cli.is_multirun(set(args), args):
         from simpnet_cli.config import compose as composition, variants
 
+        if "submitit" in command and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+            pytest.skip("hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
         overrides = [a for a in args if not a.startswith("-")] + ["profile=smoke"]  # (synthetic data)
         primary, search = composition.config_dirs(overrides)
         assert cli.check_sweep(variants.prepare(overrides), search, primary) >= 1
