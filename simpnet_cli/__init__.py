@@ -1,6 +1,8 @@
 """simpnet: re-run the SimpNet paper's ablation tables.
 
-``simpnet_cli.load_model(run_dir)`` rebuilds a finished run's network and loads its weights (runs/trained.py).
+``simpnet_cli.load_model(run_dir)`` rebuilds a finished run's network and loads its weights (runs/trained.py);
+``simpnet_cli.build_model(table=4, row="WE10", **overrides)`` builds a row's network untrained and
+``simpnet_cli.read_runs(table=4)`` reads a table's recorded runs as a pandas DataFrame (api.py).
 """
 import os
 
@@ -14,3 +16,17 @@ def load_model(run_dir, device="cpu"):
     from simpnet_cli.runs.trained import load_model as load  # torch only when asked for
 
     return load(run_dir, device)
+
+
+def build_model(table, row, seed=0, device="cpu", **overrides):
+    """A row's network, untrained, with command-line overrides as keywords (see simpnet_cli.api)."""
+    from simpnet_cli.api import build_model as build
+
+    return build(table, row, seed, device, **overrides)
+
+
+def read_runs(table, results_dir="results"):
+    """The runs recorded in results_dir/table<N>.csv as a pandas DataFrame (see simpnet_cli.api)."""
+    from simpnet_cli.api import read_runs as read
+
+    return read(table, results_dir)

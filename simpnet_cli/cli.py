@@ -2,11 +2,17 @@
 
   simpnet list                               tables and their rows
   simpnet show table=4 [row=WE10] [--json]   each row's resolved network and parameter counts
-  simpnet run table=4 [row=..] [seeds=3] [profile=smoke] [--dry-run]
+  simpnet run table=4 [row=WE10] [seeds=3] [profile=smoke] [--dry-run]
+  simpnet run table=4 row=WE10 logger=[csv,tensorboard] --cfg job   (each resolved run as YAML; trains nothing)
   simpnet run -m table=4 row=WE10,BW10 hydra/launcher=submitit_slurm   (one cluster job per row)
   simpnet report [table=4] [--latex]         results/REPORT.md beside the paper's figures
-  simpnet bench [rows=..]                    images/s of the eager loop and the runner's path
+  simpnet bench [bench.rows=[2/8L]]          images/s of the eager loop and the runner's path
   simpnet repair [table=4]                   rebuild results/table<N>.csv from the run folders (or: simpnet index)
+  simpnet export run_dir=PATH [format=onnx]  a finished run's network as TorchScript or ONNX
+  simpnet CMD --help                         a command's keys, with examples; simpnet --version
+
+Loggers: logger=[csv,tensorboard] or logger=[csv,mlflow] (curve.csv always). In Python:
+simpnet_cli.build_model(table=4, row="WE10"), simpnet_cli.load_model(run_dir), simpnet_cli.read_runs(table=4).
 
 Bad input gets one line on stderr and exit code 2; --debug shows the traceback instead.
 """
@@ -23,7 +29,7 @@ from simpnet_cli.errors import UserError
 if TYPE_CHECKING:  # imported where used, to keep `simpnet list` quick
     from simpnet_cli.runs import runner
 
-USAGE = __doc__.split("\n\n")[1]
+USAGE = "usage: simpnet COMMAND [KEY=VALUE ...] [--FLAGS]\n\n" + "\n\n".join(__doc__.split("\n\n")[1:3])
 FLAGS = {"--json", "--debug", "--dry-run", "--latex", "-m", "--multirun", "--help", "-h"}
 # The flags each command reads (and --debug, --help everywhere): any other is refused, not silently ignored
 # (`simpnet run --json` would otherwise train with no JSON anywhere).
@@ -203,11 +209,30 @@ def cmd_show(cfg, flags, variant) -> int:
         print(f"  params: {rec['counted_params']:,} conv+fc (paper: {rec['paper_params'] or '-'}), "
               f"{rec['params_total']:,} trainable with BatchNorm")
         print(f"  recipe: {recipe_line(rec['recipe'])}")
+        print(f"  solver: {solver_line(rec['solver_config'])}")
         from simpnet_cli.runs import authors
 
         for line in authors.show_lines(rec["table"], rec["row_id"]):
             print(f"  {line}")
     return 0
+
+
+def solver_line(solver: dict) -> str:
+    """A run's solver and its learning-rate schedule on one line (`simpnet show`): "adadelta lr 0.1, rho 0.9, eps
+    0.001, weight decay 0.005; lr x0.1 at [50000, 95000]" or "...; lr 0.1 from 0, 0.01 from 5000"."""
+    def word(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    settings = [f"{key.replace('_', ' ')} {word(value)}" for key, value in solver.items() if key not in ("type", "schedule")]
+    schedule = dict(solver.get("schedule") or {})
+    kind = schedule.pop("kind", None)
+    if kind == "multistep":
+        plan = f"lr x{word(schedule.get('gamma'))} at {schedule.get('steps')}"
+    elif kind == "piecewise":
+        plan = "lr " + ", ".join(f"{word(lr)} from {it}" for it, lr in (schedule.get("points") or {}).items())
+    else:  # another kind: its keys as they are
+        plan = f"{kind} schedule " + ", ".join(f"{k} {v}" for k, v in schedule.items()) if kind else "constant lr"
+    return f"{solver.get('type')} {', '.join(settings)}; {plan}"
 
 
 def recipe_line(recipe: dict) -> str:
@@ -274,8 +299,13 @@ def print_resolved(runs) -> None:
         doc["recipe"] = run.recipe()
         docs.append(doc)
     # libyaml's emitter where installed: the pure-Python one takes ~35 ms a run (seeds=30000: 20 minutes)
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    print(yaml.dump_all(docs, Dumper=dumper, sort_keys=False, width=120), end="")
+    base = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+    class PlainDumper(base):  # a mapping shared by two keys is written out twice, never as &id001 / *id001
+        def ignore_aliases(self, data) -> bool:
+            return True
+
+    print(yaml.dump_all(docs, Dumper=PlainDumper, sort_keys=False, width=120), end="")
 
 
 def is_multirun(flags, overrides) -> bool:
@@ -332,7 +362,15 @@ def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
             if same not in planned:
                 planned[same] = (plan_runs(cfg, composition.row_overrides(cfg, job)), options(cfg))
     # Then what the jobs will meet when they run (devices, memory, output folders, datasets): every job's
-    # config is good by now, so a folder this creates is one a job would have created.
+    # config is good by now, so a folder this creates is one a job would have created. The datasets of all the
+    # jobs first, so that one line names every missing one (dataset=cifar10,cifar100 without either).
+    from simpnet_cli.train import data as D
+
+    places: dict = {}
+    for runs, opts in planned.values():
+        places.setdefault((opts.data_dir, opts.download), {}).update({runner.json_key(r.dataset): r.dataset for r in runs})
+    for (data_dir, download), datasets in places.items():
+        D.check_available(list(datasets.values()), data_dir, download)
     for runs, opts in planned.values():
         runner.preflight(runs, opts)
     return len(jobs)
@@ -480,7 +518,7 @@ HELP = {
             "results/table<N>.csv.\n"
             "  seeds=3 or seeds=[0,7]   profile=smoke (a few steps on synthetic data)   device=cuda:1\n"
             "  jobs_per_device=4 (or auto: as measured)   precision=bf16   profile.train.eval_every=4\n"
-            "  profile.data.train_size=512   shards=N shard=I (the I-th slice of the jobs: one cluster job)\n"
+            "  dataset.train_size=512 (a subset)   shards=N shard=I (the I-th slice of the jobs: one cluster job)\n"
             "  stack=3 (a row's seeds in one training step; stack_mode=grouped|branched; auto: on a GPU as measured)\n"
             "  quiet=true   logger=[csv,tensorboard] (or mlflow)   --cfg job (print each resolved run, train nothing)\n"
             "  --dry-run (runs, iterations and an estimated time, beside the authors' hours; trains nothing;\n"
@@ -503,7 +541,7 @@ HELP = {
               "    e.g. simpnet bench bench.ops=true bench.rows=[\"2/8L\"] bench.stack=[3] --json"),
     "export": ("simpnet export run_dir=PATH [format=torchscript|onnx] [out=FILE]",
                "Writes a finished run's network with its trained weights as TorchScript (run_dir/model.ts) or ONNX\n"
-               "(run_dir/model.onnx; needs pip install 'simpnet[onnx]'). In Python: simpnet_cli.load_model(run_dir)."),
+               "(run_dir/model.onnx; needs pip install -e '.[onnx]'). In Python: simpnet_cli.load_model(run_dir)."),
     "repair": ("simpnet repair [table=N]   (or: simpnet index [table=N])",
                "Rebuilds results/table<N>.csv, an index, from the run folders under runs_dir (the folders are the\n"
                "record); a healthy file is left as it is, a damaged one is kept beside it."),
@@ -522,6 +560,36 @@ def cmd_export(args: list[str]) -> int:
                           warn=lambda msg: print(f"simpnet: warning: {msg}", file=sys.stderr))
     print(f"wrote {path}")
     return 0
+
+
+# Hydra's own flags, which simpnet (a command line on top of Hydra's composition) does not offer: each is
+# answered in one line naming what does that job here.
+HYDRA_FLAGS = {
+    "--info": "Hydra's --info is not offered: `simpnet list` shows each table and where it comes from (conf/ or "
+              "conf_dir=), `simpnet show table=N row=ID --cfg job` each resolved run",
+    "--cfg=hydra": "--cfg hydra is not offered: Hydra's own settings change nothing in simpnet (runs go to runs_dir=, "
+                   "records to results_dir=); `--cfg job` prints each resolved run",
+    "--cfg=all": "--cfg all is not offered: `--cfg job` prints each resolved run (Hydra's own settings change "
+                 "nothing in simpnet)",
+    "--shell-completion": "simpnet has no shell completion: `simpnet --help` lists the commands, `simpnet CMD --help` "
+                          "each command's keys with examples",
+    "--hydra-help": "simpnet CMD --help lists a command's keys with examples (Hydra's own help does not apply)",
+    "--resolve": "--cfg job prints each run already resolved",
+    "--package": "--cfg job prints each whole run (there is no --package)",
+    "--config-path": "conf_dir=PATH adds a folder of your own configs (tables/, arch/, solver/, ...)",
+    "--config-name": "conf_dir=PATH adds a folder of your own configs (tables/, arch/, solver/, ...)",
+    "--config-dir": "conf_dir=PATH adds a folder of your own configs (tables/, arch/, solver/, ...)",
+    "--run": "simpnet run trains (and -m sweeps); Hydra's --run flag does not apply",
+}
+
+
+def check_hydra_flags(args: list[str]) -> None:
+    for arg in args:
+        flag = arg.split("=", 1)[0] if not arg.startswith("--cfg=") else arg
+        flag = {"-p": "--package", "-cp": "--config-path", "-cn": "--config-name", "-cd": "--config-dir",
+                "-r": "--run", "-i": "--info", "-sc": "--shell-completion"}.get(flag, flag)
+        if flag in HYDRA_FLAGS:
+            raise UserError(HYDRA_FLAGS[flag])
 
 
 def check_hydra_keys(overrides: list[str], multirun: bool) -> None:
@@ -544,7 +612,22 @@ def print_help(cmd: str) -> int:
     if cmd not in HELP:
         raise UserError(f"unknown command {cmd!r}; commands: {', '.join(HELP)}")
     usage, text = HELP[cmd]
-    print(f"usage: {usage}\n\n{text}\n\n{COMMON_HELP}")
+    return say(f"usage: {usage}\n\n{text}\n\n{COMMON_HELP}")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("simpnet")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+def say(text: str) -> int:
+    """Print ``text`` and flush here, where a reader that left (``simpnet -h | head -2``) is caught."""
+    print(text)
+    sys.stdout.flush()
     return 0
 
 
@@ -609,18 +692,20 @@ def main(argv: list[str] | None = None) -> int:
             return main(argv)
         finally:
             sys.stderr = stderr
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0
+    if not argv or argv[0] in ("-h", "--help", "help", "--version", "-V"):
+        text = USAGE if not argv or argv[0] not in ("--version", "-V") else f"simpnet {version()}"
+        return guarded(lambda: say(text), debug=False)
     cmd, rest = argv[0], argv[1:]
-    if "--cfg" in rest:  # `--cfg job` as Hydra spells it: one flag
-        i = rest.index("--cfg")
-        rest = rest[:i] + [f"--cfg={rest[i + 1]}" if i + 1 < len(rest) else "--cfg="] + rest[i + 2:]
+    for short in ("--cfg", "-c"):  # `--cfg job` (or Hydra's `-c job`) as Hydra spells it: one flag
+        if short in rest:
+            i = rest.index(short)
+            rest = rest[:i] + [f"--cfg={rest[i + 1]}" if i + 1 < len(rest) else "--cfg="] + rest[i + 2:]
     flags = {a for a in rest if a.startswith("-")}
     overrides = [a for a in rest if not a.startswith("-")]
     debug = "--debug" in flags
 
     def dispatch() -> int:
+        check_hydra_flags([cmd, *flags])
         if flags & {"--help", "-h"}:
             return print_help(cmd)
         cfg_flags = {f for f in flags if f.startswith("--cfg=")}

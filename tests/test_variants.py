@@ -267,7 +267,8 @@ def test_tables_of_ones_own_through_the_environment(tmp_path, my_conf, capsys, m
     (["iterations=-5"], ["row 8L", "train.iterations: must be > 0, got -5"]),
     (["dataset=nope"], ["dataset/nope"]),
     (["net.pools_after=[1,2,3,4,5,6]"], ["row 8L", "pooling a 1x1 map"]),
-    (["net.widths=C41{3}"], ["row 8L", "pools_after [3, 7]", "1-3"]),
+    # (pools the row places are fitted to fewer layers, with a note; pools placed on the command line are not)
+    (["net.widths=C41{3}", "net.pools_after=[3,7]"], ["row 8L", "pools_after [3, 7]", "1-3"]),
     (["solver.lr=-1"], ["row 8L", "solver.lr: must be a finite number > 0, got -1.0"]),
     (["solver.lr=inf"], ["row 8L", "solver.lr: must be a finite number > 0, got inf"]),
     (["solver.rho=abc"], ["solver.rho", "abc"]),

@@ -408,20 +408,79 @@ def _parts(row: dict, profile: dict, run_opts: dict | None, data_opts: dict | No
         net = assign(net, key, value)
     widths = tuple(parse_widths(net["widths"])) if "widths" in net else None
     notes = ()
-    if row.get("fit_pools") and "pools_after" in net and "pools_after" not in dict(over.assigned("net")):
-        # A network of one's own keeps its family's pool positions that exist in it (Arch2's [4, 7, 9, 12] on
-        # six layers: [4]), and says so: a silently different network would be mistaken for the template's.
-        kept = [i for i in net["pools_after"] if widths is None or i <= len(widths)]
-        if kept != list(net["pools_after"]):
-            arch = over.choices.get("arch", row["arch"])
-            notes = (f"{arch}'s pools_after {_word(list(net['pools_after']))} adapted to {_word(kept)} for "
-                     f"{len(widths)} layers; set net.pools_after=[..] to place them",)
-        net["pools_after"] = kept
+    assigned = [key for key, _ in over.assigned("net")]
+    if widths is not None and (row.get("fit_pools") or "widths" in assigned):
+        # A network of one's own, or a row given other widths, keeps the per-layer keys of its template and row
+        # that exist in it (Arch2's pools [4, 7, 9, 12] on six layers: [4]; WE10's dropout on convs 1-3 on one
+        # layer: conv 1), and says so: a silently different network would be mistaken for the template's. Keys
+        # set on the command line are the user's and are not touched; a network they fit is left as it is.
+        who = over.choices.get("arch", row["arch"]) if row.get("fit_pools") else row["id"]
+        net, notes = fit_to_depth(net, len(widths), who, assigned)
     for key, value in over.assigned("dataset"):
         dataset = assign(dataset, key, value)
     for key, value in over.assigned("solver"):
         solver = assign(solver, key, value)
     return net, dataset, solver, train, widths, notes
+
+
+# Per-layer keys of a plain network, as layer ranges ({"1-3": 0.2}) or lists of layer numbers, over its convs;
+# dropout.pool counts pools, not convs (the j-th pool in order).
+CONV_RANGES = ("kernels", "paddings", "groups", "conv_suffix", "dropout.conv")
+CONV_LISTS = ("init.on_convs", "param_mults.convs.indices")
+
+
+def _fit_ranges(table: dict, n: int) -> dict:
+    """Layer ranges cut to layers 1-n: a range past n is dropped, one that crosses it ends at n."""
+    out = {}
+    for key, value in table.items():
+        lo, _, hi = str(key).partition("-")
+        if not (lo.isdigit() and (hi.isdigit() or not hi)):
+            out[key] = value  # not a range: the builder names it
+            continue
+        lo, hi = int(lo), int(hi or lo)
+        if lo <= n:
+            out[key if hi <= n else (f"{lo}-{n}" if lo < n else str(lo))] = value
+    return out
+
+
+def fit_to_depth(net: dict, n: int, who: str, assigned: list[str]) -> tuple[dict, tuple[str, ...]]:
+    """``net`` with its per-layer keys fitted to ``n`` conv layers, and a note for each key that changed
+    ("arch2's pools_after [4,7,9,12] adapted to [4] for 6 layers; set net.pools_after=[..] to place them").
+    Keys in ``assigned`` (set on the command line, or under one that is) are left as given."""
+    def given(path: str) -> bool:
+        return any(k == path or k.startswith(path + ".") or path.startswith(k + ".") for k in assigned)
+
+    def get(path: str):
+        value = net
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    notes, fitted = [], {}
+    pools = get("pools_after")
+    if isinstance(pools, list) and not given("pools_after"):
+        fitted["pools_after"] = [i for i in pools if not isinstance(i, int) or i <= n]
+    n_pools = len(fitted.get("pools_after", pools if isinstance(pools, list) else []))
+    for path in CONV_RANGES + ("dropout.pool",):
+        value = get(path)
+        if isinstance(value, dict) and not given(path):
+            fitted[path] = _fit_ranges(value, n_pools if path == "dropout.pool" else n)
+    for path in CONV_LISTS:
+        value = get(path)
+        if isinstance(value, list) and not given(path):
+            fitted[path] = [i for i in value if not isinstance(i, int) or i <= n]
+    bn_after = get("bn_after_pool")
+    if isinstance(bn_after, list) and not given("bn_after_pool") and "pools_after" in fitted:
+        fitted["bn_after_pool"] = [i for i in bn_after if i in fitted["pools_after"]]
+    for path, value in fitted.items():
+        before = get(path)
+        if value == before:
+            continue
+        net = assign(net, path, value)
+        hole = "[..]" if isinstance(value, list) else "{..}"
+        notes.append(f"{who}'s {path} {_word(before)} adapted to {_word(value)} for {n} layer{'s' * (n != 1)}; "
+                     f"set net.{path}={hole} to place them")
+    return net, tuple(notes)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

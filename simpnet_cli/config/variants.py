@@ -85,6 +85,15 @@ def prepare(args: list[str]) -> list[str]:
             if not key.startswith("+") and not key.startswith("~"):
                 key = "++" + key
             arg = f"{key}={value}"
+        elif eq and bare.split(".")[:2] in (["profile", "train"], ["profile", "data"]) and bare.count(".") == 2:
+            # A profile's part may be absent from its file (the full profile has no `data:`): a key of the part's
+            # schema is added; any other is refused here, named as typed.
+            schema = schemas.Train if bare.split(".")[1] == "train" else schemas.Dataset
+            allowed = list(schema.__dataclass_fields__)
+            if bare.split(".")[2] not in allowed:
+                raise UserError(f"{bare}: unknown key (allowed: {', '.join(allowed)})")
+            if not key.startswith(("+", "~")):
+                arg = f"++{arg}"
         elif eq and bare in GROUPS + ("profile",) and "(" not in value:
             # A config's name (or a sweep of names): Hydra takes anything else for a mapping or a list and fails
             # with a ValueError of its own; a path (dataset=../x) would read a file outside conf/.

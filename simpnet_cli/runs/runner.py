@@ -318,11 +318,8 @@ def preflight(runs: list[tables.RunSpec], opts: Options, full: bool = True) -> N
             raise UserError(f"{path} is not a file (a folder?): move it away so table {name} can be recorded")
     check_writable(opts.results_dir, "results_dir")
     check_writable(opts.runs_dir, "runs_dir")
-    checked = set()
-    for run in runs:
-        if json_key(run.dataset) not in checked:
-            checked.add(json_key(run.dataset))
-            D.check_available(run.dataset, opts.data_dir, opts.download)
+    datasets = {json_key(run.dataset): run.dataset for run in runs}  # each distinct one once
+    D.check_available(list(datasets.values()), opts.data_dir, opts.download)
 
 
 def json_key(value) -> str:

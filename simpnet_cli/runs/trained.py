@@ -14,6 +14,7 @@ result.json names the folder's run and they fit the network, with a warning.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -26,6 +27,8 @@ from simpnet_cli.errors import UserError
 from simpnet_cli.files import file_sha256
 from simpnet_cli.nets import modules as M
 from simpnet_cli.nets import specs as network
+
+ONNX_PACKAGES = ("onnx", "onnxscript")  # the `onnx` extra of pyproject.toml
 
 
 def check_weights(run_dir: Path, config: dict, warn: Callable[[str], None] | None = None) -> None:
@@ -87,7 +90,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
 def export(run_dir: str | Path, fmt: str = "torchscript", out: str | Path | None = None,
            warn: Callable[[str], None] | None = None) -> Path:
     """Write the trained network of ``run_dir`` as TorchScript (``model.ts``) or ONNX (``model.onnx``; needs the
-    ``onnx`` package: ``pip install 'simpnet[onnx]'``); return the file written."""
+    ``onnx`` extra: ``pip install -e '.[onnx]'`` in a clone); return the file written."""
     run_dir = Path(run_dir)
     model = load_model(run_dir, warn=warn)
     run = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -98,12 +101,15 @@ def export(run_dir: str | Path, fmt: str = "torchscript", out: str | Path | None
         torch.jit.trace(model, example).save(str(path))
         return path
     if fmt == "onnx":
-        try:
-            import onnx  # noqa: F401 - torch.onnx.export needs it
-        except ImportError:
-            raise UserError("format=onnx needs the onnx package: pip install 'simpnet[onnx]'") from None
+        # torch's exporter (torch.export, then onnxscript's translation) needs both packages of the extra
+        missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UserError(f"format=onnx needs the {' and '.join(missing)} package{'s' * (len(missing) > 1)}: "
+                            f"pip install -e '.[onnx]' (in a clone; pip install 'simpnet[onnx]' otherwise)")
         path = Path(out) if out else run_dir / "model.onnx"
-        torch.onnx.export(model, example, str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        # a batch of 2 as the example: a batch of 1 would be specialised to 1 instead of left free
+        example = example.expand(2, *example.shape[1:]).contiguous()
+        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
         return path
     raise UserError(f"format={fmt!r}: use torchscript or onnx")

@@ -34,7 +34,12 @@ from simpnet_cli.train import checkpoint
 
 from simpnet_cli.train.state import CHECKPOINT, TrainState
 CURVE_COLUMNS = ["iter", "test_acc", "test_loss", "train_loss", "lr", "wall_s"]
-LOGGED = {"test_acc": "test/acc", "test_loss": "test/loss", "train_loss": "train/loss", "lr": "train/lr"}
+# What TensorBoard and MLflow get: the test figures and the rate at each evaluation (curve.csv's columns), and the
+# training loss at every check (every ``check_every`` iterations, at most 50): its mean over the iterations since
+# the previous check, so a long interval between evaluations still shows how the loss moves.
+EVAL_LOGGED = {"test_acc": "test/acc", "test_loss": "test/loss", "lr": "train/lr"}
+CHECK_LOGGED = {"train_loss": "train/loss"}
+LOGGED = {**EVAL_LOGGED, **CHECK_LOGGED}  # curve.csv column -> tag
 
 
 class Callback(Protocol):
@@ -302,17 +307,46 @@ def write_curve(path: Path, curve: list[dict]) -> None:
 
 
 class CsvLogger(Callback):
-    """``run_dir/curve.csv``, one line per evaluation (CURVE_COLUMNS), written when the run ends; until then
-    the curve lives in the checkpoint."""
+    """``run_dir/curve.csv``, one line per evaluation (CURVE_COLUMNS), appended as each evaluation ends, so the
+    file grows during the run. The checkpoint's curve is the truth: a (resumed) run starts by writing the file
+    anew from it, so lines a killed session appended after its last checkpoint, torn or not, are dropped before
+    they are evaluated again; the finished run writes it whole once more."""
+
+    def on_start(self, state: TrainState) -> None:
+        write_curve(state.run_dir / "curve.csv", state.curve)
+
+    def on_eval(self, state: TrainState, acc: float, loss: float) -> None:
+        with open(state.run_dir / "curve.csv", "a", newline="") as fh:
+            csv.DictWriter(fh, CURVE_COLUMNS).writerow(state.curve[-1])
 
     def on_end(self, state: TrainState, result: dict | None) -> None:
         if result is not None:
             write_curve(state.run_dir / "curve.csv", state.curve)
 
 
+class CheckLoss:
+    """The mean training loss over the iterations since the previous check, for the loggers. Read at a check,
+    where the host has just waited for the device (the non-finite flag): one scalar copy more, no extra wait.
+    The step's sum restarts at each evaluation (``TrainState.record_eval``), so the window does too."""
+
+    def start(self, state: TrainState) -> None:
+        self.window = (state.step.loss_sum.item(), state.loss_n)  # a resumed run: its partial sum
+
+    def restart(self) -> None:
+        self.window = (0.0, 0)
+
+    def mean(self, state: TrainState) -> float | None:
+        total, n = state.step.loss_sum.item(), state.loss_n
+        before, before_n = self.window
+        self.window = (total, n)
+        if n <= before_n or not state.loss_finite:
+            return None
+        return (total - before) / (n - before_n)
+
+
 def _missing(package: str) -> UserError:
     return UserError(f"logger={package} needs the {package} package, which is not installed: "
-                     f"pip install 'simpnet[{package}]'")
+                     f"pip install -e '.[{package}]' (in a clone; pip install 'simpnet[{package}]' otherwise)")
 
 
 class TensorBoardLogger(Callback):
@@ -327,11 +361,19 @@ class TensorBoardLogger(Callback):
             raise _missing("tensorboard") from None
         # purge_step hides logged steps >= it: the resumed session logs every step after its checkpoint again
         self.writer = SummaryWriter(log_dir=str(state.run_dir / "tb"), purge_step=state.start + 1)
+        self.loss = CheckLoss()
+        self.loss.start(state)
+
+    def on_check(self, state: TrainState) -> None:
+        mean = self.loss.mean(state)
+        if mean is not None:
+            self.writer.add_scalar(CHECK_LOGGED["train_loss"], mean, state.iteration)
 
     def on_eval(self, state: TrainState, acc: float, loss: float) -> None:
         row = state.curve[-1]
-        for column, tag in LOGGED.items():
+        for column, tag in EVAL_LOGGED.items():
             self.writer.add_scalar(tag, row[column], state.iteration)
+        self.loss.restart()
 
     def on_checkpoint(self, state: TrainState) -> None:
         self.writer.flush()
@@ -355,13 +397,16 @@ class MlflowLogger(Callback):
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise _missing("mlflow") from None
-        self.client, self.run_id, self.logged = MlflowClient(), None, set()
+        self.client, self.run_id, self.logged, self.logged_checks = MlflowClient(), None, set(), set()
+        self.loss = CheckLoss()
+        self.loss.start(state)
         id_file = state.run_dir / self.ID_FILE
         if id_file.exists():
             run_id = id_file.read_text().strip()
             try:
                 self.client.update_run(run_id, status="RUNNING")
-                self.logged = {m.step for m in self.client.get_metric_history(run_id, LOGGED["test_acc"])}
+                self.logged = {m.step for m in self.client.get_metric_history(run_id, EVAL_LOGGED["test_acc"])}
+                self.logged_checks = {m.step for m in self.client.get_metric_history(run_id, CHECK_LOGGED["train_loss"])}
             except Exception as err:  # noqa: BLE001 - mlflow raises its own MlflowException for a missing run
                 raise UserError(f"cannot continue MLflow run {run_id} (named in {id_file}): "
                                 f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}; "
@@ -380,11 +425,17 @@ class MlflowLogger(Callback):
             self.client.log_param(self.run_id, key, value)
         atomic_write(id_file, lambda tmp: Path(tmp).write_text(self.run_id + "\n"))
 
+    def on_check(self, state: TrainState) -> None:
+        mean = self.loss.mean(state)
+        if mean is not None and state.iteration not in self.logged_checks:  # (a resumed run's steps: once)
+            self.client.log_metric(self.run_id, CHECK_LOGGED["train_loss"], mean, step=state.iteration)
+
     def on_eval(self, state: TrainState, acc: float, loss: float) -> None:
+        self.loss.restart()
         if state.iteration in self.logged:
             return
         row = state.curve[-1]
-        for column, key in LOGGED.items():
+        for column, key in EVAL_LOGGED.items():
             self.client.log_metric(self.run_id, key, float(row[column]), step=state.iteration)
 
     def on_end(self, state: TrainState, result: dict | None) -> None:

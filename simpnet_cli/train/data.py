@@ -99,19 +99,33 @@ def expected_files(cfg: dict, root: Path) -> list[Path]:
     return []
 
 
-def check_available(cfg: dict, data_dir: Path, download: bool) -> None:
-    """Before anything trains: a dataset that is neither synthetic, nor to be downloaded, nor on disk (or in its
-    system copy) fails now, not after the other datasets' runs of the command have trained."""
+def missing_file(cfg: dict, data_dir: Path, download: bool) -> Path | None:
+    """The first file a dataset needs that is not on disk (nor in its system copy), or None when it is there,
+    synthetic or to be downloaded."""
     if cfg.get("source") == "synthetic" or download:
-        return
+        return None
     system_copy = cfg.get("system_copy")
     if system_copy and Path(system_copy).is_dir() and list(Path(system_copy).glob("*-ubyte.gz")):
-        return
-    root = Path(data_dir)
-    missing = [p for p in expected_files(cfg, root) if not p.is_file()]
+        return None
+    return next((p for p in expected_files(cfg, Path(data_dir)) if not p.is_file()), None)
+
+
+def check_available(cfgs: list[dict], data_dir: Path, download: bool) -> None:
+    """Before anything trains: every dataset that is neither synthetic, nor to be downloaded, nor on disk (or in
+    its system copy) is named now, all in one line, not one per attempt after the others' runs have trained."""
+    missing = {}
+    for cfg in cfgs:
+        path = missing_file(cfg, data_dir, download)
+        if path is not None:
+            missing.setdefault(cfg.get("name"), path)
+    if len(missing) == 1:
+        ((name, path),) = missing.items()
+        raise DatasetError(f"dataset {name} not found under {data_dir} (no {path}): pass download=true to fetch it, "
+                           f"or data_dir=PATH to use another copy")
     if missing:
-        raise DatasetError(f"dataset {cfg.get('name')} not found under {root} (no {missing[0]}): pass "
-                           f"download=true to fetch it, or data_dir=PATH to use another copy")
+        raise DatasetError(f"{len(missing)} datasets not found under {data_dir}: "
+                           + ", ".join(f"{name} (no {path})" for name, path in missing.items())
+                           + "; pass download=true to fetch them, or data_dir=PATH to use another copy")
 
 
 def load_split(cfg: dict, data_dir: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
