@@ -50,7 +50,7 @@ import pytest  # noqa: E402
 
 from simpnet_cli import cli  # noqa: E402
 from simpnet_cli.errors import UserError  # noqa: E402
-from simpnet_cli.runs import index, results  # noqa: E402
+from simpnet_cli.runs import results  # noqa: E402
 
 
 IDENTITY = ("config_hash", "table", "row_id", "seed")  # what a result.json says about whose it is
