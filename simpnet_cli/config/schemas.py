@@ -275,17 +275,8 @@ class SqueezeNet(NetRecipe):
                 _require(0 <= rate < 1, name, "a dropout rate must be in [0, 1)", rate)
 
 
-# The schema of each network ``builder`` and solver ``type``, as their registries (nets/specs.builder,
-# train/solvers.register) enter them: one entry carries a kind's implementation and its schema, so a kind is
-# known to the configs exactly when it is registered (timm's pattern). ``registered()`` imports those modules.
-NETWORKS: dict[str, type] = {}
-SOLVERS: dict[str, type] = {}
-
-
-def registered() -> None:
-    """Import the modules whose registrations fill NETWORKS and SOLVERS (before a config is checked)."""
-    import simpnet_cli.nets.specs  # noqa: F401
-    import simpnet_cli.train.solvers  # noqa: F401
+# A new builder in nets/specs.py registers its schema here.
+NETWORKS = {"plain": PlainNet, "resnet": ResNet, "squeezenet": SqueezeNet}
 
 
 # --------------------------------------------------------------------------- data, solver, training
@@ -401,6 +392,8 @@ class Nesterov:
         _require(0 < self.momentum < 1, "momentum", "must be in (0, 1)", self.momentum)
 
 
+SOLVERS = {"adadelta": AdaDelta, "nesterov": Nesterov}
+
 
 @dataclass
 class Train:
@@ -473,7 +466,6 @@ def _typed(part: str, values: Any, key: str, registry: dict) -> type:
 
 def check_run(net: dict, dataset: dict, solver: dict, train: dict) -> None:
     """Raise ``ConfigError`` naming the first bad key of a resolved run."""
-    registered()
     _check("net", _typed("net", net, "builder", NETWORKS), net)
     if not isinstance(dataset, dict):
         raise ConfigError(f"dataset: expected a mapping of keys, got {dataset!r}")

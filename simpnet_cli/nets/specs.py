@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from simpnet_cli.config import schemas
 from simpnet_cli.errors import UserError
 from simpnet_cli.nets.notation import parse_widths
 
@@ -272,12 +271,9 @@ def count_params(spec: Sequence, in_shape: Shape) -> tuple[int, int]:
 BUILDERS: dict[str, Callable[[Mapping, int], tuple]] = {}
 
 
-def builder(name: str, schema: type):
-    """``@builder("plain", schemas.PlainNet)``: the spec of an arch whose ``builder`` is ``name``, and the schema
-    of its keys (one registry entry for both: config/schemas.NETWORKS is filled from here)."""
+def builder(name: str):
     def register(fn):
         BUILDERS[name] = fn
-        schemas.NETWORKS[name] = schema
         return fn
     return register
 
@@ -305,7 +301,7 @@ def _per_layer(table: Mapping | None, n: int, default, what: str) -> list:
     return values
 
 
-@builder("plain", schemas.PlainNet)
+@builder("plain")
 def plain(arch: Mapping, num_classes: int) -> list:
     """The SimpNet family (Arch1-Arch5): a chain of conv blocks with max pools, dropout, global pooling, fc.
 
@@ -372,7 +368,7 @@ def plain(arch: Mapping, num_classes: int) -> list:
     return spec
 
 
-@builder("resnet", schemas.ResNet)
+@builder("resnet")
 def resnet(arch: Mapping, num_classes: int) -> list:
     """CIFAR ResNet (basic blocks) in the authors' layout; see conf/arch/resnet32.yaml for the block forms.
 
@@ -398,7 +394,7 @@ def resnet(arch: Mapping, num_classes: int) -> list:
     return spec
 
 
-@builder("squeezenet", schemas.SqueezeNet)
+@builder("squeezenet")
 def squeezenet(arch: Mapping, num_classes: int) -> list:
     """SqueezeNet v1.1 for 32x32 inputs; ``saf_dropout`` puts a dropout right after each max pool.
     ``batchnorm: false`` (the authors' net) follows every conv by a ReLU alone."""
