@@ -183,8 +183,9 @@ def test_every_example_runs(where, example, done_run, tmp_path, monkeypatch, cap
         assert code == 0, capsys.readouterr().err
         return
     args += [f"results_dir={tmp}/results", f"runs_dir={tmp}/runs", f"data_dir={tmp_path}/data"]
-    if cmd == "bench":
-        cfg, _ = cli.compose(args)
+    if cmd == "bench":  # (its flags, --json, are the command's: cli.COMMAND_FLAGS)
+        assert {a for a in args if a.startswith("--")} <= cli.COMMAND_FLAGS["bench"], example
+        cfg, _ = cli.compose([a for a in args if not a.startswith("--")])
         cli.check_options(cfg)
         return
     if cmd == "run" and cli.is_multirun(set(args), args):

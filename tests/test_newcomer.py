@@ -181,22 +181,15 @@ def _curve_iters(run_dir) -> list[int]:
         return [int(r["iter"]) for r in csv.DictReader(fh)]
 
 
-def test_curve_csv_grows_at_each_evaluation_and_a_resume_writes_no_line_twice(tmp_path, monkeypatch, one_thread):
+def test_curve_csv_grows_at_each_evaluation_and_a_resume_writes_no_line_twice(tmp_path, one_thread, crash_at):
     from simpnet_cli.train import loop
 
     run, run_dir = _tiny_run(iterations=6, eval_every=1, checkpoint_every=3), tmp_path / "run"
-    real = loop.lr_at
-
-    def crashing(solver, it):
-        if it == 5:  # dies about to train iteration 6, after the evaluation of 5, two past its checkpoint (3)
-            raise KeyboardInterrupt
-        return real(solver, it)
-
-    monkeypatch.setattr(loop, "lr_at", crashing)
+    crash_at(5)  # dies about to train iteration 6, after the evaluation of 5, two past its checkpoint (3)
     with pytest.raises(KeyboardInterrupt):
         loop.train_run(run, run_dir, torch.device("cpu"), tmp_path, False)
     assert _curve_iters(run_dir) == [1, 2, 3, 4, 5]  # written as it trained, not only at the end
-    monkeypatch.setattr(loop, "lr_at", real)
+    crash_at(None)
     loop.train_run(run, run_dir, torch.device("cpu"), tmp_path, False)
     assert _curve_iters(run_dir) == [1, 2, 3, 4, 5, 6]
 
@@ -207,12 +200,13 @@ def test_tensorboard_gets_the_training_loss_at_every_check_between_evaluations(t
 
     from simpnet_cli.train import callbacks as C
     from simpnet_cli.train import loop
+    from simpnet_cli.train import state as run_state
 
     run, run_dir = _tiny_run(iterations=8, eval_every=4, checkpoint_every=100), tmp_path / "run"
-    loop.write_config(run, run_dir)
-    state = loop.build(run, run_dir, torch.device("cpu"), tmp_path, False, lambda s: None, None)
+    run_state.write_config(run, run_dir)
+    state = run_state.build(run, run_dir, torch.device("cpu"), tmp_path, False, lambda s: None, None)
     state.check_every = 2  # (a run's is min(eval_every, 50): a check every 2 of 4 iterations, as 50 of 500)
-    loop.fit(state, loop.run_callbacks([C.CsvLogger(), C.TensorBoardLogger()], None, ()))
+    loop.fit([state], loop.Alone(state.step), [loop.run_callbacks([C.CsvLogger(), C.TensorBoardLogger()], None, ())])
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
     loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
