@@ -250,8 +250,9 @@ def preflight(runs: list[tables.RunSpec], opts: Options, full: bool = True) -> N
         try:
             schemas.check_fits(run.spec, run.in_shape, run.train, run.dataset, available, where)
             # what would fail at the run's first step: a batch the data cannot fill, or BatchNorm on one value
-            D.check_batch(run.dataset, int(run.train["batch_size"]))
-            network.check_batchnorm_batch(run.spec, run.in_shape, int(run.train["batch_size"]))
+            batch = int(run.train.get("batch_size", schemas.Train.batch_size))
+            D.check_batch(run.dataset, batch)
+            network.check_batchnorm_batch(run.spec, run.in_shape, batch)
         except UserError as err:
             raise UserError(f"table {run.table}, row {run.row_id}" + (f" with {run.variant}" if run.variant else "")
                             + f": {err}") from None
