@@ -572,10 +572,9 @@ def standard_streams() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
-            setattr(sys, name, open(fd, mode, closefd=False))
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one (those below are open)
         if getattr(sys, name) is None:
-            setattr(sys, name, open(fd, mode, closefd=False))
+            setattr(sys, name, open(os.devnull, mode))
 
 
 def check_working_dir() -> None:

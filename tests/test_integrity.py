@@ -272,10 +272,10 @@ def test_a_damaged_result_json_is_one_line(tmp_path, capsys, one_thread):
 # --------------------------------------------------------------------------- fuzz: malformed input of any shape
 
 BAD_VALUES = {  # key -> values that are each wrong for it
-    "seeds": ["0", "-1", "abc", "[a,b]"],
+    "seeds": ["0", "-1", "abc", "[a,b]", "3000000"],
     "jobs_per_device": ["0", "-3", "abc", "1.5"],
     "iterations": ["0", "-5", "abc", "1.5"],
-    "batch_size": ["0", "-1", "x"],
+    "batch_size": ["0", "-1", "x", "65"],  # (65: one more than the smoke profile's training images)
     "profile.train.eval_every": ["0", "-2", "x"],
     "profile.train.checkpoint_every": ["0", "y"],
     "profile.train.precision": ["fp16", "fp8", "1"],
@@ -312,10 +312,17 @@ BAD_VALUES = {  # key -> values that are each wrong for it
     "dataset": ["nope", "cifar"],
     "solver": ["sgd"],
     "arch": ["arch9"],
-    "table": ["99", "nope"],
-    "row": ["ZZ", "99"],
+    "table": ["99", "nope", "9" * 5000],
+    "row": ["ZZ", "99", "0"],
     "nope": ["1"],
     "results_dir": [""],
+    # issue 25: what used to be found only once the run (or a sweep's second job) started, or an internal error
+    "dataset.torchvision": ["Nope"],
+    "solver.schedule.points": ["{0: 0.1}"],
+    "solver.schedule.poly": ["{from_iter: 1}"],
+    "custom.table": ["a" * 300],
+    "dry_run.iters": ["100000"],
+    "": ["2"],
 }
 
 
@@ -669,7 +676,7 @@ FUZZ_ROW_KEYS = ["iterations", "batch_size", "test_interval", "arch", "dataset",
                  "net.param_mults.convs.indices", "net.global_pool", "solver.lr", "solver.momentum",
                  "solver.weight_decay", "solver.schedule", "solver.schedule.steps", "solver.schedule.gamma",
                  "dataset.name", "dataset.classes", "dataset.size", "dataset.channels", "dataset.extra",
-                 "feed.augment", "feed.input"]
+                 "feed.augment", "feed.input", "dataset.torchvision", "solver.schedule.points"]
 FUZZ_TOP_KEYS = sorted({"table", "row", "seeds", "conf_dir", "data_dir", "download", "results_dir", "runs_dir",
                         "device", "jobs_per_device", "precision", "svhn_extra", "quiet", "logger", "dry_run.iters",
                         "dry_run.batch_size", "custom.table", "custom.iterations", "custom.dataset",

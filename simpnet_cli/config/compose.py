@@ -57,10 +57,11 @@ def hydra_error(err: Exception, primary: Path | None = None) -> UserError:
     # a folder of one's own with its config.yaml: Hydra's message may be that file's (an interpolation, a key)
     said = "bad override" if primary in (None, tables.DEFAULT_CONF_DIR) else f"bad override or {config}"
     hint = ""
-    if "LexerNoViableAlt" in first or "token recognition error" in first:
-        odd = sorted({c for c in first if not c.isascii()})
-        hint = (f" (a value with {'non-ASCII letters such as ' + repr(''.join(odd)) if odd else 'spaces or symbols'}"
-                f" needs quotes: 'custom.label=\"...\"', as one shell word)")
+    if "LexerNoViableAlt" in first:  # Hydra's grammar has no rule for the value (custom.label=héllo)
+        key = first.split(": ", 1)[-1].split("=", 1)[0].lstrip("+~")
+        odd = "".join(sorted({c for c in first if not c.isascii()}))
+        hint = (f" (a value with {'non-ASCII letters such as ' + repr(odd) if odd else 'spaces or symbols'} "
+                f"needs quotes: '{key}=\"...\"', as one shell word)")
     if "not in struct" in str(err) or "Could not override" in str(err) or "Key '" in str(err):
         hint = " (unknown config key; see conf/config.yaml for the keys, and net.KEY, solver.KEY, dataset.KEY " \
                "for a row's own)"

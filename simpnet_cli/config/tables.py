@@ -176,7 +176,7 @@ class Table:
                 if str(selector) == r[key]:
                     return r
         ids = ", ".join(r["id"] for r in self.rows)
-        position = " (rows are chosen by id, not by position)" if schemas._is_int(selector) else ""
+        position = " (rows are chosen by id, not by position)" if isinstance(selector, int) else ""
         raise UserError(f"table {self.name} has no row {selector!r}{position}; its row ids: {ids}")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import pickle
-import shutil
 import socket
 import tarfile
 import urllib.error
@@ -89,6 +88,10 @@ def import_idx_gz(src: Path, root: Path, folder: str) -> None:
                                 fout.write(chunk)
                             except OSError as err:  # ... and writing the copy data_dir's
                                 raise unwritable(root, err) from None
+                        try:
+                            fout.flush()  # (so that closing it writes nothing more that could fail)
+                        except OSError as err:
+                            raise unwritable(root, err) from None
                 tmp.replace(target)
             finally:
                 try:
