@@ -342,8 +342,10 @@ class Poly:
         _require(self.max_iter > self.from_iter, "schedule.poly.max_iter", "must be after from_iter", self.max_iter)
 
 
-# The keys each schedule kind reads (solvers.lr_at): a command-line key the kind does not read would change the
-# run's hash and name a variant that computes exactly the paper's row, so it is refused (check_schedule_keys).
+# The keys each schedule kind reads (solvers.lr_at). A command-line key the kind does not read
+# (solver.schedule.points on a multistep schedule) is refused (check_schedule_keys) rather than recorded as the
+# paper's row: whoever typed it meant to change the schedule, and a run filed as the paper's row (or as a
+# variant computing exactly the paper's row, as before) would hide that nothing changed.
 SCHEDULE_READS = {"multistep": ("kind", "gamma", "steps"), "piecewise": ("kind", "points", "poly")}
 
 
