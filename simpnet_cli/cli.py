@@ -324,7 +324,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as err:
+    except (HydraException, ValueError) as err:
         raise composition.hydra_error(err) from None
     choices = []
     for o in parsed:
@@ -340,6 +340,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
     """Compose and plan every job of a sweep before the first one starts: a bad key or value in any
     combination is one line and exit 2, never Hydra's multi-line error after some jobs have trained."""
+    import yaml
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -352,8 +353,8 @@ def check_sweep(prepared: list[str], search: list[str], primary: Path) -> int:
         for job in jobs:
             try:
                 cfg = hydra_compose(config_name="config", overrides=job + search)
-            except (HydraException, OmegaConfBaseException) as err:
-                raise composition.hydra_error(err) from None
+            except (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
+                raise composition.hydra_error(err, primary) from None
             except RecursionError:
                 raise composition.defaults_loop(primary) from None
             check_options(cfg)
@@ -458,9 +459,10 @@ def cmd_repair(cfg, flags, variant) -> int:
         names = sorted({results.table_of(p) for p in results_dir.glob("table*.csv")}
                        | set(index.tables_recorded(runs_dir, results_dir)))
     else:  # one name or a list of them (checked by check_top as names, never paths)
-        names = [str(t).removeprefix("table") for t in (chosen if isinstance(chosen, list) else [chosen])]
+        names = [str(t).removeprefix("table") or str(t) for t in (chosen if isinstance(chosen, list) else [chosen])]
     if not names:
         raise UserError(f"no results files (table*.csv) in {results_dir} and no runs recorded for it in {runs_dir}")
+    runner.check_results_files(results_dir, names)
     for name, idx in index.rebuild_tables(results_dir, runs_dir, names, runner.warn).items():
         done = idx.counts()
         print(f"{idx.path}: {'rebuilt' if done['changed'] else 'unchanged'} from {runs_dir}/: "
@@ -684,8 +686,32 @@ class TolerantStream:
         return getattr(self.stream, name)
 
 
+def standard_streams() -> None:
+    """``simpnet ... 2>&-``: a closed stdin, stdout or stderr is reopened on /dev/null before anything opens a
+    file, so no results file or checkpoint is handed fd 2 (where tracebacks and C++ warnings go), and the exit
+    code still says what happened (Python leaves sys.stderr None, and printing the error line failed)."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one (those below are open)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode))
+
+
+def check_working_dir() -> None:
+    """Every relative path (results/, experiments/, data/) is read from the working directory: a deleted one
+    is said at once, not as a FileNotFoundError without a file name from wherever it is first used."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise UserError("the working directory no longer exists (deleted or moved away); cd to a folder that "
+                        "exists and run the command again") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    standard_streams()
     if argv and argv[0] == "run" and not isinstance(sys.stderr, TolerantStream):
         stderr, sys.stderr = sys.stderr, TolerantStream(sys.stderr)
         try:
@@ -708,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         check_hydra_flags([cmd, *flags])
         if flags & {"--help", "-h"}:
             return print_help(cmd)
+        check_working_dir()
         cfg_flags = {f for f in flags if f.startswith("--cfg=")}
         if cfg_flags - {"--cfg=job"} or (cfg_flags and cmd not in ("run", "show")):
             raise UserError("--cfg takes `job` (simpnet run|show ... --cfg job prints each resolved run and trains "

@@ -17,15 +17,17 @@ import torch
 from simpnet_cli.errors import UserError
 
 
-def _why(err: BaseException) -> str:
+def why(err: BaseException) -> str:
     if isinstance(err, OSError):
         return "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
     # torch's C++ writer reports a full disk as "unexpected pos N vs M" (PytorchStreamWriter)
     return "the disk is full" if "unexpected pos" in str(err) else str(err).splitlines()[0]
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same folder, fsync, rename: readers see the old or the new file."""
+def atomic_write(path: Path, write: Callable[[Path], None],
+                 kept: str = "the previous checkpoint and all recorded results are kept") -> None:
+    """Write via a temporary file in the same folder, fsync, rename: readers see the old or the new file. A
+    failure is a UserError saying why and ``kept``, what is left as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -37,8 +39,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
         if isinstance(err, RuntimeError) and "unexpected pos" not in str(err):
             raise
-        raise UserError(f"cannot write {path}: {_why(err)}; the previous checkpoint and all recorded results "
-                        f"are kept") from None
+        raise UserError(f"cannot write {path}: {why(err)}; {kept}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -272,10 +272,10 @@ def test_a_damaged_result_json_is_one_line(tmp_path, capsys, one_thread):
 # --------------------------------------------------------------------------- fuzz: malformed input of any shape
 
 BAD_VALUES = {  # key -> values that are each wrong for it
-    "seeds": ["0", "-1", "abc", "[a,b]"],
+    "seeds": ["0", "-1", "abc", "[a,b]", "3000000"],
     "jobs_per_device": ["0", "-3", "abc", "1.5"],
     "iterations": ["0", "-5", "abc", "1.5"],
-    "batch_size": ["0", "-1", "x"],
+    "batch_size": ["0", "-1", "x", "65"],  # (65: one more than the smoke profile's training images)
     "profile.train.eval_every": ["0", "-2", "x"],
     "profile.train.checkpoint_every": ["0", "y"],
     "profile.train.precision": ["fp16", "fp8", "1"],
@@ -312,10 +312,17 @@ BAD_VALUES = {  # key -> values that are each wrong for it
     "dataset": ["nope", "cifar"],
     "solver": ["sgd"],
     "arch": ["arch9"],
-    "table": ["99", "nope"],
-    "row": ["ZZ", "99"],
+    "table": ["99", "nope", "9" * 5000],
+    "row": ["ZZ", "99", "0"],
     "nope": ["1"],
     "results_dir": [""],
+    # issue 25: what used to be found only once the run (or a sweep's second job) started, or an internal error
+    "dataset.torchvision": ["Nope"],
+    "solver.schedule.points": ["{0: 0.1}"],
+    "solver.schedule.poly": ["{from_iter: 1}"],
+    "custom.table": ["a" * 300],
+    "dry_run.iters": ["100000"],
+    "": ["2"],
 }
 
 
@@ -669,7 +676,7 @@ FUZZ_ROW_KEYS = ["iterations", "batch_size", "test_interval", "arch", "dataset",
                  "net.param_mults.convs.indices", "net.global_pool", "solver.lr", "solver.momentum",
                  "solver.weight_decay", "solver.schedule", "solver.schedule.steps", "solver.schedule.gamma",
                  "dataset.name", "dataset.classes", "dataset.size", "dataset.channels", "dataset.extra",
-                 "feed.augment", "feed.input"]
+                 "feed.augment", "feed.input", "dataset.torchvision", "solver.schedule.points"]
 FUZZ_TOP_KEYS = sorted({"table", "row", "seeds", "conf_dir", "data_dir", "download", "results_dir", "runs_dir",
                         "device", "jobs_per_device", "precision", "svhn_extra", "quiet", "logger", "dry_run.iters",
                         "dry_run.batch_size", "custom.table", "custom.iterations", "custom.dataset",
@@ -958,3 +965,288 @@ def test_class9_an_unwritable_stderr_never_stops_a_run(tmp_path, monkeypatch, on
     assert code == 0
     rows, bad = results.read(csv5(tmp_path))
     assert [r["row_id"] for r in rows] == ["P5"] and not bad
+
+
+# --------------------------------------------------------------------------- issue 25, item 6: all of a command is
+# checked before its first job trains (sweeps, packed runs, the dry run's own limits)
+
+L8 = ["table=2", "row=8L"]
+# (key, a good value, a bad one): the bad one must be refused before anything trains, alone and as the second
+# job of a sweep whose first job is good.
+BEFORE_THE_FIRST_JOB = [
+    ("batch_size", "8", "100", ["fewer than one batch of 100"]),           # smoke data: 64 images
+    ("batch_size", "8", "1", ["BatchNorm", "1x1", "batch_size=2"]),        # with the pools below: a 1x1 map
+    ("seeds", "1", "3000000", ["3,000,000 runs", "at most"]),
+    ("row", "8L", "0", ["no row 0", "by id", "8L"]),
+    ("dataset.torchvision", "CIFAR10", "Nope", ["dataset.torchvision", "CIFAR10"]),
+    ("solver.schedule.points", None, "{0: 0.1}", ["does not read points", "kind=piecewise"]),
+    ("custom.table", "mine", "a" * 300, ["custom.table", "at most 100"]),
+    ("table", "2", "9" * 5000, ["table", "5000 digits"]),
+    ("dry_run.iters", "1", "100000", ["dry_run.iters", "at most 1000"]),
+    ("", None, "2", ["'=2'", "no key"]),
+]
+
+
+@pytest.fixture
+def nothing_may_train(monkeypatch):
+    from simpnet_cli.tools import bench
+
+    def must_not_start(*args, **kwargs):  # were a check missed, fail here rather than train or time
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(train, "train_run", must_not_start)
+    monkeypatch.setattr(bench, "measure", must_not_start)
+
+
+@pytest.mark.parametrize("key, good, bad, needles", BEFORE_THE_FIRST_JOB,
+                         ids=[f"{k or 'no-key'}={b[:12]}" for k, _, b, _ in BEFORE_THE_FIRST_JOB])
+def test_item6_fuzz_a_bad_value_is_refused_alone_and_as_a_sweeps_second_job(tmp_path, capsys, nothing_may_train,
+                                                                             key, good, bad, needles):
+    """`simpnet run -m ... batch_size=8,100` trained job 1, then job 2 failed: every job's runs are planned and
+    checked (data size, BatchNorm, memory, folders) before the first starts; and alone, each value is one line."""
+    extra = ["net.pools_after=[1,2,3,4,5]"] if bad == "1" else []
+    base = [*L8, *SMOKE, *extra, f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"]
+    base = [a for a in base if not a.startswith(f"{key}=")] if key else base
+    one_line(capsys, cli.main(["run", *base, f"{key}={bad}"]), *needles)
+    if good is not None:
+        sweep = ["run", "-m", *base, f"{key}={good},{bad}", f"hydra.sweep.dir={tmp_path}/sweep"]
+        one_line(capsys, cli.main(sweep), *needles)
+    nothing_written(tmp_path)
+
+
+def test_item6_packed_runs_and_the_dry_run_check_their_limits_first(tmp_path, capsys, nothing_may_train):
+    """jobs_per_device=2 checks every run before any of them trains; --dry-run checks its own batch (memory,
+    BatchNorm) and its run count before it builds or times anything."""
+    base = ["run", *L8, *SMOKE, f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"]
+    one_line(capsys, cli.main([*base, "jobs_per_device=2", "seeds=2", "batch_size=100"]), "fewer than one batch")
+    one_line(capsys, cli.main([*base, "--dry-run", "dry_run.batch_size=100000"]), "dry_run.batch_size", "memory")
+    one_line(capsys, cli.main([*base, "--dry-run", "dry_run.batch_size=1", "net.pools_after=[1,2,3,4,5]"]),
+             "dry_run.batch_size=1", "BatchNorm")
+    one_line(capsys, cli.main([*base, "--dry-run", "seeds=3000000"]), "at most 100,000")
+    nothing_written(tmp_path)
+
+
+def test_item6_the_batchnorm_check_walks_into_residual_blocks_and_fire_modules():
+    """batch x height x width > 1 at every BatchNorm: 8L with five poolings meets a 1x1 map (fine at batch 2,
+    refused at batch 1); the shapes of residual blocks (their BatchNorm after the pool inside) and fire modules
+    are walked too, so each family's BatchNorms are all seen."""
+    from simpnet_cli.nets import specs as network
+
+    (run,) = planned_runs([*L8, "profile=smoke", "net.pools_after=[1,2,3,4,5]"])
+    network.check_batchnorm_batch(run.spec, run.in_shape, 2)
+    with pytest.raises(network.NetworkError, match="layer 11"):
+        network.check_batchnorm_batch(run.spec, run.in_shape, 1)
+    from simpnet_cli.nets import modules as M
+
+    for row in (["table=6", "row=RN32-max"], ["table=6", "row=RN32-strided"], ["table=11", "row=SQ-SAF"],
+                ["table=11", "row=SN-SAF"], ["table=2", "row=8L"]):
+        (plain,) = planned_runs([*row, "profile=smoke"])
+        norms: list = []
+        network._walk(plain.spec, plain.in_shape, "", norms)
+        model = M.build_model(plain.spec, plain.in_shape, plain.net)
+        assert len(norms) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), row
+        network.check_batchnorm_batch(plain.spec, plain.in_shape, 2)
+
+
+# --------------------------------------------------------------------------- issue 25, item 7: no internal error,
+# no C++ abort: one line and exit 2
+
+@pytest.fixture(scope="module")
+def finished_p5(tmp_path_factory) -> Path:
+    """One trained run folder (P5, smoke) for the export cases."""
+    root = tmp_path_factory.mktemp("p5")
+    torch.set_num_threads(1)
+    assert cli.main(["run", "table=5", "row=P5", *SMOKE, f"results_dir={root}/results", f"runs_dir={root}/runs"]) == 0
+    (run_dir,) = (root / "runs").glob("*/model.pt")
+    return run_dir.parent
+
+
+def refusing_writes(monkeypatch, under: Path, err: int, text: str) -> None:
+    """What a read-only mount or a full disk does to a write under ``under`` (root ignores chmod)."""
+    real_write = Path.write_bytes
+
+    def refuse(self, data):
+        if str(self).startswith(str(under)):
+            raise OSError(err, text, str(self))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+
+
+@pytest.mark.parametrize("case", ["missing-folder", "a-folder", "read-only", "full-disk", "dev-full"])
+def test_item7_export_that_cannot_write_is_one_line(finished_p5, tmp_path, capsys, monkeypatch, case):
+    """`simpnet export` to a missing folder or onto a folder was torch's RuntimeError; a full disk aborted the
+    process (rc -6, a C++ stack trace). No half-written file is left."""
+    out = {"missing-folder": tmp_path / "nowhere" / "m.ts", "a-folder": tmp_path,
+           "read-only": None, "full-disk": tmp_path / "m.ts", "dev-full": Path("/dev/full")}[case]
+    if case == "dev-full" and not out.exists():
+        pytest.skip("no /dev/full here")
+    if case == "read-only":
+        refusing_writes(monkeypatch, finished_p5, errno.EROFS, "Read-only file system")
+    if case == "full-disk":
+        refusing_writes(monkeypatch, tmp_path, errno.ENOSPC, "No space left on device")
+    before = sorted(p.name for p in finished_p5.iterdir())
+    argv = ["export", f"run_dir={finished_p5}"] + ([f"out={out}"] if out is not None else [])
+    needles = {"missing-folder": ["does not exist"], "a-folder": ["is a folder"], "read-only": ["Read-only"],
+               "full-disk": ["disk is full"], "dev-full": ["disk is full"]}[case]
+    one_line(capsys, cli.main(argv), *needles)
+    assert sorted(p.name for p in finished_p5.iterdir()) == before
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_item7_export_writes_a_loadable_file_and_load_model_refuses_a_missing_cuda(finished_p5, tmp_path, capsys):
+    """The export still works (through memory, then a Python write); load_model(device='cuda') without CUDA is
+    a UserError, not torch's 'Found no NVIDIA driver' RuntimeError."""
+    import simpnet_cli
+
+    assert cli.main(["export", f"run_dir={finished_p5}", f"out={tmp_path}/m.ts"]) == 0
+    scripted = torch.jit.load(str(tmp_path / "m.ts"))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(scripted(x), simpnet_cli.load_model(finished_p5)(x))
+    assert capsys.readouterr().err == "", "no deprecation notices from torch.jit.trace"
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: device='cuda' works")
+    with pytest.raises(UserError, match="no CUDA device"):
+        simpnet_cli.load_model(finished_p5, device="cuda")
+
+
+def test_item7_a_results_file_or_lock_that_is_a_folder_and_a_result_that_is_no_number(tmp_path, capsys,
+                                                                                      finished_run):
+    (run,) = planned_runs(["table=5", "row=P5", "profile=smoke"])
+    dirs = [f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"]
+    (tmp_path / "results" / "table5.csv").mkdir(parents=True)
+    one_line(capsys, cli.main(["repair", "table=5", *dirs]), "table5.csv", "not a file")
+    one_line(capsys, cli.main(["repair", *dirs]), "table5.csv", "not a file")
+    (tmp_path / "results" / "table5.csv").rmdir()
+    (tmp_path / "runs" / run.config_hash / ".lock").mkdir(parents=True)
+    one_line(capsys, run_p5(tmp_path), ".lock", "remove it")
+    shutil.rmtree(tmp_path / "runs")
+    # A finished run whose result.json holds final_acc "abc": the next command said "already recorded" and
+    # wrote no line; it is refused, naming the folder and the field.
+    finished_run(run, tmp_path / "results", tmp_path / "runs", final_acc="abc")
+    one_line(capsys, run_p5(tmp_path), run.config_hash, "final_acc", "move the folder away")
+    assert not csv5(tmp_path).exists() or not results.read(csv5(tmp_path))[0]
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("defaults: [\n", ["config.yaml", "while parsing"]),
+    ("defaults: 5\n", ["config.yaml", "defaults must be a list"]),
+    ("- a\n- b\n", ["config.yaml", "DictConfig"]),
+    ("a: ${oc.env:X\n", ["config.yaml"]),
+], ids=["not-yaml", "defaults-int", "a-list", "open-interpolation"])
+def test_item7_a_malformed_conf_dir_config_yaml_is_one_line_naming_it(tmp_path, capsys, text, needles):
+    root = tmp_path / "conf"
+    (root / "tables").mkdir(parents=True)
+    (root / "config.yaml").write_text(text)
+    for sweep in ([], ["-m"]):
+        try:
+            code = cli.main(["run", *sweep, "table=5", *SMOKE, f"conf_dir={root}", "--cfg", "job"])
+        finally:
+            tables.use_conf_dir(None)
+        one_line(capsys, code, *needles)
+
+
+def test_item7_a_deleted_working_directory_and_a_closed_stderr(tmp_path):
+    """The two cases where the process itself is the point: a working directory deleted under the command
+    (FileNotFoundError without a file name) and `2>&-` (sys.stderr is None: printing the error line failed,
+    exit 1; the next file opened would have been fd 2)."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("simpnet")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = f"cd {gone} && rmdir {gone} && exec {exe} list"
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("simpnet: error: the working directory no longer exists"), proc.stderr
+    proc = subprocess.run(["sh", "-c", f"exec {exe} run table=5 row=nope 2>&-"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout)
+
+
+# --------------------------------------------------------------------------- issue 25, item 8: words that do not
+# mislead
+
+def test_item8_rows_are_chosen_by_id_never_by_position(tmp_path, capsys):
+    """`row=0` trained the first row; in a table with a row whose id is 0 after another, it still took the first."""
+    one_line(capsys, cli.main(run_args(tmp_path, table="2", row="0")), "no row 0", "by id", "8L, 9L")
+    root = conf_dir_with(tmp_path)
+    doc = __import__("json").loads((root / "tables" / "tablex.yaml").read_text())
+    doc["rows"].append({**doc["rows"][0], "id": 0, "label": "zero"})
+    (root / "tables" / "tablex.yaml").write_text(__import__("json").dumps(doc))
+    try:
+        runs = planned_runs(["table=x", "row=0", "profile=smoke", f"conf_dir={root}"])
+        by_label = planned_runs(["table=x", "row=zero", "profile=smoke", f"conf_dir={root}"])
+    finally:
+        tables.use_conf_dir(None)
+    assert [r.row_id for r in runs] == ["0"] and [r.row_id for r in by_label] == ["0"]
+    nothing_written(tmp_path)
+
+
+def test_item8_a_table_file_named_table_yaml_is_the_table_named_table(tmp_path, capsys):
+    """It was listed, then refused by name with "got ''"."""
+    root = tmp_path / "conf"
+    (root / "tables").mkdir(parents=True)
+    shutil.copy(tables.DEFAULT_CONF_DIR / "tables" / "table5.yaml", root / "tables" / "table.yaml")
+    try:
+        (run,) = planned_runs(["table=table", "row=P5", "profile=smoke", f"conf_dir={root}"])
+        assert run.table == "table"
+        code = cli.main(["repair", "table=table", f"conf_dir={root}", f"results_dir={tmp_path}/results",
+                         f"runs_dir={tmp_path}/runs"])
+    finally:
+        tables.use_conf_dir(None)
+    err = capsys.readouterr().err
+    assert code == 0 and f"{tmp_path}/results/tabletable.csv: unchanged" in err, err
+
+
+def test_item8_an_unquoted_non_ascii_value_is_told_to_quote_it(tmp_path, capsys):
+    own = ["run", "arch=arch1", "net.widths=C8{3}", "net.pools_after=[3]", *SMOKE, "--cfg", "job"]
+    one_line(capsys, cli.main([*own, "custom.label=héllo"]), "custom.label=héllo", "needs quotes", "'é'")
+    assert cli.main([*own, "custom.label='héllo wörld'"]) == 0
+
+
+def test_item8_a_data_dir_that_cannot_hold_the_data_is_not_blamed_on_the_system_copy(tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A data_dir that is a file, or one the copy cannot be unpacked into, was "the system copy ... is damaged"."""
+    import gzip
+
+    copy = tmp_path / "system_copy"
+    copy.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (copy / name).write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 64))
+    argv = ["run", "table=13", "row=slim-300K", "device=cpu", "quiet=true", f"dataset.system_copy={copy}",
+            f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"]
+    (tmp_path / "afile").write_text("not a folder\n")
+    err = one_line(capsys, cli.main([*argv, f"data_dir={tmp_path}/afile"]), "data_dir", "not a folder")
+    assert "system copy" not in err
+    real_open = open
+
+    def unwritable(path, mode="r", *args, **kwargs):  # a folder the unpacked copy cannot be written into
+        if "w" in mode and str(path).startswith(str(tmp_path / "data")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", unwritable)
+    err = one_line(capsys, cli.main([*argv, f"data_dir={tmp_path}/data"]), "data_dir", "Permission denied")
+    assert "system copy" not in err and "damaged" not in err
+
+
+def test_item8_a_schedule_key_its_kind_does_not_read_is_refused_not_a_variant(tmp_path, capsys):
+    """`solver.schedule.points` on a multistep schedule trained the paper's schedule as a variant under a new
+    hash. Refused, and why: the researcher meant to change the schedule, and a run recorded as the paper's row (or
+    as a variant that is not one) would hide that nothing changed. With kind=piecewise the points are a variant."""
+    one_line(capsys, cli.main(run_args(tmp_path, "solver.schedule.points={0: 0.1}")), "solver.schedule.points",
+             "multistep schedule does not read points", "solver.schedule.kind=piecewise")
+    one_line(capsys, cli.main(run_args(tmp_path, "solver.schedule={kind: multistep, gamma: 0.1, steps: [2], "
+                                                 "poly: {from_iter: 1}}")), "does not read poly")
+    (plain,) = planned_runs(["table=5", "row=P5", "profile=smoke"])
+    (piecewise,) = planned_runs(["table=5", "row=P5", "profile=smoke", "solver.schedule.kind=piecewise",
+                                 "solver.schedule.points={0: 0.1}"])
+    assert piecewise.config_hash != plain.config_hash and "solver.schedule.points" in piecewise.variant
+    # switching a piecewise row to multistep keeps working: the points left from its file are not the command's
+    (switched,) = planned_runs(["table=13", "row=slim-300K", "profile=smoke", "solver.schedule.kind=multistep",
+                                "solver.schedule.gamma=0.1", "solver.schedule.steps=[2]"])
+    assert switched.solver["schedule"]["kind"] == "multistep"
+    nothing_written(tmp_path)

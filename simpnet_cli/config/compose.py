@@ -43,16 +43,31 @@ def config_dirs(overrides: list[str]) -> tuple[Path, list[str]]:
     return primary, [f"hydra.searchpath=[file://{other}]"]
 
 
-def hydra_error(err: Exception) -> UserError:
-    """Hydra's and OmegaConf's multi-line errors as one line."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def hydra_error(err: Exception, primary: Path | None = None) -> UserError:
+    """Hydra's and OmegaConf's multi-line errors as one line (``primary``: the config folder composed, named
+    when the error is its config.yaml's)."""
+    import yaml
+
+    cause = err if str(err).strip() or err.__cause__ is None else err.__cause__  # (an empty wrapper: its cause)
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(err).__name__
+    config = (primary or tables.DEFAULT_CONF_DIR) / "config.yaml"
+    if isinstance(err, yaml.YAMLError) or "defaults must be a list" in first or "must be a DictConfig" in first:
+        return UserError(f"{config}: {' '.join(str(err).split())[:300]} (its keys are those of "
+                         f"{tables.DEFAULT_CONF_DIR / 'config.yaml'})")
+    # a folder of one's own with its config.yaml: Hydra's message may be that file's (an interpolation, a key)
+    said = "bad override" if primary in (None, tables.DEFAULT_CONF_DIR) else f"bad override or {config}"
     hint = ""
+    if "LexerNoViableAlt" in first:  # Hydra's grammar has no rule for the value (custom.label=héllo)
+        key = first.split(": ", 1)[-1].split("=", 1)[0].lstrip("+~")
+        odd = "".join(sorted({c for c in first if not c.isascii()}))
+        hint = (f" (a value with {'non-ASCII letters such as ' + repr(odd) if odd else 'spaces or symbols'} "
+                f"needs quotes: '{key}=\"...\"', as one shell word)")
     if "not in struct" in str(err) or "Could not override" in str(err) or "Key '" in str(err):
         hint = " (unknown config key; see conf/config.yaml for the keys, and net.KEY, solver.KEY, dataset.KEY " \
                "for a row's own)"
     if "Could not find '" in first:
         hint = " (no such config file; see conf/ for the names)"
-    return UserError(f"bad override: {first}{hint}")
+    return UserError(f"{said}: {first}{hint}")
 
 
 def defaults_loop(primary: Path) -> UserError:
@@ -63,6 +78,7 @@ def defaults_loop(primary: Path) -> UserError:
 def compose(overrides: list[str]) -> tuple[DictConfig, RowOverrides]:
     """(the config for ``overrides``, their row overrides), with Hydra's errors turned into one line each and
     every top-level key checked (schemas.check_top)."""
+    import yaml
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -74,8 +90,9 @@ def compose(overrides: list[str]) -> tuple[DictConfig, RowOverrides]:
     try:
         with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=prepared + search)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise hydra_error(err) from None
+    except (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError) as err:
+        # (ValueError: Hydra's own for a value it cannot take, e.g. a config.yaml whose defaults is no list)
+        raise hydra_error(err, primary) from None
     except RecursionError:
         raise defaults_loop(primary) from None
     schemas.check_top(tables.to_plain(cfg))

@@ -286,6 +286,14 @@ AUGMENTS = ("pad4_crop32_mirror", "mirror", "none")
 TEST_TRANSFORMS = ("centre_crop32", "none")
 
 
+# The torchvision.datasets classes train/data.py reads (it knows where each keeps its files), with the number of
+# training images each holds (SVHN: its train split; its extra split adds SVHN_EXTRA_IMAGES): a batch larger
+# than the data is found before anything trains.
+TORCHVISION_TRAIN_IMAGES = {"CIFAR10": 50_000, "CIFAR100": 50_000, "MNIST": 60_000, "FashionMNIST": 60_000,
+                            "SVHN": 73_257}
+SVHN_EXTRA_IMAGES = 531_131
+
+
 @dataclass
 class Dataset:
     name: str = MISSING
@@ -312,6 +320,8 @@ class Dataset:
         for key, allowed in (("input", INPUTS), ("augment", AUGMENTS), ("test_transform", TEST_TRANSFORMS)):
             _require(getattr(self, key) in allowed, key, f"must be one of {', '.join(allowed)}", getattr(self, key))
         _require(self.source in (None, "synthetic"), "source", "must be synthetic or absent", self.source)
+        _require(self.torchvision in TORCHVISION_TRAIN_IMAGES, "torchvision",
+                 f"must be one of the classes simpnet reads: {', '.join(TORCHVISION_TRAIN_IMAGES)}", self.torchvision)
         for key in ("train_size", "test_size"):
             if getattr(self, key) is not None:
                 _positive(key, getattr(self, key))
@@ -330,6 +340,27 @@ class Poly:
         _require(0 < self.base_lr < math.inf, "schedule.poly.base_lr", "must be a finite number > 0", self.base_lr)
         _positive("schedule.poly.power", self.power)
         _require(self.max_iter > self.from_iter, "schedule.poly.max_iter", "must be after from_iter", self.max_iter)
+
+
+# The keys each schedule kind reads (solvers.lr_at). A command-line key the kind does not read
+# (solver.schedule.points on a multistep schedule) is refused (check_schedule_keys) rather than recorded as the
+# paper's row: whoever typed it meant to change the schedule, and a run filed as the paper's row (or as a
+# variant computing exactly the paper's row, as before) would hide that nothing changed.
+SCHEDULE_READS = {"multistep": ("kind", "gamma", "steps"), "piecewise": ("kind", "points", "poly")}
+
+
+def check_schedule_keys(schedule: Any, given: list[str]) -> None:
+    """``given``: the schedule keys a command line set (``points`` of ``solver.schedule.points=...``)."""
+    kind = schedule.get("kind") if isinstance(schedule, dict) else None
+    if kind not in SCHEDULE_READS:
+        return  # the schema says what is wrong with the kind
+    for key in given:
+        if key not in SCHEDULE_READS[kind]:
+            other = [k for k, reads in SCHEDULE_READS.items() if key in reads]
+            raise ConfigError(f"solver.schedule.{key}: a {kind} schedule does not read {key} (it reads "
+                              f"{', '.join(SCHEDULE_READS[kind][1:])}), so the run would be the paper's schedule "
+                              f"under another name" + (f"; add solver.schedule.kind={other[0]} to use {key}"
+                                                       if other else ""))
 
 
 @dataclass
@@ -481,6 +512,9 @@ def check_run(net: dict, dataset: dict, solver: dict, train: dict) -> None:
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # Words a table selector gives a meaning of its own: a table of one's own cannot be called so.
 RESERVED_NAMES = {"all", "null", "none", "true", "false"}
+# A name's longest: with table<NAME>.csv, a run record's table<NAME>-<digest>.json and a write's temporary
+# suffix it stays well under the 255 bytes a file name may have.
+MAX_NAME = 100
 
 
 def check_name(key: str, value: Any, reserved: bool = False) -> str:
@@ -488,6 +522,9 @@ def check_name(key: str, value: Any, reserved: bool = False) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)) or not NAME.fullmatch(str(value)):
         raise ConfigError(f"{key}: a name is letters, digits, _ and - (starting with a letter or digit), "
                           f"got {value!r}")
+    if len(str(value)) > MAX_NAME:
+        raise ConfigError(f"{key}: a name of {len(str(value))} characters; at most {MAX_NAME} (it becomes part "
+                          f"of file names, such as table<NAME>.csv)")
     if reserved and str(value).lower() in RESERVED_NAMES:
         raise ConfigError(f"{key}: {value!r} is a reserved word ({', '.join(sorted(RESERVED_NAMES))}); "
                           f"give your table another name")
@@ -578,6 +615,7 @@ TOP_KEYS = {"table", "row", "seeds", "net", "iterations", "batch_size", "test_in
 GROUP_KEYS = {"arch", "dataset", "feed", "solver"}
 PROFILE_KEYS = {"name", "device", "train", "data"}
 CUSTOM_KEYS = {"table", "row", "label", "dataset", "solver", "iterations", "feed", "test_interval"}
+MAX_DRY_ITERS = 1000  # --dry-run's timed steps per network: 20 on a GPU by default; more only adds time
 MAX_SEED = 2**32 - 1  # numpy's and CUDA's generators take 32-bit seeds; the data order mixes in the epoch
 
 
@@ -611,10 +649,11 @@ def _selector(key: str, value: Any, names: bool) -> None:
         if names and str(item) == "all" and not isinstance(value, list):
             continue
         if names:
-            check_name(key, item.removeprefix("table") if isinstance(item, str) else item)
+            # (a file named table.yaml is the table "table": its name is not the prefix alone)
+            check_name(key, (item.removeprefix("table") or item) if isinstance(item, str) else item)
         else:
             _require((isinstance(item, str) and item.strip() != "") or _is_int(item), key,
-                     "give a row id (8L), the paper's label or a 0-based index, or a list of them", item)
+                     "give a row id (8L) or the paper's label, or a list of them", item)
 
 
 def seeds_of(value: Any) -> list[int]:
@@ -700,6 +739,8 @@ def check_top(cfg: dict) -> None:
             raise ConfigError(f"dry_run.{bad[0]}: unknown key (allowed: batch_size, iters)")
         for key in ("iters", "batch_size"):
             _whole(f"dry_run.{key}", dry.get(key))
+        _require(dry.get("iters") is None or dry["iters"] <= MAX_DRY_ITERS, "dry_run.iters",
+                 f"an estimate times at most {MAX_DRY_ITERS} steps per network", dry.get("iters"))
     if cfg.get("bench") is not None and not isinstance(cfg["bench"], dict):
         raise ConfigError(f"bench: expected a mapping of keys, got {cfg['bench']!r}")
     profile = cfg["profile"]

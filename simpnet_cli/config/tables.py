@@ -169,12 +169,15 @@ class Table:
         return [self.row(s) for s in (selector if isinstance(selector, (list, tuple)) else [selector])]
 
     def row(self, selector: Any) -> dict:
-        """A row by id, by the paper's label, or by 0-based index."""
-        for i, r in enumerate(self.rows):
-            if str(selector) in (r["id"], r["label"], str(i)):
-                return r
+        """A row by its id, else by the paper's label. Never by position: ``row=0`` is the row whose id is 0,
+        and a table without one says so (it trained the first row, whatever that was)."""
+        for key in ("id", "label"):
+            for r in self.rows:
+                if str(selector) == r[key]:
+                    return r
         ids = ", ".join(r["id"] for r in self.rows)
-        raise UserError(f"table {self.name} has no row {selector!r}; its rows: {ids}")
+        position = " (rows are chosen by id, not by position)" if isinstance(selector, int) else ""
+        raise UserError(f"table {self.name} has no row {selector!r}{position}; its row ids: {ids}")
 
 
 @lru_cache(maxsize=None)
@@ -418,8 +421,14 @@ def _parts(row: dict, profile: dict, run_opts: dict | None, data_opts: dict | No
         net, notes = fit_to_depth(net, len(widths), who, assigned)
     for key, value in over.assigned("dataset"):
         dataset = assign(dataset, key, value)
+    given = []
     for key, value in over.assigned("solver"):
         solver = assign(solver, key, value)
+        if key == "schedule" and isinstance(value, dict):
+            given += list(map(str, value))
+        elif key.startswith("schedule."):
+            given.append(key.split(".")[1])
+    schemas.check_schedule_keys(solver.get("schedule"), given)
     return net, dataset, solver, train, widths, notes
 
 

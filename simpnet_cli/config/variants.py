@@ -30,6 +30,9 @@ GROUPS = ("arch", "dataset", "feed", "solver")   # config groups a row names; a 
 PARTS = ("net", "dataset", "feed", "solver")     # parts whose keys may be set one by one (net.X, feed.X, ...)
 # Top-level keys that set the row's training length, batch and test interval, and the train key each sets.
 TRAIN_KEYS = {"iterations": "iterations", "batch_size": "batch_size", "test_interval": "eval_every"}
+# The longest run of digits a value may hold: the schemas refuse anything past 20 digits by its range, but Python
+# refuses to even read a number of 4300 digits (Hydra's parser then raises a ValueError of its own).
+MAX_DIGITS = 1000
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,12 @@ def prepare(args: list[str]) -> list[str]:
     for arg in args:
         key, eq, value = arg.partition("=")
         bare = key.lstrip("+")
+        if eq and not bare.lstrip("~").strip():
+            raise UserError(f"{arg[:40]!r}: an override is KEY=VALUE and this one has no key (e.g. seeds=2)")
+        digits = max((len(run) for run in re.findall(r"\d+", value)), default=0)
+        if digits > MAX_DIGITS:
+            raise UserError(f"{key}: a number of {digits} digits; no key takes one (counts stop at "
+                            f"{schemas.MAX_INT}, seeds at {schemas.MAX_SEED})")
         if eq and bare.split(".", 1)[0] in PARTS and "." in bare:
             if bare == "net.widths" and re.match(r"\s*\$?\s*C", value):
                 quote = '"' if "'" in value else "'"

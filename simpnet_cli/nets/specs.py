@@ -197,8 +197,9 @@ def _pool_out(size: int, k: int, s: int) -> int:
     return math.ceil((size - k) / s) + 1  # Caffe rounds pooled sizes up
 
 
-def _walk(spec: Sequence, shape: Shape, where: str) -> tuple[Shape, int, int]:
-    """Propagate a shape through a spec; return (out shape, paper params, BatchNorm params)."""
+def _walk(spec: Sequence, shape: Shape, where: str, norms: list | None = None) -> tuple[Shape, int, int]:
+    """Propagate a shape through a spec; return (out shape, paper params, BatchNorm params). ``norms`` (if
+    given) gets (layer, map height x width) for every BatchNorm, in order."""
     paper = bn = 0
     for i, layer in enumerate(spec, 1):
         at = f"{where}layer {i} ({layer.tokens()[-1] if hasattr(layer, 'tokens') else layer.token()})"
@@ -213,8 +214,12 @@ def _walk(spec: Sequence, shape: Shape, where: str) -> tuple[Shape, int, int]:
             bn += 2 * layer.out if layer.act.startswith("bn") else 0
             shape = Shape(layer.out, _conv_out(shape.h, layer.k, layer.s, layer.p),
                           _conv_out(shape.w, layer.k, layer.s, layer.p))
+            if norms is not None and layer.act.startswith("bn"):
+                norms.append((at, shape.h * shape.w))
         elif isinstance(layer, Norm):
             bn += 2 * shape.c
+            if norms is not None:
+                norms.append((at, shape.h * shape.w))
         elif isinstance(layer, Pool):
             if layer.k > min(shape.h, shape.w):
                 raise NetworkError(f"{at}: pooling a {shape.h}x{shape.w} map with a {layer.k}x{layer.k} window "
@@ -226,15 +231,15 @@ def _walk(spec: Sequence, shape: Shape, where: str) -> tuple[Shape, int, int]:
             paper += layer.out * shape.c * shape.h * shape.w + layer.out
             shape = Shape(layer.out, 1, 1)
         elif isinstance(layer, Residual):
-            main, p1, b1 = _walk(layer.main, shape, f"{at}, main branch ")
-            short, p2, b2 = _walk(layer.shortcut, shape, f"{at}, shortcut ") if layer.shortcut else (shape, 0, 0)
+            main, p1, b1 = _walk(layer.main, shape, f"{at}, main branch ", norms)
+            short, p2, b2 = _walk(layer.shortcut, shape, f"{at}, shortcut ", norms) if layer.shortcut else (shape, 0, 0)
             if main != short:
                 raise NetworkError(f"{at}: residual branches disagree: {main} vs {short}")
             shape, paper, bn = main, paper + p1 + p2, bn + b1 + b2
         elif isinstance(layer, Fire):
-            sq, p1, b1 = _walk([layer.squeeze], shape, f"{at} ")
-            e1, p2, b2 = _walk([layer.expand1], sq, f"{at} ")
-            e3, p3, b3 = _walk([layer.expand3], sq, f"{at} ")
+            sq, p1, b1 = _walk([layer.squeeze], shape, f"{at} ", norms)
+            e1, p2, b2 = _walk([layer.expand1], sq, f"{at} ", norms)
+            e3, p3, b3 = _walk([layer.expand3], sq, f"{at} ", norms)
             if (e1.h, e1.w) != (e3.h, e3.w):
                 raise NetworkError(f"{at}: fire expand branches disagree: {e1} vs {e3}")
             shape, paper, bn = Shape(e1.c + e3.c, e1.h, e1.w), paper + p1 + p2 + p3, bn + b1 + b2 + b3
@@ -258,6 +263,17 @@ def layer_table(spec: Sequence, in_shape: Shape) -> list[tuple[str, Shape, int]]
 def check(spec: Sequence, in_shape: Shape) -> Shape:
     """Raise ``NetworkError`` if the spec cannot run on ``in_shape``; return the output shape."""
     return _walk(spec, in_shape, "")[0]
+
+
+def check_batchnorm_batch(spec: Sequence, in_shape: Shape, batch_size: int) -> None:
+    """BatchNorm in training needs more than one value per channel (batch x height x width > 1): batch 1 on a
+    1x1 map fails inside torch at the first step, so it is refused before anything trains."""
+    norms: list = []
+    _walk(spec, in_shape, "", norms)
+    for at, pixels in norms:
+        if batch_size * pixels <= 1:
+            raise NetworkError(f"{at}: BatchNorm normalises a 1x1 map over a batch of {batch_size}: one value per "
+                               f"channel, which it cannot train on; use batch_size=2 or more (or fewer poolings)")
 
 
 def count_params(spec: Sequence, in_shape: Shape) -> tuple[int, int]:

@@ -253,6 +253,9 @@ def _check_folder(run_dir: Path) -> Folder | None:
     missing = [c for c in RESULT_COLUMNS if c not in result and c not in RESULT_DEFAULTS]
     if missing:
         raise Refused(f"its {RESULT} lacks {', '.join(missing)}")
+    bad = results.check_values({c: result[c] for c in RESULT_COLUMNS if c in result})
+    if bad:  # (final_acc: "abc"): its line would be refused, so the run is not recorded, whatever else it says
+        raise Refused(f"its {RESULT} cannot be indexed: {bad.replace('column ', '', 1)}")
     stamped = any(k in result for k in IDENTITY)
     if stamped:
         why = identity_problem(result, config)

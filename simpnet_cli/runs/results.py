@@ -85,8 +85,29 @@ def format_line(row: dict) -> str:
     return buf.getvalue()
 
 
+def check_values(values: dict) -> str | None:
+    """What a line holding ``values`` (a run's result.json, by column) would be refused for, judged on those
+    columns alone: a run folder whose result cannot be indexed is found when it is read, not after a command has
+    skipped it as recorded."""
+    rec = {RENAMED.get(k, k): v for k, v in values.items()}
+    rec.setdefault("status", "ok")
+    return _check_numbers(rec, [c for c in sorted(NUMERIC) if c in rec]) or (
+        None if rec["status"] in STATUSES else f"unknown status {rec['status']!r}")
+
+
 def _check(rec: dict) -> str | None:
-    for c in NUMERIC:
+    why = _check_numbers(rec, NUMERIC)
+    if why:
+        return why
+    if rec["status"] not in STATUSES:
+        return f"unknown status {rec['status']!r}"
+    if not FINISHED_AT.fullmatch(rec["finished_at"]):
+        return f"column finished_at is not a time ({rec['finished_at']!r}): torn or edited line"
+    return None
+
+
+def _check_numbers(rec: dict, columns) -> str | None:
+    for c in columns:
         try:
             v = float(rec[c])
         except (TypeError, ValueError):
@@ -98,10 +119,6 @@ def _check(rec: dict) -> str | None:
         if c in INTEGER and not (math.isfinite(v) and v == int(v)):
             # a count or a seed is a whole number whatever the status (a diverged run's accuracy may be NaN)
             return f"column {c} is not a whole number ({rec[c]!r})"
-    if rec["status"] not in STATUSES:
-        return f"unknown status {rec['status']!r}"
-    if not FINISHED_AT.fullmatch(rec["finished_at"]):
-        return f"column finished_at is not a time ({rec['finished_at']!r}): torn or edited line"
     return None
 
 

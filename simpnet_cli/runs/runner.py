@@ -34,6 +34,7 @@ from simpnet_cli.runs import progress
 from simpnet_cli.runs import schedule
 from simpnet_cli.runs.watch import watch_parent  # (its own module: the manager process imports only it)
 from simpnet_cli.config import schemas, tables
+from simpnet_cli.nets import specs as network
 from simpnet_cli.train import callbacks
 from simpnet_cli.train import checkpoint
 from simpnet_cli.train import data as D
@@ -63,6 +64,9 @@ class Options:
     shards: int | None = None
 
 
+MAX_RUNS = 100_000  # runs one command may plan (each is a folder and a results line)
+
+
 def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: dict | None = None,
          data_opts: dict | None = None, overrides: RowOverrides | None = None,
          base_profile: dict | None = None) -> list[tables.RunSpec]:
@@ -71,14 +75,17 @@ def plan(chosen: list[tables.Table], row_sel, seeds, profile: dict, run_opts: di
     if row_sel is not None and len(chosen) > 1:
         raise UserError("row= needs a single table (table=N)")
     seeds = schemas.seeds_of(seeds)
+    rows = [(table, row) for table in chosen for row in table.select(row_sel)]
+    if len(rows) * len(seeds) > MAX_RUNS:  # said at once, where planning them would take minutes and gigabytes
+        raise UserError(f"seeds={len(seeds):,} on {len(rows)} row(s) is {len(rows) * len(seeds):,} runs; a command "
+                        f"plans at most {MAX_RUNS:,}: ask for fewer seeds or rows")
     runs = []
-    for table in chosen:
-        for row in table.select(row_sel):
-            # Resolved (configs read, schema and network checked) once per row: the seed changes nothing of
-            # that, and re-reading every config per seed made seeds=30000 take minutes before the first run.
-            first = tables.resolve(table, row, seeds[0], profile, run_opts, data_opts, overrides, base_profile)
-            runs.append(first)
-            runs += [first.with_seed(seed) for seed in seeds[1:]]
+    for table, row in rows:
+        # Resolved (configs read, schema and network checked) once per row: the seed changes nothing of
+        # that, and re-reading every config per seed made seeds=30000 take minutes before the first run.
+        first = tables.resolve(table, row, seeds[0], profile, run_opts, data_opts, overrides, base_profile)
+        runs.append(first)
+        runs += [first.with_seed(seed) for seed in seeds[1:]]
     return runs
 
 
@@ -255,7 +262,11 @@ class RunLock:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a")
+        try:
+            self.fh = open(self.path, "a")
+        except OSError as err:  # a folder or a device where the lock file should be
+            raise UserError(f"cannot lock the run folder: {self.path} {err.strerror or err}; remove it (it holds "
+                            f"nothing of the run) and run the command again") from None
         try:
             fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -294,8 +305,6 @@ def preflight(runs: list[tables.RunSpec], opts: Options, full: bool = True) -> N
     device exists, each network fits in its memory, and (``full``) each results file can be written, each
     output folder is writable and each dataset is there. A command (or any job of a sweep) that would fail
     part-way fails here instead, with nothing trained."""
-    from simpnet_cli.train import data as D
-
     devices = [pick_device(d) for d in devices_for(opts)]
     available = min(device_memory(d) for d in devices)
     where = "the GPU" if devices[0].type == "cuda" else "this machine"
@@ -307,19 +316,28 @@ def preflight(runs: list[tables.RunSpec], opts: Options, full: bool = True) -> N
         seen.add(key)
         try:
             schemas.check_fits(run.spec, run.in_shape, run.train, run.dataset, available, where)
+            # what would fail at the run's first step: a batch the data cannot fill, or BatchNorm on one value
+            batch = int(run.train.get("batch_size", schemas.Train.batch_size))
+            D.check_batch(run.dataset, batch)
+            network.check_batchnorm_batch(run.spec, run.in_shape, batch)
         except UserError as err:
             raise UserError(f"table {run.table}, row {run.row_id}" + (f" with {run.variant}" if run.variant else "")
                             + f": {err}") from None
     if not full:
         return
-    for name in sorted({r.table for r in runs}):
-        path = results.csv_path(opts.results_dir, name)
-        if path.exists() and not path.is_file():
-            raise UserError(f"{path} is not a file (a folder?): move it away so table {name} can be recorded")
+    check_results_files(opts.results_dir, {r.table for r in runs})
     check_writable(opts.results_dir, "results_dir")
     check_writable(opts.runs_dir, "runs_dir")
     datasets = {json_key(run.dataset): run.dataset for run in runs}  # each distinct one once
     D.check_available(list(datasets.values()), opts.data_dir, opts.download)
+
+
+def check_results_files(results_dir: Path, names) -> None:
+    """Each table's results file is a file, or not there yet (run, repair)."""
+    for name in sorted(names):
+        path = results.csv_path(results_dir, name)
+        if path.exists() and not path.is_file():
+            raise UserError(f"{path} is not a file (a folder?): move it away so table {name} can be recorded")
 
 
 def json_key(value) -> str:

@@ -84,32 +84,67 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: one line, never a traceback
         raise UserError(f"cannot load {weights} into the network of {config} ({type(err).__name__}: "
                         f"{' '.join(str(err).split())[:200]})") from None
-    return model.to(device).eval()
+    from simpnet_cli.runs.runner import pick_device  # device='cuda' without one: its one line, not torch's
+
+    return model.to(pick_device(str(device))).eval()
 
 
 def export(run_dir: str | Path, fmt: str = "torchscript", out: str | Path | None = None,
            warn: Callable[[str], None] | None = None) -> Path:
     """Write the trained network of ``run_dir`` as TorchScript (``model.ts``) or ONNX (``model.onnx``; needs the
     ``onnx`` extra: ``pip install -e '.[onnx]'`` in a clone); return the file written."""
+    import io
+
     run_dir = Path(run_dir)
-    model = load_model(run_dir, warn=warn)
-    run = yaml.safe_load((run_dir / "config.yaml").read_text())
-    d = run["dataset"]
-    example = torch.zeros(1, int(d["channels"]), int(d["size"]), int(d["size"]))
-    if fmt == "torchscript":
-        path = Path(out) if out else run_dir / "model.ts"
-        torch.jit.trace(model, example).save(str(path))
-        return path
+    if fmt not in ("torchscript", "onnx"):
+        raise UserError(f"format={fmt!r}: use torchscript or onnx")
     if fmt == "onnx":
         # torch's exporter (torch.export, then onnxscript's translation) needs both packages of the extra
         missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
         if missing:
             raise UserError(f"format=onnx needs the {' and '.join(missing)} package{'s' * (len(missing) > 1)}: "
                             f"pip install -e '.[onnx]' (in a clone; pip install 'simpnet[onnx]' otherwise)")
-        path = Path(out) if out else run_dir / "model.onnx"
-        # a batch of 2 as the example: a batch of 1 would be specialised to 1 instead of left free
-        example = example.expand(2, *example.shape[1:]).contiguous()
-        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
-        return path
-    raise UserError(f"format={fmt!r}: use torchscript or onnx")
+    path = Path(out) if out else run_dir / ("model.ts" if fmt == "torchscript" else "model.onnx")
+    model = load_model(run_dir, warn=warn)
+    check_out(path)
+    run = yaml.safe_load((run_dir / "config.yaml").read_text())
+    d = run["dataset"]
+    example = torch.zeros(1, int(d["channels"]), int(d["size"]), int(d["size"]))
+    # Made in memory, then written by Python: torch's own writer, given a file name, aborts the process with a
+    # C++ stack trace on a full disk, and says "Parent directory does not exist" as a RuntimeError.
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's deprecation notices: not this command's news
+        if fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(model, example), buffer)
+        else:
+            # a batch of 2 as the example: a batch of 1 would be specialised to 1 instead of left free
+            example = example.expand(2, *example.shape[1:]).contiguous()
+            torch.onnx.export(model, (example,), buffer, input_names=["images"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
+    write_out(path, buffer.getvalue())
+    return path
+
+
+def check_out(path: Path) -> None:
+    """Where an export goes: a file in a folder that exists (checked before the network is traced)."""
+    if path.is_dir():
+        raise UserError(f"out={path} is a folder; give a file name (out={path / 'model.ts'})")
+    if not path.parent.is_dir():
+        raise UserError(f"out={path}: the folder {path.parent} does not exist; create it first")
+
+
+def write_out(path: Path, data: bytes) -> None:
+    """``data`` into ``path``: through a temporary file and a rename (a failed export leaves no half file), or
+    straight into a device or pipe that is already there (out=/dev/stdout). A read-only folder or a full disk
+    is one line."""
+    from simpnet_cli import files
+
+    if path.exists() and not path.is_file():
+        try:
+            with open(path, "wb") as fh:
+                fh.write(data)
+        except OSError as err:
+            raise UserError(f"cannot write {path}: {files.why(err)}") from None
+        return
+    files.atomic_write(path, lambda tmp: tmp.write_bytes(data), kept="nothing else was changed")

@@ -441,7 +441,8 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
     the run's own) and scaled to the run's batch: ``iters=1 batch_size=8`` is a rough estimate in under a
     minute anywhere. ``say`` gets a line per network as it is timed, so a long estimate shows its progress."""
     from simpnet_cli.runs import index
-    from simpnet_cli.runs.runner import devices_for, pick_device, plan_groups
+    from simpnet_cli.config import schemas
+    from simpnet_cli.runs.runner import device_memory, devices_for, pick_device, plan_groups
 
     device = pick_device(devices_for(opts)[0])
     if device.type == "cuda":
@@ -460,6 +461,19 @@ def dry_run_summary(runs: list[tables.RunSpec], opts, iters: int | None = None, 
     iters = iters or default_iters
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise UserError(f"dry_run.batch_size={batch_size!r}: give a whole number of images >= 1")
+    if batch_size is not None:  # the timed steps at this batch must fit and train, as a run's own batch must
+        checked = set()
+        for run in distinct:
+            if repr(run.spec) in checked:
+                continue
+            checked.add(repr(run.spec))
+            try:
+                schemas.check_fits(run.spec, run.in_shape, {**run.train, "batch_size": batch_size}, run.dataset,
+                                   device_memory(device), "this device")
+                network.check_batchnorm_batch(run.spec, run.in_shape, batch_size)
+            except UserError as err:
+                raise UserError(f"dry_run.batch_size={batch_size} (table {run.table}, row {run.row_id}): "
+                                f"{err}") from None
     # The runs as the runner would train them: one at a time, or k to a step (runner.plan_groups; a stacked
     # run's hash names its step, so what is recorded is looked up after planning).
     groups = plan_groups(distinct, opts, device)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import pickle
-import shutil
 import socket
 import tarfile
 import urllib.error
@@ -28,8 +27,9 @@ import torch
 
 from simpnet_cli.errors import UserError
 # The allowed values of the three feed keys (one vocabulary, the reference's; anything else is a UserError).
-from simpnet_cli.config.schemas import AUGMENTS, INPUTS, TEST_TRANSFORMS
+from simpnet_cli.config.schemas import AUGMENTS, INPUTS, SVHN_EXTRA_IMAGES, TEST_TRANSFORMS, TORCHVISION_TRAIN_IMAGES
 
+SYNTHETIC_TRAIN = 512  # synthetic training images when the profile names no train_size
 PAD = 4  # the authors zero-pad CIFAR images by 4 px before the random 32x32 crop
 CAFFE_SCALE = 0.0039215684  # Caffe's transform_param scale as the authors wrote it (~1/255)
 
@@ -66,7 +66,10 @@ def import_idx_gz(src: Path, root: Path, folder: str) -> None:
     """Unpack MNIST-format ``*-idx?-ubyte.gz`` files (e.g. Debian's dataset-fashion-mnist) where torchvision
     looks for them: ``root/<folder>/raw/``."""
     raw = Path(root) / folder / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise unwritable(root, err) from None
     for gz in Path(src).glob("*-ubyte.gz"):
         target = raw / gz.name[:-3]
         if not target.exists():
@@ -74,11 +77,33 @@ def import_idx_gz(src: Path, root: Path, folder: str) -> None:
             # reads would take for the dataset.
             tmp = target.with_name(f".{target.name}.tmp")
             try:
-                with gzip.open(gz) as fin, open(tmp, "wb") as fout:
-                    shutil.copyfileobj(fin, fout)
+                with gzip.open(gz) as fin:  # errors reading it are the archive's (load_split says so) ...
+                    try:
+                        fout = open(tmp, "wb")
+                    except OSError as err:
+                        raise unwritable(root, err) from None
+                    with fout:
+                        while chunk := fin.read(1 << 20):
+                            try:
+                                fout.write(chunk)
+                            except OSError as err:  # ... and writing the copy data_dir's
+                                raise unwritable(root, err) from None
+                        try:
+                            fout.flush()  # (so that closing it writes nothing more that could fail)
+                        except OSError as err:
+                            raise unwritable(root, err) from None
                 tmp.replace(target)
             finally:
-                tmp.unlink(missing_ok=True)
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
+
+
+def unwritable(root: Path, err: OSError) -> DatasetError:
+    return DatasetError(f"data_dir {root} cannot hold the dataset ({err.strerror or err}"
+                        + (f": {err.filename}" if err.filename else "") + "): give data_dir=PATH a folder you "
+                        "can write")
 
 
 def expected_files(cfg: dict, root: Path) -> list[Path]:
@@ -101,8 +126,13 @@ def expected_files(cfg: dict, root: Path) -> list[Path]:
 
 def missing_file(cfg: dict, data_dir: Path, download: bool) -> Path | None:
     """The first file a dataset needs that is not on disk (nor in its system copy), or None when it is there,
-    synthetic or to be downloaded."""
-    if cfg.get("source") == "synthetic" or download:
+    synthetic or to be downloaded. A data_dir that is not a folder is said as such."""
+    if cfg.get("source") == "synthetic":
+        return None
+    root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"data_dir {root} is not a folder: give data_dir=PATH a folder for the datasets")
+    if download:
         return None
     system_copy = cfg.get("system_copy")
     if system_copy and Path(system_copy).is_dir() and list(Path(system_copy).glob("*-ubyte.gz")):
@@ -126,6 +156,27 @@ def check_available(cfgs: list[dict], data_dir: Path, download: bool) -> None:
         raise DatasetError(f"{len(missing)} datasets not found under {data_dir}: "
                            + ", ".join(f"{name} (no {path})" for name, path in missing.items())
                            + "; pass download=true to fetch them, or data_dir=PATH to use another copy")
+
+
+def train_images(cfg: dict) -> int | None:
+    """How many training images a run of this dataset config gets (its subset, its synthetic data, or the whole
+    torchvision training split), without reading them; None when unknown."""
+    if cfg.get("source") == "synthetic":
+        return int(cfg.get("train_size") or SYNTHETIC_TRAIN)
+    full = TORCHVISION_TRAIN_IMAGES.get(str(cfg.get("torchvision")))
+    if full is not None and cfg.get("torchvision") == "SVHN" and cfg.get("extra", True):
+        full += SVHN_EXTRA_IMAGES
+    subset = cfg.get("train_size")
+    return min(subset, full) if subset and full else (subset or full)
+
+
+def check_batch(cfg: dict, batch_size: int) -> None:
+    """Before anything trains: a batch larger than the training set (``load`` would refuse it at the run's start,
+    after the command's other runs had trained)."""
+    n = train_images(cfg)
+    if n is not None and n < batch_size:
+        raise UserError(f"dataset {cfg.get('name')}: {n:,} training images is fewer than one batch of "
+                        f"{batch_size:,}: make batch_size smaller (or profile.data.train_size larger)")
 
 
 def load_split(cfg: dict, data_dir: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +226,7 @@ def load_split(cfg: dict, data_dir: Path, train: bool, download: bool) -> tuple[
 def synthetic(cfg: dict, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Data shaped like the dataset, for smoke runs without a download: one smooth random prototype per class
     plus noise, so a network can (slowly) learn it. The same prototypes for both splits."""
-    n = int(cfg.get("train_size" if train else "test_size") or (512 if train else 256))
+    n = int(cfg.get("train_size" if train else "test_size") or (SYNTHETIC_TRAIN if train else 256))
     c, s, k = cfg["channels"], cfg["size"], cfg["classes"]
     g = torch.Generator().manual_seed(12345)
     protos = torch.nn.functional.interpolate(torch.rand(k, c, 4, 4, generator=g) * 255, size=(s, s),
