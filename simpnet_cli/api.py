@@ -44,11 +44,11 @@ def overrides_from(**overrides: Any) -> list[str]:
 
 def resolve(table: str | int, row: str | int, seed: int = 0, **overrides: Any):
     """The ``RunSpec`` of one row of ``table`` with ``overrides``, as ``simpnet show`` resolves it."""
-    from simpnet_cli import cli
+    from simpnet_cli import commands
     from simpnet_cli.errors import UserError
 
-    cfg, variant = cli.compose([f"table={table}", f"row={row}", f"seeds=[{int(seed)}]", *overrides_from(**overrides)])
-    runs = cli.plan_runs(cfg, variant)
+    cfg, variant = commands.compose([f"table={table}", f"row={row}", f"seeds=[{int(seed)}]", *overrides_from(**overrides)])
+    runs = commands.plan_runs(cfg, variant)
     if len(runs) != 1:
         raise UserError(f"table={table} row={row} names {len(runs)} runs; build_model builds one row's network")
     return runs[0]

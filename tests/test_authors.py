@@ -9,7 +9,7 @@ import pytest
 
 from simpnet_cli.config import tables
 from simpnet_cli.config.variants import RowOverrides
-from simpnet_cli.runs import authors, index, progress, runner
+from simpnet_cli.runs import authors, index, planning, progress, runner
 from simpnet_cli.train import callbacks as C
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -148,7 +148,7 @@ def test_a_trained_run_forced_below_gets_the_warning_and_its_record(tmp_path, mo
     run = tables.resolve(t, t.row("8L"), 0, profile)
     band = C.AuthorsBand("8L", (0.0, 10.0), (95.0, 95.0), (95.5, 95.5), (0.1, 0.1), 2)
     monkeypatch.setattr(authors, "yardstick_for", lambda r: band if r.config_hash == run.config_hash else None)
-    opts = runner.Options(data_dir=tmp_path / "data", download=False, results_dir=tmp_path / "results",
+    opts = planning.Options(data_dir=tmp_path / "data", download=False, results_dir=tmp_path / "results",
                           runs_dir=tmp_path / "runs", device="cpu", jobs_per_device=1, profile="smoke")
     notes = []
     shown = progress.Reporter({}, 0, tty=False)

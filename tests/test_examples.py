@@ -15,7 +15,7 @@ How an example is run (the rule; everything else is run as printed):
   With ``--dry-run`` it runs as printed on the smoke profile with ``dry_run.iters=1 dry_run.batch_size=8`` (slow
   tier). ``download=true`` is left out (nothing is fetched in a test; --cfg job reads no data).
 * ``simpnet run -m`` (a sweep, maybe of SLURM jobs): on the smoke profile, every job of the sweep is composed,
-  planned and checked as ``-m`` does before its first job starts (cli.check_sweep); a cluster cannot be reached
+  planned and checked as ``-m`` does before its first job starts (sweep.check_sweep); a cluster cannot be reached
   from a test, and the sweeps' training is tests/test_variants.py's.
 * ``simpnet bench`` measures for minutes: it is composed and its keys checked (tests/test_speed_paths.py runs it).
 * ``format=onnx`` without the onnx extra must be refused in one line naming ``pip install -e '.[onnx]'``.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from simpnet_cli import cli
+from simpnet_cli import cli, commands, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = re.compile(r"(?:\.venv/bin/)?simpnet (?:list|show|run|report|bench|repair|index|export|CMD|--version)\b")
@@ -185,17 +185,17 @@ def test_every_example_runs(where, example, done_run, tmp_path, monkeypatch, cap
     args += [f"results_dir={tmp}/results", f"runs_dir={tmp}/runs", f"data_dir={tmp_path}/data"]
     if cmd == "bench":  # (its flags, --json, are the command's: cli.COMMAND_FLAGS)
         assert {a for a in args if a.startswith("--")} <= cli.COMMAND_FLAGS["bench"], example
-        cfg, _ = cli.compose([a for a in args if not a.startswith("--")])
-        cli.check_options(cfg)
+        cfg, _ = commands.compose([a for a in args if not a.startswith("--")])
+        commands.check_options(cfg)
         return
-    if cmd == "run" and cli.is_multirun(set(args), args):
+    if cmd == "run" and sweep.is_multirun(set(args), args):
         from simpnet_cli.config import compose as composition, variants
 
         if "submitit" in command and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
             pytest.skip("hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
         overrides = [a for a in args if not a.startswith("-")] + ["profile=smoke"]  # (synthetic data)
         primary, search = composition.config_dirs(overrides)
-        assert cli.check_sweep(variants.prepare(overrides), search, primary) >= 1
+        assert sweep.check_sweep(variants.prepare(overrides), search, primary) >= 1
         return
     if cmd == "run" and "--dry-run" in args:
         args += ["profile=smoke", "dry_run.iters=1", "dry_run.batch_size=8", "quiet=true"]
@@ -241,10 +241,10 @@ def test_every_key_example_of_the_help_is_accepted(cmd, token, tmp_path, monkeyp
         assert is_config_key(key), token
         return
     token = re.sub(r"=(\w+)\|\w+.*", r"=\1", token)  # a|b: a
-    cfg, variant = cli.compose([*KEY_BASES[cmd], token])
-    cli.check_options(cfg)
+    cfg, variant = commands.compose([*KEY_BASES[cmd], token])
+    commands.check_options(cfg)
     if cmd in ("run", "show") and not token.startswith(("arch=", "custom.")):
-        assert cli.plan_runs(cfg, variant)
+        assert commands.plan_runs(cfg, variant)
 
 
 # --------------------------------------------------------------------------- real data on the CPU (README)

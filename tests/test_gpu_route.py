@@ -194,7 +194,7 @@ import shlex  # noqa: E402
 
 import torch  # noqa: E402
 
-from simpnet_cli.runs import runner, schedule  # noqa: E402
+from simpnet_cli.runs import planning, runner, schedule  # noqa: E402
 
 
 def make_line(target: str, *variables: str) -> list[str]:
@@ -221,9 +221,9 @@ def test_reproduce_all_trains_three_seeds_packs_as_measured_and_starts_the_longe
     # on a GPU a job is up to 4 runs of one network (a row's seeds; rows that differ only in rate), stack=auto
     # deciding in the worker; planned here with a device name only. Each distinct run once (execute's twins).
     first = list({run.config_hash: run for run in reversed(runs)}.values())[::-1]
-    jobs = runner.plan_groups(first, opts, torch.device("cuda"), defer=True)
+    jobs = planning.plan_groups(first, opts, torch.device("cuda"), defer=True)
     assert sorted(r.config_hash for g, _ in jobs for r in g) == sorted(r.config_hash for r in first)
-    assert all(how == ("auto" if len(g) > 1 else "separate") and len(g) <= runner.AUTO_MOST for g, how in jobs)
+    assert all(how == ("auto" if len(g) > 1 else "separate") and len(g) <= planning.AUTO_MOST for g, how in jobs)
     ordered = schedule.longest_first(jobs)
     costs = [schedule.job_cost(g) for g, _ in ordered]
     assert costs == sorted(costs, reverse=True)
@@ -275,17 +275,17 @@ def test_stack_auto_takes_the_median_of_rotated_windows_and_never_an_eager_fallb
     from tests.test_stacked import family_plan
 
     runs, gpu = family_plan("plain"), torch.device("cuda")
-    n = runner.AUTO_WINDOWS
+    n = planning.AUTO_WINDOWS
     # one window of grouped is hit by a clock boost: the median ignores it
     spiky = {"separate": [1000.0] * n, "grouped": [5000.0] + [900.0] * (n - 1), "branched": [1100.0] * n}
     calls: list = []
-    found = runner.measure_ways(runs[0], gpu, 3, fake_windows(spiky, {}, calls))
+    found = planning.measure_ways(runs[0], gpu, 3, fake_windows(spiky, {}, calls))
     assert found["fastest"] == "branched" and found["windows"] == n
     firsts = [calls[3 * w] for w in range(n)]
     assert firsts[:3] == ["separate", "grouped", "branched"]  # the way that runs first rotates
     # the fastest way fell back to eager: not chosen
     fell = {"separate": [1000.0] * n, "grouped": [3000.0] * n, "branched": [2000.0] * n}
-    found = runner.measure_ways(runs[0], gpu, 3, fake_windows(fell, {"grouped": "eager (capture failed: X)"}, []))
+    found = planning.measure_ways(runs[0], gpu, 3, fake_windows(fell, {"grouped": "eager (capture failed: X)"}, []))
     assert found["fastest"] == "branched" and found["fell_back"] == ["grouped"]
 
 
@@ -298,17 +298,17 @@ def test_stack_auto_is_decided_in_the_worker_on_its_own_device(tmp_path, monkeyp
     runs = family_plan("plain")
     opts = options(tmp_path, stack="auto")
     never = fake_windows({}, {}, [])
-    jobs = runner.plan_groups(runs, opts, torch.device("cuda"), timer=never, defer=True)
-    assert jobs == [(runs, "auto")] and not (tmp_path / "runs" / runner.STACK_CHOICES).exists()
+    jobs = planning.plan_groups(runs, opts, torch.device("cuda"), timer=never, defer=True)
+    assert jobs == [(runs, "auto")] and not (tmp_path / "runs" / planning.STACK_CHOICES).exists()
     (tmp_path / "runs").mkdir()
-    n = runner.AUTO_WINDOWS
+    n = planning.AUTO_WINDOWS
     for name, rates, expected in (("GPU-A", {"separate": [1.0] * n, "grouped": [9.0] * n, "branched": [2.0] * n},
                                    [([r.in_step("grouped 3") for r in runs], "grouped")]),
                                   ("GPU-B", {"separate": [9.0] * n, "grouped": [1.0] * n, "branched": [2.0] * n},
                                    [([r], "separate") for r in runs])):
         monkeypatch.setattr(run_state, "device_name", lambda device, name=name: name)
-        assert runner.decide_in_worker(runs, opts, torch.device("cuda"), fake_windows(rates, {}, [])) == expected
-    kept = json.loads((tmp_path / "runs" / runner.STACK_CHOICES).read_text())
+        assert planning.decide_in_worker(runs, opts, torch.device("cuda"), fake_windows(rates, {}, [])) == expected
+    kept = json.loads((tmp_path / "runs" / planning.STACK_CHOICES).read_text())
     assert sorted(k.split(" | ")[0] for k in kept) == ["GPU-A", "GPU-B"]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from simpnet_cli import cli
+from simpnet_cli import cli, commands
 from simpnet_cli.runs import index, results
 
 # The smoke profile on a sliver of its data (batches of 2, 2 test images): these tests are about what is indexed.
@@ -32,8 +32,8 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 
 def planned(tmp_path: Path, *args: str):
     out, runs = dirs(tmp_path)
-    cfg, variant = cli.compose([*args, "profile=smoke", *TINY, f"results_dir={out}", f"runs_dir={runs}"])
-    return cli.plan_runs(cfg, variant)
+    cfg, variant = commands.compose([*args, "profile=smoke", *TINY, f"results_dir={out}", f"runs_dir={runs}"])
+    return commands.plan_runs(cfg, variant)
 
 
 def simpnet(tmp_path: Path, *args: str) -> int:

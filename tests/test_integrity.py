@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simpnet_cli import cli, files
+from simpnet_cli import cli, commands, files
 from simpnet_cli.train import checkpoint
 from simpnet_cli.runs import results
 from simpnet_cli.config import tables
@@ -743,8 +743,8 @@ def test_fuzz_every_key_with_values_of_every_type(tmp_path, capsys, key, value):
 
 
 def planned_runs(args: list[str]):
-    cfg, variant = cli.compose(args)
-    return cli.plan_runs(cfg, variant)
+    cfg, variant = commands.compose(args)
+    return commands.plan_runs(cfg, variant)
 
 
 @pytest.mark.parametrize("field, value", fuzz_file_fields(30, seed=19), ids=lambda v: repr(v)[:30])

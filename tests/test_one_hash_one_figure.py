@@ -21,7 +21,7 @@ import torch
 
 from simpnet_cli import cli
 from simpnet_cli.config import tables
-from simpnet_cli.runs import runner
+from simpnet_cli.runs import planning
 
 # (table, row): the rows where stacked and separate training were seen to disagree, one per network family
 ROWS = [("2", "8L"), ("11", "SN-SAF"), ("6", "RN32-max")]
@@ -96,9 +96,9 @@ def test_a_stacked_run_is_told_apart_from_its_lone_twin_in_its_hash_whatever_the
     for _ in range(40):
         seeds = sorted(rng.sample(range(8), rng.randint(1, 8)))
         stack, how = rng.choice(["off", "auto", 1, 2, 3, 4, 5]), rng.choice(["grouped", "branched"])
-        opts = runner.Options(data_dir=tmp_path, download=False, results_dir=tmp_path / "r", runs_dir=tmp_path / "e",
+        opts = planning.Options(data_dir=tmp_path, download=False, results_dir=tmp_path / "r", runs_dir=tmp_path / "e",
                               device="cpu", jobs_per_device=1, profile="smoke", stack=stack, stack_mode=how)
-        groups = runner.plan_groups([base[s] for s in seeds], opts, torch.device("cpu"))
+        groups = planning.plan_groups([base[s] for s in seeds], opts, torch.device("cpu"))
         assert sorted(r.seed for g, _ in groups for r in g) == seeds
         for group, way in groups:
             for r in group:

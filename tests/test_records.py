@@ -48,7 +48,7 @@ import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
-from simpnet_cli import cli  # noqa: E402
+from simpnet_cli import cli, commands  # noqa: E402
 from simpnet_cli.errors import UserError  # noqa: E402
 from simpnet_cli.runs import results  # noqa: E402
 
@@ -62,8 +62,8 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 
 def planned(tmp_path: Path, *args: str):
     out, runs = dirs(tmp_path)
-    cfg, variant = cli.compose([*args, "profile=smoke", *TINY, f"results_dir={out}", f"runs_dir={runs}"])
-    return cli.plan_runs(cfg, variant)
+    cfg, variant = commands.compose([*args, "profile=smoke", *TINY, f"results_dir={out}", f"runs_dir={runs}"])
+    return commands.plan_runs(cfg, variant)
 
 
 def repair(tmp_path: Path, *args: str) -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simpnet_cli import cli
+from simpnet_cli import cli, commands
 from simpnet_cli.train import checkpoint
 from simpnet_cli.runs import index, results
 from simpnet_cli.config import tables
@@ -154,8 +154,8 @@ def assert_untouched(snapshot: dict[Path, bytes]) -> None:
 
 def planned(args: list[str], **dirs: Path):
     """The RunSpecs a `simpnet run` command line plans (hashes name the run folders)."""
-    cfg, variant = cli.compose(args[1:] + [f"{k}={v}" for k, v in dirs.items()])
-    return cli.plan_runs(cfg, variant)
+    cfg, variant = commands.compose(args[1:] + [f"{k}={v}" for k, v in dirs.items()])
+    return commands.plan_runs(cfg, variant)
 
 
 def read_curve(path: Path) -> list[dict]:
@@ -646,29 +646,29 @@ def test_sigkill_of_a_packed_worker_fails_its_run_only_and_it_resumes_next_time(
 
 
 def test_a_dead_workers_cause_is_named_from_its_exit_code():
-    from simpnet_cli.runs import runner
+    from simpnet_cli.runs import pool
 
-    assert runner.death_cause(-signal.SIGKILL) == ("its process was killed by SIGKILL (the kernel's "
+    assert pool.death_cause(-signal.SIGKILL) == ("its process was killed by SIGKILL (the kernel's "
                                                   "out-of-memory killer, or a kill -9)")
-    assert runner.death_cause(-signal.SIGSEGV).endswith("SIGSEGV (a crash in native code)")
-    assert "SIGABRT (an abort, e.g. in the CUDA driver" in runner.death_cause(-signal.SIGABRT)
-    assert runner.death_cause(1) == "its process exited with status 1 before it reported"
+    assert pool.death_cause(-signal.SIGSEGV).endswith("SIGSEGV (a crash in native code)")
+    assert "SIGABRT (an abort, e.g. in the CUDA driver" in pool.death_cause(-signal.SIGABRT)
+    assert pool.death_cause(1) == "its process exited with status 1 before it reported"
 
 
 def test_packed_runs_download_each_dataset_once_in_the_parent_before_the_workers(tmp_path, monkeypatch):
     """download=true with jobs_per_device=2: the parent fetches CIFAR-10 and CIFAR-100 (both splits) once each,
     and the workers get download=false, so none of them writes into the data folder."""
     from conftest import resolve_row
-    from simpnet_cli.runs import runner
+    from simpnet_cli.runs import planning, pool, runner
 
     runs = [resolve_row("2", "8L"), resolve_row("2", "9L"), resolve_row("2", "8L", seed=1),
             resolve_row("2", "8L", dataset="cifar100")]
     fetched, handed = [], {}
     monkeypatch.setattr(runner.D, "load_split",
                         lambda cfg, data_dir, train, download: fetched.append((cfg["name"], train, download)))
-    monkeypatch.setattr(runner, "execute_packed",
-                        lambda first, twins, opts, *rest: handed.update(opts=opts, runs=len(first)))
-    opts = runner.Options(data_dir=tmp_path / "data", download=True, results_dir=tmp_path / "results",
+    monkeypatch.setattr(pool, "execute_packed",
+                        lambda execute_group, first, twins, opts, *rest: handed.update(opts=opts, runs=len(first)))
+    opts = planning.Options(data_dir=tmp_path / "data", download=True, results_dir=tmp_path / "results",
                           runs_dir=tmp_path / "runs", device="cpu", jobs_per_device=2, profile="default", quiet=True)
     runner.execute(runs, opts)
     names = sorted({r.dataset["name"] for r in runs})

@@ -26,7 +26,7 @@ from simpnet_cli.config import compose as composition
 from simpnet_cli.errors import UserError
 from simpnet_cli.nets import modules as M
 from simpnet_cli.nets import stacked as S
-from simpnet_cli.runs import runner
+from simpnet_cli.runs import planning, runner
 from simpnet_cli.train import checkpoint
 from simpnet_cli.train import data as D
 from simpnet_cli.train import callbacks as C
@@ -365,32 +365,32 @@ def test_the_captured_shared_step_has_no_host_sync(family, how, tmp_path, float6
 def family_plan(family: str, seeds=3) -> list[tables.RunSpec]:
     arch, solver, net = FAMILIES[family]
     table, profile, over = tiny(arch, solver, *net)
-    return runner.plan([table], None, seeds, profile, overrides=over)
+    return planning.plan([table], None, seeds, profile, overrides=over)
 
 
-def planned(runs: list[tables.RunSpec], opts: runner.Options) -> list[tables.RunSpec]:
+def planned(runs: list[tables.RunSpec], opts: planning.Options) -> list[tables.RunSpec]:
     """The runs as the runner trains them (a stacked run's hash names its shared step), in the order given."""
-    stepped = {r.in_step("").config_hash: r for g, _ in runner.plan_groups(runs, opts, CPU) for r in g}
+    stepped = {r.in_step("").config_hash: r for g, _ in planning.plan_groups(runs, opts, CPU) for r in g}
     return [stepped[r.config_hash] for r in runs]
 
 
-def options(root, stack="off", **over) -> runner.Options:
-    return runner.Options(**{"data_dir": root / "data", "download": False, "results_dir": root / "results",
+def options(root, stack="off", **over) -> planning.Options:
+    return planning.Options(**{"data_dir": root / "data", "download": False, "results_dir": root / "results",
                              "runs_dir": root / "runs", "device": "cpu", "jobs_per_device": 1, "profile": "test",
                              "quiet": True, "stack": stack, **over})
 
 
 def test_stack_groups_take_the_runs_of_one_network_n_at_a_time():
     a, b = family_plan("saf-dropout"), family_plan("plain", seeds=2)
-    assert runner.stack_groups(a + b, 2) == [a[:2], [a[2]], b]
-    assert runner.stack_groups(a + b, 1) == [[r] for r in a + b]
-    assert runner.stack_groups(a + b, 4) == [a, b]
+    assert planning.stack_groups(a + b, 2) == [a[:2], [a[2]], b]
+    assert planning.stack_groups(a + b, 1) == [[r] for r in a + b]
+    assert planning.stack_groups(a + b, 4) == [a, b]
     # a variant on another rate or schedule shares the step (each run's rate is its own); another solver not
     slower = [dataclasses.replace(r, solver={**r.solver, "lr": r.solver["lr"] / 2}) for r in b]
     decayed = [dataclasses.replace(r, solver={**r.solver, "weight_decay": 0.0}) for r in b]
-    assert runner.stack_groups(b + slower + decayed, 4) == [b + slower, decayed]
+    assert planning.stack_groups(b + slower + decayed, 4) == [b + slower, decayed]
     cpu = torch.device("cpu")
-    assert [runner.stack_size(v, cpu) for v in ("auto", "off", 3, "2")] == [1, 1, 3, 2]
+    assert [planning.stack_size(v, cpu) for v in ("auto", "off", 3, "2")] == [1, 1, 3, 2]
 
 
 def fake_timer(rates: dict, calls: list):
@@ -409,19 +409,19 @@ def fake_timer(rates: dict, calls: list):
 def test_stack_auto_on_a_gpu_keeps_the_fastest_way_measured_once_per_device_and_network(rates, expected):
     runs, cache, calls = family_plan("plain"), {}, []
     gpu = torch.device("cuda")  # (a device name only: nothing runs on it)
-    assert runner.auto_choice(runs, gpu, "H100", cache, fake_timer(rates, calls)) == expected
-    n = runner.AUTO_WINDOWS
+    assert planning.auto_choice(runs, gpu, "H100", cache, fake_timer(rates, calls)) == expected
+    n = planning.AUTO_WINDOWS
     assert sorted(c[1] for c in calls) == sorted(["branched", "grouped", "separate"] * n) and {c[2] for c in calls} == {3}
-    assert runner.auto_choice(runs, gpu, "H100", cache, fake_timer(rates, calls)) == expected
+    assert planning.auto_choice(runs, gpu, "H100", cache, fake_timer(rates, calls)) == expected
     assert len(calls) == 3 * n, "measured once per device and network"
-    runner.auto_choice(runs, gpu, "H200", cache, fake_timer(rates, calls))
-    runner.auto_choice(family_plan("strided"), gpu, "H100", cache, fake_timer(rates, calls))
+    planning.auto_choice(runs, gpu, "H200", cache, fake_timer(rates, calls))
+    planning.auto_choice(family_plan("strided"), gpu, "H100", cache, fake_timer(rates, calls))
     assert len(calls) == 9 * n, "another device or another network is measured again"
 
 
 def test_stack_auto_trains_separately_on_the_cpu_without_measuring(tmp_path):
     calls: list = []
-    groups = runner.plan_groups(family_plan("plain"), options(tmp_path, stack="auto"), CPU,
+    groups = planning.plan_groups(family_plan("plain"), options(tmp_path, stack="auto"), CPU,
                                 fake_timer({"separate": 1.0, "grouped": 9.0, "branched": 9.0}, calls))
     assert [(len(g), how) for g, how in groups] == [(1, "separate")] * 3 and calls == []
 
@@ -430,9 +430,9 @@ def test_stack_auto_plans_each_network_as_measured_and_keeps_the_measurements(tm
     monkeypatch.setattr(run_state, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
     runs = family_plan("plain", seeds=5) + family_plan("strided", seeds=2)
     timer = fake_timer({"separate": 900.0, "grouped": 2500.0, "branched": 1800.0}, [])
-    groups = runner.plan_groups(runs, options(tmp_path, stack="auto"), torch.device("cuda"), timer)
+    groups = planning.plan_groups(runs, options(tmp_path, stack="auto"), torch.device("cuda"), timer)
     assert [(len(g), how) for g, how in groups] == [(4, "grouped"), (1, "separate"), (2, "grouped")]
-    kept = json.loads((tmp_path / "runs" / runner.STACK_CHOICES).read_text())
+    kept = json.loads((tmp_path / "runs" / planning.STACK_CHOICES).read_text())
     assert len(kept) == 2 and all(k.startswith("NVIDIA H100 80GB HBM3 | ") for k in kept)
     assert {v["fastest"] for v in kept.values()} == {"grouped"}
 
@@ -494,7 +494,7 @@ def test_packed_stacked_groups_are_planned_one_job_per_worker_slot(tmp_path):
     (the plan alone: the fast tier's part of the test below, which trains them in the worker pool)."""
     saf, plain = family_plan("saf-dropout"), family_plan("plain", seeds=2)
     opts = options(tmp_path, stack=2, jobs_per_device=2)
-    assert [len(g) for g, _ in runner.plan_groups(saf + plain, opts, CPU)] == [2, 1, 2]
+    assert [len(g) for g, _ in planning.plan_groups(saf + plain, opts, CPU)] == [2, 1, 2]
 
 
 def test_packed_stacked_groups_are_one_job_per_worker_slot(tmp_path, one_thread):
@@ -502,7 +502,7 @@ def test_packed_stacked_groups_are_one_job_per_worker_slot(tmp_path, one_thread)
     they were in one process), a lone leftover run alone; every run is recorded once, and again is skipped."""
     saf, plain = family_plan("saf-dropout"), family_plan("plain", seeds=2)
     opts = options(tmp_path, stack=2, jobs_per_device=2)
-    assert [len(g) for g, _ in runner.plan_groups(saf + plain, opts, CPU)] == [2, 1, 2]
+    assert [len(g) for g, _ in planning.plan_groups(saf + plain, opts, CPU)] == [2, 1, 2]
     assert runner.execute(saf + plain, opts) == {"ok": 5}
     modes = [json.loads((tmp_path / "runs" / r.config_hash / "result.json").read_text())["step_mode"]
              for r in planned(saf + plain, opts)]
@@ -543,7 +543,7 @@ KILL_AFTER_CHECKPOINTS = """
 import os, pickle, signal, sys
 import torch
 torch.set_num_threads(1)
-from simpnet_cli.runs import runner
+from simpnet_cli.runs import planning, runner
 from simpnet_cli.train import callbacks
 
 runs, opts, after = pickle.load(open(sys.argv[1], "rb"))
@@ -584,7 +584,7 @@ def straight(tmp_path_factory):
     return runs, opts
 
 
-def assert_resumed_equals_straight(runs, resumed: runner.Options, straight: runner.Options, mode: str, tol: float):
+def assert_resumed_equals_straight(runs, resumed: planning.Options, straight: planning.Options, mode: str, tol: float):
     for run in planned(runs, resumed):
         run_dir = resumed.runs_dir / run.config_hash
         assert json.loads((run_dir / "result.json").read_text())["step_mode"] == mode

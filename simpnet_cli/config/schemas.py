@@ -8,7 +8,7 @@ the part and the key (``solver.lr: must be > 0, got -1.0``); ``tables.resolve`` 
 The other inputs are checked here too, once, before anything is planned: the top-level keys of conf/config.yaml
 (``check_top``), names that become file names (``check_name``: never a path), the types of a table file's keys
 (``check_table_file``, ``check_row``), the row fields a results line needs (``check_record``) and whether a run
-fits in its device's memory (``check_fits``, called by runs/runner.preflight with the device's size).
+fits in its device's memory (``check_fits``, called by runs/planning.preflight with the device's size).
 
 The schema only checks: the run keeps the dicts it was given, so a run's identity (its config hash) does not
 depend on the defaults written here.

@@ -84,7 +84,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: one line, never a traceback
         raise UserError(f"cannot load {weights} into the network of {config} ({type(err).__name__}: "
                         f"{' '.join(str(err).split())[:200]})") from None
-    from simpnet_cli.runs.runner import pick_device  # device='cuda' without one: its one line, not torch's
+    from simpnet_cli.runs.planning import pick_device  # device='cuda' without one: its one line, not torch's
 
     return model.to(pick_device(str(device))).eval()
 
