@@ -8,6 +8,9 @@ import pytest
 from simpnet_cli.train import data as D
 from simpnet_cli.config import tables
 
+# A smoke run made smaller still, as command-line keys: batches of 2 of 16 synthetic images, 8 test images. The
+# tests that drive whole commands use it; what they check is what a command records, not what a run reaches.
+TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=8"]
 FASHION_SYSTEM_COPY = Path(tables.load_named("dataset", "fashion_mnist")["system_copy"])
 NO_FASHION = (f"Fashion-MNIST is not installed at {FASHION_SYSTEM_COPY} "
               f"(Debian package dataset-fashion-mnist; apt-get install dataset-fashion-mnist)")
@@ -111,45 +114,24 @@ def one_thread():
 
 
 # --------------------------------------------------------------------------- tiers
-# `make test` runs everything; `make test-fast` (pytest -m "not slow") skips the tests below, which train real
-# networks or drive whole commands in subprocesses, for an inner loop of about two minutes. A test is listed here
-# by file and name prefix, so the tiers are declared in one place.
-SLOW = {
-    "test_variants.py": ("test_the_issues_table_4_sweep", "test_sweep_", "test_a_variant_sweep",
-                         "test_a_network_in_no_table"),
-    # (every test on the module's short_runs fixture, three trained runs: the fast tier builds none of them)
-    "test_train.py": ("test_slim_300k_learns", "test_short_run", "test_load_model_rebuilds", "test_same_seed",
-                      "test_other_seed", "test_finished_run_is_not", "test_interrupted_run"),
-    "test_smoke_tables.py": ("test_smoke_run_records", "test_rerun_adds_no_lines", "test_twin_rows_share"),
-    "test_gpu_path.py": ("test_graphed_run_with_recapture",),
-    "test_gpu_route.py": ("test_make_install_uses_the_present_torch_offline", "test_the_cluster_command",
-                          "test_gpu_check_set_up_with_a_venv_python"),
-    "test_robustness.py": ("test_sigkill", "test_concurrent", "test_nan_loss", "test_resume_restores",
-                           "test_corrupt_dataset", "test_missing_dataset", "test_report_lists_a_torn_line"),
-    # (the fast tier keeps one damaged CSV rebuilt by `repair`, junk, and the killed run indexed by `run`)
-    "test_index.py": tuple(f"test_a_damaged_csv_is_rebuilt_by_the_next_run_or_repair[repair-{damage}"
-                           for damage in ("bom", "duplicated", "lines", "reordered", "truncated")) + (
-                     "test_a_run_killed_between_its_result_and_the_rebuild_is_indexed_once_by_the_next_command[repair]",),
-    "test_speed_paths.py": ("test_packed_runs", "test_bench_precision"),
-    "test_integrity.py": ("test_fuzz_malformed_command_lines", "test_at_most_one_line_per_run"),
-    "test_progress.py": ("test_a_terminal_gets_bars", "test_redirected_stderr"),
-    "test_report.py": ("test_networks_of_ones_own", "test_empty_results_render"),
-    "test_one_hash_one_figure.py": tuple(f"test_stacked_and_separate_training_never_record_two_figures_under_one_"
-                                         f"hash[{row}]" for row in ("SN-SAF", "RN32-max")),
-    # (a sweep in a subprocess, and a TorchScript export: the fast tier keeps item 5's property of the sweep folder)
-    "test_records.py": ("test_a_sweep_writes_nothing", "test_weights_written_before"),
-    "test_stacked.py": ("test_a_stacked_run_killed_and_resumed", "test_a_stacked_run_whose_group_mates",
-                        "test_packed_stacked_groups_are_one_job",
-                        "test_bench_reports_separate_grouped_and_branched"),
-}
-# Tests of many cases of which the fast tier runs every k-th (the first, the (k+1)-th...) and the slow tier the
-# rest: the fuzz cases are generated from fixed seeds and the rows come in table order, so each tier always runs
-# the same ones, and a sample of every table's rows stays in the fast tier.
-FAST_EVERY = {
-    "test_integrity.py": {"test_fuzz_malformed_table_files": 3, "test_fuzz_every_key_with_values_of_every_type": 3,
-                          "test_fuzz_every_conf_dir_field_with_values_of_every_type": 3},
-    "test_gpu_path.py": {"test_the_captured_step_of_every_row_has_no_host_sync": 3},
-}
+# `make test` runs everything; `make test-fast` (pytest -m "not slow") skips the tests marked slow on themselves
+# (`@pytest.mark.slow`, or a slow case of a parametrized test: `pytest.param(..., marks=pytest.mark.slow)`),
+# which train real networks or drive whole commands in subprocesses, for an inner loop of about two minutes.
+
+
+def fast_sample(cases, every: int = 3) -> list:
+    """The cases of a test of many (fuzz cases, every row): every ``every``-th (the first, the (every+1)-th...)
+    in the fast tier, the rest marked slow. The cases come from fixed seeds or in table order, so each tier always
+    runs the same ones, and a sample of every kind stays in the fast tier."""
+    sampled = []
+    for i, case in enumerate(cases):
+        given = case if hasattr(case, "marks") else pytest.param(*(case if isinstance(case, tuple) else (case,)))
+        sampled.append(pytest.param(*given.values, id=given.id,
+                                    marks=[*given.marks, *(() if i % every == 0 else (SLOW,))]))
+    return sampled
+
+
+SLOW = pytest.mark.slow
 
 
 # The longest tests (about 20-100 s each on a 2-core machine) run first: pytest-xdist's worksteal hands each
@@ -166,14 +148,5 @@ FIRST = ("tests/test_train.py::test_slim_300k_learns_fashion_mnist",
 
 
 def pytest_collection_modifyitems(config, items):
-    seen: dict[tuple[str, str], int] = {}
-    for item in items:
-        prefixes = SLOW.get(item.path.name, ())
-        every = FAST_EVERY.get(item.path.name, {}).get(item.originalname)
-        if every is not None:
-            key = (item.path.name, item.originalname)
-            seen[key] = seen.get(key, 0) + 1
-        if item.name.startswith(prefixes) or (every is not None and (seen[key] - 1) % every):
-            item.add_marker(pytest.mark.slow)
     rank = {nodeid: i for i, nodeid in enumerate(FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid, len(rank)))  # stable: the rest keep their order

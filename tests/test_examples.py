@@ -119,7 +119,8 @@ def test_the_examples_are_found():
     commands = [c for _, c in EXAMPLES]
     for expected in ("simpnet bench [bench.rows=[2/8L]]", "simpnet export run_dir=PATH [format=onnx]",
                      "simpnet run -m table=4 row=WE10,BW10 dataset=cifar10,cifar100",
-                     "simpnet run -m table=8 'row=range(8)' hydra/launcher=submitit_slurm hydra.launcher.partition=gpu "
+                     "simpnet run -m table=8 row=1x1-first,2x2-first,1x1-mid,2x2-mid,1x1-end,3x3-end,2x2-end11,3x3-end11 "
+                     "hydra/launcher=submitit_slurm hydra.launcher.partition=gpu "
                      "hydra.launcher.gpus_per_node=1 hydra.launcher.timeout_min=2880", "make smoke"):
         assert any(c.replace("  ", " ").startswith(expected) for c in commands), expected
     assert len(EXAMPLES) > 25
@@ -198,7 +199,7 @@ def test_every_example_runs(where, example, done_run, tmp_path, monkeypatch, cap
         assert sweep.check_sweep(variants.prepare(overrides), search, primary) >= 1
         return
     if cmd == "run" and "--dry-run" in args:
-        args += ["profile=smoke", "dry_run.iters=1", "dry_run.batch_size=8", "quiet=true"]
+        args += ["profile=smoke", "dry_run.iters=1", "dry_run.batch_size=2", "quiet=true"]
     elif cmd == "run" and "--cfg" not in args:
         args += ["--cfg", "job"]
     code = cli.main([cmd, *args])

@@ -31,6 +31,8 @@ from simpnet_cli.train import data as D
 from simpnet_cli.nets import modules as M
 from simpnet_cli.errors import UserError
 
+from conftest import fast_sample
+
 CPU = torch.device("cpu")
 
 
@@ -151,6 +153,7 @@ def assert_same_run(a: Path, b: Path, tol: float = 1e-6) -> None:
 
 
 @pytest.mark.parametrize("family, solver, precision", CASES)
+@pytest.mark.slow
 def test_graphed_run_with_recapture_eval_wrap_and_resume_equals_the_eager_run(tmp_path, monkeypatch, one_thread,
                                                                               family, solver, precision):
     arch, net = FAMILIES[family]
@@ -406,7 +409,7 @@ TRAINED_ROWS = [pytest.param(t.name, r["id"], id=f"{t.name}:{r['id']}")
                 for t in tables.load_tables("all") for r in t.rows]
 
 
-@pytest.mark.parametrize("table, row", TRAINED_ROWS)
+@pytest.mark.parametrize("table, row", fast_sample(TRAINED_ROWS))
 def test_the_captured_step_of_every_row_has_no_host_sync(table, row, one_thread):
     t = tables.load_table(table)
     run = tables.resolve(t, t.row(row), 0, {"train": {"batch_size": 2, "precision": "fp32"},

@@ -68,6 +68,7 @@ def setup(python: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, env={**env, "PIP_CONFIG_FILE": os.devnull}, timeout=300)
 
 
+@pytest.mark.slow
 def test_gpu_check_set_up_with_a_venv_python_sees_its_torch_and_installs_only_what_is_missing(
         tmp_path, venv_python_without_tabulate):
     """Before issue 26 the set-up made `.venv-gpu --system-site-packages`, which sees the base interpreter's
@@ -87,6 +88,7 @@ def test_gpu_check_set_up_with_a_venv_python_sees_its_torch_and_installs_only_wh
     assert not torch_at.startswith(str(venv))  # the machine's torch, not a second copy
 
 
+@pytest.mark.slow
 def test_make_install_uses_the_present_torch_offline(tmp_path, venv_python_without_tabulate):
     """`make install`'s step: a .venv that sees the machine's torch, the project editable in it, offline."""
     wheels = tmp_path / "wheels"
@@ -326,6 +328,7 @@ def test_shards_split_the_longest_first_jobs_between_cluster_jobs():
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
                     reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
+@pytest.mark.slow
 def test_the_cluster_command_runs_every_slice_through_submitit_into_one_index(tmp_path):
     """`make reproduce-slurm`'s command, on submitit's local executor: one job per slice, each training its own
     runs into the same runs_dir and results_dir, one index with every run."""

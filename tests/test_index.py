@@ -20,8 +20,9 @@ import pytest
 from simpnet_cli import cli, commands
 from simpnet_cli.runs import index, results
 
+from conftest import TINY
+
 # The smoke profile on a sliver of its data (batches of 2, 2 test images): these tests are about what is indexed.
-TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=2"]
 SMOKE = ["profile=smoke", "quiet=true", *TINY]
 SCRIPT = Path(sys.executable).with_name("simpnet")
 
@@ -70,7 +71,7 @@ KILLED_AFTER_RESULT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("then", ["run", "repair"])
+@pytest.mark.parametrize("then", ["run", pytest.param("repair", marks=pytest.mark.slow)])
 def test_a_run_killed_between_its_result_and_the_rebuild_is_indexed_once_by_the_next_command(tmp_path, capsys,
                                                                                                one_thread, then):
     out, runs = dirs(tmp_path)
@@ -158,8 +159,10 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", sorted(DAMAGE))
-@pytest.mark.parametrize("by", ["run", "repair"])
+# (the fast tier keeps every damage rebuilt by the next run, and junk rebuilt by `repair`)
+@pytest.mark.parametrize("by, damage", [
+    pytest.param(by, damage, marks=pytest.mark.slow if by == "repair" and damage != "junk" else ())
+    for by in ("run", "repair") for damage in sorted(DAMAGE)])
 def test_a_damaged_csv_is_rebuilt_by_the_next_run_or_repair(tmp_path, finished_run, damage, by):
     out, runs = dirs(tmp_path)
     for i, run in enumerate(planned(tmp_path, "table=5", "seeds=2")):

@@ -22,6 +22,8 @@ from simpnet_cli.config import tables
 from simpnet_cli.train import loop as train
 from simpnet_cli.errors import UserError
 
+from conftest import fast_sample
+
 SMOKE = ["profile=smoke", "quiet=true"]
 
 
@@ -108,6 +110,7 @@ def test_a_file_of_the_older_layout_is_migrated_on_append(tmp_path, one_thread):
     assert path.read_text().splitlines()[0] == ",".join(results.COLUMNS)
 
 
+@pytest.mark.slow
 def test_at_most_one_line_per_run_after_any_sequence_of_runs_and_faults(tmp_path, capsys, one_thread):
     """A generated sequence of runs, re-runs and faults on the file; the invariant holds after every step."""
     rng = random.Random(11)
@@ -339,6 +342,7 @@ def generated_command_lines(n: int, seed: int) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("bad", generated_command_lines(60, seed=2026), ids=lambda b: " ".join(b))
+@pytest.mark.slow
 def test_fuzz_malformed_command_lines(tmp_path, capsys, bad):
     argv = ["run", "table=5", "row=P5", *SMOKE, f"runs_dir={tmp_path}/runs"]
     if not any(b.startswith("results_dir=") for b in bad):
@@ -390,7 +394,7 @@ def generated_table_files(n: int, seed: int) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("text", generated_table_files(25, seed=7))
+@pytest.mark.parametrize("text", fast_sample(generated_table_files(25, seed=7)))
 def test_fuzz_malformed_table_files(tmp_path, capsys, text):
     root = tmp_path / "conf"
     (root / "tables").mkdir(parents=True)
@@ -720,7 +724,7 @@ def check_outcome(code: int, err: str, out: str, names: tuple[str, ...]) -> list
     return []
 
 
-@pytest.mark.parametrize("key, value", fuzz_command_lines(len(FUZZ_ROW_KEYS + FUZZ_TOP_KEYS), seed=19),
+@pytest.mark.parametrize("key, value", fast_sample(fuzz_command_lines(len(FUZZ_ROW_KEYS + FUZZ_TOP_KEYS), seed=19)),
                          ids=lambda v: str(v))
 def test_fuzz_every_key_with_values_of_every_type(tmp_path, capsys, key, value):
     """Issue 19: each key, row or top-level, with a value of a random type: validated (--cfg job plans and
@@ -747,7 +751,7 @@ def planned_runs(args: list[str]):
     return commands.plan_runs(cfg, variant)
 
 
-@pytest.mark.parametrize("field, value", fuzz_file_fields(30, seed=19), ids=lambda v: repr(v)[:30])
+@pytest.mark.parametrize("field, value", fast_sample(fuzz_file_fields(30, seed=19)), ids=lambda v: repr(v)[:30])
 def test_fuzz_every_conf_dir_field_with_values_of_every_type(tmp_path, capsys, field, value):
     import copy
 

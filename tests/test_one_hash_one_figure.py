@@ -23,11 +23,11 @@ from simpnet_cli import cli
 from simpnet_cli.config import tables
 from simpnet_cli.runs import planning
 
+from conftest import TINY
+
 # (table, row): the rows where stacked and separate training were seen to disagree, one per network family
 ROWS = [("2", "8L"), ("11", "SN-SAF"), ("6", "RN32-max")]
 SEEDS = 3
-# smaller than the smoke profile (batches of 2 of 16 images, 8 test images): the figures still come from training
-TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=8"]
 
 
 def run(tmp_path: Path, table: str, row: str, *extra: str) -> int:
@@ -43,7 +43,8 @@ def weights(run_dir: str) -> dict:
     return torch.load(Path(run_dir) / "model.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("table, row", ROWS, ids=[r for _, r in ROWS])
+@pytest.mark.parametrize("table, row", [pytest.param(t, r, marks=pytest.mark.slow if r != "8L" else ()) for t, r in ROWS],
+                         ids=[r for _, r in ROWS])
 def test_stacked_and_separate_training_never_record_two_figures_under_one_hash(table, row, tmp_path, one_thread):
     ways = {"separate": ["stack=off"], "branched": ["stack=3", "stack_mode=branched"],
             "grouped": ["stack=3", "stack_mode=grouped"]}

@@ -14,6 +14,8 @@ from simpnet_cli.config import tables
 from simpnet_cli.report import write as report
 from simpnet_cli.runs import results, sources
 
+from conftest import TINY
+
 MY_TABLE = """\
 title: My width check
 row_defaults: {arch: arch1, dataset: cifar10, solver: adadelta_30k, iterations: 30000}
@@ -29,8 +31,7 @@ claims:
     holds_if: ["wide > narrow"]
 """
 # The smoke profile on a quarter of its data (as tests/test_smoke_tables.py): four iterations on 16 images.
-TINY = ["profile=smoke", "quiet=true", "profile.train.batch_size=2", "profile.data.train_size=16",
-        "profile.data.test_size=8"]
+SMOKE = ["profile=smoke", "quiet=true", *TINY]
 
 
 @pytest.fixture
@@ -54,8 +55,8 @@ def _section(md: str, heading_start: str) -> str:
 
 
 def test_a_conf_dir_table_and_two_named_networks_in_one_report(tmp_path, my_conf, capsys):
-    own = ["arch=arch2", "custom.table=mynets", *TINY, *_dirs(tmp_path)]
-    assert cli.main(["run", "table=mine", f"conf_dir={my_conf}", *TINY, *_dirs(tmp_path)]) == 0
+    own = ["arch=arch2", "custom.table=mynets", *SMOKE, *_dirs(tmp_path)]
+    assert cli.main(["run", "table=mine", f"conf_dir={my_conf}", *SMOKE, *_dirs(tmp_path)]) == 0
     assert cli.main(["run", *own, "custom.row=a", "net.widths=C8{2}, C16{2}", "custom.label=small pair"]) == 0
     assert cli.main(["run", *own, "custom.row=b", "net.widths=C8, C16{2}, C32{3}"]) == 0
     err = capsys.readouterr().err

@@ -10,7 +10,10 @@ import re
 import select
 import subprocess
 import sys
+
 from pathlib import Path
+
+import pytest
 
 from simpnet_cli import cli
 from simpnet_cli.runs import progress
@@ -37,6 +40,7 @@ def ev(kind, it, start=0, iterations=100, train_s=0.0, wall_s=0.0, acc=None, bes
 
 # --------------------------------------------------------------------------- the command, as a user sees it
 
+@pytest.mark.slow
 def test_a_terminal_gets_bars_naming_row_iteration_and_time_left(tmp_path):
     master, slave = pty.openpty()  # a pseudo-terminal as the command's stderr: isatty() is true there
     proc = simpnet(tmp_path, "table=2", "row=8L", stderr=slave)
@@ -61,6 +65,7 @@ def test_a_terminal_gets_bars_naming_row_iteration_and_time_left(tmp_path):
     assert not HASH.search(text), "a run is named by table, row and seed, not by its hash"
 
 
+@pytest.mark.slow
 def test_redirected_stderr_gets_plain_lines_naming_table_row_and_seed(tmp_path):
     proc = simpnet(tmp_path, "table=2", "row=[8L,9L]", stderr=subprocess.PIPE)
     err = proc.communicate(timeout=180)[1].decode()

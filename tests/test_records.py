@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=2"]
 SMOKE = ["profile=smoke", "quiet=true", *TINY]
 
@@ -26,6 +28,7 @@ def simpnet_process(*args: str, cwd: Path, timeout: float = 300) -> subprocess.C
 
 # --------------------------------------------------------------------------- item 5: writes only where told
 
+@pytest.mark.slow
 def test_a_sweep_writes_nothing_outside_results_dir_and_runs_dir(tmp_path):
     """Hydra's sweep folder (multirun.yaml, a folder per job) went to ./experiments/multirun/<date>/ whatever
     results_dir and runs_dir said; it goes under runs_dir."""
@@ -46,7 +49,6 @@ import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
 
-import pytest  # noqa: E402
 
 from simpnet_cli import cli, commands  # noqa: E402
 from simpnet_cli.errors import UserError  # noqa: E402
@@ -214,6 +216,7 @@ def test_fuzz_load_model_takes_only_the_folders_own_weights(trained_pair, tmp_pa
                 simpnet_cli.load_model(folder)
 
 
+@pytest.mark.slow
 def test_weights_written_before_their_digest_was_recorded_load_with_a_warning(trained_pair, capsys):
     """The rule for an older folder: its result.json names the run but holds no digest of model.pt, so the
     weights cannot be checked; they load (they fit the network) and the user is told."""

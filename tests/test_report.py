@@ -230,6 +230,7 @@ def test_latex_has_a_caption_booktabs_rules_and_a_visible_smoke_note(tmp_path: P
     assert r"30.50 $\pm$ 0.71" in tex
 
 
+@pytest.mark.slow
 def test_empty_results_render_every_table(tmp_path: Path):
     rdir = tmp_path / "results"
     rdir.mkdir()
@@ -453,6 +454,7 @@ def test_a_variant_is_reported_beside_the_papers_rows_with_its_own_claims(tmp_pa
     assert (out / "report" / "table4-variant1.md").is_file()
 
 
+@pytest.mark.slow
 def test_networks_of_ones_own_are_reported_from_their_csv(tmp_path):
     out = tmp_path / "results"
     for seed, acc in enumerate([61.0, 63.0]):
@@ -590,6 +592,7 @@ def test_variants_are_drawn_beside_the_papers_rows_in_one_figure(tmp_path):
     assert (out / "report" / "table4-variant1_params.png").is_file()  # Table 4: 8M and 128K rows
 
 
+@pytest.mark.slow
 def test_networks_of_ones_own_get_figures_too(tmp_path):
     out = tmp_path / "results"
     for seed, acc in enumerate([61.0, 63.0]):

@@ -36,6 +36,8 @@ from simpnet_cli.runs import index, results
 from simpnet_cli.config import tables
 from simpnet_cli.train import loop as train
 
+from conftest import TINY
+
 SCRIPT = Path(sys.executable).with_name("simpnet")
 SIMPNET = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "simpnet_cli.cli"]
 
@@ -43,7 +45,6 @@ SIMPNET = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "simpnet_
 RESUME_ARGS = ["run", "table=5", "row=[P5,P3]", "profile=smoke", "profile.train.iterations=60",
                "profile.train.eval_every=10", "profile.train.checkpoint_every=3", "profile.data.test_size=8"]
 # The smoke profile on a quarter of its data, for tests about what is recorded rather than what is learnt.
-TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=8"]
 CURVE_FIGURES = ["iter", "test_acc", "test_loss", "train_loss", "lr"]  # wall_s is a time, not a figure
 CSV_FIGURES = ["final_acc", "best_acc", "best_iter", "iterations", "epochs", "counted_params", "params_total",
                "status", "config_hash"]
@@ -184,6 +185,7 @@ def _checkpoint_iteration(path: Path) -> int | None:
     return checkpoint.iteration(path)  # None while it is not there yet, or replaced while we read it
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     killed.mkdir(), clean.mkdir()
@@ -254,6 +256,7 @@ def test_sigkill_mid_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_p
             assert torch.allclose(gm[k].float(), wm[k].float(), rtol=1e-5, atol=1e-6), (run.row_id, k)
 
 
+@pytest.mark.slow
 def test_resume_restores_dropout_rng_and_the_partial_training_loss(tmp_path, one_thread, monkeypatch):
     """A network with dropout (so the restored RNG state matters), interrupted right after a checkpoint
     that falls between two evaluations (so the training-loss sum since the last one matters)."""
@@ -332,6 +335,7 @@ def test_checkpoint_holds_the_whole_training_state(tmp_path, one_thread):
 
 # --------------------------------------------------------------------------- results files
 
+@pytest.mark.slow
 def test_concurrent_commands_on_overlapping_rows_leave_every_run_in_each_csv_once(tmp_path):
     """Table 2, Table 7 (whose 3x3-300K is Table 2's 8L) and Table 2 again, all at once. Each command writes
     only run folders and rebuilds the CSVs from them: every finished run is in each of its tables once."""
@@ -411,6 +415,7 @@ def test_run_warns_about_a_torn_line_and_indexes_that_run_again_without_training
     assert results.read(path)[0] == rows and path.read_text() == text
 
 
+@pytest.mark.slow
 def test_report_lists_a_torn_line_as_skipped(tmp_path):
     out = tmp_path / "results"
     results.write(results.csv_path(out, "5"), [results.format_line(fake_row("P5"))])
@@ -452,6 +457,7 @@ def test_full_disk_while_rebuilding_leaves_the_csv_as_it_was(tmp_path, monkeypat
 
 # --------------------------------------------------------------------------- divergence
 
+@pytest.mark.slow
 def test_nan_loss_marks_the_run_diverged_and_the_table_goes_on(tmp_path, conf_dir, capsys, monkeypatch, one_thread):
     out = tmp_path / "results"
     snapshot = record_earlier(out, "90")
@@ -504,6 +510,7 @@ def test_debug_flag_shows_the_traceback(tmp_path, conf_dir, capsys, monkeypatch)
         in_process(capsys, monkeypatch, tmp_path, "run", "table=90", "row=NOTATION", "--debug", conf_dir=conf_dir)
 
 
+@pytest.mark.slow
 def test_missing_dataset(tmp_path, capsys, monkeypatch):
     out = tmp_path / "results"
     snapshot = record_earlier(out, "5")
@@ -515,6 +522,7 @@ def test_missing_dataset(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("content", [b"\x00" * 16, b"this is not an idx file at all" * 40], ids=["zeros", "text"])
+@pytest.mark.slow
 def test_corrupt_dataset(tmp_path, content, capsys, monkeypatch):
     out, data = tmp_path / "results", tmp_path / "data"
     snapshot = record_earlier(out, "13")
@@ -602,6 +610,7 @@ def _locker(lock: Path) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_packed_worker_fails_its_run_only_and_it_resumes_next_time(tmp_path):
     """jobs_per_device=2 on the CPU: the process training P3 is killed with SIGKILL past its first checkpoint
     (what the out-of-memory killer does). The command goes on with the other rows, names the dead run and its
@@ -698,6 +707,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.slow
 def test_sigkill_of_the_parent_stops_its_packed_workers(tmp_path):
     """Killing only the parent of a jobs_per_device=2 command left its workers training for minutes."""
     runs = tmp_path / "runs"

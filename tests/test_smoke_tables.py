@@ -66,6 +66,7 @@ def _raw_rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", TABLE_NAMES)
+@pytest.mark.slow
 def test_smoke_run_records_one_line_per_row(name, smoke_dirs):
     _smoke_table(name, smoke_dirs)
     table = tables.load_table(name)
@@ -94,6 +95,7 @@ def test_smoke_run_records_one_line_per_row(name, smoke_dirs):
         assert by_id[row["id"]]["paper_acc"] == str(row["paper"]["acc"])
 
 
+@pytest.mark.slow
 def test_rerun_adds_no_lines(smoke_dirs, capsys):
     _smoke_table("2", smoke_dirs)
     path = results.csv_path(smoke_dirs["results"], "2")
@@ -105,6 +107,7 @@ def test_rerun_adds_no_lines(smoke_dirs, capsys):
     assert "skipped" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_twin_rows_share_one_run(smoke_dirs):
     """Table 2's 8-layer net is Table 9's first row: one run folder, a line in each table's CSV."""
     for name in ("2", "9"):

@@ -17,6 +17,8 @@ from simpnet_cli.train import solvers
 from simpnet_cli.nets import modules as M
 from simpnet_cli.cli import main
 
+from conftest import TINY
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -96,6 +98,7 @@ def test_graphed_step_matches_eager_step_on_gpu():
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="Fashion-MNIST is not installed (Debian package dataset-fashion-mnist)")
+@pytest.mark.slow
 def test_bench_precision_check_trains_both_precisions_on_fashion_mnist(tmp_path):
     out = tmp_path / "bench.md"
     code = main(["bench", "bench.rows=[]", "bench.s1=false", "bench.grouped.rows=[]", "bench.precision.rows=[13/slim-300K]",
@@ -110,9 +113,9 @@ def test_bench_precision_check_trains_both_precisions_on_fashion_mnist(tmp_path)
 
 
 # The smoke profile on a sliver of its data: what the pool records is checked, not what the runs learn.
-TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=2"]
 
 
+@pytest.mark.slow
 def test_packed_runs_share_a_device_and_record_every_row_once(tmp_path):
     """jobs_per_device=2 on the CPU: the runs go through the process pool and its device slots; a twin row
     of another table (Table 9's first row is Table 2's 8L) is recorded from the shared run."""

@@ -497,6 +497,7 @@ def test_packed_stacked_groups_are_planned_one_job_per_worker_slot(tmp_path):
     assert [len(g) for g, _ in planning.plan_groups(saf + plain, opts, CPU)] == [2, 1, 2]
 
 
+@pytest.mark.slow
 def test_packed_stacked_groups_are_one_job_per_worker_slot(tmp_path, one_thread):
     """jobs_per_device=2 with stack=2: each group trains together in one worker (its runs' step is shared, so
     they were in one process), a lone leftover run alone; every run is recorded once, and again is skipped."""
@@ -607,6 +608,7 @@ def test_an_interrupted_stacked_run_resumes_together_to_the_same_record(straight
 
 
 @pytest.mark.parametrize("after", [3, 2], ids=["after-the-groups-checkpoints", "between-two-runs-checkpoints"])
+@pytest.mark.slow
 def test_a_stacked_run_killed_and_resumed_equals_the_uninterrupted_one(after, straight, tmp_path, one_thread):
     """Killed after the group's checkpoints, or between two of them (runs 0 and 1 at iteration 10, run 2 with
     none): the group resumes together either way (the second from iteration 0: a run resumed alone would be
@@ -643,6 +645,7 @@ def test_a_group_a_checkpoint_apart_goes_back_to_the_previous_checkpoint(tmp_pat
     assert not any((d / "checkpoint.pt").exists() for d in dirs) and "start over" in notes[-1]
 
 
+@pytest.mark.slow
 def test_a_stacked_run_whose_group_mates_are_recorded_trains_in_a_step_of_its_size(straight, tmp_path, one_thread):
     """Seed 1 of a group of three already recorded (its folder copied in): seeds 0 and 2 train with a passenger
     in its place, so their arithmetic is the hash's (a step of three), and their records equal the straight ones;
@@ -666,6 +669,7 @@ def test_a_stacked_run_whose_group_mates_are_recorded_trains_in_a_step_of_its_si
 
 # --------------------------------------------------------------------------- the benchmark
 
+@pytest.mark.slow
 def test_bench_reports_separate_grouped_and_branched_at_each_k_on_a_labelled_device(tmp_path, capsys, one_thread):
     from simpnet_cli.cli import main
 

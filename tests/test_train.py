@@ -140,6 +140,7 @@ def short_runs(tmp_path_factory):
     return {name: _short_run(tmp, seed, name=name) for name, seed in (("a", 0), ("b", 0), ("c", 1))}
 
 
+@pytest.mark.slow
 def test_short_run_writes_its_files(short_runs):
     run, run_dir, result = short_runs["a"]
     assert {p.name for p in run_dir.iterdir() if not p.name.startswith(".")} == \
@@ -163,6 +164,7 @@ def test_short_run_writes_its_files(short_runs):
     model.load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_short_run_lowers_the_training_loss(short_runs):
     for name in ("a", "c"):
         curve = _curve(short_runs[name][1])
@@ -171,6 +173,7 @@ def test_short_run_lowers_the_training_loss(short_runs):
         assert all(math.isfinite(float(r["test_loss"])) for r in curve)
 
 
+@pytest.mark.slow
 def test_same_seed_same_curve_on_cpu(short_runs):
     a, b = _curve(short_runs["a"][1]), _curve(short_runs["b"][1])
     assert _without_wall(a) == _without_wall(b)
@@ -179,17 +182,20 @@ def test_same_seed_same_curve_on_cpu(short_runs):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_other_seed_other_curve(short_runs):
     assert _without_wall(_curve(short_runs["a"][1])) != _without_wall(_curve(short_runs["c"][1]))
     assert short_runs["a"][0].config_hash != short_runs["c"][0].config_hash
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_trained_again(short_runs, monkeypatch):
     run, run_dir, result = short_runs["a"]
     monkeypatch.setattr(D, "load", lambda *a, **k: pytest.fail("a finished run loaded its data again"))
     assert train.train_run(run, run_dir, CPU, run_dir / "data", False) == json.loads(json.dumps(result))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_curve(short_runs, tmp_path, monkeypatch, crash_at):
     """Checkpoint every 5 iterations (evaluate every 10), crash at iteration 27, re-run: it resumes at 25,
     mid-way between evaluations, and its curve and weights equal the uninterrupted run's."""
@@ -402,6 +408,7 @@ def test_classifier_mults_on_a_network_without_fc_is_a_user_error():
     assert len(solvers.param_groups(model, {"classifier": None, "convs": MULTS["convs"]})) == 2
 
 
+@pytest.mark.slow
 def test_interrupted_run_with_multipliers_resumes_to_the_same_curve(tmp_path, monkeypatch, crash_at):
     """Several param groups in the checkpointed optimizer: crash after the checkpoint at 25, resume, equal."""
     run = resolve_row("5", "P5", {**SHORT, "train": {**SHORT["train"], "checkpoint_every": 5}})
@@ -421,6 +428,7 @@ def test_interrupted_run_with_multipliers_resumes_to_the_same_curve(tmp_path, mo
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+@pytest.mark.slow
 def test_load_model_rebuilds_a_finished_run_and_export_writes_torchscript(short_runs, tmp_path):
     """simpnet_cli.load_model(run_dir) gives the module that trained (its weights, eval mode): it evaluates to the
     run's recorded final accuracy on the same test set; `simpnet export` writes TorchScript that agrees with it."""

@@ -162,6 +162,7 @@ def tiny_profile(tmp_path):
     tables.use_conf_dir(None)  # (where a test ran the command in-process)
 
 
+@pytest.mark.slow
 def test_sweep_two_datasets_by_two_rows_records_four_variants_and_reruns_nothing(tmp_path, tiny_profile):
     args = ["run", "-m", "table=13", "row=slim-300K,SimpNet", "dataset=fashion_mnist,cifar10", *tiny_profile,
             "quiet=true", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs",
@@ -185,6 +186,7 @@ def test_sweep_two_datasets_by_two_rows_records_four_variants_and_reruns_nothing
 # A sweep over a network key, recording each job's variant: test_cli_help's sweep test (the same command).
 
 
+@pytest.mark.slow
 def test_a_network_in_no_table_is_recorded_as_custom(tmp_path, capsys, tiny_profile):
     code = cli.main(["run", "arch=arch2", "net.widths=C64, C128{2}, C256{3}", "dataset=cifar10", *tiny_profile,
                      "quiet=true", f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"])
@@ -357,6 +359,7 @@ def test_a_table_name_that_is_not_a_number_no_longer_breaks_every_command(tmp_pa
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
                     reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]')")
+@pytest.mark.slow
 def test_a_variant_sweep_through_the_submitit_launcher(tmp_path, tiny_profile):
     # Each job runs in its own process: the variant must come from that job's own overrides. Two rows by two
     # variants: also one job per row into one CSV (this was test_speed_paths' submitit test, a command of its own).
