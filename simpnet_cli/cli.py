@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_job(cfg, flags, variant)
         return COMMANDS[cmd](cfg, flags, variant)
 
-    return guarded(dispatch, debug)
+    from simpnet_cli.config import tables
+
+    with tables.SEARCH.scoped():  # a conf_dir= of this command is not the next one's (in-process: tests, api)
+        return guarded(dispatch, debug)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ def resolve_row(table: str, row_id: str, profile: dict | None = None, seed: int 
     return tables.resolve(t, row, seed, profile or {})
 
 
+@pytest.fixture(autouse=True)
+def conf_search():
+    """Every test starts and ends with the built-in config search path (tables.SEARCH): a test that points it
+    at a folder of its own, directly or through a command, leaves nothing behind for the next."""
+    with tables.SEARCH.scoped():
+        yield tables.SEARCH
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_dir(tmp_path_factory) -> Path:
     """A data_dir holding Fashion-MNIST where torchvision looks for it (``FashionMNIST/raw/``), unpacked once

@@ -148,7 +148,7 @@ def test_dry_run_puts_the_authors_speed_beside_each_row(tmp_path, capsys):
 
 
 def test_bench_writes_no_tracked_file_and_shows_progress_from_the_start(tmp_path, capsys):
-    from simpnet_cli.cli import compose
+    from simpnet_cli.commands import compose
     from simpnet_cli.tools import gpucheck
 
     cfg, _ = compose([])
@@ -168,7 +168,7 @@ def test_bench_writes_no_tracked_file_and_shows_progress_from_the_start(tmp_path
 
 def test_gpu_check_benches_only_what_decides():
     """Issue 26: stack [1,3] (not [1,2,3,4]), the grouped-conv probe on 8L and 5M-C10 only, no Table S1."""
-    from simpnet_cli.cli import compose
+    from simpnet_cli.commands import compose
     from simpnet_cli.config import tables
     from simpnet_cli.tools import gpucheck
 
@@ -208,7 +208,7 @@ def make_line(target: str, *variables: str) -> list[str]:
 
 
 def test_reproduce_all_trains_three_seeds_packs_as_measured_and_starts_the_longest_jobs_first():
-    from simpnet_cli.cli import compose, options, plan_runs
+    from simpnet_cli.commands import compose, options, plan_runs
 
     args = make_line("reproduce-all")
     assert args[0] == "run" and "seeds=3" in args and "jobs_per_device=auto" in args and "table=all" in args
@@ -246,7 +246,7 @@ def test_jobs_per_device_auto_follows_the_measured_rule():
     jobs, why = schedule.jobs_for(tight)
     assert jobs == 2 and "memory fits 2" in why  # 0.9 x 8 GiB holds two runs of 3 GiB
     # measured on the heaviest network of the plan; the CPU packs nothing and measures nothing
-    from simpnet_cli.cli import compose, plan_runs
+    from simpnet_cli.commands import compose, plan_runs
 
     cfg, variant = compose(["table=[2,12]"])
     runs = plan_runs(cfg, variant)

@@ -399,11 +399,8 @@ def test_fuzz_malformed_table_files(tmp_path, capsys, text):
     root = tmp_path / "conf"
     (root / "tables").mkdir(parents=True)
     (root / "tables" / "tablefuzz.yaml").write_text(text)
-    try:
-        code = cli.main(["run", "table=fuzz", *SMOKE, f"conf_dir={root}", f"results_dir={tmp_path}/results",
-                         f"runs_dir={tmp_path}/runs"])
-    finally:
-        tables.use_conf_dir(None)
+    code = cli.main(["run", "table=fuzz", *SMOKE, f"conf_dir={root}", f"results_dir={tmp_path}/results",
+                     f"runs_dir={tmp_path}/runs"])
     one_line(capsys, code)
     assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
 
@@ -415,10 +412,7 @@ def test_the_fuzzed_table_is_valid_before_mutation(tmp_path, capsys):
     root = tmp_path / "conf"
     (root / "tables").mkdir(parents=True)
     (root / "tables" / "tablefuzz.yaml").write_text(json.dumps(TABLE_OK))
-    try:
-        assert cli.main(["show", "table=fuzz", f"conf_dir={root}"]) == 0
-    finally:
-        tables.use_conf_dir(None)
+    assert cli.main(["show", "table=fuzz", f"conf_dir={root}"]) == 0
 
 
 def test_download_without_a_network_says_so_not_corrupt(tmp_path, monkeypatch):
@@ -527,12 +521,9 @@ def conf_dir_with(tmp_path: Path, row: dict | None = None, **table) -> Path:
 
 
 def run_conf_dir(tmp_path: Path, root: Path, *extra: str, command: str = "run") -> int:
-    try:
-        if command == "run":
-            return cli.main(run_args(tmp_path, f"conf_dir={root}", *extra, table="x", row=None))
-        return cli.main([command, "table=x", f"conf_dir={root}", f"results_dir={tmp_path}/results"])
-    finally:
-        tables.use_conf_dir(None)
+    if command == "run":
+        return cli.main(run_args(tmp_path, f"conf_dir={root}", *extra, table="x", row=None))
+    return cli.main([command, "table=x", f"conf_dir={root}", f"results_dir={tmp_path}/results"])
 
 
 @pytest.mark.parametrize("row, needles", [
@@ -582,10 +573,7 @@ def test_class7_a_config_yaml_that_includes_itself_is_one_line(tmp_path, capsys)
     shutil.copytree(tables.DEFAULT_CONF_DIR, root)
     text = (root / "config.yaml").read_text().replace("defaults:\n", "defaults:\n  - config\n", 1)
     (root / "config.yaml").write_text(text)
-    try:
-        code = cli.main(run_args(tmp_path, f"conf_dir={root}"))
-    finally:
-        tables.use_conf_dir(None)
+    code = cli.main(run_args(tmp_path, f"conf_dir={root}"))
     one_line(capsys, code, "config")
     nothing_written(tmp_path)
 
@@ -733,7 +721,6 @@ def test_fuzz_every_key_with_values_of_every_type(tmp_path, capsys, key, value):
             f"runs_dir={tmp_path}/runs"]
     argv = [a for a in argv if a.split("=")[0] != key] + [f"{key}={value}", "--cfg", "job"]
     code = cli.main(argv)
-    tables.use_conf_dir(None)
     got = capsys.readouterr()
     # named by the key or its last part (the message says `net.widths=...` or `widths: ...`); a group choice
     # that names no config is said by Hydra as "dataset/abc"
@@ -767,11 +754,8 @@ def test_fuzz_every_conf_dir_field_with_values_of_every_type(tmp_path, capsys, f
         target = target.setdefault(step, {})
     target[last] = value
     (root / "tables" / "tablefuzz.yaml").write_text(yaml.safe_dump(table))
-    try:
-        code = cli.main(["run", "table=fuzz", "profile=smoke", f"conf_dir={root}", f"results_dir={tmp_path}/results",
-                         f"runs_dir={tmp_path}/runs", "--cfg", "job"])
-    finally:
-        tables.use_conf_dir(None)
+    code = cli.main(["run", "table=fuzz", "profile=smoke", f"conf_dir={root}", f"results_dir={tmp_path}/results",
+                     f"runs_dir={tmp_path}/runs", "--cfg", "job"])
     got = capsys.readouterr()
     docs = check_outcome(code, got.err, got.out, (last, "tablefuzz.yaml"))
     for doc in docs:
@@ -881,10 +865,7 @@ def test_run_never_writes_outside_results_dir_and_runs_dir_whatever_the_names(tm
     ]
     codes = []
     for argv in attempts:
-        try:
-            codes.append(cli.main([*argv, *common]))
-        finally:
-            tables.use_conf_dir(None)
+        codes.append(cli.main([*argv, *common]))
     assert codes == [2, 2, 0, 2, 0, 2, 2], (codes, capsys.readouterr().err)
     new = {p for p in tmp_path.rglob("*")} - before
     outside = sorted(str(p) for p in new if not (p == out.parent or out in p.parents or p == out
@@ -1143,10 +1124,7 @@ def test_item7_a_malformed_conf_dir_config_yaml_is_one_line_naming_it(tmp_path, 
     (root / "tables").mkdir(parents=True)
     (root / "config.yaml").write_text(text)
     for sweep in ([], ["-m"]):
-        try:
-            code = cli.main(["run", *sweep, "table=5", *SMOKE, f"conf_dir={root}", "--cfg", "job"])
-        finally:
-            tables.use_conf_dir(None)
+        code = cli.main(["run", *sweep, "table=5", *SMOKE, f"conf_dir={root}", "--cfg", "job"])
         one_line(capsys, code, *needles)
 
 
@@ -1179,11 +1157,8 @@ def test_item8_rows_are_chosen_by_id_never_by_position(tmp_path, capsys):
     doc = __import__("json").loads((root / "tables" / "tablex.yaml").read_text())
     doc["rows"].append({**doc["rows"][0], "id": 0, "label": "zero"})
     (root / "tables" / "tablex.yaml").write_text(__import__("json").dumps(doc))
-    try:
-        runs = planned_runs(["table=x", "row=0", "profile=smoke", f"conf_dir={root}"])
-        by_label = planned_runs(["table=x", "row=zero", "profile=smoke", f"conf_dir={root}"])
-    finally:
-        tables.use_conf_dir(None)
+    runs = planned_runs(["table=x", "row=0", "profile=smoke", f"conf_dir={root}"])
+    by_label = planned_runs(["table=x", "row=zero", "profile=smoke", f"conf_dir={root}"])
     assert [r.row_id for r in runs] == ["0"] and [r.row_id for r in by_label] == ["0"]
     nothing_written(tmp_path)
 
@@ -1193,13 +1168,10 @@ def test_item8_a_table_file_named_table_yaml_is_the_table_named_table(tmp_path, 
     root = tmp_path / "conf"
     (root / "tables").mkdir(parents=True)
     shutil.copy(tables.DEFAULT_CONF_DIR / "tables" / "table5.yaml", root / "tables" / "table.yaml")
-    try:
-        (run,) = planned_runs(["table=table", "row=P5", "profile=smoke", f"conf_dir={root}"])
-        assert run.table == "table"
-        code = cli.main(["repair", "table=table", f"conf_dir={root}", f"results_dir={tmp_path}/results",
-                         f"runs_dir={tmp_path}/runs"])
-    finally:
-        tables.use_conf_dir(None)
+    (run,) = planned_runs(["table=table", "row=P5", "profile=smoke", f"conf_dir={root}"])
+    assert run.table == "table"
+    code = cli.main(["repair", "table=table", f"conf_dir={root}", f"results_dir={tmp_path}/results",
+                     f"runs_dir={tmp_path}/runs"])
     err = capsys.readouterr().err
     assert code == 0 and f"{tmp_path}/results/tabletable.csv: unchanged" in err, err
 

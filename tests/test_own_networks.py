@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from simpnet_cli import cli
-from simpnet_cli.config import tables
 from simpnet_cli.report import write as report
 from simpnet_cli.runs import results, sources
 
@@ -39,8 +38,7 @@ def my_conf(tmp_path) -> Path:
     root = tmp_path / "myconf"
     (root / "tables").mkdir(parents=True)
     (root / "tables" / "mine.yaml").write_text(MY_TABLE)
-    yield root
-    tables.use_conf_dir(None)
+    return root
 
 
 def _dirs(tmp_path: Path) -> list[str]:

@@ -381,10 +381,7 @@ def two_computations(tmp_path: Path, case: str):
         return "custom", "arch2", a[0], b[0]
     if case == "a conf_dir arch that redefines 8L":
         (a,) = planned(tmp_path, "table=2", "row=8L")
-        try:
-            (b,) = planned(tmp_path, "table=2", "row=8L", f"conf_dir={own_conf_dir(tmp_path)}")
-        finally:
-            tables.use_conf_dir(None)
+        (b,) = planned(tmp_path, "table=2", "row=8L", f"conf_dir={own_conf_dir(tmp_path)}")
         return "2", "8L", a, b
     (a,) = planned(tmp_path, "table=2", "row=8L")  # an older simpnet's folder of the seed, under another hash
     return "2", "8L", a, dataclasses.replace(a, train={**a.train, "iterations": 5})

@@ -299,7 +299,7 @@ def stat_conf(tmp_path):
 
     def make(display: str = "accuracy", fig: str = "acc: 89.45") -> Path:
         (root / "tables" / "stats.yaml").write_text(STAT_TABLE.format(display=display, fig=fig))
-        tables.use_conf_dir(root)
+        tables.SEARCH.use(root)  # (put back after the test: conftest's conf_search)
         tables.load_table.cache_clear()  # the file may be rewritten within one test
         rdir = tmp_path / "results"
         for rid in ("D", "M", "R", "X"):
@@ -307,7 +307,6 @@ def stat_conf(tmp_path):
                 append(rdir, "stats", run_row(tmp_path, rid, seed, best, best - 0.3, table="stats", label=rid))
         return rdir
     yield make
-    tables.use_conf_dir(None)
 
 
 def stat_cols(md: str, row_id: str) -> dict[str, str]:

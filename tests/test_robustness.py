@@ -110,7 +110,6 @@ def in_process(capsys, monkeypatch, tmp_path: Path, *args: str, conf_dir: Path |
     try:
         code = cli.main(list(args))
     finally:
-        tables.use_conf_dir(None)
         monkeypatch.delenv("SIMPNET_CONF_DIR", raising=False)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(list(args), code, out, err)

@@ -159,7 +159,6 @@ def tiny_profile(tmp_path):
     (root / "profile").mkdir(parents=True)
     (root / "profile" / "tiny.yaml").write_text(TINY_PROFILE)
     yield ["profile=tiny", f"conf_dir={root}"]
-    tables.use_conf_dir(None)  # (where a test ran the command in-process)
 
 
 @pytest.mark.slow
@@ -235,7 +234,6 @@ def my_conf(tmp_path) -> Path:
     (root / "tables").mkdir(parents=True)
     (root / "tables" / "mine.yaml").write_text(MY_TABLE)
     yield root
-    tables.use_conf_dir(None)
 
 
 def test_tables_of_ones_own_are_listed_with_their_origin_and_run(tmp_path, my_conf, capsys):
@@ -324,12 +322,9 @@ def test_table_all_with_one_broken_row_anywhere_fails_before_the_first_run(tmp_p
         "title: broken last\nrow_defaults: {arch: arch1, dataset: cifar10, solver: adadelta_30k, "
         "iterations: 10}\nrows:\n  - id: LATE\n    label: bad schedule\n    net: {widths: 'C8{3}', "
         "pools_after: [3]}\n    solver: {base: adadelta_30k, schedule: {kind: cosine}}\n")
-    try:
-        line = one_line_error(capsys, ["run", "table=all", "profile=smoke", f"conf_dir={root}",
-                                       f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"],
-                              "table 99, row LATE", str(root / "tables" / "table99.yaml"), "solver.schedule.kind")
-    finally:
-        tables.use_conf_dir(None)
+    line = one_line_error(capsys, ["run", "table=all", "profile=smoke", f"conf_dir={root}",
+                                   f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"],
+                          "table 99, row LATE", str(root / "tables" / "table99.yaml"), "solver.schedule.kind")
     assert "cosine" in line
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
@@ -338,22 +333,17 @@ def test_an_empty_table_file_is_refused(tmp_path, capsys):
     root = tmp_path / "conf"
     (root / "tables").mkdir(parents=True)
     (root / "tables" / "tableempty.yaml").write_text("")
-    try:
-        one_line_error(capsys, ["run", "table=empty", f"conf_dir={root}", f"results_dir={tmp_path}/r"],
-                       "tableempty.yaml", "empty")
-    finally:
-        tables.use_conf_dir(None)
+    one_line_error(capsys, ["run", "table=empty", f"conf_dir={root}", f"results_dir={tmp_path}/r"],
+                   "tableempty.yaml", "empty")
 
 
 def test_a_table_name_that_is_not_a_number_no_longer_breaks_every_command(tmp_path, capsys):
     root = tmp_path / "conf"
     (root / "tables").mkdir(parents=True)
     (root / "tables" / "tablemine.yaml").write_text(MY_TABLE)
-    try:
-        assert cli.main(["list", f"conf_dir={root}"]) == 0
-        assert cli.main(["show", "table=all", f"conf_dir={root}"]) == 0
-    finally:
-        tables.use_conf_dir(None)
+    assert cli.main(["list", f"conf_dir={root}"]) == 0
+    assert tables.conf_dirs() == [tables.DEFAULT_CONF_DIR], "a command leaves the search path as it found it"
+    assert cli.main(["show", "table=all", f"conf_dir={root}"]) == 0
     assert "Table mine / A" in capsys.readouterr().out
 
 

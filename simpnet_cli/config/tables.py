@@ -8,6 +8,7 @@ run's identity.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -33,7 +34,34 @@ DEFAULT_CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 CONF_KINDS = ("tables", "arch", "solver", "dataset", "feed", "profile")
 # A row that names no test interval is evaluated as most of the authors' runs were (the schema's default).
 DEFAULT_TEST_INTERVAL = schemas.Train.eval_every
-_search: list[Path] = [DEFAULT_CONF_DIR]
+
+
+class ConfSearch:
+    """Where named configs and tables are looked for: a folder of one's own (``conf_dir=``), then the built-in
+    conf/. One object, ``SEARCH``, that a command sets (``use``) and that ``scoped`` puts back as it was when the
+    command ends, so an in-process command leaves no folder of its own behind for the next one."""
+
+    def __init__(self) -> None:
+        self.dirs: list[Path] = [DEFAULT_CONF_DIR]
+
+    def use(self, path: Path | None) -> None:
+        """Search ``path`` before the built-in conf/ for tables and named configs."""
+        wanted = [path] if path is not None and path != DEFAULT_CONF_DIR else []
+        if wanted + [DEFAULT_CONF_DIR] != self.dirs:
+            self.dirs = wanted + [DEFAULT_CONF_DIR]
+            load_table.cache_clear()
+
+    @contextlib.contextmanager
+    def scoped(self):
+        """The search path as it is now, put back when the block ends (a command run in-process)."""
+        before = list(self.dirs)
+        try:
+            yield self
+        finally:
+            self.use(before[0] if len(before) > 1 else None)
+
+
+SEARCH = ConfSearch()
 
 
 def user_conf_dir(value: Any = None) -> Path | None:
@@ -52,21 +80,17 @@ def user_conf_dir(value: Any = None) -> Path | None:
 
 
 def use_conf_dir(path: Path | None) -> None:
-    """Search ``path`` before the built-in conf/ for tables and named configs."""
-    global _search
-    wanted = [path] if path is not None and path != DEFAULT_CONF_DIR else []
-    if wanted + [DEFAULT_CONF_DIR] != _search:
-        _search = wanted + [DEFAULT_CONF_DIR]
-        load_table.cache_clear()
+    """Search ``path`` before the built-in conf/ (``SEARCH.use``)."""
+    SEARCH.use(path)
 
 
 def conf_dirs() -> list[Path]:
-    return list(_search)
+    return list(SEARCH.dirs)
 
 
 def find_config(kind: str, name: str) -> Path | None:
     """``<dir>/<kind>/<name>.yaml`` in the first folder of the search path that has it."""
-    for root in _search:
+    for root in SEARCH.dirs:
         path = root / kind / f"{name}.yaml"
         if path.is_file():
             return path
@@ -74,7 +98,7 @@ def find_config(kind: str, name: str) -> Path | None:
 
 
 def known_names(kind: str) -> list[str]:
-    return sorted({p.stem for root in _search for p in (root / kind).glob("*.yaml")})
+    return sorted({p.stem for root in SEARCH.dirs for p in (root / kind).glob("*.yaml")})
 
 
 def _yaml(path: Path) -> dict:
@@ -109,14 +133,14 @@ def _paper_order(name: str) -> tuple:
 
 def table_names(conf_dir: Path | None = None) -> list[str]:
     """Every table name on the search path (or in one ``conf_dir``), in the paper's order."""
-    roots = [conf_dir] if conf_dir is not None else _search
+    roots = [conf_dir] if conf_dir is not None else SEARCH.dirs
     names = {_table_name(p) for root in roots for p in (root / "tables").glob("*.yaml")}
     return sorted(names, key=_paper_order)
 
 
 def table_path(name: str) -> Path | None:
     """A table's file: ``tables/table<name>.yaml`` or ``tables/<name>.yaml``, a folder of one's own first."""
-    for root in _search:
+    for root in SEARCH.dirs:
         for path in (root / "tables" / f"table{name}.yaml", root / "tables" / f"{name}.yaml"):
             if path.is_file():
                 return path
@@ -187,7 +211,7 @@ def load_table(name: str) -> Table:
     path = table_path(name)
     if path is None:
         raise UserError(f"unknown table {name!r}; known: {', '.join(table_names())}, all"
-                        + (f" (searched {', '.join(str(d / 'tables') for d in _search)})" if len(_search) > 1 else ""))
+                        + (f" (searched {', '.join(str(d / 'tables') for d in SEARCH.dirs)})" if len(SEARCH.dirs) > 1 else ""))
     raw = _yaml(path)
     try:
         schemas.check_table_file(raw)  # its keys, their types, and each row's keys before row_defaults apply
