@@ -145,7 +145,7 @@ SLOW = pytest.mark.slow
 # The longest tests (about 20-100 s each on a 2-core machine) run first: pytest-xdist's worksteal hands each
 # worker a contiguous share of the list and lets an idle one take half of another's queue, so a long test started
 # last would run alone at the end. None of these shares a module-scoped fixture with its neighbours.
-FIRST = ("tests/test_train.py::test_slim_300k_learns_fashion_mnist",
+FIRST = ("tests/test_examples.py::test_the_readmes_small_real_subset_trains_on_fashion_mnist",
          "tests/test_robustness.py::test_sigkill_of_a_packed_worker_fails_its_run_only_and_it_resumes_next_time",
          "tests/test_robustness.py::test_sigkill_mid_run_resumes_from_checkpoint_and_matches_uninterrupted",
          "tests/test_variants.py::test_the_issues_table_4_sweep_runs_as_written",

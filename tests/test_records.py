@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-TINY = ["profile.train.batch_size=2", "profile.data.train_size=16", "profile.data.test_size=2"]
+from conftest import TINY
+
 SMOKE = ["profile=smoke", "quiet=true", *TINY]
 
 
@@ -50,7 +51,7 @@ import random  # noqa: E402
 import shutil  # noqa: E402
 
 
-from simpnet_cli import cli, commands  # noqa: E402
+from simpnet_cli import cli  # noqa: E402
 from simpnet_cli.errors import UserError  # noqa: E402
 from simpnet_cli.runs import results  # noqa: E402
 
@@ -58,19 +59,7 @@ from simpnet_cli.runs import results  # noqa: E402
 IDENTITY = ("config_hash", "table", "row_id", "seed")  # what a result.json says about whose it is
 
 
-def dirs(tmp_path: Path) -> tuple[Path, Path]:
-    return tmp_path / "results", tmp_path / "runs"
-
-
-def planned(tmp_path: Path, *args: str):
-    out, runs = dirs(tmp_path)
-    cfg, variant = commands.compose([*args, "profile=smoke", *TINY, f"results_dir={out}", f"runs_dir={runs}"])
-    return commands.plan_runs(cfg, variant)
-
-
-def repair(tmp_path: Path, *args: str) -> int:
-    out, runs = dirs(tmp_path)
-    return cli.main(["repair", *args, f"results_dir={out}", f"runs_dir={runs}"])
+from test_index import dirs, planned, repair  # noqa: E402 - (the index's tests' helpers: the same folders)
 
 
 def lines_of(path: Path) -> list[dict]:
