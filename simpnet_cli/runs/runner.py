@@ -1,4 +1,4 @@
-"""Plan the runs a command asks for and execute them: skip finished ones, resume interrupted ones, record each.
+"""Execute what runs/planning.py planned: skip finished runs, resume interrupted ones, record each.
 
 A run's identity is the hash of its resolved config and seed (tables.RunSpec.config_hash) and its folder,
 ``runs_dir/<hash>``, is its record: ``results/table<N>.csv`` is an index rebuilt from the folders after each
@@ -8,8 +8,10 @@ record for each table row, and get one line in each table's CSV.
 
 Runs that can share a training step (the same network, data, solver and length, whatever their seeds, rates
 and schedules: a row's seeds and its lr variants) are trained together, ``stack`` at a time or as ``stack=auto``
-measures (train/together.py); each still gets its own folder, record and CSV line, and resumes alone or with
-its group.
+measures (train/together.py); each still gets its own folder, record and CSV line. A run of a shared step is a
+computation of its own (its hash names the step's way and size: tables.RunSpec.step), so it always trains and
+resumes in a step of that size: with its group, or with passengers in the places of group mates that are
+recorded or busy. Packed workers (``jobs_per_device``) are runs/pool.py's.
 """
 from __future__ import annotations
 
