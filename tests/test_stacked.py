@@ -624,6 +624,24 @@ def test_a_stacked_run_killed_and_resumed_equals_the_uninterrupted_one(after, st
     assert not any((d / "checkpoint.previous.pt").exists() for d in dirs)
 
 
+def test_a_passenger_trains_in_its_place_and_logs_shows_and_judges_nothing(tmp_path, one_thread):
+    """loop.train's last ``passengers`` runs fill places of the step: the real runs' callbacks, loggers and progress
+    see only the real runs."""
+    runs = family_plan("plain")[:2]
+    dirs = [tmp_path / r.config_hash for r in runs] + [tmp_path / "rider"]
+    seen, events = [], []
+
+    class Evals:
+        def on_eval(self, state, acc, loss):
+            seen.append(state.run_dir.name)
+
+    train.train(runs + runs[:1], dirs, CPU, tmp_path, False, "grouped", progress=[events.append] * 2 + [None],
+                callbacks=[Evals()], passengers=1)
+    assert set(seen) == {d.name for d in dirs[:2]} and len(seen) == 2 * 4  # (evaluated at 5, 10, 15, 20)
+    assert (dirs[0] / "curve.csv").exists() and not (dirs[2] / "curve.csv").exists()
+    assert {ev.kind for ev in events} and (dirs[2] / "result.json").exists()
+
+
 def test_a_group_a_checkpoint_apart_goes_back_to_the_previous_checkpoint(tmp_path):
     """The ahead runs of a group killed between two checkpoint writes return to the one they kept."""
     dirs = [tmp_path / str(i) for i in range(3)]

@@ -153,7 +153,7 @@ def execute_group(group: list[tables.RunSpec], opts: Options, device: str,
                 train.train(held + [held[0]] * len(riders), dirs + riders, dev, opts.data_dir, opts.download, how,
                             lambda msg: shown.note(keys[0], msg),
                             progress=[lambda ev, key=key: shown.event(key, ev) for key in keys] + [None] * len(riders),
-                            loggers=opts.logger, callbacks=yardsticks())
+                            loggers=opts.logger, callbacks=yardsticks(), passengers=len(riders))
             finished += held
         for run in finished:
             # Checked against the folder's name and config.yaml (a finished result found here may be another

@@ -180,7 +180,8 @@ def train(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: torch.devic
           how: str = "separate", log: Callable[[str], None] = lambda s: None,
           backend: captured_step.GraphBackend | None = None,
           progress: Sequence[Callable[[Event], None] | None] | None = None,
-          loggers: str | Iterable[str] | None = ("csv",), callbacks: Iterable[Callback] = ()) -> list[dict]:
+          loggers: str | Iterable[str] | None = ("csv",), callbacks: Iterable[Callback] = (),
+          passengers: int = 0) -> list[dict]:
     """Train ``runs`` (resuming each from ``run_dirs[i]/checkpoint.pt`` if present) into their folders and
     return their results: one run (``how="separate"``), or k runs of one network, solver and length (each with
     its own seed, rate and schedule) in one "grouped" or "branched" step. Runs that are all finished return their
@@ -189,8 +190,9 @@ def train(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: torch.devic
     ``log`` gets messages (resumed, diverged); ``progress[i]`` gets run i's ``Event``s (before the first step,
     every few iterations and at each evaluation: rendering is progress.Reporter's business); ``loggers`` names
     the loggers (callbacks.logger_names: "csv", "tensorboard", "mlflow" or several); ``callbacks`` run after the
-    built-in ones."""
-    run_dirs = [Path(d) for d in run_dirs]
+    built-in ones. The last ``passengers`` runs only fill places of a shared step (runner.passengers): they
+    checkpoint and resume, and log, show and judge nothing."""
+    run_dirs, callbacks = [Path(d) for d in run_dirs], list(callbacks)
     if how == "separate" and len(runs) != 1:
         raise ValueError(f"{len(runs)} runs trained separately: give them one at a time, or a shared step")
     done = [read_result(d) for d in run_dirs]
@@ -207,7 +209,9 @@ def train(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: torch.devic
         step = Alone(states[0].step)
     else:
         states, step = together.build_together(runs, run_dirs, device, data_dir, download, how, log, backend)
-    per_run = [run_callbacks(chosen[i], progress[i] if progress else None, callbacks) for i in range(len(states))]
+    riding = range(len(states) - passengers, len(states))
+    per_run = [run_callbacks([], None, ()) if i in riding else
+               run_callbacks(chosen[i], progress[i] if progress else None, callbacks) for i in range(len(states))]
     results = fit(states, step, per_run)
     for state, result in zip(states, results):
         write_outcome(state, result)
