@@ -332,34 +332,33 @@ class RunSpec:
 
     @cached_property
     def config_hash(self) -> str:
-        blob = json.dumps(self.identity(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _digest(self.identity())
 
     @cached_property
     def computation(self) -> str:
         """The run's identity but its seed, hashed: the runs of one computation are its seeds, and only they are
         pooled into one figure (the report). Not the config hash, which stays what it was."""
-        unseeded = {k: v for k, v in self.identity().items() if k != "seed"}  # (a stacked run's step included)
-        blob = json.dumps(unseeded, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _digest({k: v for k, v in self.identity().items() if k != "seed"})  # (a stacked run's step too)
 
-    def with_seed(self, seed: int) -> "RunSpec":
-        """This run with another seed, sharing its built network and identity (the seed changes neither): a
-        command with seeds=30000 resolves each row once, not once per seed."""
-        run = dataclasses.replace(self, seed=int(seed))
+    def _sharing(self, **changes) -> "RunSpec":
+        """This run with ``changes`` to its seed or step, sharing its built network and the rest of its identity
+        (neither changes them): a command with seeds=30000 resolves each row once, not once per seed."""
+        run = dataclasses.replace(self, **changes)
         run.__dict__["spec"], run.__dict__["_unseeded"] = self.spec, self._unseeded
         return run
 
-    @property
+    def with_seed(self, seed: int) -> "RunSpec":
+        """This run with another seed."""
+        return self._sharing(seed=int(seed))
+
+    @cached_property
     def alone_hash(self) -> str:
         """The config hash this run has when trained alone (its own hash unless it is a stacked run's)."""
         return self.in_step("").config_hash if self.step else self.config_hash
 
     def in_step(self, step: str) -> "RunSpec":
         """This run as trained in a shared step (``step``: "grouped K", "branched K"; "" alone): another hash."""
-        run = dataclasses.replace(self, step=step)
-        run.__dict__["spec"], run.__dict__["_unseeded"] = self.spec, self._unseeded
-        return run
+        return self._sharing(step=step)
 
     @property
     def shared_step(self) -> tuple[str, int]:
@@ -391,6 +390,11 @@ class RunSpec:
 
 # Keys that change how a run is executed or recorded but not what it computes.
 NON_IDENTITY_TRAIN_KEYS = {"checkpoint_every", "graphs"}
+
+
+def _digest(identity: dict) -> str:
+    """A run's identity (or a part of it) as 16 hex digits of its SHA-256 (keys sorted: the same run, one hash)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def computation_of(config: dict) -> str | None:
