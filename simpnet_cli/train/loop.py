@@ -200,8 +200,8 @@ def train(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: torch.devic
         return done
     if any(done):
         raise UserError("a run trained together is already finished: train the unfinished ones only")
-    names = C.logger_names(loggers)
-    chosen = [C.loggers_for(names) for _ in runs]  # an unknown logger or a missing package stops before training
+    names, own = C.logger_names(loggers), len(runs) - passengers
+    chosen = [C.loggers_for(names) for _ in range(own)]  # an unknown logger or a missing package stops here
     for run, run_dir in zip(runs, run_dirs):
         write_config(run, run_dir)
     if how == "separate":
@@ -209,9 +209,8 @@ def train(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: torch.devic
         step = Alone(states[0].step)
     else:
         states, step = together.build_together(runs, run_dirs, device, data_dir, download, how, log, backend)
-    riding = range(len(states) - passengers, len(states))
-    per_run = [run_callbacks([], None, ()) if i in riding else
-               run_callbacks(chosen[i], progress[i] if progress else None, callbacks) for i in range(len(states))]
+    per_run = [run_callbacks(chosen[i], progress[i] if progress else None, callbacks) if i < own else
+               run_callbacks([], None, ()) for i in range(len(states))]
     results = fit(states, step, per_run)
     for state, result in zip(states, results):
         write_outcome(state, result)
