@@ -13,15 +13,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from simpnet_cli.config import tables
 from simpnet_cli.train import captured_step
-from simpnet_cli.train import state as run_state
-from simpnet_cli.train import solvers
 from simpnet_cli.train import together
 
 # The ways a step is counted: (precision, how k runs are stepped: None for one run).
@@ -74,14 +71,8 @@ def count_step(run: tables.RunSpec, mode: str = "single", k: int = 1, device: to
     run = _synthetic(run, precision, batch)
     bodies: list = []
     backend = recording_backend(bodies)
-    nowhere = lambda s: None  # noqa: E731
-    if how is None:
-        step = run_state.build(run, Path("."), device, Path("."), False, nowhere, backend).step
-        lr = solvers.lr_at(run.solver, 0)
-    else:
-        runs = [dataclasses.replace(run, seed=seed) for seed in range(k)]
-        step = together.build_together(runs, [Path(".")] * k, device, Path("."), False, how, nowhere, backend)[1]
-        lr = [solvers.lr_at(run.solver, 0)] * k
+    runs = [dataclasses.replace(run, seed=seed) for seed in range(1 if how is None else k)]
+    step, lr = together.step_of(runs, device, how or "separate", backend)
     step(0, lr)  # the warm-up (uncounted) and the capture, which records the body
     if len(bodies) != 1:
         raise RuntimeError(f"the step of {run.row_id} ({mode}) was not captured: {step.step_mode}")

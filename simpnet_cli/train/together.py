@@ -56,6 +56,18 @@ def build_together(runs: Sequence[RunSpec], run_dirs: Sequence[Path], device: to
     return states, step
 
 
+def step_of(runs: Sequence[RunSpec], device: torch.device, how: str,
+            backend: captured_step.GraphBackend | None = None) -> tuple:
+    """(the training step of ``runs``, the rate(s) it takes at iteration 0): one run's own step ("separate"), or
+    one grouped or branched step of k runs, built with no run folder. What a timing or an op count drives."""
+    nowhere = lambda s: None  # noqa: E731
+    if how == "separate":
+        return run_state.build(runs[0], Path("."), device, Path("."), False, nowhere, backend).step, \
+            solvers.lr_at(runs[0].solver, 0)
+    step = build_together(runs, [Path(".")] * len(runs), device, Path("."), False, how, nowhere, backend)[1]
+    return step, [solvers.lr_at(r.solver, 0) for r in runs]
+
+
 def time_steps(run: RunSpec, device: torch.device, how: str, k: int, iters: int, warmup: int,
                seen: list | None = None) -> float:
     """Total training images per second of ``k`` seeds of ``run`` (its network, solver and batch, on synthetic
@@ -70,12 +82,7 @@ def time_steps(run: RunSpec, device: torch.device, how: str, k: int, iters: int,
     ds = {**run.dataset, "source": "synthetic", "train_size": max((warmup + iters + 1) * batch, 2000),
           "test_size": batch}
     runs = [dataclasses.replace(run, dataset=ds, seed=seed) for seed in range(1 if how == "separate" else k)]
-    if how == "separate":
-        step = run_state.build(runs[0], Path("."), device, Path("."), False, lambda s: None, None).step
-        lr = solvers.lr_at(run.solver, 0)
-    else:
-        step = build_together(runs, [Path(".")] * k, device, Path("."), False, how, lambda s: None)[1]
-        lr = [solvers.lr_at(run.solver, 0)] * k
+    step, lr = step_of(runs, device, how)
     for i in range(warmup):
         step(i, lr)
     if device.type == "cuda":
